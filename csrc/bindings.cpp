@@ -1,0 +1,17 @@
+// pybind11 entry point of grpo_fast._C. Each component registers its functions here.
+#include <pybind11/pybind11.h>
+
+namespace py = pybind11;
+
+static bool built_with_cuda() {
+#ifdef GRPO_FAST_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "grpo_fast native core: paged KV-cache block manager and CPU/CUDA kernels";
+  m.def("built_with_cuda", &built_with_cuda, "True when the CUDA kernels were compiled in.");
+}

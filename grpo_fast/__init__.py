@@ -1,0 +1,3 @@
+"""grpo-fast: kernel-level single-GPU GRPO fine-tuning."""
+
+__version__ = "0.1.0"
