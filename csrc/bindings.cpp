@@ -3,6 +3,10 @@
 
 namespace py = pybind11;
 
+namespace grpo_fast {
+void register_kv(py::module_& m);  // kv_bindings.cpp
+}
+
 static bool built_with_cuda() {
 #ifdef GRPO_FAST_WITH_CUDA
   return true;
@@ -14,4 +18,5 @@ static bool built_with_cuda() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "grpo_fast native core: paged KV-cache block manager and CPU/CUDA kernels";
   m.def("built_with_cuda", &built_with_cuda, "True when the CUDA kernels were compiled in.");
+  grpo_fast::register_kv(m);
 }

@@ -1,0 +1,136 @@
+// CPU sampler: temperature, top-k, top-p, min-p, greedy; counter-based RNG per (seed, step).
+//
+// Every filter keeps the tokens whose probability reaches a threshold, so the survivors are
+// {i : p_i >= thr} with thr = max(thr_topk, thr_topp, thr_minp):
+//   thr_topk = k-th largest p;   thr_minp = min_p * max p;
+//   thr_topp = p_(m) over the top-k survivors sorted descending, m the first rank whose
+//              cumulative mass reaches top_p * (their total mass).
+// The draw walks the survivors in vocabulary order until the running mass exceeds u * total, so
+// it does not depend on how a sort breaks ties. Probabilities are float64 here (as in the
+// reference, grpo_fast/kv/reference.py), the logprob is fp32 of log softmax(logits / T)[token]
+// over the full vocabulary.
+#include <algorithm>
+#include <cmath>
+#include <functional>
+#include <vector>
+
+#include "kv_common.h"
+#include "kv_cpu.h"
+
+namespace grpo_fast {
+namespace {
+
+// Smallest threshold keeping the top-p mass among candidates {p >= floor_thr}.
+double top_p_threshold(const std::vector<double>& p, double floor_thr, double total, double top_p,
+                       std::vector<double>& buf) {
+  const double target = top_p * total;
+  // The top-p threshold is >= t0 as soon as the mass at or above t0 reaches the target, so only
+  // those tokens need sorting; lower t0 until it does (usually one pass keeps a few dozen).
+  double pmax = 0.0;
+  for (double x : p) pmax = std::max(pmax, x);
+  for (double t0 = pmax * 1e-3;; t0 *= 1e-3) {
+    if (t0 < 1e-300) t0 = 0.0;
+    const double lo = std::max(t0, floor_thr);
+    buf.clear();
+    double mass = 0.0;
+    for (double x : p)
+      if (x >= lo) {
+        buf.push_back(x);
+        mass += x;
+      }
+    if (mass >= target || lo == floor_thr) {
+      std::sort(buf.begin(), buf.end(), std::greater<double>());
+      double csum = 0.0;
+      for (size_t m = 0; m < buf.size(); ++m) {
+        csum += buf[m];
+        if (csum >= target) return buf[m];
+      }
+      return buf.empty() ? 0.0 : buf.back();
+    }
+  }
+}
+
+void sample_row(int64_t* tok_out, float* lp_out, const float* x, int64_t V, float temp, int top_k,
+                float top_p, float min_p, int64_t seed, int64_t step, std::vector<double>& p,
+                std::vector<double>& buf) {
+  if (temp == 0.f) {  // greedy: first maximum; logprob at temperature 1
+    int64_t best = 0;
+    for (int64_t i = 1; i < V; ++i)
+      if (x[i] > x[best]) best = i;
+    double mx = x[best], sum = 0.0;
+    for (int64_t i = 0; i < V; ++i) sum += std::exp(static_cast<double>(x[i]) - mx);
+    *tok_out = best;
+    *lp_out = static_cast<float>(-std::log(sum));
+    return;
+  }
+  const double t = temp;
+  double mx = -INFINITY;
+  for (int64_t i = 0; i < V; ++i) mx = std::max(mx, x[i] / t);
+  p.resize(V);
+  double sum = 0.0;
+  for (int64_t i = 0; i < V; ++i) {
+    p[i] = std::exp(x[i] / t - mx);  // one exp per token: p = exp(z - max) / sum
+    sum += p[i];
+  }
+  const double lse = mx + std::log(sum);
+  const double inv = 1.0 / sum;
+  for (int64_t i = 0; i < V; ++i) p[i] *= inv;
+  const double pmax = inv;  // the max token has exp(0) = 1
+  double thr = 0.0;
+  if (top_k > 0 && top_k < V) {
+    buf.assign(p.begin(), p.end());
+    std::nth_element(buf.begin(), buf.begin() + (top_k - 1), buf.end(), std::greater<double>());
+    thr = buf[top_k - 1];
+  }
+  if (top_p < 1.f) {
+    double total = 0.0;
+    for (int64_t i = 0; i < V; ++i)
+      if (p[i] >= thr) total += p[i];
+    thr = std::max(thr, top_p_threshold(p, thr, total, static_cast<double>(top_p), buf));
+  }
+  if (min_p > 0.f) thr = std::max(thr, static_cast<double>(min_p) * pmax);
+  double kept = 0.0;
+  for (int64_t i = 0; i < V; ++i)
+    if (p[i] >= thr) kept += p[i];
+  const double target = uniform01(seed, step) * kept;
+  double run = 0.0;
+  int64_t chosen = -1, last = 0;
+  for (int64_t i = 0; i < V; ++i) {
+    if (p[i] < thr) continue;
+    last = i;
+    run += p[i];
+    if (run > target) {
+      chosen = i;
+      break;
+    }
+  }
+  if (chosen < 0) chosen = last;  // u * kept rounded up to the total
+  *tok_out = chosen;
+  *lp_out = static_cast<float>(x[chosen] / t - lse);
+}
+
+}  // namespace
+
+void cpu_sample(uintptr_t tokens, uintptr_t logprobs, uintptr_t logits, uintptr_t temperature,
+                uintptr_t top_k, uintptr_t top_p, uintptr_t min_p, uintptr_t seeds,
+                uintptr_t steps, int64_t num_rows, int64_t vocab) {
+  auto* tok = reinterpret_cast<int64_t*>(tokens);
+  auto* lp = reinterpret_cast<float*>(logprobs);
+  const auto* x = reinterpret_cast<const float*>(logits);
+  const auto* temp = reinterpret_cast<const float*>(temperature);
+  const auto* tk = reinterpret_cast<const int32_t*>(top_k);
+  const auto* tp = reinterpret_cast<const float*>(top_p);
+  const auto* mp = reinterpret_cast<const float*>(min_p);
+  const auto* sd = reinterpret_cast<const int64_t*>(seeds);
+  const auto* st = reinterpret_cast<const int64_t*>(steps);
+#pragma omp parallel
+  {
+    std::vector<double> p, buf;  // per-thread scratch
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t s = 0; s < num_rows; ++s)
+      sample_row(tok + s, lp + s, x + s * vocab, vocab, temp[s], tk[s], tp[s], mp[s], sd[s], st[s],
+                 p, buf);
+  }
+}
+
+}  // namespace grpo_fast

@@ -1,0 +1,37 @@
+"""Paged KV cache: block manager with per-group prefix sharing, and the kernels that use it.
+
+Cache layout per layer: key_cache, value_cache [num_blocks, block_size, num_kv_heads, head_dim];
+token slot = block * block_size + offset. One GRPO generation, per layer where it says so:
+
+    bm = BlockManager(num_blocks, block_size=16)
+    cached = bm.allocate(pid, prompt_ids)                 # prompt slots; first `cached` have KV
+    slots = bm.slot_mapping(pid, cached, len(prompt_ids))
+    k, v = ...forward over prompt_ids[cached:]...         # per layer: [T, Hkv, D]
+    (prefix hit: gather_kv(kc, vc, bm.slot_mapping(pid, 0, cached)) in front of k, v, and
+     prefill_attention(q, k_all, v_all, cu_q, scale, cu_seqlens_k=cu_k))
+    prefill_attention(q, k, v, cu_seqlens, scale); append_kv(kc, vc, k, v, slots)
+    tok, logp = sample(last_logits, temperature, top_k, top_p, min_p, seeds, steps)
+    bm.fork(pid, child_ids); bm.free(pid)                 # G children share every block
+    loop:  pairs = bm.append_token(child, tok)            # reserve the next slot (CoW pairs)
+           copy_blocks(kc, vc, pairs)                     # per layer, BEFORE writing
+           slot, tables, lens = bm.decode_metadata(children)
+           append_kv(kc, vc, k_new, v_new, slot)          # per layer
+           paged_decode_attention(q, kc, vc, tables, lens, scale)
+           sample(...)                                    # steps += 1 per sequence
+    bm.free(child) when done; OutOfBlocksError -> preempt (free, recompute later);
+    bm.reset_prefix_cache() after every weight update (cached KV is stale).
+
+All kernels validate their tensors (ValueError naming the argument) and are registered as
+torch.ops.grpo_fast.*; `grpo_fast.kv.reference` holds the plain-PyTorch oracle versions.
+"""
+from . import reference
+from .block_manager import BlockManager, NativeBlockManager, PyBlockManager
+from .errors import OutOfBlocksError
+from .ops import (append_kv, copy_blocks, gather_kv, paged_decode_attention, prefill_attention,
+                  sample)
+
+__all__ = [
+    "BlockManager", "NativeBlockManager", "PyBlockManager", "OutOfBlocksError", "append_kv",
+    "copy_blocks", "gather_kv", "paged_decode_attention", "prefill_attention", "sample",
+    "reference",
+]
