@@ -1,0 +1,154 @@
+"""Public fused ops: the GRPO loss and selective log-probs straight from hidden states.
+
+Neither op ever holds the [N, V] logits: the backend computes each token's log-prob (and
+entropy) from the hidden state and the LM head chunk by chunk (CPU) or tile by tile (Triton),
+and the GRPO objective then runs on [B, T] per-token values (`grpo_fast.loss_types`).
+
+Backends: "triton" (CUDA tensors; on CPU tensors only under TRITON_INTERPRET=1, which is how the
+tests run the kernels), "cpu" (chunked PyTorch; any device). None picks triton for CUDA tensors
+and cpu otherwise.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from grpo_fast.logprob_function import BACKENDS, get_backend, selective_logprob
+from grpo_fast.loss import check_loss_args, make_loss_config, policy_inputs
+from grpo_fast.loss_types import grpo_objective
+
+__all__ = ["fused_grpo_loss", "selective_logprobs"]
+
+
+def _resolve_backend(backend: str | None, hidden: Tensor) -> str:
+    if backend is None:
+        return "triton" if hidden.is_cuda else "cpu"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+    return backend
+
+
+def fused_grpo_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    mask: Tensor,
+    advantages: Tensor,
+    old_logprobs: Tensor | None = None,
+    ref_logprobs: Tensor | None = None,
+    *,
+    loss_type: str,
+    beta: float = 0.0,
+    epsilon_low: float = 0.2,
+    epsilon_high: float | None = None,
+    delta: float | None = None,
+    temperature: float = 1.0,
+    importance_sampling_level: str = "token",
+    max_completion_length: int | None = None,
+    num_items_in_batch: float | Tensor | None = None,
+    bias: Tensor | None = None,
+    num_sequences_in_batch: float | Tensor | None = None,
+    sapo_temperature_pos: float = 1.0,
+    sapo_temperature_neg: float = 1.05,
+    backend: str | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """GRPO loss without materialized logits; same arguments and results as
+    `grpo_fast.loss.reference_grpo_loss` (see it and `grpo_fast.loss_types` for the math).
+
+    Only tokens with mask != 0 are computed (compacted to [N, H]); fully masked sequences
+    contribute 0. Gradient flows to `hidden` (zero where masked), and to `weight` / `bias` only if
+    they require grad. Metrics are detached 0-dim fp32 tensors on hidden's device.
+    """
+    check_loss_args(hidden, weight, targets, mask, advantages, old_logprobs, ref_logprobs, bias)
+    cfg = make_loss_config(
+        loss_type, beta, epsilon_low, epsilon_high, delta, importance_sampling_level,
+        max_completion_length, num_items_in_batch, num_sequences_in_batch,
+        sapo_temperature_pos, sapo_temperature_neg, temperature, ref_logprobs)
+    name = _resolve_backend(backend, hidden)
+
+    B, T, H = hidden.shape
+    keep = mask != 0  # [B, T]
+    idx = keep.reshape(-1).nonzero().squeeze(1)  # [N], row-major like boolean indexing
+    hidden_c = hidden[keep]  # [N, H]; works on non-contiguous views without copying [B, T, H]
+    targets_c = targets[keep].long().contiguous()  # [N]
+    if idx.numel() == 0:
+        # Nothing to score: a zero loss that still reaches hidden, so backward() works.
+        logp_c = hidden_c.float().sum(-1)  # [0]
+        entropy_c = logp_c.detach()
+    else:
+        logp_c, entropy_c = selective_logprob(
+            hidden_c.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
+            targets_c, temperature, name, compute_entropy=True)
+
+    flat = logp_c.new_zeros(B * T)  # [B*T] fp32, 0 where masked
+    logp = flat.index_copy(0, idx, logp_c).view(B, T)
+    entropy = flat.detach().index_copy(0, idx, entropy_c).view(B, T)
+    inputs = policy_inputs(logp, mask, advantages, old_logprobs, ref_logprobs, entropy)
+    return grpo_objective(inputs, cfg)
+
+
+@torch.no_grad()
+def selective_logprobs(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    bias: Tensor | None = None,
+    backend: str | None = None,
+    mask: Tensor | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """log softmax((hidden @ weight.T + bias) / temperature)[targets] in fp32, without gradient.
+
+    For scoring old / reference log-probs. Shapes: hidden [B, T, H] with targets [B, T] gives
+    [B, T]; hidden [N, H] with targets [N] gives [N]. With `mask` (same shape as targets) only
+    positions with mask != 0 are computed; the others are 0. `return_entropy=True` also returns
+    the entropy of each position's distribution (same shape).
+    """
+    if not isinstance(hidden, Tensor) or not hidden.is_floating_point() or hidden.dim() not in (2, 3):
+        raise ValueError("hidden must be a floating-point [B, T, H] or [N, H] tensor")
+    H = hidden.shape[-1]
+    if not isinstance(weight, Tensor) or weight.dim() != 2 or weight.shape[1] != H:
+        raise ValueError(f"weight must be [V, H={H}], got {getattr(weight, 'shape', type(weight))}")
+    if weight.dtype != hidden.dtype:
+        raise ValueError(f"weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}")
+    V = weight.shape[0]
+    lead = hidden.shape[:-1]
+    if not isinstance(targets, Tensor) or targets.shape != lead or targets.is_floating_point():
+        raise ValueError(f"targets must be an integer tensor of shape {tuple(lead)}")
+    if bias is not None and (not isinstance(bias, Tensor) or bias.shape != (V,) or bias.dtype != weight.dtype):
+        raise ValueError(f"bias must be [V={V}] of weight's dtype {weight.dtype}")
+    if mask is not None and (not isinstance(mask, Tensor) or mask.shape != lead):
+        raise ValueError(f"mask must have shape {tuple(lead)}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    for arg, t in (("weight", weight), ("targets", targets), ("bias", bias), ("mask", mask)):
+        if t is not None and t.device != hidden.device:
+            raise ValueError(f"{arg} is on {t.device}, hidden is on {hidden.device}")
+    name = _resolve_backend(backend, hidden)
+
+    flat_h = hidden.reshape(-1, H)  # [M, H]
+    flat_y = targets.reshape(-1).long()  # [M]
+    idx = None
+    if mask is not None:
+        idx = (mask.reshape(-1) != 0).nonzero().squeeze(1)  # [N]
+        flat_h, flat_y = flat_h.index_select(0, idx), flat_y.index_select(0, idx)
+    if flat_y.numel() and (int(flat_y.min()) < 0 or int(flat_y.max()) >= V):
+        raise ValueError(f"targets must lie in [0, V={V})")
+
+    if flat_y.numel() == 0:
+        logp = entropy = hidden.new_zeros(0, dtype=torch.float32)
+    else:
+        logp, _, entropy = get_backend(name).logprob_forward(
+            flat_h.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
+            flat_y.contiguous(), float(temperature), return_entropy)
+
+    def unflatten(values: Tensor) -> Tensor:
+        if idx is None:
+            return values.view(lead)
+        full = values.new_zeros(targets.numel())
+        return full.index_copy(0, idx, values).view(lead)
+
+    if return_entropy:
+        return unflatten(logp), unflatten(entropy)
+    return unflatten(logp)

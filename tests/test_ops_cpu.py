@@ -1,0 +1,270 @@
+"""The chunked CPU path against the materialized reference: outputs, metrics and every gradient."""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from grpo_fast import logprob_cpu
+from grpo_fast.loss import policy_inputs, reference_grpo_loss
+from grpo_fast.loss_types import LOSS_TYPES, LossConfig, grpo_objective
+from grpo_fast.ops import fused_grpo_loss, selective_logprobs
+
+LOSS_NAMES = sorted(LOSS_TYPES)
+
+
+@pytest.fixture(autouse=True)
+def small_chunks(monkeypatch):
+    # A few rows per chunk, so every test crosses chunk boundaries (and a ragged last chunk).
+    monkeypatch.setattr(logprob_cpu, "CHUNK_BYTES", 4 * 1031 * 3)
+
+
+def make_case(B=3, T=5, H=16, V=1031, dtype=torch.float32, seed=0, old=True, ref=True, bias=True,
+              empty_row=True, train_head=True):
+    """Inputs with logits of spread ~2 and old/ref log-probs near the policy's (ratios near 1)."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, T, H, generator=g)
+    weight = torch.randn(V, H, generator=g) * (2.0 / H**0.5)
+    b = torch.randn(V, generator=g) * 0.5 if bias else None
+    targets = torch.randint(0, V, (B, T), generator=g)
+    mask = (torch.rand(B, T, generator=g) > 0.25).float()
+    mask[0, 0] = 1.0
+    if empty_row and B > 1:
+        mask[-1] = 0.0  # a fully masked sequence
+        targets[-1] = -100  # padding targets must not matter
+    with torch.no_grad():
+        z = hidden @ weight.T + (0 if b is None else b)
+        lp = torch.log_softmax(z, -1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    case = dict(
+        hidden=hidden.to(dtype).requires_grad_(),
+        weight=weight.to(dtype).requires_grad_(train_head),
+        bias=None if b is None else b.to(dtype).requires_grad_(train_head),
+        targets=targets, mask=mask, advantages=torch.randn(B, generator=g),
+        old_logprobs=(lp + 0.3 * torch.randn(B, T, generator=g)) if old else None,
+        ref_logprobs=(lp + 0.3 * torch.randn(B, T, generator=g)) if ref else None,
+    )
+    return case
+
+
+def run(fn, case, **kw):
+    """(loss, metrics, grads of hidden / weight / bias) after one backward."""
+    for name in ("hidden", "weight", "bias"):
+        if case[name] is not None:
+            case[name].grad = None
+    loss, metrics = fn(**case, **kw)
+    loss.backward()
+    grads = {n: None if case[n] is None else case[n].grad for n in ("hidden", "weight", "bias")}
+    return loss.detach(), metrics, grads
+
+
+def assert_same(a, b, rtol=1e-4, atol=1e-5):
+    (la, ma, ga), (lb, mb, gb) = a, b
+    torch.testing.assert_close(la, lb, rtol=rtol, atol=atol)
+    assert ma.keys() == mb.keys()
+    for k in ma:
+        torch.testing.assert_close(ma[k], mb[k], rtol=rtol, atol=atol, msg=lambda m: f"metric {k}: {m}")
+    for k in ga:
+        assert (ga[k] is None) == (gb[k] is None), k
+        if ga[k] is not None:
+            torch.testing.assert_close(ga[k], gb[k], rtol=rtol, atol=atol, msg=lambda m: f"grad {k}: {m}")
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("loss_type", LOSS_NAMES)
+def test_every_loss_type_matches_reference(loss_type, level):
+    case = make_case(seed=LOSS_NAMES.index(loss_type))
+    kw = dict(loss_type=loss_type, beta=0.05, temperature=0.7, importance_sampling_level=level,
+              epsilon_high=2.0 if loss_type == "cispo" else 0.28)
+    assert_same(run(reference_grpo_loss, case, **kw), run(fused_grpo_loss, case, backend="cpu", **kw))
+
+
+@pytest.mark.parametrize("loss_type", LOSS_NAMES)
+def test_on_policy_without_ref_frozen_head(loss_type, monkeypatch):
+    case = make_case(old=False, ref=False, bias=False, train_head=False, seed=7)
+    expected = run(reference_grpo_loss, case, loss_type=loss_type)
+
+    def no_recompute(*a, **k):
+        raise AssertionError("a frozen head must use the gradient-ready forward")
+
+    monkeypatch.setattr(logprob_cpu, "logprob_backward", no_recompute)
+    got = run(fused_grpo_loss, case, loss_type=loss_type, backend="cpu")
+    assert_same(expected, got)
+    assert got[2]["weight"] is None  # no dW for a frozen head
+    assert got[1]["ratio"].item() == 1.0
+
+
+def test_frozen_weight_with_trainable_bias_and_temperature():
+    case = make_case(train_head=False)
+    case["bias"].requires_grad_(True)
+    kw = dict(loss_type="dapo", temperature=1.7, beta=0.1)
+    expected, got = run(reference_grpo_loss, case, **kw), run(fused_grpo_loss, case, backend="cpu", **kw)
+    assert_same(expected, got)
+    assert got[2]["weight"] is None and got[2]["bias"] is not None
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 8, 1031), (2, 3, 5, 7), (4, 9, 12, 257)])
+def test_odd_shapes(shape):
+    B, T, H, V = shape
+    case = make_case(B=B, T=T, H=H, V=V, empty_row=B > 2)
+    kw = dict(loss_type="grpo", beta=0.02)
+    assert_same(run(reference_grpo_loss, case, **kw), run(fused_grpo_loss, case, backend="cpu", **kw))
+
+
+def test_fully_masked_batch_gives_zero_loss_and_zero_grad():
+    case = make_case()
+    case["mask"].zero_()
+    loss, metrics, grads = run(fused_grpo_loss, case, loss_type="grpo", beta=0.1, backend="cpu")
+    assert loss.item() == 0.0
+    assert all(torch.isfinite(v).all() for v in metrics.values())
+    assert torch.equal(grads["hidden"], torch.zeros_like(grads["hidden"]))
+
+
+def test_masked_positions_get_zero_hidden_grad():
+    case = make_case()
+    _, _, grads = run(fused_grpo_loss, case, loss_type="dapo", backend="cpu")
+    assert torch.equal(grads["hidden"][case["mask"] == 0], torch.zeros_like(grads["hidden"][case["mask"] == 0]))
+    assert grads["hidden"][case["mask"] != 0].abs().sum() > 0
+
+
+def torch_bf16_loss(hidden, weight, targets, mask, advantages, old_logprobs, ref_logprobs, bias, **kw):
+    """What plain torch does in bf16: bf16 matmul (logits rounded to bf16), then fp32."""
+    temperature = kw.pop("temperature", 1.0)
+    z = hidden @ weight.T
+    if bias is not None:
+        z = z + bias
+    logp_all = torch.log_softmax(z.float() / temperature, -1)
+    safe = torch.where(mask != 0, targets, 0)
+    logp = logp_all.gather(-1, safe.unsqueeze(-1)).squeeze(-1) * (mask != 0)
+    entropy = -(logp_all.exp() * logp_all).sum(-1).detach()
+    inputs = policy_inputs(logp, mask, advantages, old_logprobs, ref_logprobs, entropy)
+    return grpo_objective(inputs, LossConfig(epsilon_high=kw.pop("epsilon_high", 0.2), **kw))
+
+
+@pytest.mark.parametrize("loss_type, level", [("grpo", "token"), ("dapo", "sequence"), ("cispo", "token")])
+def test_bf16_as_close_as_torch_bf16(loss_type, level):
+    """bf16 inputs: the distance to the fp32 reference (same bf16-rounded inputs) must be within
+    2x torch's own bf16 computation's distance (plus a small floor for exact ties)."""
+    case = make_case(dtype=torch.bfloat16, seed=3)
+    kw = dict(loss_type=loss_type, importance_sampling_level=level, beta=0.05, temperature=0.9)
+    exact = run(reference_grpo_loss, case, **kw)
+    ours = run(fused_grpo_loss, case, backend="cpu", **kw)
+    torch_bf16 = run(torch_bf16_loss, case, **kw)
+
+    def dist(x, y):
+        return (x.float() - y.float()).abs().max().item()
+
+    pairs = [("loss", exact[0], ours[0], torch_bf16[0])]
+    pairs += [(f"metric {k}", exact[1][k], ours[1][k], torch_bf16[1][k]) for k in exact[1]]
+    pairs += [(f"grad {k}", exact[2][k], ours[2][k], torch_bf16[2][k]) for k in exact[2]]
+    for name, e, o, t in pairs:
+        scale = e.float().abs().max().item()
+        assert dist(o, e) <= 2 * dist(t, e) + 1e-3 * scale + 1e-6, name
+        assert o.dtype == t.dtype, name
+
+
+# ---------------------------------------------------------------- backend functions
+
+
+def naive_forward(hidden, weight, bias, targets, temperature):
+    z = (hidden.float() @ weight.float().T + (0 if bias is None else bias.float())) / temperature
+    lse = torch.logsumexp(z, -1)
+    logp = z.gather(1, targets.unsqueeze(1)).squeeze(1) - lse
+    entropy = lse - (torch.softmax(z, -1) * z).sum(-1)
+    return logp, lse, entropy
+
+
+def test_backend_contract_forward_and_backward():
+    g = torch.Generator().manual_seed(5)
+    N, H, V, T = 11, 16, 1031, 0.6
+    hidden = torch.randn(N, H, generator=g, requires_grad=True)
+    weight = (torch.randn(V, H, generator=g) / 2).requires_grad_()
+    bias = torch.randn(V, generator=g).requires_grad_()
+    targets = torch.randint(0, V, (N,), generator=g)
+    grad_logp = torch.randn(N, generator=g)
+    logp, lse, entropy = naive_forward(hidden, weight, bias, targets, T)
+    gh, gw, gb = torch.autograd.grad((logp * grad_logp).sum(), (hidden, weight, bias))
+
+    with torch.no_grad():
+        out = logprob_cpu.logprob_forward(hidden, weight, bias, targets, T, True)
+        for got, want in zip(out, (logp, lse, entropy)):
+            assert got.dtype == torch.float32
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert logprob_cpu.logprob_forward(hidden, weight, bias, targets, T, False)[2] is None
+        bgh, bgw, bgb = logprob_cpu.logprob_backward(hidden, weight, bias, targets, out[1], grad_logp, T, True, True)
+        torch.testing.assert_close(bgh, gh, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(bgw, gw, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(bgb, gb, rtol=1e-4, atol=1e-5)
+        assert logprob_cpu.logprob_backward(hidden, weight, bias, targets, out[1], grad_logp, T, False, False)[1:] \
+            == (None, None)
+        *_, dlogp_dh = logprob_cpu.logprob_forward_input_grad(hidden, weight, bias, targets, T, True)
+        torch.testing.assert_close(grad_logp[:, None] * dlogp_dh, gh, rtol=1e-4, atol=1e-5)
+
+
+class MaxNumel(TorchDispatchMode):
+    """Records the largest tensor any op produces."""
+
+    def __init__(self):
+        super().__init__()
+        self.max_numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.max_numel = max(self.max_numel, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("train_head", [False, True])
+def test_never_materializes_n_by_v(train_head):
+    case = make_case(B=4, T=8, H=8, V=1031, train_head=train_head, bias=False)
+    n_tokens = int(case["mask"].sum())
+    rows = logprob_cpu.chunk_rows(1031)
+    assert rows < n_tokens
+    with MaxNumel() as probe:
+        loss, _ = fused_grpo_loss(**case, loss_type="dapo", backend="cpu")
+        loss.backward()
+    weight_numel = case["weight"].numel()
+    assert probe.max_numel <= max(rows * 1031, weight_numel)
+    assert probe.max_numel < n_tokens * 1031
+
+
+# ---------------------------------------------------------------- selective_logprobs
+
+
+def test_selective_logprobs_shapes_mask_and_entropy():
+    case = make_case(bias=True)
+    h, w, b, y, m = case["hidden"].detach(), case["weight"].detach(), case["bias"].detach(), case["targets"], case["mask"]
+    y_safe = y.clamp(min=0)
+    want_lp, _, want_ent = naive_forward(h.reshape(-1, h.shape[-1]), w, b, y_safe.reshape(-1), 1.3)
+    lp, ent = selective_logprobs(h, w, y_safe, temperature=1.3, return_entropy=True, bias=b, backend="cpu")
+    assert lp.shape == ent.shape == y.shape and lp.dtype == torch.float32
+    torch.testing.assert_close(lp.reshape(-1), want_lp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent.reshape(-1), want_ent, rtol=1e-5, atol=1e-5)
+    flat = selective_logprobs(h.reshape(-1, h.shape[-1]), w, y_safe.reshape(-1), temperature=1.3, bias=b)
+    torch.testing.assert_close(flat, want_lp, rtol=1e-5, atol=1e-5)
+    masked = selective_logprobs(h, w, y, temperature=1.3, bias=b, mask=m)  # -100 targets where masked
+    torch.testing.assert_close(masked, lp * m, rtol=1e-5, atol=1e-5)
+    assert not masked.requires_grad
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(hidden=torch.randn(4)), "hidden"),
+        (dict(weight=torch.randn(5, 3)), "weight"),
+        (dict(targets=torch.zeros(3, dtype=torch.long)), "targets"),
+        (dict(targets=torch.full((4,), 5)), "targets"),
+        (dict(bias=torch.zeros(3)), "bias"),
+        (dict(temperature=-1.0), "temperature"),
+        (dict(backend="cuda"), "backend"),
+    ],
+)
+def test_selective_logprobs_errors(change, match):
+    args = dict(hidden=torch.randn(4, 6), weight=torch.randn(5, 6), targets=torch.zeros(4, dtype=torch.long))
+    args.update(change)
+    with pytest.raises(ValueError, match=match):
+        selective_logprobs(**args)
+
+
+def test_fused_loss_rejects_unknown_backend():
+    with pytest.raises(ValueError, match="backend"):
+        fused_grpo_loss(**make_case(), loss_type="grpo", backend="cuda")
