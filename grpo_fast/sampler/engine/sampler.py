@@ -1,0 +1,232 @@
+"""The group sampler: B prompts × G completions from the live model on shared paged KV.
+
+One ``generate`` call: every prompt is prefilled once (prompts batched together), its blocks are
+forked into G sequences (the partial last block included, copied on first write), and all live
+sequences decode together, one token per step. Finished sequences free their blocks at once and
+waiting prompts are admitted as blocks free up; when blocks run out a sequence is preempted and
+later recomputed. The block manager is fresh for each call: its prefix cache holds K/V of the
+weights as they were during this call, and the policy changes between GRPO steps.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+import torch
+
+from grpo_fast import kv
+from grpo_fast.sampler.kv_budget import num_blocks_for_budget
+from grpo_fast.sampler.model_runner import ModelRunner
+from grpo_fast.sampler.outputs import Completion, GroupOutput, SamplerStats
+from grpo_fast.sampler.sampling_params import SamplingParams
+from grpo_fast.sampler.scheduler import Scheduler, blocks_for
+from grpo_fast.sampler.sequence import Group, Sequence, prefill_seq_id, prefill_tokens
+
+_SEED_MASK = (1 << 63) - 1
+
+
+class Sampler:
+    """``Sampler(model, tokenizer, block_size=16, kv_budget="512MiB")``.
+
+    model: a Llama-family HF causal LM, optionally 4-bit (bitsandbytes) and/or wrapped by peft;
+    its modules are used as they are (no merge, no copy). tokenizer: gives EOS and decodes text
+    for stop strings (may be None when neither is needed). kv_budget: bytes (int), a string
+    ("2GiB", "65536 tokens") or None for the default (see kv_budget.py).
+    """
+
+    def __init__(self, model, tokenizer=None, *, block_size: int = 16, kv_budget=None,
+                 max_prefill_tokens: int = 4096):
+        if not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
+        if not isinstance(max_prefill_tokens, int) or max_prefill_tokens < 1:
+            raise ValueError(f"max_prefill_tokens must be an int >= 1, got {max_prefill_tokens!r}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.block_size = block_size
+        self.max_prefill_tokens = max_prefill_tokens
+        per_block = ModelRunner.bytes_per_block(model, block_size)
+        device = next(model.parameters()).device
+        num_blocks = num_blocks_for_budget(kv_budget, bytes_per_block=per_block, block_size=block_size, device=device)
+        self.runner = ModelRunner(model, num_blocks=num_blocks, block_size=block_size)
+        self.eos_token_ids = _eos_ids(model, tokenizer)
+        self.stats = SamplerStats()
+
+    @property
+    def num_blocks(self) -> int:
+        return self.runner.num_blocks
+
+    def generate(self, prompt_token_ids: list[list[int]], params: SamplingParams) -> list[GroupOutput]:
+        """G = params.n completions for each prompt, in prompt order."""
+        self._validate(prompt_token_ids, params)
+        was_training = [m.training for m in self.model.modules()]
+        self.model.eval()  # no LoRA / attention dropout while sampling
+        try:
+            with torch.inference_mode():
+                return self._generate(prompt_token_ids, params)
+        finally:
+            for m, flag in zip(self.model.modules(), was_training):
+                m.training = flag
+
+    def _generate(self, prompts: list[list[int]], params: SamplingParams) -> list[GroupOutput]:
+        t0 = time.perf_counter()
+        stats = self.stats = SamplerStats(
+            num_blocks=self.num_blocks, block_size=self.block_size, kv_bytes=self.runner.kv_bytes
+        )
+        bm = kv.BlockManager(self.num_blocks, block_size=self.block_size, enable_prefix_cache=True)
+        sched = Scheduler(bm, self.block_size, self.max_prefill_tokens)
+        base_seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
+        ids = itertools.count()
+        groups = []
+        for gi, prompt in enumerate(prompts):
+            group = Group(gi, list(prompt), prefill_id=next(ids))
+            group.children = [
+                Sequence(next(ids), group, c, seed=_mix_seed(base_seed, gi, c), token_ids=list(prompt))
+                for c in range(params.n)
+            ]
+            groups.append(group)
+            sched.add(group)
+
+        while not sched.done:
+            admitted = sched.schedule_prefill()
+            if admitted:
+                t = time.perf_counter()
+                self._prefill_step(bm, sched, admitted, params, stats)
+                stats.prefill_seconds += time.perf_counter() - t
+                continue
+            if not sched.running:  # cannot happen after _validate; never spin
+                raise RuntimeError("sampler made no progress: the KV pool cannot hold the next prompt")
+            seqs, copies = sched.schedule_decode()
+            if not seqs:  # everything was preempted: re-admit first
+                continue
+            self._record_blocks(bm, seqs, stats)
+            t = time.perf_counter()
+            self.runner.copy_blocks(copies)
+            logits = self.runner.decode(bm, [s.seq_id for s in seqs], [s.last_token for s in seqs])  # [S, V]
+            self._sample_and_advance(logits, seqs, sched, params)
+            stats.decode_seconds += time.perf_counter() - t
+            stats.decode_tokens += len(seqs)
+            stats.steps += 1
+
+        stats.preemptions = sched.num_preemptions
+        stats.wall_seconds = time.perf_counter() - t0
+        outputs = []
+        for group in groups:
+            completions = [
+                Completion(s.completion_token_ids, list(s.logprobs), s.finish_reason) for s in group.children
+            ]
+            outputs.append(GroupOutput(group.prompt_token_ids, completions))
+        stats.generated_tokens = sum(len(c.token_ids) for o in outputs for c in o.completions)
+        return outputs
+
+    def _prefill_step(self, bm, sched: Scheduler, admitted, params, stats) -> None:
+        items = []
+        for item, num_cached in admitted:
+            tokens = prefill_tokens(item)
+            items.append((prefill_seq_id(item), tokens, num_cached))
+            stats.prefill_tokens += len(tokens) - min(num_cached, len(tokens) - 1)
+        logits = self.runner.prefill(bm, items)  # [B, V]
+        rows, seqs = [], []
+        for b, (item, _) in enumerate(admitted):
+            if isinstance(item, Group):
+                children = item.children
+                bm.fork(item.prefill_id, [c.seq_id for c in children])
+                bm.free(item.prefill_id)
+            else:
+                children = [item]
+            rows.extend([b] * len(children))
+            seqs.extend(children)
+        stats.peak_blocks_used = max(stats.peak_blocks_used, self.num_blocks - bm.num_free_blocks)
+        sched.start_running(seqs)
+        index = torch.tensor(rows, dtype=torch.int64, device=logits.device)
+        self._sample_and_advance(logits.index_select(0, index), seqs, sched, params)
+
+    def _sample_and_advance(self, logits: torch.Tensor, seqs: list[Sequence], sched: Scheduler,
+                            params: SamplingParams) -> None:
+        """Draw one token per sequence (logits [S, V] fp32), append it, retire finished ones."""
+        dev = logits.device
+        num = len(seqs)
+        temperature = torch.full((num,), float(params.temperature), dtype=torch.float32, device=dev)
+        top_k = torch.full((num,), params.top_k, dtype=torch.int32, device=dev)
+        top_p = torch.full((num,), float(params.top_p), dtype=torch.float32, device=dev)
+        min_p = torch.full((num,), float(params.min_p), dtype=torch.float32, device=dev)
+        seeds = torch.tensor([s.seed for s in seqs], dtype=torch.int64, device=dev)
+        steps = torch.tensor([s.num_completion_tokens for s in seqs], dtype=torch.int64, device=dev)
+        tokens, logprobs = kv.sample(logits.contiguous(), temperature, top_k, top_p, min_p, seeds, steps)
+        for seq, token, logprob in zip(seqs, tokens.tolist(), logprobs.tolist()):
+            seq.token_ids.append(token)
+            seq.logprobs.append(logprob)
+            reason = self._finish_reason(seq, token, params)
+            if reason is not None:
+                sched.finish(seq, reason)
+
+    def _finish_reason(self, seq: Sequence, token: int, params: SamplingParams) -> str | None:
+        if not params.ignore_eos and token in self.eos_token_ids:
+            return "eos"
+        if token in params.stop_token_ids:
+            return "stop"
+        if params.stop and self._hits_stop_string(seq.completion_token_ids, params.stop):
+            return "stop"
+        if seq.num_completion_tokens >= params.max_tokens:
+            return "length"
+        return None
+
+    def _hits_stop_string(self, completion: list[int], stop: tuple[str, ...]) -> bool:
+        # A stop string is at most len(s) tokens long (every token decodes to >= 1 char, bar partial
+        # UTF-8 bytes, hence the margin); only a string ending in the newest token can be new.
+        tail = completion[-(max(len(s) for s in stop) + 4):]
+        text = self.tokenizer.decode(tail, skip_special_tokens=False)
+        return any(s in text for s in stop)
+
+    def _record_blocks(self, bm, seqs: list[Sequence], stats: SamplerStats) -> None:
+        used = self.num_blocks - bm.num_free_blocks
+        unshared = sum(blocks_for(bm.num_tokens(s.seq_id), self.block_size) for s in seqs)
+        stats.peak_blocks_used = max(stats.peak_blocks_used, used)
+        stats.peak_blocks_saved_by_sharing = max(stats.peak_blocks_saved_by_sharing, unshared - used)
+
+    def _validate(self, prompts, params: SamplingParams) -> None:
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise ValueError("prompt_token_ids must be a non-empty list of token-id lists")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("params.stop needs the Sampler to have a tokenizer")
+        vocab = self.runner.family.config.vocab_size
+        window = self.runner.family.shape.sliding_window
+        capacity = self.num_blocks * self.block_size
+        for i, prompt in enumerate(prompts):
+            if not prompt or not all(isinstance(t, int) and 0 <= t < vocab for t in prompt):
+                raise ValueError(f"prompt_token_ids[{i}] must be a non-empty list of ints in [0, {vocab})")
+            total = len(prompt) + params.max_tokens
+            if blocks_for(total, self.block_size) > self.num_blocks:
+                raise ValueError(
+                    f"kv_budget: prompt_token_ids[{i}] ({len(prompt)} tokens) + max_tokens "
+                    f"({params.max_tokens}) needs {total} tokens of KV, the pool holds {capacity}"
+                )
+            if window is not None and total > window:
+                raise ValueError(
+                    f"max_tokens: prompt_token_ids[{i}] + max_tokens = {total} tokens exceeds the model's "
+                    f"sliding window ({window}); the paged kernels attend over the full context"
+                )
+
+
+def _mix_seed(base: int, group_idx: int, child_idx: int) -> int:
+    """Distinct, reproducible per-sequence seed (splitmix64-style mixing of the indices)."""
+    x = (base * 0x9E3779B97F4A7C15 + group_idx * 0xBF58476D1CE4E5B9 + child_idx * 0x94D049BB133111EB) & ((1 << 64) - 1)
+    x ^= x >> 31
+    x = (x * 0xD6E8FEB86659FD93) & ((1 << 64) - 1)
+    return (x ^ (x >> 32)) & _SEED_MASK
+
+
+def _eos_ids(model, tokenizer) -> frozenset[int]:
+    ids = set()
+    gen = getattr(model, "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None) if gen is not None else None
+    if eos is None:
+        eos = getattr(getattr(model, "config", None), "eos_token_id", None)
+    if eos is not None:
+        ids.update([eos] if isinstance(eos, int) else eos)
+    tok_eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
+    if tok_eos is not None:
+        ids.add(int(tok_eos))
+    return frozenset(int(i) for i in ids)

@@ -1,0 +1,133 @@
+"""Runs the live model over paged KV: batched prefill of prompts, one-token decode of all sequences.
+
+The model's own modules do everything but attention (see grpo_fast.models.llama_family); here
+attention reads and writes the per-layer block caches ``[num_blocks, block_size, Hkv, D]``:
+
+- prefill: K/V of the new tokens are written at their slots, and attention runs over the
+  contiguous prompt (causal varlen over all prompts of the batch: flash-attn's kernel on CUDA
+  fp16/bf16 when flash-attn is installed, kv.prefill_attention otherwise). A prompt whose first tokens
+  were found in the prefix cache computes only its suffix, attending over its whole K/V read
+  back from the blocks (bottom-right-aligned causal mask).
+- decode: one token per sequence; its K/V are appended, then paged decode attention reads the
+  sequence's blocks through its block table.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from grpo_fast import kv
+from grpo_fast.models.llama_family import LlamaFamily
+
+try:  # optional (extra "gpu"): CUDA fp16/bf16 prefill through flash-attn's varlen kernel
+    from flash_attn import flash_attn_varlen_func as _flash_varlen
+except ImportError:
+    _flash_varlen = None
+
+
+class ModelRunner:
+    def __init__(self, model: torch.nn.Module, *, num_blocks: int, block_size: int):
+        self.family = LlamaFamily(model)
+        shape = self.family.shape
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.device = self.family.device
+        self.dtype = self.family.dtype
+        # One allocation for all layers; [L, 2, num_blocks, block_size, Hkv, D], each [l, 0|1] contiguous.
+        self.kv_cache = torch.empty(
+            shape.num_layers, 2, num_blocks, block_size, shape.num_kv_heads, shape.head_dim,
+            dtype=self.dtype, device=self.device,
+        )
+
+    @staticmethod
+    def bytes_per_block(model: torch.nn.Module, block_size: int) -> int:
+        family = LlamaFamily(model)
+        s = family.shape
+        itemsize = torch.empty((), dtype=family.dtype).element_size()
+        return 2 * s.num_layers * block_size * s.num_kv_heads * s.head_dim * itemsize
+
+    @property
+    def kv_bytes(self) -> int:
+        return self.kv_cache.numel() * self.kv_cache.element_size()
+
+    def _caches(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.kv_cache[layer, 0], self.kv_cache[layer, 1]
+
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy-on-write: duplicate shared blocks into the fresh ones before they are written."""
+        if not pairs:
+            return
+        mapping = torch.tensor(pairs, dtype=torch.int64, device=self.device)  # [M, 2]
+        for layer in range(self.family.shape.num_layers):
+            kv.copy_blocks(*self._caches(layer), mapping)
+
+    def prefill(self, bm, items: list[tuple[int, list[int], int]]) -> torch.Tensor:
+        """Logits ``[B, V]`` (fp32) at the last token of each (seq_id, token_ids, num_cached).
+
+        The block manager already holds each sequence's blocks; the tokens from ``num_cached`` on
+        are computed and their K/V written. A fully cached prompt still recomputes its last token
+        (for its logits) but does not rewrite that token's (shared) slot.
+        """
+        dev = self.device
+        ids, pos, slots, cu_q, cu_k = [], [], [], [0], [0]
+        prefix_hits = []  # (item index, slots of the whole sequence) for prompts with cached heads
+        for i, (seq_id, tokens, num_cached) in enumerate(items):
+            start = min(num_cached, len(tokens) - 1)
+            ids.extend(tokens[start:])
+            pos.extend(range(start, len(tokens)))
+            slots.append(torch.full((num_cached - start,), -1, dtype=torch.int32))  # -1: not written
+            slots.append(torch.as_tensor(bm.slot_mapping(seq_id, num_cached, len(tokens))).to(torch.int32))
+            cu_q.append(cu_q[-1] + len(tokens) - start)
+            cu_k.append(cu_k[-1] + len(tokens))
+            if start > 0:
+                prefix_hits.append((i, torch.as_tensor(bm.slot_mapping(seq_id, 0, len(tokens))).to(dev, torch.int64)))
+        input_ids = torch.tensor(ids, dtype=torch.int64, device=dev)  # [T]
+        positions = torch.tensor(pos, dtype=torch.int64, device=dev)  # [T]
+        slot_mapping = torch.cat(slots).to(dev)  # [T] int32
+        cu_seqlens = torch.tensor(cu_q, dtype=torch.int32, device=dev)  # [B+1]
+        cu_seqlens_k = torch.tensor(cu_k, dtype=torch.int32, device=dev) if prefix_hits else None
+        scale = self.family.shape.scale
+        max_q, max_k = max(_diff(cu_q)), max(_diff(cu_k))
+
+        def attend(layer, q, k, v):  # q [T, Hq, D], k/v [T, Hkv, D]
+            key_cache, value_cache = self._caches(layer)
+            q, k, v = q.to(self.dtype), k.to(self.dtype), v.to(self.dtype)  # a norm may have upcast
+            kv.append_kv(key_cache, value_cache, k, v, slot_mapping)
+            if prefix_hits:
+                # Keys of a prompt with a cached head = its whole sequence, read back from the blocks.
+                k_parts, v_parts = list(k.split(_diff(cu_q))), list(v.split(_diff(cu_q)))
+                for i, seq_slots in prefix_hits:
+                    k_parts[i] = key_cache.flatten(0, 1)[seq_slots]  # [L_i, Hkv, D]
+                    v_parts[i] = value_cache.flatten(0, 1)[seq_slots]
+                k, v = torch.cat(k_parts), torch.cat(v_parts)  # [Tk, Hkv, D]
+            if _flash_varlen is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+                cu_k = cu_seqlens if cu_seqlens_k is None else cu_seqlens_k
+                return _flash_varlen(q, k, v, cu_seqlens, cu_k, max_q, max_k, softmax_scale=scale, causal=True)
+            return kv.prefill_attention(q.contiguous(), k, v, cu_seqlens, scale, cu_seqlens_k)
+
+        last = torch.tensor(cu_q[1:], dtype=torch.int64, device=dev) - 1  # [B]
+        return self.family.forward(input_ids, positions, attend, logits_index=last)
+
+    def decode(self, bm, seq_ids: list[int], last_tokens: list[int]) -> torch.Tensor:
+        """Logits ``[S, V]`` (fp32) after feeding each sequence its pending last token, whose
+        slot the block manager has already reserved."""
+        dev = self.device
+        slot_np, tables_np, lens_np = bm.decode_metadata(seq_ids)
+        slots = torch.as_tensor(slot_np).to(device=dev, dtype=torch.int32)  # [S]
+        block_tables = torch.as_tensor(tables_np).to(device=dev, dtype=torch.int32)  # [S, max_blocks]
+        context_lens = torch.as_tensor(lens_np).to(device=dev, dtype=torch.int32)  # [S]
+        input_ids = torch.tensor(last_tokens, dtype=torch.int64, device=dev)  # [S]
+        positions = context_lens.to(torch.int64) - 1  # [S]
+        scale = self.family.shape.scale
+
+        def attend(layer, q, k, v):  # q [S, Hq, D], k/v [S, Hkv, D]
+            key_cache, value_cache = self._caches(layer)
+            q, k, v = q.to(self.dtype), k.to(self.dtype), v.to(self.dtype)
+            kv.append_kv(key_cache, value_cache, k, v, slots)
+            return kv.paged_decode_attention(q.contiguous(), key_cache, value_cache, block_tables, context_lens, scale)
+
+        return self.family.forward(input_ids, positions, attend)
+
+
+def _diff(cu: list[int]) -> list[int]:
+    return [b - a for a, b in zip(cu, cu[1:])]
