@@ -1,0 +1,184 @@
+"""One GRPO step, ours vs TRL's GRPOTrainer: seconds per step (sampling and training apart) and
+peak memory, on the same model, prompts, B × G, lengths, LoRA config and loss.
+
+    python benchmarks/bench_step.py [--prompts 4 --generations 8 --max-completion 16 --steps 3]
+
+Each implementation runs in its own subprocess (so peak RSS is its own); the first step is a
+warm-up and not counted. Both sample at T = 1 with HF-free code paths of their own: ours uses the
+trainer's generation adapter (paged Sampler when it supports the model, else HF generate), TRL
+uses its default (transformers generate). Model: the built-in SmolLM2-135M-Instruct, fp32, CPU.
+Needs the `bench` extra (trl; `pip install --no-deps trl==1.16.0 && pip install datasets`).
+Writes benchmarks/results/bench_step.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def run_ours(a) -> dict:
+    from grpo_fast.config import DEFAULT_JOB, load_config
+    from grpo_fast.train.loop import train
+    from grpo_fast.train.metrics import read_metrics
+
+    out = tempfile.mkdtemp(prefix="bench_ours_")
+    cfg = load_config(None, {
+        "train.output_dir": out, "train.max_steps": a.steps + 1, "train.prompts_per_step": a.prompts,
+        "sampling.num_generations": a.generations, "sampling.max_completion_length": a.max_completion,
+        "train.eval_before": False, "data.eval_size": 0, "train.progress": False, "train.time_budget_s": 0,
+        "lora.r": a.lora_r, "lora.lora_alpha": 2 * a.lora_r, "train.seed": 0, "sampling.backend": a.backend,
+        "train.micro_batch_size": a.micro_batch,
+    }, base=DEFAULT_JOB)
+    train(cfg, echo=lambda *_: None)
+    steps = [r for r in read_metrics(out) if "reward" in r][1:]  # drop the warm-up step
+    sample = [r["time/sample_s"] for r in steps]
+    total = [r["time/step_s"] for r in steps]
+    return {"sample_s": sum(sample) / len(sample), "train_s": sum(t - s for t, s in zip(total, sample)) / len(total),
+            "step_s": sum(total) / len(total), "completion_tokens": sum(r["completion_tokens"] for r in steps) / len(steps),
+            "peak_rss_mib": _peak_rss_mib()}
+
+
+def run_trl(a) -> dict:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from grpo_fast.models import default_model_dir
+    from grpo_fast.rewards import accuracy
+    from grpo_fast.tasks import make_task
+    from grpo_fast.config import ModelConfig
+    from grpo_fast.train.model import load_base_model, lora_targets
+
+    folder = default_model_dir()
+    tok = AutoTokenizer.from_pretrained(folder)
+    # Our loader drops the stale GGUF quantization_config of the converted folder (TRL refuses
+    # to train a model marked GGUF-quantized); the weights are the same fp32 ones.
+    model = load_base_model(ModelConfig(), torch.device("cpu"))
+    train_rows, _ = make_task("arithmetic", train_size=2000, eval_size=100, seed=1234)
+    ds = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}], "answer": r["answer"]}
+                            for r in train_rows])
+
+    def reward(prompts, completions, answer, **_):
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        return accuracy(prompts, texts, answer)
+
+    out = tempfile.mkdtemp(prefix="bench_trl_")
+    args = GRPOConfig(
+        # The same step in TRL's terms: micro-batches of `micro_batch` completions, accumulated over
+        # one generation batch of B × G (steps_per_generation = gradient_accumulation_steps).
+        output_dir=out, per_device_train_batch_size=a.micro_batch,
+        gradient_accumulation_steps=a.prompts * a.generations // a.micro_batch,
+        num_generations=a.generations, max_completion_length=a.max_completion, max_steps=a.steps + 1,
+        learning_rate=5e-4, loss_type="dapo", beta=0.0, epsilon=0.2, epsilon_high=0.28, temperature=1.0,
+        logging_steps=1, report_to=[], use_cpu=True, save_strategy="no", seed=0, bf16=False,
+        dataloader_num_workers=0, disable_tqdm=True)
+    peft_cfg = LoraConfig(r=a.lora_r, lora_alpha=2 * a.lora_r, lora_dropout=0.0, target_modules=lora_targets(model),
+                          task_type="CAUSAL_LM")
+    trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=args, train_dataset=ds,
+                          processing_class=tok, peft_config=peft_cfg)
+    times = {"gen": [], "step": []}
+    real = trainer._generate_and_score_completions
+
+    def timed(*args_, **kw):
+        t0 = time.perf_counter()
+        try:
+            return real(*args_, **kw)
+        finally:
+            times["gen"].append(time.perf_counter() - t0)
+
+    trainer._generate_and_score_completions = timed
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, *_, **__):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, *_, **__):
+            times["step"].append(time.perf_counter() - self.t0)
+
+    trainer.add_callback(StepTimer())
+    trainer.train()
+    gen, step = times["gen"][1:], times["step"][1:]
+    return {"sample_s": sum(gen) / len(gen), "train_s": sum(s - g for s, g in zip(step, gen)) / len(step),
+            "step_s": sum(step) / len(step), "peak_rss_mib": _peak_rss_mib()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prompts", type=int, default=4)
+    p.add_argument("--generations", type=int, default=8)
+    p.add_argument("--max-completion", type=int, default=16)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--micro-batch", type=int, default=8, help="completions per forward/backward (both sides)")
+    p.add_argument("--backend", default="auto", help="our generation backend: auto | sampler | hf")
+    p.add_argument("--impl", choices=["ours", "trl"], help=argparse.SUPPRESS)  # subprocess mode
+    p.add_argument("--only", choices=["ours", "trl"], help="run one side only")
+    a = p.parse_args()
+    if (a.prompts * a.generations) % a.micro_batch:
+        p.error("--micro-batch must divide prompts x generations")
+    if a.impl:
+        result = run_ours(a) if a.impl == "ours" else run_trl(a)
+        print("RESULT " + json.dumps(result))
+        return
+
+    results = {}
+    for impl in [a.only] if a.only else ["ours", "trl"]:
+        cmd = [sys.executable, __file__, "--impl", impl, "--prompts", str(a.prompts), "--generations",
+               str(a.generations), "--max-completion", str(a.max_completion), "--steps", str(a.steps),
+               "--lora-r", str(a.lora_r), "--backend", a.backend, "--micro-batch", str(a.micro_batch)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+        if proc.returncode or not line:
+            print(f"{impl} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
+            continue
+        results[impl] = json.loads(line[-1][7:])
+
+    print(f"\nGRPO step: B={a.prompts} x G={a.generations} (micro-batches of {a.micro_batch}), "
+          f"max_completion={a.max_completion}, LoRA r={a.lora_r}, "
+          f"SmolLM2-135M fp32, CPU ({os.cpu_count()} cores), mean of {a.steps} steps after 1 warm-up")
+    print(f"{'impl':<6} {'sample s':>9} {'train s':>9} {'step s':>9} {'peak RSS MiB':>13}")
+    for impl, r in results.items():
+        print(f"{impl:<6} {r['sample_s']:>9.2f} {r['train_s']:>9.2f} {r['step_s']:>9.2f} {r['peak_rss_mib']:>13.0f}")
+    if len(results) == 2:
+        o, t = results["ours"], results["trl"]
+        print(f"ratio TRL/ours: step {t['step_s'] / o['step_s']:.2f}x, sampling {t['sample_s'] / o['sample_s']:.2f}x, "
+              f"training {t['train_s'] / o['train_s']:.2f}x; peak RSS ours/TRL {o['peak_rss_mib'] / t['peak_rss_mib']:.2f}")
+    import torch
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip()
+    except OSError:
+        commit = None
+    versions = {"torch": torch.__version__, "python": platform.python_version()}
+    for mod in ("transformers", "peft", "trl"):
+        try:
+            versions[mod] = __import__(mod).__version__
+        except ImportError:
+            pass
+    out = HERE / "results" / "bench_step.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"args": vars(a), "results": results, "device": f"cpu x{os.cpu_count()}",
+                               "platform": platform.platform(), "versions": versions, "commit": commit,
+                               "load_avg": os.getloadavg()}, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

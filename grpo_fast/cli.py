@@ -1,0 +1,136 @@
+"""`grpo-fast` command line.
+
+    grpo-fast train [--config cfg.yaml] [--key value ...] [--resume] [--merge]
+    grpo-fast eval  [--config cfg.yaml] [--adapter DIR] [--key value ...]
+    grpo-fast sample [--config cfg.yaml] [--adapter DIR] --prompt "What is 12 + 7?" [--n 4]
+
+With no arguments, `train` runs the default job: SmolLM2-135M-Instruct + LoRA on the built-in
+`arithmetic` task on the CPU, printing eval accuracy before and after (last line).
+Overrides are `--section.field value` or `--field value` when the name is unique.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from grpo_fast.config import DEFAULT_JOB, load_config
+
+
+def _split(argv: list[str], own: set[str]) -> tuple[list[str], list[str]]:
+    """Separate this command's own flags (and their values) from config overrides."""
+    mine, rest, i = [], [], 0
+    while i < len(argv):
+        tok = argv[i]
+        name = tok.split("=", 1)[0]
+        if name in own:
+            mine.append(tok)
+            if "=" not in tok and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                mine.append(argv[i + 1])
+                i += 1
+        else:
+            rest.append(tok)
+        i += 1
+    return mine, rest
+
+
+def _load(args, overrides: list[str]):
+    """--config FILE, or the default job; then the overrides."""
+    if args.config:
+        return load_config(args.config, overrides)
+    return load_config(None, overrides, base=DEFAULT_JOB)
+
+
+def cmd_train(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="grpo-fast train", description="GRPO fine-tuning with LoRA")
+    p.add_argument("--config", help="YAML config (default: the built-in CPU default job)")
+    mine, overrides = _split(argv, {"--config", "-h", "--help"})
+    args = p.parse_args(mine)
+    cfg = _load(args, overrides)
+    from grpo_fast.train.loop import train
+
+    train(cfg)
+    return 0
+
+
+def _policy(cfg, adapter: str | None):
+    from grpo_fast.train.model import load_base_model, load_tokenizer, resolve_device
+
+    device = resolve_device(cfg.model)
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_base_model(cfg.model, device)
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    return model.eval(), tokenizer
+
+
+def cmd_eval(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="grpo-fast eval", description="Greedy accuracy on the eval split")
+    p.add_argument("--config")
+    p.add_argument("--adapter", help="a LoRA adapter folder (e.g. runs/default/adapter); omit for the base model")
+    mine, overrides = _split(argv, {"--config", "--adapter", "-h", "--help"})
+    args = p.parse_args(mine)
+    cfg = _load(args, overrides)
+    from grpo_fast.data import encode_prompts, load_splits
+    from grpo_fast.train.evaluate import evaluate
+    from grpo_fast.train.generation import Generator
+
+    model, tokenizer = _policy(cfg, args.adapter)
+    _, eval_rows = load_splits(cfg.data)
+    enc, _ = encode_prompts(eval_rows, tokenizer, cfg.data, cfg.sampling.max_prompt_length, "eval")
+    result = evaluate(Generator(model, tokenizer, backend=cfg.sampling.backend, kv_budget=cfg.sampling.kv_budget),
+                      tokenizer, enc, max_tokens=cfg.sampling.max_completion_length, stop=cfg.sampling.stop)
+    for s in result.samples:
+        print(f"[{'ok' if s['correct'] else 'x '}] {s['prompt']!r} -> {s['completion']!r}")
+    print(f"eval accuracy: {100 * result.accuracy:.1f}% ({result.num_prompts} prompts)")
+    return 0
+
+
+def cmd_sample(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="grpo-fast sample", description="Sample completions for a prompt")
+    p.add_argument("--config")
+    p.add_argument("--adapter")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--n", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    mine, overrides = _split(argv, {"--config", "--adapter", "--prompt", "--n", "--seed", "-h", "--help"})
+    args = p.parse_args(mine)
+    cfg = _load(args, overrides)
+    from grpo_fast.data import render_prompt
+    from grpo_fast.train.generation import Generator
+
+    model, tokenizer = _policy(cfg, args.adapter)
+    ids = tokenizer(render_prompt(tokenizer, {"prompt": args.prompt}, cfg.data), add_special_tokens=False)["input_ids"]
+    gen = Generator(model, tokenizer, backend=cfg.sampling.backend, kv_budget=cfg.sampling.kv_budget)
+    temperature = cfg.sampling.temperature if args.n > 1 else 0.0
+    (group,) = gen.generate([ids], n=args.n, temperature=temperature, max_tokens=cfg.sampling.max_completion_length,
+                            top_p=cfg.sampling.top_p, stop=cfg.sampling.stop, seed=args.seed)
+    for i, c in enumerate(group.completions):
+        print(f"[{i}] ({c.finish_reason}) {tokenizer.decode(c.token_ids, skip_special_tokens=True)}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        return 0
+    if not argv or argv[0].startswith("--"):
+        argv = ["train", *argv]  # `grpo-fast` alone runs the default training job
+    if argv[0] not in COMMANDS:
+        print(f"unknown command {argv[0]!r}\n\n{__doc__.strip()}", file=sys.stderr)
+        return 2
+    try:
+        return COMMANDS[argv[0]](argv[1:])
+    except ValueError as exc:  # config / data errors: one clear line, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,384 @@
+"""Run configuration: one dataclass per concern, validated on construction.
+
+Names follow TRL's GRPOConfig where the meaning is the same (`num_generations`, `beta`,
+`epsilon`, `epsilon_high`, `loss_type`, `max_completion_length`, `temperature`, `top_p`, ...).
+Batch sizes are counted in prompts: a step samples `prompts_per_step` prompts × `num_generations`
+completions.
+
+A config is built from a YAML file (sections `model`, `lora`, `sampling`, `loss`, `train`,
+`data`, `rewards`) plus `--key value` overrides, where key is `section.field` or a bare field
+name that is unique across sections. Every error is a ValueError naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
+
+
+def _check(cond: bool, name: str, msg: str) -> None:
+    if not cond:
+        raise ValueError(f"{name}: {msg}")
+
+
+def _choice(value: Any, name: str, choices: tuple) -> None:
+    _check(value in choices, name, f"must be one of {', '.join(map(str, choices))}, got {value!r}")
+
+
+@dataclass
+class ModelConfig:
+    """Which model to train and how to hold it in memory."""
+
+    name_or_path: str | None = None  # None = the built-in SmolLM2-135M-Instruct
+    gguf_file: str | None = None  # a GGUF file inside name_or_path (or a path to one)
+    dtype: str = "auto"  # auto = fp32 on CPU, bf16 on CUDA
+    load_in_4bit: bool = False  # NF4 + double quant through bitsandbytes
+    gradient_checkpointing: bool = False
+    attn_implementation: str | None = None  # None = flash_attention_2 when installed on CUDA, else sdpa
+    device: str = "auto"  # auto = cuda when available, else cpu
+
+    def __post_init__(self) -> None:
+        _choice(self.dtype, "model.dtype", ("auto", "float32", "bfloat16", "float16"))
+        _check(self.device in ("auto", "cpu") or self.device.startswith("cuda"), "model.device",
+               f"must be auto, cpu or cuda[:N], got {self.device!r}")
+
+
+@dataclass
+class LoraConfig:
+    r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    # None = every linear layer of the transformer blocks (attention + MLP), not the LM head.
+    target_modules: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.r > 0, "lora.r", f"must be > 0, got {self.r}")
+        _check(self.lora_alpha > 0, "lora.lora_alpha", f"must be > 0, got {self.lora_alpha}")
+        _check(0.0 <= self.lora_dropout < 1.0, "lora.lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
+
+
+@dataclass
+class SamplingConfig:
+    num_generations: int = 8  # G completions per prompt
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    min_p: float = 0.0
+    max_prompt_length: int = 512
+    max_completion_length: int = 256
+    stop: list[str] | None = None
+    backend: str = "auto"  # auto = our paged Sampler when it supports the model, else HF generate
+    kv_budget: str | None = None  # e.g. "2GiB" or "65536 tokens"; None = the sampler's default
+
+    def __post_init__(self) -> None:
+        _check(self.num_generations >= 2, "sampling.num_generations",
+               f"GRPO compares completions within a group, so it needs >= 2, got {self.num_generations}")
+        _check(self.temperature > 0, "sampling.temperature", f"must be > 0 for training, got {self.temperature}")
+        _check(0.0 < self.top_p <= 1.0, "sampling.top_p", f"must be in (0, 1], got {self.top_p}")
+        _check(self.top_k >= 0, "sampling.top_k", f"must be >= 0, got {self.top_k}")
+        _check(0.0 <= self.min_p < 1.0, "sampling.min_p", f"must be in [0, 1), got {self.min_p}")
+        _check(self.max_prompt_length > 0, "sampling.max_prompt_length", f"must be > 0, got {self.max_prompt_length}")
+        _check(self.max_completion_length > 0, "sampling.max_completion_length",
+               f"must be > 0, got {self.max_completion_length}")
+        _choice(self.backend, "sampling.backend", ("auto", "sampler", "hf"))
+
+
+@dataclass
+class LossConfig:
+    loss_type: str = "dapo"
+    beta: float = 0.0  # k3 KL coefficient; > 0 needs reference log-probs (adapters disabled)
+    epsilon: float = 0.2
+    epsilon_high: float | None = None  # None = epsilon
+    delta: float | None = None  # two-sided clipping bound (INTELLECT-2); None = off
+    importance_sampling_level: str = "token"  # "sequence" = GSPO
+    scale_rewards: str = "group"  # group | batch | none
+    num_iterations: int = 1  # μ: policy updates per generation batch
+    mask_truncated_completions: bool = False
+
+    def __post_init__(self) -> None:
+        _choice(self.loss_type, "loss.loss_type", LOSS_TYPES)
+        _check(self.beta >= 0, "loss.beta", f"must be >= 0, got {self.beta}")
+        _check(self.epsilon >= 0, "loss.epsilon", f"must be >= 0, got {self.epsilon}")
+        _check(self.epsilon_high is None or self.epsilon_high >= 0, "loss.epsilon_high",
+               f"must be >= 0, got {self.epsilon_high}")
+        _check(self.delta is None or self.delta > 1.0, "loss.delta", f"must be > 1 when set, got {self.delta}")
+        _choice(self.importance_sampling_level, "loss.importance_sampling_level", ("token", "sequence"))
+        _choice(self.scale_rewards, "loss.scale_rewards", ("group", "batch", "none"))
+        _check(self.num_iterations >= 1, "loss.num_iterations", f"must be >= 1, got {self.num_iterations}")
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/default"
+    max_steps: int = 100
+    prompts_per_step: int = 8  # B: prompts per step; the step trains on B × G completions
+    micro_batch_size: int = 0  # completions per forward/backward; 0 = the whole step at once
+    learning_rate: float = 1e-5
+    lr_scheduler_type: str = "cosine"  # cosine | constant
+    warmup_ratio: float = 0.0
+    warmup_steps: int = 0  # overrides warmup_ratio when > 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.99
+    optim: str = "auto"  # auto = adamw_8bit on CUDA, adamw on CPU; or adamw | adamw_8bit | paged_adamw_8bit
+    seed: int = 0
+    save_steps: int = 0  # 0 = only at the end
+    eval_steps: int = 0  # 0 = only before and after
+    eval_before: bool = True
+    logging_steps: int = 1
+    log_completions: int = 2  # completions written to the metrics per step
+    time_budget_s: float = 0  # > 0: stop taking steps when the next step + final eval would exceed it
+    dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal, draw more prompts
+    max_dynamic_rounds: int = 4  # extra sampling rounds per step at most
+    num_threads: int = 0  # torch CPU threads; 0 = leave torch's default
+    progress: bool = True
+    resume: bool = False
+    merge: bool = False  # also save a merged (adapter folded in) model at the end
+
+    def __post_init__(self) -> None:
+        _check(self.max_steps >= 0, "train.max_steps", f"must be >= 0, got {self.max_steps}")
+        _check(self.prompts_per_step >= 1, "train.prompts_per_step", f"must be >= 1, got {self.prompts_per_step}")
+        _check(self.micro_batch_size >= 0, "train.micro_batch_size", f"must be >= 0, got {self.micro_batch_size}")
+        _check(self.learning_rate > 0 and math.isfinite(self.learning_rate), "train.learning_rate",
+               f"must be a positive number, got {self.learning_rate}")
+        _choice(self.lr_scheduler_type, "train.lr_scheduler_type", ("cosine", "constant"))
+        _check(0.0 <= self.warmup_ratio < 1.0, "train.warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
+        _check(self.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        _check(self.max_grad_norm >= 0, "train.max_grad_norm", f"must be >= 0 (0 = no clipping), got {self.max_grad_norm}")
+        _choice(self.optim, "train.optim", ("auto", "adamw", "adamw_8bit", "paged_adamw_8bit"))
+        _check(self.save_steps >= 0, "train.save_steps", f"must be >= 0, got {self.save_steps}")
+        _check(self.eval_steps >= 0, "train.eval_steps", f"must be >= 0, got {self.eval_steps}")
+        _check(self.logging_steps >= 1, "train.logging_steps", f"must be >= 1, got {self.logging_steps}")
+        _check(self.time_budget_s >= 0, "train.time_budget_s", f"must be >= 0 (0 = off), got {self.time_budget_s}")
+        _check(self.max_dynamic_rounds >= 0, "train.max_dynamic_rounds", f"must be >= 0, got {self.max_dynamic_rounds}")
+
+
+@dataclass
+class DataConfig:
+    task: str | None = "arithmetic"  # a built-in task (arithmetic | countdown); ignored when path is set
+    path: str | None = None  # JSONL / CSV / Parquet file of prompts
+    format: str = "auto"  # auto (by extension) | jsonl | csv | parquet | gsm8k
+    eval_path: str | None = None
+    prompt_column: str = "prompt"
+    answer_column: str = "answer"
+    system_prompt: str | None = None
+    prompt_template: str = "{prompt}"  # applied to the prompt column before the chat template
+    use_chat_template: bool = True
+    train_size: int = 2000  # built-in tasks: number of training problems
+    eval_size: int = 100  # eval problems (built-in tasks; a cap for files)
+    task_seed: int = 1234
+    difficulty: str = "easy"  # built-in tasks: easy | medium | hard
+    on_long_prompt: str = "error"  # error | skip (counted); never truncated
+
+    def __post_init__(self) -> None:
+        _check(self.task is not None or self.path is not None, "data.task",
+               "set data.task (a built-in task) or data.path (a file)")
+        _choice(self.format, "data.format", ("auto", "jsonl", "csv", "parquet", "gsm8k"))
+        _choice(self.on_long_prompt, "data.on_long_prompt", ("error", "skip"))
+        _choice(self.difficulty, "data.difficulty", ("easy", "medium", "hard"))
+        _check(self.train_size >= 1, "data.train_size", f"must be >= 1, got {self.train_size}")
+        _check(self.eval_size >= 0, "data.eval_size", f"must be >= 0, got {self.eval_size}")
+        _check("{prompt}" in self.prompt_template, "data.prompt_template", "must contain {prompt}")
+        if self.path is None and self.task is not None:
+            from grpo_fast.tasks import TASKS
+
+            _choice(self.task, "data.task", tuple(TASKS))
+
+
+@dataclass
+class RewardsConfig:
+    # Names of built-in rewards (accuracy, format, overlong, judge) or "module:function".
+    funcs: list[str] = field(default_factory=lambda: ["accuracy"])
+    weights: list[float] | None = None  # None = 1.0 each
+    on_reward_error: str = "raise"  # raise | zero | skip
+    format_pattern: str | None = None  # None = rewards.DEFAULT_FORMAT_PATTERN
+    overlong_buffer: int = 0  # DAPO soft overlong: penalty ramps over the last N tokens (0 = max/4)
+    overlong_penalty: float = 1.0
+    judge_model: str | None = None  # a local HF folder for the `judge` reward
+    judge_rubric: str | None = None  # None = rewards.DEFAULT_RUBRIC
+
+    def __post_init__(self) -> None:
+        _check(len(self.funcs) >= 1, "rewards.funcs", "needs at least one reward function")
+        _choice(self.on_reward_error, "rewards.on_reward_error", ("raise", "zero", "skip"))
+        if self.weights is not None:
+            _check(len(self.weights) == len(self.funcs), "rewards.weights",
+                   f"has {len(self.weights)} values for {len(self.funcs)} funcs")
+            _check(all(math.isfinite(w) for w in self.weights), "rewards.weights", "must be finite numbers")
+        _check(self.overlong_buffer >= 0, "rewards.overlong_buffer", f"must be >= 0, got {self.overlong_buffer}")
+        if "judge" in self.funcs:
+            _check(self.judge_model is not None, "rewards.judge_model", "the judge reward needs a local model folder")
+        for name in self.funcs:
+            _check(name in ("accuracy", "format", "overlong", "judge") or ":" in name, "rewards.funcs",
+                   f"{name!r} is neither a built-in reward (accuracy, format, overlong, judge) nor module:function")
+
+
+SECTIONS = {
+    "model": ModelConfig,
+    "lora": LoraConfig,
+    "sampling": SamplingConfig,
+    "loss": LossConfig,
+    "train": TrainConfig,
+    "data": DataConfig,
+    "rewards": RewardsConfig,
+}
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rewards: RewardsConfig = field(default_factory=RewardsConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict | None) -> Config:
+        raw = dict(raw or {})
+        unknown = set(raw) - set(SECTIONS)
+        _check(not unknown, sorted(unknown)[0] if unknown else "", f"unknown section; sections are {', '.join(SECTIONS)}")
+        parts = {}
+        for name, klass in SECTIONS.items():
+            section = raw.get(name) or {}
+            _check(isinstance(section, dict), name, f"must be a mapping, got {type(section).__name__}")
+            parts[name] = _build_section(name, klass, section)
+        return cls(**parts)
+
+
+def _build_section(section: str, klass: type, values: dict) -> Any:
+    hints = get_type_hints(klass)
+    known = {f.name for f in fields(klass)}
+    kwargs = {}
+    for key, value in values.items():
+        _check(key in known, f"{section}.{key}", f"unknown field; {section} has {', '.join(sorted(known))}")
+        kwargs[key] = _coerce(value, hints[key], f"{section}.{key}")
+    return klass(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, name: str) -> Any:
+    """Convert a YAML value or a CLI string to the field's type, or raise naming the field."""
+    args = get_args(hint)
+    optional = type(None) in args
+    if optional:
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "~")):
+            return None
+        inner = [a for a in args if a is not type(None)]
+        hint = inner[0]
+    base = get_origin(hint) or hint
+    try:
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+                return True
+            if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+                return False
+            raise TypeError
+        if base is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise TypeError
+            return int(value)
+        if base is float:
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
+        if base is str:
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise TypeError
+            return str(value)
+        if base is list:
+            (elem,) = get_args(hint)
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, (list, tuple)):
+                raise TypeError
+            return [_coerce(v, elem, name) for v in value]
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: expected {getattr(hint, '__name__', hint)}, got {value!r}") from None
+    return value
+
+
+# The default job (`grpo-fast train` with no arguments; examples/cpu_default.yaml holds the same):
+# SmolLM2-135M-Instruct fp32 + LoRA on the built-in `arithmetic` task, on the CPU, in < 15 min.
+# Short completions (the prompt asks for just the number) keep sampling cheap; G = 8 gives most
+# groups a spread of right and wrong answers; a LoRA learning rate high enough to move in ~40 steps.
+DEFAULT_JOB: dict = {
+    "model": {"name_or_path": None},
+    "lora": {"r": 16, "lora_alpha": 32},
+    "sampling": {"num_generations": 8, "temperature": 1.0, "max_completion_length": 16, "max_prompt_length": 128},
+    "loss": {"loss_type": "dapo", "beta": 0.0, "epsilon": 0.2, "epsilon_high": 0.28},
+    "train": {"output_dir": "runs/default", "max_steps": 30, "prompts_per_step": 4, "micro_batch_size": 8,
+              "learning_rate": 5e-4, "warmup_steps": 2, "time_budget_s": 840},
+    "data": {"task": "arithmetic", "difficulty": "easy", "train_size": 2000, "eval_size": 100},
+    "rewards": {"funcs": ["accuracy"]},
+}
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None,
+                base: dict | None = None) -> Config:
+    """Read a YAML file (optional; else `base`, e.g. DEFAULT_JOB) and apply overrides.
+
+    overrides: a list like ["--train.max_steps", "10", "--beta", "0.04"] (a bare field name must be
+    unique across sections), or a dict {"train.max_steps": 10}.
+    """
+    raw: dict = {k: dict(v) for k, v in (base or {}).items()}
+    if path is not None:
+        import yaml
+
+        text = Path(path).read_text()
+        raw = yaml.safe_load(text) or {}
+        _check(isinstance(raw, dict), str(path), "the config file must be a mapping of sections")
+    raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    for key, value in _parse_overrides(overrides).items():
+        section, name = _resolve_key(key)
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raw[section] = {}
+        raw[section][name] = value
+    return Config.from_dict(raw)
+
+
+def _parse_overrides(overrides: list[str] | dict | None) -> dict:
+    if overrides is None:
+        return {}
+    if isinstance(overrides, dict):
+        return dict(overrides)
+    out: dict = {}
+    i = 0
+    while i < len(overrides):
+        token = overrides[i]
+        if not token.startswith("--"):
+            raise ValueError(f"{token}: expected --key value")
+        key = token[2:]
+        if "=" in key:
+            key, value = key.split("=", 1)
+            i += 1
+        elif i + 1 < len(overrides) and not overrides[i + 1].startswith("--"):
+            value = overrides[i + 1]
+            i += 2
+        else:  # a bare flag: --merge
+            value = "true"
+            i += 1
+        out[key.replace("-", "_")] = value
+    return out
+
+
+def _resolve_key(key: str) -> tuple[str, str]:
+    if "." in key:
+        section, name = key.split(".", 1)
+        _check(section in SECTIONS, key, f"unknown section {section!r}; sections are {', '.join(SECTIONS)}")
+        return section, name
+    owners = [s for s, k in SECTIONS.items() if key in {f.name for f in fields(k)}]
+    _check(len(owners) > 0, key, "unknown option")
+    _check(len(owners) == 1, key, f"ambiguous; write one of {', '.join(f'{s}.{key}' for s in owners)}")
+    return owners[0], key

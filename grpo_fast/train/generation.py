@@ -1,0 +1,141 @@
+"""The one place the trainer meets a generation engine.
+
+`Generator.generate(prompt_ids, n=..., ...) -> list[GroupOutput]` runs our paged group sampler
+(`grpo_fast.sampler.Sampler`) when it supports the model, and HF `generate` otherwise (or when
+asked with backend="hf"). Both return the same structure: per prompt `.completions`, G of them,
+each with `.token_ids` (EOS / stop token included), `.logprobs` (log softmax(logits / T) of each
+sampled token, before top-k/top-p filtering) and `.finish_reason` ("eos" | "stop" | "length").
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str
+
+
+@dataclass
+class GroupOutput:
+    prompt_token_ids: list[int]
+    completions: list[Completion] = field(default_factory=list)
+
+
+class Generator:
+    def __init__(self, model, tokenizer, *, backend: str = "auto", kv_budget=None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.backend = "hf"
+        self.sampler = None
+        self.last_stats: dict = {}
+        self.requested = backend
+        if backend in ("auto", "sampler"):
+            try:
+                from grpo_fast.sampler import Sampler
+
+                self.sampler = Sampler(model, tokenizer, kv_budget=kv_budget)
+                self.backend = "sampler"
+            except Exception as exc:  # unsupported architecture, or the sampler is unavailable
+                if backend == "sampler":
+                    raise ValueError(f"sampling.backend: the paged sampler refused this model: {exc}") from exc
+                log.info("paged sampler unavailable (%s); using HF generate", exc)
+
+    def generate(self, prompt_ids: list[list[int]], *, n: int, temperature: float, max_tokens: int,
+                 top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, stop: list[str] | None = None,
+                 seed: int | None = None) -> list:
+        """n completions per prompt; temperature 0 = greedy."""
+        if self.sampler is not None:
+            from grpo_fast.sampler import SamplingParams
+
+            params = SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                                    max_tokens=max_tokens, stop=tuple(stop or ()), seed=seed)
+            try:
+                out = self.sampler.generate(prompt_ids, params)
+            except Exception as exc:
+                if self.requested == "sampler":
+                    raise
+                # backend="auto": a sampler failure must not cost the user the run; say so once
+                # and continue on HF generate (same outputs contract, slower).
+                log.warning("paged sampler failed (%s: %s); falling back to HF generate", type(exc).__name__, exc)
+                self.sampler, self.backend = None, "hf"
+            else:
+                self.last_stats = self.sampler.stats.as_dict()
+                return out
+        return hf_generate(self.model, self.tokenizer, prompt_ids, n=n, temperature=temperature,
+                           max_tokens=max_tokens, top_p=top_p, top_k=top_k, min_p=min_p, stop=stop, seed=seed)
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids = set()
+    for src in (getattr(model, "generation_config", None), getattr(model, "config", None)):
+        eos = getattr(src, "eos_token_id", None) if src is not None else None
+        if eos is not None:
+            ids.update(eos if isinstance(eos, (list, tuple)) else [eos])
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+@torch.no_grad()
+def hf_generate(model, tokenizer, prompt_ids: list[list[int]], *, n: int, temperature: float, max_tokens: int,
+                top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, stop: list[str] | None = None,
+                seed: int | None = None) -> list[GroupOutput]:
+    """HF `generate` fallback with the Sampler's output contract. Prompts are left-padded and
+    each repeated n times; the logged log-prob is log softmax(raw logits / T) (plain log softmax
+    when greedy)."""
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    width = max(len(p) for p in prompt_ids)
+    rows = [p for p in prompt_ids for _ in range(n)]  # n copies each (greedy refuses num_return_sequences)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    attn = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, p in enumerate(rows):
+        ids[i, width - len(p):] = torch.tensor(p)
+        attn[i, width - len(p):] = 1
+    greedy = temperature == 0
+    kwargs = dict(max_new_tokens=max_tokens, do_sample=not greedy,
+                  return_dict_in_generate=True, output_logits=True, pad_token_id=pad)
+    if not greedy:
+        kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k or None, min_p=min_p or None)
+    else:  # silence "temperature is set but do_sample=False" from a model's generation_config
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    if stop:
+        kwargs.update(stop_strings=list(stop), tokenizer=tokenizer)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            if seed is not None:
+                torch.manual_seed(seed)
+            out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), **kwargs)
+    finally:
+        model.train(was_training)
+    new = out.sequences[:, width:].cpu()  # [P*n, C]
+    logits = torch.stack(out.logits, dim=1).float().cpu()  # [P*n, C, V]
+    scale = 1.0 if greedy else temperature
+    logp = torch.log_softmax(logits / scale, dim=-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)  # [P*n, C]
+    eos = _eos_ids(model, tokenizer)
+    groups = [GroupOutput(list(p)) for p in prompt_ids]
+    for row in range(new.shape[0]):
+        toks, lps, reason = [], [], "length"
+        for t in range(new.shape[1]):
+            tok = int(new[row, t])
+            toks.append(tok)
+            lps.append(float(logp[row, t]))
+            if tok in eos:
+                reason = "eos"
+                break
+            if stop and any(s in tokenizer.decode(toks) for s in stop):
+                reason = "stop"
+                break
+        groups[row // n].completions.append(Completion(toks, lps, reason))
+    return groups

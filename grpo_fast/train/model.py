@@ -1,0 +1,196 @@
+"""Model setup: load (HF folder, GGUF, or the built-in default), 4-bit NF4, LoRA, optimizer, schedule.
+
+The reference policy for the KL term is the same module with the LoRA adapters disabled
+(`reference_policy`), so there is never a second copy of the weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+
+import torch
+
+
+def resolve_device(cfg) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"model.device: {cfg.device} requested but CUDA is not available")
+    return torch.device(cfg.device)
+
+
+def resolve_dtype(cfg, device: torch.device) -> torch.dtype:
+    if cfg.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, cfg.dtype)
+
+
+def _source(cfg) -> tuple[str, str | None]:
+    """(folder, gguf_file or None) to hand to from_pretrained."""
+    if cfg.name_or_path is None and cfg.gguf_file is None:
+        from grpo_fast.models import default_model_dir
+
+        return str(default_model_dir()), None
+    if cfg.gguf_file is not None:
+        gguf = Path(cfg.gguf_file)
+        folder = Path(cfg.name_or_path) if cfg.name_or_path else gguf.parent
+        return str(folder), gguf.name
+    path = Path(cfg.name_or_path)
+    if path.suffix == ".gguf":
+        return str(path.parent), path.name
+    return str(path), None
+
+
+def load_tokenizer(cfg):
+    from transformers import AutoTokenizer
+
+    folder, gguf = _source(cfg)
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf) if gguf else AutoTokenizer.from_pretrained(folder)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_base_model(cfg, device: torch.device | None = None, *, quantize: bool | None = None):
+    """The frozen base model: fp32/bf16, or NF4 with double quant when load_in_4bit."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    device = device or resolve_device(cfg)
+    dtype = resolve_dtype(cfg, device)
+    folder, gguf = _source(cfg)
+    kwargs: dict = {"dtype": dtype}
+    if gguf:
+        kwargs["gguf_file"] = gguf
+    hf_config = AutoConfig.from_pretrained(folder, **({"gguf_file": gguf} if gguf else {}))
+    # Folders converted from GGUF keep a `quantization_config` of method gguf that no longer applies.
+    if getattr(hf_config, "quantization_config", None) is not None and not gguf:
+        qc = hf_config.quantization_config
+        if (qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)) == "gguf":
+            del hf_config.quantization_config
+            kwargs["config"] = hf_config
+    if quantize if quantize is not None else cfg.load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        compute = dtype if dtype != torch.float16 or device.type == "cuda" else torch.float32
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute)
+        kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
+    attn = cfg.attn_implementation
+    if attn is None:
+        attn = "sdpa"
+        if device.type == "cuda":
+            try:
+                import flash_attn  # noqa: F401
+
+                attn = "flash_attention_2"
+            except ImportError:
+                pass
+    kwargs["attn_implementation"] = attn
+    model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    if "quantization_config" not in kwargs:
+        model.to(device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def lora_targets(model) -> list[str]:
+    """Leaf names of every linear layer inside the transformer blocks (q/k/v/o, gate/up/down...),
+    never the LM head or embeddings."""
+    names = set()
+    for name, module in model.named_modules():
+        is_linear = isinstance(module, torch.nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt")
+        if is_linear and ".layers." in f".{name}":
+            names.add(name.rsplit(".", 1)[-1])
+    if not names:
+        raise ValueError("lora.target_modules: found no linear layers inside the model's blocks; set them explicitly")
+    return sorted(names)
+
+
+def load_policy(model_cfg, lora_cfg, *, seed: int = 0):
+    """Base model + fresh LoRA adapters (seeded init) -> (peft model, tokenizer, device)."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    device = resolve_device(model_cfg)
+    tokenizer = load_tokenizer(model_cfg)
+    base = load_base_model(model_cfg, device)
+    if model_cfg.gradient_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.enable_input_require_grads()
+    targets = lora_cfg.target_modules or lora_targets(base)
+    peft_cfg = PeftLoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.lora_alpha, lora_dropout=lora_cfg.lora_dropout,
+                              target_modules=targets, task_type="CAUSAL_LM")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = get_peft_model(base, peft_cfg)
+    return model, tokenizer, device
+
+
+def backbone_and_head(model):
+    """(decoder stack returning hidden states, LM head Linear) of a peft or plain causal LM."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_decoder(), base.get_output_embeddings()
+
+
+@contextlib.contextmanager
+def reference_policy(model):
+    """The reference policy: the same modules with LoRA switched off."""
+    if hasattr(model, "disable_adapter"):
+        with model.disable_adapter():
+            yield model
+    else:
+        yield model
+
+
+def trainable_parameters(model) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def build_optimizer(params, train_cfg, device: torch.device):
+    """AdamW: bitsandbytes 8-bit (optionally paged) on CUDA, torch's fp32 AdamW otherwise."""
+    optim = train_cfg.optim
+    if optim == "auto":
+        optim = "adamw_8bit" if device.type == "cuda" else "adamw"
+    kwargs = dict(lr=train_cfg.learning_rate, betas=(train_cfg.adam_beta1, train_cfg.adam_beta2),
+                  weight_decay=train_cfg.weight_decay)
+    if optim in ("adamw_8bit", "paged_adamw_8bit"):
+        if device.type != "cuda":
+            raise ValueError(f"train.optim: {optim} needs CUDA; use adamw on {device.type}")
+        import bitsandbytes as bnb
+
+        klass = bnb.optim.PagedAdamW8bit if optim == "paged_adamw_8bit" else bnb.optim.AdamW8bit
+        return klass(params, **kwargs)
+    return torch.optim.AdamW(params, **kwargs)
+
+
+def build_scheduler(optimizer, train_cfg, total_updates: int):
+    """Linear warmup to the peak lr, then cosine decay to 0 at the last update (or constant)."""
+    warmup = train_cfg.warmup_steps or int(round(train_cfg.warmup_ratio * total_updates))
+
+    def factor(i: int) -> float:
+        if i < warmup:
+            return (i + 1) / (warmup + 1)
+        if train_cfg.lr_scheduler_type == "constant":
+            return 1.0
+        progress = (i - warmup) / max(1, total_updates - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def save_merged(model_cfg, adapter_dir: str | Path, out_dir: str | Path) -> Path:
+    """Fold the adapter into an unquantized copy of the base and save a plain transformers model.
+    Merging into NF4 weights loses precision (trl#3654), so the base is reloaded unquantized."""
+    from peft import PeftModel
+
+    device = torch.device("cpu")
+    base = load_base_model(model_cfg, device, quantize=False)
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    out_dir = Path(out_dir)
+    merged.save_pretrained(out_dir)
+    load_tokenizer(model_cfg).save_pretrained(out_dir)
+    return out_dir

@@ -1,0 +1,282 @@
+"""The training loop end to end on a tiny random-init Llama (seconds): it runs every loss type,
+its micro-batched gradient equals the whole-batch gradient, and the pieces it is built from
+(batch layout, log-prob scoring, the reference policy) agree with a plain HF forward."""
+
+import json
+import string
+
+import pytest
+import torch
+
+from grpo_fast.config import load_config
+from grpo_fast.train.loop import train
+
+CHAT = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+def make_tiny_model(path, *, layers: int = 2, seed: int = 0):
+    """A 2-layer Llama with a character tokenizer (printable ASCII) and a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<eos>"]
+    vocab = {t: i for i, t in enumerate(specials + [c for c in string.printable if c not in "\x0b\x0c"])}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="?"))
+    tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tk.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", pad_token="<pad>")
+    tok.chat_template = CHAT
+    tok.save_pretrained(path)
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      eos_token_id=1, pad_token_id=0, bos_token_id=None, tie_word_embeddings=True)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+def first_token_even(prompts, completions, completion_ids, **_):
+    """A reward a random model can earn: its groups have spread, so the policy moves."""
+    return [float(ids[0] % 2 == 0) for ids in completion_ids]
+
+
+@pytest.fixture(autouse=True)
+def tiny_rewards(monkeypatch):
+    import sys
+    import types
+
+    mod = types.ModuleType("tiny_rewards")
+    mod.first_token_even = first_token_even
+    monkeypatch.setitem(sys.modules, "tiny_rewards", mod)
+
+
+def tiny_config(model_dir, out_dir, **extra):
+    overrides = {
+        "model.name_or_path": str(model_dir), "train.output_dir": str(out_dir), "train.max_steps": 2,
+        "train.prompts_per_step": 2, "sampling.num_generations": 3, "sampling.max_completion_length": 6,
+        "data.train_size": 20, "data.eval_size": 4, "train.learning_rate": 1e-3, "train.progress": False,
+        "train.seed": 1, "sampling.backend": "hf", "lora.r": 4, "lora.lora_alpha": 8,
+        "rewards.funcs": ["accuracy", "tiny_rewards:first_token_even"],
+    }
+    overrides.update(extra)
+    return load_config(None, overrides)
+
+
+@pytest.mark.parametrize("loss_type, extra", [
+    ("dapo", {"loss.mask_truncated_completions": True}),
+    ("grpo", {"loss.beta": 0.1}),
+    ("bnpo", {"loss.num_iterations": 2}),
+    ("dr_grpo", {"train.micro_batch_size": 2}),
+    ("cispo", {"loss.epsilon_high": 5.0}),
+    ("sapo", {}),
+    ("grpo", {"loss.importance_sampling_level": "sequence", "loss.num_iterations": 2, "loss.beta": 0.04}),
+    ("dapo", {"model.load_in_4bit": True, "loss.beta": 0.1}),  # NF4 base on CPU through bitsandbytes
+    ("dapo", {"model.gradient_checkpointing": True, "train.micro_batch_size": 4, "train.dynamic_sampling": True}),
+    ("dapo", {"sampling.backend": "auto", "loss.num_iterations": 2}),  # our paged Sampler when it accepts the model
+])
+def test_loop_end_to_end(tiny, tmp_path, loss_type, extra):
+    lines = []
+    cfg = tiny_config(tiny, tmp_path, **{"loss.loss_type": loss_type, "rewards.funcs": ["accuracy", "overlong", "tiny_rewards:first_token_even"],
+                                         **extra})
+    result = train(cfg, echo=lines.append)
+    assert lines[-1].startswith("eval accuracy: before ") and " -> after " in lines[-1]
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "reward" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    for r in steps:
+        assert all(k in r for k in ("loss", "grad_norm", "completion_length", "rewards/overlong", "lr"))
+        assert ("kl" in r) == (cfg.loss.beta > 0)  # measured only with a reference pass
+        assert r["grad_norm"] == r["grad_norm"]  # not NaN
+    if cfg.loss.mask_truncated_completions:  # truncated rows carry no loss, hence no gradient
+        for r in steps:
+            assert (r["truncated_fraction"] < 1.0) or r["grad_norm"] == 0.0
+    if cfg.loss.beta > 0:
+        assert steps[-1]["kl"] > 0  # the adapters moved the policy away from the reference
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "training.png").is_file()
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "checkpoint-2"
+    assert (tmp_path / "completions.jsonl").read_text().count("\n") == 2 * cfg.train.log_completions
+    assert result.eval_before is not None and result.eval_after is not None
+
+
+def test_training_changes_only_lora(tiny, tmp_path):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    train(tiny_config(tiny, tmp_path), echo=lambda *_: None)
+    weights = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert weights and all("lora_" in k for k in weights)
+    assert any(float(v.abs().max()) > 0 for k, v in weights.items() if "lora_B" in k)  # B starts at 0
+    # Every linear layer of the blocks is adapted, the head is not.
+    targets = {k.split(".")[-3] for k in weights}
+    assert targets == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    base = AutoModelForCausalLM.from_pretrained(tiny)
+    PeftModel.from_pretrained(base, str(tmp_path / "adapter"))  # loads with plain peft
+
+
+def test_merge_saves_a_plain_transformers_model(tiny, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    train(tiny_config(tiny, tmp_path, **{"train.merge": True, "train.max_steps": 1}), echo=lambda *_: None)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny), str(tmp_path / "adapter")).eval()
+    x = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x).logits, peft_model(x).logits, atol=1e-5, rtol=1e-5)
+
+
+def _rollout_for(model, tokenizer, seed=0):
+    from grpo_fast.train.policy_loss import make_batch
+
+    g = torch.Generator().manual_seed(seed)
+    prompts = [[int(t) for t in torch.randint(2, 60, (n,), generator=g)] for n in (3, 5, 4, 6, 2, 5)]
+    comps = [[int(t) for t in torch.randint(2, 60, (n,), generator=g)] for n in (4, 1, 6, 3, 5, 2)]
+    return make_batch(prompts, comps, tokenizer.pad_token_id), torch.randn(6, generator=g)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo"])
+def test_micro_batched_gradient_equals_whole_batch(tiny, loss_type):
+    """optimizer_update's accumulation: the gradient of the step does not depend on the split."""
+    from grpo_fast.config import Config, LoraConfig, LossConfig, ModelConfig
+    from grpo_fast.train.model import load_policy, trainable_parameters
+    from grpo_fast.train.policy_loss import policy_loss, score_logprobs
+
+    model, tok, _ = load_policy(ModelConfig(name_or_path=str(tiny)), LoraConfig(r=4, lora_alpha=8), seed=0)
+    with torch.no_grad():  # non-zero LoRA B so the policy differs from the reference
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    batch, adv = _rollout_for(model, tok)
+    old = score_logprobs(model, batch, temperature=1.0) + 0.05 * torch.randn(batch.mask.shape) * batch.mask
+    ref = score_logprobs(model, batch, temperature=1.0, reference=True)
+    lc = LossConfig(loss_type=loss_type, beta=0.05, epsilon_high=5.0 if loss_type == "cispo" else None)
+    params = trainable_parameters(model)
+    n_tok, n_seq = float(batch.mask.sum()), len(batch)
+
+    def grads(size):
+        for p in params:
+            p.grad = None
+        total = 0.0
+        for start in range(0, n_seq, size):
+            rows = slice(start, start + size)
+            loss, _ = policy_loss(model, batch.select(rows), adv[rows], old[rows], ref[rows], loss_cfg=lc,
+                                  temperature=1.0, max_completion_length=8, num_items_in_batch=n_tok,
+                                  num_sequences_in_batch=n_seq)
+            loss.backward()
+            total += float(loss)
+        return total, [p.grad.clone() for p in params]
+
+    whole_loss, whole = grads(n_seq)
+    for size in (1, 4):
+        part_loss, part = grads(size)
+        assert part_loss == pytest.approx(whole_loss, rel=1e-5, abs=1e-7)
+        for a, b in zip(whole, part):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_batch_layout_and_scoring_match_hf_forward(tiny):
+    """Left-padded prompts + right-padded completions: the scored log-probs equal a plain HF
+    forward over each unpadded sequence, and reference scoring equals the base model's."""
+    from grpo_fast.config import LoraConfig, ModelConfig
+    from grpo_fast.train.model import load_policy
+    from grpo_fast.train.policy_loss import score_logprobs
+
+    model, tok, _ = load_policy(ModelConfig(name_or_path=str(tiny)), LoraConfig(r=4, lora_alpha=8), seed=0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    model.eval()
+    batch, _ = _rollout_for(model, tok, seed=3)
+    got = score_logprobs(model, batch, temperature=0.7)
+    ref = score_logprobs(model, batch, temperature=0.7, reference=True)
+    P = batch.prompt_width
+    for i in range(len(batch)):
+        real = batch.attention_mask[i].bool()
+        seq = batch.input_ids[i][real].unsqueeze(0)
+        n_prompt = int(batch.attention_mask[i, :P].sum())
+        n_comp = int(batch.mask[i].sum())
+        with torch.no_grad():
+            logits = model(seq).logits[0].float() / 0.7
+            with model.disable_adapter():
+                base_logits = model(seq).logits[0].float() / 0.7
+        for lg, out in ((logits, got), (base_logits, ref)):
+            lp = torch.log_softmax(lg[n_prompt - 1:n_prompt - 1 + n_comp], -1)
+            want = lp.gather(-1, seq[0, n_prompt:n_prompt + n_comp, None]).squeeze(-1)
+            torch.testing.assert_close(out[i, :n_comp], want, atol=1e-5, rtol=1e-5)
+        assert torch.all(got[i, n_comp:] == 0)
+    assert not torch.allclose(got * batch.mask, ref * batch.mask)  # adapters on vs off differ
+
+
+def test_hf_generate_fallback_contract(tiny):
+    """The HF fallback returns the Sampler's structure, and its logged log-probs are
+    log softmax(logits / T) of the sampled tokens (checked against a forward pass)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from grpo_fast.train.generation import hf_generate
+
+    model = AutoModelForCausalLM.from_pretrained(tiny).eval()
+    tok = AutoTokenizer.from_pretrained(tiny)
+    prompts = [[10, 11, 12], [13, 14]]
+    out = hf_generate(model, tok, prompts, n=3, temperature=0.8, max_tokens=5, seed=7)
+    again = hf_generate(model, tok, prompts, n=3, temperature=0.8, max_tokens=5, seed=7)
+    assert [[c.token_ids for c in g.completions] for g in out] == [[c.token_ids for c in g.completions] for g in again]
+    assert len(out) == 2 and all(len(g.completions) == 3 for g in out)
+    for p, g in zip(prompts, out):
+        assert g.prompt_token_ids == p
+        for c in g.completions:
+            assert 1 <= len(c.token_ids) <= 5 and len(c.logprobs) == len(c.token_ids)
+            assert c.finish_reason == ("eos" if c.token_ids[-1] == tok.eos_token_id else "length")
+            with torch.no_grad():
+                logits = model(torch.tensor([p + c.token_ids])).logits[0, len(p) - 1:-1] / 0.8
+            want = torch.log_softmax(logits, -1).gather(-1, torch.tensor(c.token_ids)[:, None]).squeeze(-1)
+            torch.testing.assert_close(torch.tensor(c.logprobs), want, atol=1e-4, rtol=1e-4)
+
+
+def test_dynamic_sampling_drops_zero_std_groups(tiny, tmp_path):
+    """Groups where every completion scores the same are dropped and replaced by newly drawn
+    prompts."""
+    cfg = tiny_config(tiny, tmp_path, **{"train.dynamic_sampling": True, "train.max_dynamic_rounds": 3,
+                                         "rewards.funcs": ["tiny_rewards:first_token_even"],
+                                         "train.max_steps": 2, "train.eval_before": False})
+    train(cfg, echo=lambda *_: None)
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"reward"' in x]
+    for r in rows:
+        # Each round that found a zero-std group drew more prompts; when the rounds found
+        # enough informative groups, the step's reward std is positive.
+        assert r["dynamic_rounds"] <= 3
+        assert r["zero_std_groups"] == 0 or r["dynamic_rounds"] >= 1
+
+
+def test_generator_auto_uses_the_sampler_and_matches_hf_greedy(tiny):
+    """backend=auto drives our paged Sampler on the live LoRA model; its greedy completions are
+    the HF fallback's, token for token, in the same structure."""
+    from grpo_fast.config import LoraConfig, ModelConfig
+    from grpo_fast.train.generation import Generator, hf_generate
+    from grpo_fast.train.model import load_policy
+
+    model, tok, _ = load_policy(ModelConfig(name_or_path=str(tiny)), LoraConfig(r=4, lora_alpha=8), seed=0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    gen = Generator(model, tok, backend="auto")
+    if gen.backend != "sampler":
+        pytest.skip("the paged sampler refused this model (see the log); the HF path is tested above")
+    prompts = [[10, 11, 12, 13], [14, 15]]
+    ours = gen.generate(prompts, n=2, temperature=0.0, max_tokens=6)
+    assert gen.backend == "sampler"  # no fallback happened
+    hf = hf_generate(model, tok, prompts, n=2, temperature=0.0, max_tokens=6)
+    assert [[c.token_ids for c in g.completions] for g in ours] == [[c.token_ids for c in g.completions] for g in hf]
+    assert [[c.finish_reason for c in g.completions] for g in ours] == [[c.finish_reason for c in g.completions] for g in hf]
+    for a, b in zip(ours, hf):
+        for x, y in zip(a.completions, b.completions):
+            torch.testing.assert_close(torch.tensor(x.logprobs), torch.tensor(y.logprobs), atol=1e-4, rtol=1e-4)
