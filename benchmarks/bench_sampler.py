@@ -17,16 +17,18 @@ import json
 import os
 import platform
 import subprocess
-import threading
+import sys
 import time
 from pathlib import Path
 
-import psutil
 import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from grpo_fast.models import default_model_dir
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _bench_utils as bu  # noqa: E402
 from grpo_fast.sampler import Sampler, SamplingParams
 
 QUESTIONS = [
@@ -39,39 +41,19 @@ QUESTIONS = [
 
 
 class PeakMemory:
-    """Peak memory growth over a block: CUDA peak allocated, or process RSS polled every 2 ms."""
+    """Peak memory growth over a block: CUDA peak allocated, or the kernel's RSS high-water mark
+    (no polling thread: on a 2-core machine a poller steals time from the engine it measures)."""
 
     def __init__(self, device: torch.device):
-        self.device = device
+        self.meter = bu.PeakMemory(device)
         self.peak = 0
 
     def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated()
-            return self
-        self.proc = psutil.Process()
-        self.base = self.proc.memory_info().rss
-        self.high = self.base
-        self.running = True
-        self.thread = threading.Thread(target=self._poll, daemon=True)
-        self.thread.start()
+        self.meter.reset()
         return self
 
-    def _poll(self):
-        while self.running:
-            self.high = max(self.high, self.proc.memory_info().rss)
-            time.sleep(0.002)
-
     def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            self.peak = torch.cuda.max_memory_allocated() - self.base
-        else:
-            self.running = False
-            self.thread.join()
-            self.peak = max(self.high, self.proc.memory_info().rss) - self.base
+        self.peak = max(0, self.meter.peak_above_baseline())
 
 
 def run_hf(model, tok, prompts, G, C, seed):

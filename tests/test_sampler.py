@@ -252,3 +252,28 @@ def test_plain_linear_fast_path_is_the_module_math():
     lin.register_forward_hook(lambda mod, inp, out: calls.append(1))
     _linear(lin, x)
     assert calls == [1]  # a hooked layer is called as a module
+
+
+def test_peft_lora_fast_path_is_the_module_math():
+    """The decode fast path over a peft LoRA layer (base W @ x^T plus s * B @ (A @ x^T)) equals
+    peft's own forward, follows a disabled adapter, and reads the live LoRA weights."""
+    from peft import LoraConfig, get_peft_model
+
+    from grpo_fast.models.llama_family import _linear, _lora_terms
+
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_model("llama"), LoraConfig(r=4, lora_alpha=12, init_lora_weights=False,
+                                                         target_modules=["q_proj", "down_proj"])).eval()
+    q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert _lora_terms(q_proj) is not None  # the fast path is taken, not the module fallback
+    x = torch.randn(7, 64)
+    torch.testing.assert_close(_linear(q_proj, x), q_proj(x), atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        q_proj.lora_B["default"].weight.mul_(3.0)  # the live adapter, not a snapshot
+    torch.testing.assert_close(_linear(q_proj, x), q_proj(x), atol=1e-5, rtol=1e-5)
+    with model.disable_adapter():
+        torch.testing.assert_close(_linear(q_proj, x), q_proj.base_layer(x), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(q_proj(x), q_proj.base_layer(x), atol=1e-3)
+    # Greedy completions and log-probs still equal HF's over the whole peft model.
+    sampler = Sampler(model, None, block_size=4, kv_budget="1024 tokens")
+    assert_matches_hf(model, sampler, random_prompts((5, 9)), n=2, max_tokens=6)

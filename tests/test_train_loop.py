@@ -280,3 +280,42 @@ def test_generator_auto_uses_the_sampler_and_matches_hf_greedy(tiny):
     for a, b in zip(ours, hf):
         for x, y in zip(a.completions, b.completions):
             torch.testing.assert_close(torch.tensor(x.logprobs), torch.tensor(y.logprobs), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("comp_lens,checkpointing", [((4, 1, 6, 3, 5, 2), False), ((1, 1, 1, 1, 1, 1), False),
+                                                    ((4, 1, 6, 3, 5, 2), True)])
+def test_shared_prompt_forward_equals_full_forward(tiny, comp_lens, checkpointing):
+    """Prompt run once per group (K/V repeated for its rows) gives the hidden states and the LoRA
+    gradients of the plain pass over every (prompt, completion) row."""
+    from grpo_fast.config import LoraConfig, ModelConfig
+    from grpo_fast.train.model import load_policy, trainable_parameters
+    from grpo_fast.train.policy_loss import _prompt_runs, completion_hidden, make_batch
+
+    model, tok, _ = load_policy(ModelConfig(name_or_path=str(tiny), gradient_checkpointing=checkpointing),
+                                LoraConfig(r=4, lora_alpha=8), seed=0)
+    model.train()  # checkpointing (which drops caches) is active in training mode only
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    g = torch.Generator().manual_seed(3)
+    groups = [[int(t) for t in torch.randint(2, 60, (n,), generator=g)] for n in (3, 6, 4)]
+    prompts = [groups[0]] * 2 + [groups[1]] * 3 + [groups[2]]  # runs 2, 3, 1; left padding
+    comps = [[int(t) for t in torch.randint(2, 60, (n,), generator=g)] for n in comp_lens]
+    batch = make_batch(prompts, comps, tok.pad_token_id)
+    assert _prompt_runs(batch.input_ids[:, :batch.prompt_width]) == [2, 3, 1]
+    weights = torch.randn(batch.targets.shape + (32,), generator=g)
+    params = trainable_parameters(model)
+
+    def run(share):
+        for p in params:
+            p.grad = None
+        hidden = completion_hidden(model, batch, share_prompts=share)  # [N, C, H]
+        (hidden * weights * batch.mask.unsqueeze(-1)).sum().backward()
+        return hidden.detach() * batch.mask.unsqueeze(-1), [p.grad.clone() for p in params]
+
+    full_h, full_g = run(False)
+    shared_h, shared_g = run(True)
+    torch.testing.assert_close(shared_h, full_h, atol=1e-5, rtol=1e-5)
+    for a, b in zip(shared_g, full_g):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

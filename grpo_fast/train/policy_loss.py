@@ -61,13 +61,57 @@ def make_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: i
     return SequenceBatch(ids, attn, pos, ids[:, P:].clone(), mask, P)
 
 
-def completion_hidden(model, batch: SequenceBatch) -> torch.Tensor:
-    """Final-norm hidden states that predict each completion token: [N, C, H]."""
+def completion_hidden(model, batch: SequenceBatch, *, share_prompts: bool = True) -> torch.Tensor:
+    """Final-norm hidden states that predict each completion token: [N, C, H].
+
+    The G completions of a group repeat one prompt. With share_prompts, each distinct prompt
+    (a run of equal consecutive rows) is run once, its K/V cache is repeated along the batch for
+    its rows, and only the completion tokens are run over it: B·P + N·C tokens instead of
+    N·(P + C) (for G = 8, P = 40, C = 16: 2.7x fewer), the same math. Gradients reach the prompt
+    positions through the repeated K/V (repeat_interleave sums them back), as in the full pass.
+    """
     decoder, _ = backbone_and_head(model)
-    out = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                  position_ids=batch.position_ids, use_cache=False)
     P, C = batch.prompt_width, batch.targets.shape[1]
-    return out.last_hidden_state[:, P - 1:P - 1 + C]
+    # HF drops caches inside checkpointed layers in training: there, one plain pass.
+    checkpointed = decoder.training and any(getattr(m, "gradient_checkpointing", False) for m in decoder.modules())
+    runs = _prompt_runs(batch.input_ids[:, :P]) if share_prompts and not checkpointed else None
+    if runs is None or len(runs) == len(batch):  # nothing shared: one plain pass
+        out = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                      position_ids=batch.position_ids, use_cache=False)
+        return out.last_hidden_state[:, P - 1:P - 1 + C]
+    from transformers import DynamicCache
+
+    firsts = torch.tensor([0, *torch.tensor(runs).cumsum(0)[:-1].tolist()], device=batch.input_ids.device)
+    counts = torch.tensor(runs, device=batch.input_ids.device)  # [B']
+    cache = DynamicCache(config=getattr(decoder, "config", None))
+    prompt_out = decoder(input_ids=batch.input_ids[firsts, :P], attention_mask=batch.attention_mask[firsts, :P],
+                         position_ids=batch.position_ids[firsts, :P], past_key_values=cache, use_cache=True)
+    for layer in cache.layers:  # [B', Hkv, P, D] -> [N, Hkv, P, D], still differentiable
+        layer.keys = layer.keys.repeat_interleave(counts, dim=0)
+        layer.values = layer.values.repeat_interleave(counts, dim=0)
+    last_prompt = prompt_out.last_hidden_state[:, -1:].repeat_interleave(counts, dim=0)  # [N, 1, H]
+    if C == 1:
+        return last_prompt
+    # Completion tokens 0..C-2 (the last one predicts nothing), over the shared prompt K/V.
+    out = decoder(input_ids=batch.input_ids[:, P:P + C - 1], attention_mask=batch.attention_mask[:, :P + C - 1],
+                  position_ids=batch.position_ids[:, P:P + C - 1], past_key_values=cache, use_cache=True)
+    return torch.cat([last_prompt, out.last_hidden_state], dim=1)  # [N, C, H]
+
+
+def _prompt_runs(prompts: torch.Tensor) -> list[int] | None:
+    """Lengths of the runs of equal consecutive rows of prompts [N, P] (a group's G rows)."""
+    if prompts.shape[0] == 0:
+        return None
+    same = (prompts[1:] == prompts[:-1]).all(dim=1).tolist()  # [N-1]
+    runs, length = [], 1
+    for eq in same:
+        if eq:
+            length += 1
+        else:
+            runs.append(length)
+            length = 1
+    runs.append(length)
+    return runs
 
 
 @torch.no_grad()
