@@ -86,7 +86,7 @@ def run_trl(a) -> dict:
         output_dir=out, per_device_train_batch_size=a.micro_batch,
         gradient_accumulation_steps=a.prompts * a.generations // a.micro_batch,
         num_generations=a.generations, max_completion_length=a.max_completion, max_steps=a.steps + 1,
-        learning_rate=5e-4, loss_type="dapo", beta=0.0, epsilon=0.2, epsilon_high=0.28, temperature=1.0,
+        learning_rate=1e-3, loss_type="dapo", beta=0.0, epsilon=0.2, epsilon_high=0.28, temperature=1.0,
         logging_steps=1, report_to=[], use_cpu=True, save_strategy="no", seed=0, bf16=False,
         dataloader_num_workers=0, disable_tqdm=True)
     peft_cfg = LoraConfig(r=a.lora_r, lora_alpha=2 * a.lora_r, lora_dropout=0.0, target_modules=lora_targets(model),

@@ -317,8 +317,8 @@ DEFAULT_JOB: dict = {
     "lora": {"r": 16, "lora_alpha": 32},
     "sampling": {"num_generations": 8, "temperature": 1.0, "max_completion_length": 16, "max_prompt_length": 128},
     "loss": {"loss_type": "dapo", "beta": 0.0, "epsilon": 0.2, "epsilon_high": 0.28},
-    "train": {"output_dir": "runs/default", "max_steps": 30, "prompts_per_step": 4, "micro_batch_size": 8,
-              "learning_rate": 5e-4, "warmup_steps": 2, "time_budget_s": 840},
+    "train": {"output_dir": "runs/default", "max_steps": 40, "prompts_per_step": 4, "micro_batch_size": 8,
+              "learning_rate": 1e-3, "warmup_steps": 2, "time_budget_s": 840},
     "data": {"task": "arithmetic", "difficulty": "easy", "train_size": 2000, "eval_size": 100},
     "rewards": {"funcs": ["accuracy"]},
 }
