@@ -277,3 +277,26 @@ def test_peft_lora_fast_path_is_the_module_math():
     # Greedy completions and log-probs still equal HF's over the whole peft model.
     sampler = Sampler(model, None, block_size=4, kv_budget="1024 tokens")
     assert_matches_hf(model, sampler, random_prompts((5, 9)), n=2, max_tokens=6)
+
+
+def test_transposed_mlp_and_chunked_lm_head_are_the_module_math():
+    """The decode fast paths that reorganize work (the MLP run in the transposed space, the LM
+    head made a vocabulary chunk at a time) give the modules' own outputs, LoRA included."""
+    from peft import LoraConfig, get_peft_model
+    from torch import nn
+
+    from grpo_fast.models.llama_family import _lm_head, _mlp
+
+    torch.manual_seed(0)
+    head = nn.Linear(64, 1031, bias=True)  # vocab not a multiple of the chunk
+    x = torch.randn(6, 64)
+    torch.testing.assert_close(_lm_head(head, x, rows_per_chunk=100), head(x), atol=1e-5, rtol=1e-5)
+    model = tiny_model("llama")
+    mlp = model.model.layers[0].mlp
+    torch.testing.assert_close(_mlp(mlp, x), mlp(x), atol=1e-5, rtol=1e-5)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                                  target_modules=["gate_proj", "up_proj", "down_proj"])).eval()
+    lora_mlp = peft_model.base_model.model.model.layers[0].mlp
+    torch.testing.assert_close(_mlp(lora_mlp, x), lora_mlp(x), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(lora_mlp(x), mlp.down_proj.base_layer(
+        mlp.act_fn(mlp.gate_proj.base_layer(x)) * mlp.up_proj.base_layer(x)), atol=1e-4)

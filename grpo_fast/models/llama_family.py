@@ -122,7 +122,7 @@ class LlamaFamily:
         return self._logits(self.decoder.norm(hidden))  # [S, V]
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return _linear(self.lm_head, hidden).float()  # [S, V]
+        return _lm_head(self.lm_head, hidden)  # [S, V]
 
 
 # Gated MLPs of the supported families: down(act(gate(x)) * up(x)).
@@ -168,6 +168,31 @@ def _lora_terms(module: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor, flo
     return terms
 
 
+def _fast_parts(module: nn.Module, x: torch.Tensor):
+    """(base nn.Linear, LoRA terms) when module(x) may take the transposed CPU path, else None."""
+    if x.device.type != "cpu" or x.dim() != 2 or x.shape[0] > _SMALL_M:
+        return None
+    if _plain_linear(module):
+        base, terms = module, []
+    else:
+        terms = _lora_terms(module)
+        if terms is None:
+            return None
+        base = module.base_layer
+    return (base, terms) if base.weight.dtype == x.dtype else None
+
+
+def _linear_t(parts, xt: torch.Tensor) -> torch.Tensor:
+    """module(x)^T = W @ x^T + b + sum_i s_i * B_i @ (A_i @ x^T): xt [K, M] -> [N, M]."""
+    base, terms = parts
+    out_t = torch.mm(base.weight, xt)  # [N, M]
+    for weight_a, weight_b, scaling in terms:
+        out_t.addmm_(weight_b, torch.mm(weight_a, xt), alpha=scaling)  # += s * B @ (A @ x^T)
+    if base.bias is not None:
+        out_t += base.bias.unsqueeze(1)
+    return out_t
+
+
 def _linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """module(x), with one CPU fast path for few rows (decode) when the layer is a plain
     ``nn.Linear`` (exact type, no hooks) or a vanilla peft LoRA over one: (W @ x^T)^T, the same
@@ -176,32 +201,45 @@ def _linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     over the weight's rows, and each thread reads its share once (seen here, 2 threads, 32 rows:
     ~1.5-2x faster; decode is weight-bandwidth bound). The weights are read at call time, so the
     live policy is what runs. 4-bit, hooked or any other layers are called as modules, unchanged."""
-    if x.device.type != "cpu" or x.dim() != 2 or x.shape[0] > _SMALL_M:
+    parts = _fast_parts(module, x)
+    if parts is None:
         return module(x)
-    if _plain_linear(module):
-        base, terms = module, ()
-    else:
-        terms = _lora_terms(module)
-        if terms is None:
-            return module(x)
-        base = module.base_layer
-    if base.weight.dtype != x.dtype:
-        return module(x)
-    xt = x.t()  # [K, M]
-    out_t = torch.mm(base.weight, xt)  # [N, M]
-    for weight_a, weight_b, scaling in terms:
-        out_t.addmm_(weight_b, torch.mm(weight_a, xt), alpha=scaling)  # += s * B @ (A @ x^T)
-    out = out_t.t()  # [M, N], a transposed view
-    if base.bias is not None:
-        out = out + base.bias
-    return out.contiguous()
+    return _linear_t(parts, x.t()).t().contiguous()
+
+
+def _lm_head(module: nn.Module, x: torch.Tensor, rows_per_chunk: int = 4096) -> torch.Tensor:
+    """Logits [M, V] fp32. On the fast path the [V, M] product is made a vocabulary chunk at a
+    time and each chunk transposed into place while it is still in cache (one transposing copy
+    of the whole [V, M] product reads it with a stride of M floats)."""
+    parts = _fast_parts(module, x)
+    if parts is None or parts[1]:
+        return _linear(module, x).float()
+    base = parts[0]
+    xt = x.t()  # [H, M]
+    vocab = base.weight.shape[0]
+    out = torch.empty(x.shape[0], vocab, dtype=x.dtype, device=x.device)  # [M, V]
+    for s in range(0, vocab, rows_per_chunk):
+        e = min(s + rows_per_chunk, vocab)
+        chunk = torch.mm(base.weight[s:e], xt)  # [C, M]
+        if base.bias is not None:
+            chunk += base.bias[s:e].unsqueeze(1)
+        out[:, s:e] = chunk.t()
+    return out.float()
 
 
 def _mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """mlp(x); the known gated MLPs are unrolled so their projections can take _linear's path."""
-    if type(mlp).__name__ in _GATED_MLPS and _unhooked(mlp):
+    """mlp(x); the known gated MLPs are unrolled so their projections can take _linear's path,
+    and on the fast path the whole MLP runs transposed (act(G x^T) * (U x^T) is [I, M],
+    contiguous, and is already the x^T the down projection wants): one transposing copy of the
+    [M, H] output instead of three."""
+    if type(mlp).__name__ not in _GATED_MLPS or not _unhooked(mlp):
+        return mlp(x)
+    gate, up, down = (_fast_parts(m, x) for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+    if gate is None or up is None or down is None:
         return _linear(mlp.down_proj, mlp.act_fn(_linear(mlp.gate_proj, x)) * _linear(mlp.up_proj, x))
-    return mlp(x)
+    xt = x.t()  # [H, M]
+    inner_t = mlp.act_fn(_linear_t(gate, xt)).mul_(_linear_t(up, xt))  # [I, M]
+    return _linear_t(down, inner_t).t().contiguous()  # [M, H]
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
