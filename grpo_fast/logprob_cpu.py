@@ -9,9 +9,10 @@ compacted hidden states) with target y_t:
     entropy_t = lse_t - Σ_v softmax(z_t)_v z_t
     d logp_t / d z_t = onehot(y_t) - softmax(z_t)  →  dz_t = g_t (onehot - p_t) / T
 
-Rows are processed CHUNK_BYTES of fp32 logits at a time in buffers allocated once per call (a
-fresh [C, V] tensor per chunk fragments the malloc heap: RSS then grows to several chunks), so
-the extra memory is two [C, V] buffers instead of [N, V] tensors.
+Rows are processed CHUNK_BYTES of fp32 logits (at most MAX_CHUNK_ROWS rows) at a time in buffers
+allocated once per call (a fresh [C, V] tensor per chunk fragments the malloc heap: RSS then
+grows to several chunks), so the extra memory is one or two [C, V] buffers instead of [N, V]
+tensors.
 
 Besides the contract, `logprob_forward_input_grad` serves a frozen head (no grad to W or b):
 since d logp_t / d h_t = (W[y_t] - p_t @ W) / T, the forward multiplies the probabilities it
@@ -23,14 +24,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-# fp32 logits per chunk buffer. 32 MiB keeps C ≥ 50 rows even for V = 152k (enough for BLAS
-# efficiency) and two buffers far under the naive path's several [N, V] tensors.
-CHUNK_BYTES = 32 * 2**20
+# fp32 logits per chunk buffer, and at most MAX_CHUNK_ROWS rows: the GEMMs of a chunk run at
+# ~60 GFLOPS on 2 AVX2 cores from ~256 rows on, but at ~30-40 with 55 rows (what 32 MiB gave
+# for V = 152k); 256 rows of V = 152k are 155 MB, far under the naive path's [N, V] tensors.
+CHUNK_BYTES = 160 * 2**20
+MAX_CHUNK_ROWS = 256
 
 
 def chunk_rows(vocab: int, chunk_bytes: int | None = None) -> int:
-    """Rows per chunk: CHUNK_BYTES (read at call time, so tests can shrink it) of fp32 logits."""
-    return max(1, (CHUNK_BYTES if chunk_bytes is None else chunk_bytes) // (4 * vocab))
+    """Rows per chunk: CHUNK_BYTES (read at call time, so tests can shrink it) of fp32 logits,
+    at most MAX_CHUNK_ROWS."""
+    return max(1, min(MAX_CHUNK_ROWS, (CHUNK_BYTES if chunk_bytes is None else chunk_bytes) // (4 * vocab)))
 
 
 def _chunks(n: int, vocab: int, chunk_bytes: int | None):
@@ -73,14 +77,13 @@ def _softmax_stats(z: Tensor, q: Tensor, y: Tensor, compute_entropy: bool):
     return s, lse, logp, entropy
 
 
-def _forward(hidden, weight, bias, targets, temperature, compute_entropy, input_grad, chunk_bytes):
-    n, hdim = hidden.shape
+def _forward(hidden, weight, bias, targets, temperature, compute_entropy, chunk_bytes):
+    n = hidden.shape[0]
     vocab = weight.shape[0]
     f32 = torch.float32
     logp = hidden.new_empty(n, dtype=f32)
     lse = hidden.new_empty(n, dtype=f32)
     entropy = hidden.new_empty(n, dtype=f32) if compute_entropy else None
-    dlogp_dh = hidden.new_empty((n, hdim), dtype=f32) if input_grad else None
     step, chunks = _chunks(n, vocab, chunk_bytes)
     rows = min(step, n)
     z_buf = hidden.new_empty((rows, vocab), dtype=f32)
@@ -91,12 +94,7 @@ def _forward(hidden, weight, bias, targets, temperature, compute_entropy, input_
         sums, lse[s:e], logp[s:e], ent = _softmax_stats(z, q, targets[s:e], compute_entropy)
         if compute_entropy:
             entropy[s:e] = ent
-        if input_grad:
-            expected = (q.to(weight.dtype) @ weight).float() / sums.unsqueeze(1)  # [C, H] = E_p[W]
-            torch.sub(weight[targets[s:e]].float(), expected, out=dlogp_dh[s:e])
-    if input_grad and temperature != 1.0:
-        dlogp_dh *= 1.0 / temperature
-    return logp, lse, entropy, dlogp_dh
+    return logp, lse, entropy
 
 
 def logprob_forward(
@@ -104,7 +102,7 @@ def logprob_forward(
     compute_entropy: bool, chunk_bytes: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """(logp [N] fp32, lse [N] fp32, entropy [N] fp32 | None) for hidden [N, H], targets [N]."""
-    return _forward(hidden, weight, bias, targets, temperature, compute_entropy, False, chunk_bytes)[:3]
+    return _forward(hidden, weight, bias, targets, temperature, compute_entropy, chunk_bytes)
 
 
 def logprob_forward_input_grad(
@@ -114,8 +112,55 @@ def logprob_forward_input_grad(
     """Forward plus D = d logp / d hidden = (W[y] - softmax(z) @ W) / T, [N, H] fp32.
 
     The backward for a frozen head is then grad_hidden = grad_logp[:, None] * D.
+
+    Each chunk of C rows is computed transposed, z^T = W @ h^T [V, C] (for few rows MKL splits
+    this product over W's rows: ~1.5x the GFLOPS of h @ W^T at C = 55-256), in ONE buffer: the
+    target logits are read, then the buffer is turned into q = exp(z - m) in place. The entropy
+    needs no second [V, C] tensor either, because the GEMM for E_p[W] already gives
+    Σ_v q_v z_v = (q^T W · h + q · b) / T - m Σ_v q_v.
     """
-    return _forward(hidden, weight, bias, targets, temperature, compute_entropy, True, chunk_bytes)
+    n, hdim = hidden.shape
+    vocab = weight.shape[0]
+    f32 = torch.float32
+    logp = hidden.new_empty(n, dtype=f32)
+    lse = hidden.new_empty(n, dtype=f32)
+    entropy = hidden.new_empty(n, dtype=f32) if compute_entropy else None
+    dlogp_dh = hidden.new_empty((n, hdim), dtype=f32)
+    step, chunks = _chunks(n, vocab, chunk_bytes)
+    buf = hidden.new_empty(vocab * min(step, n), dtype=f32)
+    inv_t = 1.0 / temperature
+    bias_f = bias.float() if bias is not None else None
+    for s, e in chunks:
+        c = e - s
+        h = hidden[s:e]  # [C, H]
+        zt = buf[: vocab * c].view(vocab, c)  # [V, C], contiguous
+        if hidden.dtype == f32:
+            torch.mm(weight, h.t(), out=zt)
+        else:
+            zt.copy_(weight @ h.t())
+        if bias_f is not None:
+            zt += bias_f.unsqueeze(1)
+        if temperature != 1.0:
+            zt *= inv_t
+        m = zt.amax(dim=0)  # [C]
+        target_z = zt[targets[s:e], torch.arange(c, device=zt.device)]  # [C]
+        zt -= m
+        zt.exp_()  # q^T = exp(z - m)^T, in place
+        sums = zt.sum(dim=0)  # [C]
+        log_s = torch.log(sums)
+        lse[s:e] = m + log_s
+        logp[s:e] = target_z - m - log_s
+        q_w = torch.mm(zt.t(), weight) if hidden.dtype == f32 else (zt.t().to(weight.dtype) @ weight).float()  # [C, H]
+        if compute_entropy:
+            qz = (q_w * h.float()).sum(dim=1)  # [C] = Σ_v q_v (W_v · h)
+            if bias_f is not None:
+                qz += torch.mv(zt.t(), bias_f)
+            qz = qz * inv_t - m * sums  # Σ_v q_v (z_v - m)
+            entropy[s:e] = log_s - qz / sums
+        torch.sub(weight[targets[s:e]].float(), q_w / sums.unsqueeze(1), out=dlogp_dh[s:e])
+    if temperature != 1.0:
+        dlogp_dh *= inv_t
+    return logp, lse, entropy, dlogp_dh
 
 
 def logprob_backward(
