@@ -81,8 +81,8 @@ def completion_hidden(model, batch: SequenceBatch, *, share_prompts: bool = True
         return out.last_hidden_state[:, P - 1:P - 1 + C]
     from transformers import DynamicCache
 
-    firsts = torch.tensor([0, *torch.tensor(runs).cumsum(0)[:-1].tolist()], device=batch.input_ids.device)
-    counts = torch.tensor(runs, device=batch.input_ids.device)  # [B']
+    counts = torch.tensor(runs, device=batch.input_ids.device)  # [B'] rows per distinct prompt
+    firsts = counts.cumsum(0) - counts  # [B'] first row of each run
     cache = DynamicCache(config=getattr(decoder, "config", None))
     prompt_out = decoder(input_ids=batch.input_ids[firsts, :P], attention_mask=batch.attention_mask[firsts, :P],
                          position_ids=batch.position_ids[firsts, :P], past_key_values=cache, use_cache=True)
