@@ -74,17 +74,6 @@ class Generator:
                            max_tokens=max_tokens, top_p=top_p, top_k=top_k, min_p=min_p, stop=stop, seed=seed)
 
 
-def _eos_ids(model, tokenizer) -> set[int]:
-    ids = set()
-    for src in (getattr(model, "generation_config", None), getattr(model, "config", None)):
-        eos = getattr(src, "eos_token_id", None) if src is not None else None
-        if eos is not None:
-            ids.update(eos if isinstance(eos, (list, tuple)) else [eos])
-    if tokenizer is not None and tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return ids
-
-
 @torch.no_grad()
 def hf_generate(model, tokenizer, prompt_ids: list[list[int]], *, n: int, temperature: float, max_tokens: int,
                 top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, stop: list[str] | None = None,
@@ -123,7 +112,9 @@ def hf_generate(model, tokenizer, prompt_ids: list[list[int]], *, n: int, temper
     logits = torch.stack(out.logits, dim=1).float().cpu()  # [P*n, C, V]
     scale = 1.0 if greedy else temperature
     logp = torch.log_softmax(logits / scale, dim=-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)  # [P*n, C]
-    eos = _eos_ids(model, tokenizer)
+    from grpo_fast.sampler.engine.sampler import eos_token_ids
+
+    eos = eos_token_ids(model, tokenizer)  # the same stop rule as the paged sampler
     groups = [GroupOutput(list(p)) for p in prompt_ids]
     for row in range(new.shape[0]):
         toks, lps, reason = [], [], "length"

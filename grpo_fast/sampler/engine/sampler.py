@@ -49,7 +49,7 @@ class Sampler:
         device = next(model.parameters()).device
         num_blocks = num_blocks_for_budget(kv_budget, bytes_per_block=per_block, block_size=block_size, device=device)
         self.runner = ModelRunner(model, num_blocks=num_blocks, block_size=block_size)
-        self.eos_token_ids = _eos_ids(model, tokenizer)
+        self.eos_token_ids = eos_token_ids(model, tokenizer)
         self.stats = SamplerStats()
 
     @property
@@ -218,7 +218,9 @@ def _mix_seed(base: int, group_idx: int, child_idx: int) -> int:
     return (x ^ (x >> 32)) & _SEED_MASK
 
 
-def _eos_ids(model, tokenizer) -> frozenset[int]:
+def eos_token_ids(model, tokenizer) -> frozenset[int]:
+    """Tokens that end a completion: the generation config's EOS (else the model config's, as HF
+    `generate` reads them) plus the tokenizer's."""
     ids = set()
     gen = getattr(model, "generation_config", None)
     eos = getattr(gen, "eos_token_id", None) if gen is not None else None
