@@ -42,7 +42,7 @@ def run_ours(a) -> dict:
         "sampling.num_generations": a.generations, "sampling.max_completion_length": a.max_completion,
         "train.eval_before": False, "data.eval_size": 0, "train.progress": False, "train.time_budget_s": 0,
         "lora.r": a.lora_r, "lora.lora_alpha": 2 * a.lora_r, "train.seed": 0, "sampling.backend": a.backend,
-        "train.micro_batch_size": a.micro_batch,
+        "train.micro_batch_size": a.micro_batch, "model.gradient_checkpointing": a.gradient_checkpointing == "on",
     }, base=DEFAULT_JOB)
     train(cfg, echo=lambda *_: None)
     steps = [r for r in read_metrics(out) if "reward" in r][1:]  # drop the warm-up step
@@ -88,7 +88,7 @@ def run_trl(a) -> dict:
         num_generations=a.generations, max_completion_length=a.max_completion, max_steps=a.steps + 1,
         learning_rate=1e-3, loss_type="dapo", beta=0.0, epsilon=0.2, epsilon_high=0.28, temperature=1.0,
         logging_steps=1, report_to=[], use_cpu=True, save_strategy="no", seed=0, bf16=False,
-        dataloader_num_workers=0, disable_tqdm=True)
+        dataloader_num_workers=0, disable_tqdm=True, gradient_checkpointing=a.gradient_checkpointing == "on")
     peft_cfg = LoraConfig(r=a.lora_r, lora_alpha=2 * a.lora_r, lora_dropout=0.0, target_modules=lora_targets(model),
                           task_type="CAUSAL_LM")
     trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=args, train_dataset=ds,
@@ -128,6 +128,8 @@ def main() -> None:
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--micro-batch", type=int, default=8, help="completions per forward/backward (both sides)")
     p.add_argument("--backend", default="auto", help="our generation backend: auto | sampler | hf")
+    p.add_argument("--gradient-checkpointing", choices=["on", "off"], default="on",
+                   help="both sides (on is TRL's GRPOConfig default)")
     p.add_argument("--impl", choices=["ours", "trl"], help=argparse.SUPPRESS)  # subprocess mode
     p.add_argument("--only", choices=["ours", "trl"], help="run one side only")
     a = p.parse_args()
@@ -142,7 +144,8 @@ def main() -> None:
     for impl in [a.only] if a.only else ["ours", "trl"]:
         cmd = [sys.executable, __file__, "--impl", impl, "--prompts", str(a.prompts), "--generations",
                str(a.generations), "--max-completion", str(a.max_completion), "--steps", str(a.steps),
-               "--lora-r", str(a.lora_r), "--backend", a.backend, "--micro-batch", str(a.micro_batch)]
+               "--lora-r", str(a.lora_r), "--backend", a.backend, "--micro-batch", str(a.micro_batch),
+               "--gradient-checkpointing", a.gradient_checkpointing]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
         if proc.returncode or not line:
@@ -151,7 +154,7 @@ def main() -> None:
         results[impl] = json.loads(line[-1][7:])
 
     print(f"\nGRPO step: B={a.prompts} x G={a.generations} (micro-batches of {a.micro_batch}), "
-          f"max_completion={a.max_completion}, LoRA r={a.lora_r}, "
+          f"max_completion={a.max_completion}, LoRA r={a.lora_r}, gradient checkpointing {a.gradient_checkpointing}, "
           f"SmolLM2-135M fp32, CPU ({os.cpu_count()} cores), mean of {a.steps} steps after 1 warm-up")
     print(f"{'impl':<6} {'sample s':>9} {'train s':>9} {'step s':>9} {'peak RSS MiB':>13}")
     for impl, r in results.items():

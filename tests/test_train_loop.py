@@ -282,11 +282,13 @@ def test_generator_auto_uses_the_sampler_and_matches_hf_greedy(tiny):
             torch.testing.assert_close(torch.tensor(x.logprobs), torch.tensor(y.logprobs), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("layout", ["packed", "cached"])
 @pytest.mark.parametrize("comp_lens,checkpointing", [((4, 1, 6, 3, 5, 2), False), ((1, 1, 1, 1, 1, 1), False),
-                                                    ((4, 1, 6, 3, 5, 2), True)])
-def test_shared_prompt_forward_equals_full_forward(tiny, comp_lens, checkpointing):
-    """Prompt run once per group (K/V repeated for its rows) gives the hidden states and the LoRA
-    gradients of the plain pass over every (prompt, completion) row."""
+                                                    ((4, 1, 6, 3, 5, 2), True), ((0, 2, 6, 3, 0, 2), False)])
+def test_shared_prompt_forward_equals_full_forward(tiny, comp_lens, checkpointing, layout):
+    """Prompt run once per group (packed with a block mask, or K/V cached and repeated for its
+    rows) gives the hidden states and the LoRA gradients of the plain pass over every (prompt,
+    completion) row, including empty completions and under gradient checkpointing."""
     from grpo_fast.config import LoraConfig, ModelConfig
     from grpo_fast.train.model import load_policy, trainable_parameters
     from grpo_fast.train.policy_loss import _prompt_runs, completion_hidden, make_batch
@@ -310,7 +312,7 @@ def test_shared_prompt_forward_equals_full_forward(tiny, comp_lens, checkpointin
     def run(share):
         for p in params:
             p.grad = None
-        hidden = completion_hidden(model, batch, share_prompts=share)  # [N, C, H]
+        hidden = completion_hidden(model, batch, share_prompts=share, layout=layout)  # [N, C, H]
         (hidden * weights * batch.mask.unsqueeze(-1)).sum().backward()
         return hidden.detach() * batch.mask.unsqueeze(-1), [p.grad.clone() for p in params]
 
