@@ -174,6 +174,23 @@ def test_seeded_sampling_reproducible_and_logprobs_tempered():
                                        atol=1e-4, rtol=0)
 
 
+def test_released_kv_cache_is_freed_and_reallocated_on_the_next_call():
+    """A trainer frees the cache between sampling phases; the next call must sample exactly what
+    it would have with the cache kept (the cache carries nothing between calls)."""
+    model = tiny_model("llama")
+    prompts = random_prompts((6, 9))
+    sampler = Sampler(model, None, block_size=4, kv_budget="1024 tokens")
+    params = SamplingParams(n=3, temperature=1.0, max_tokens=8, seed=11)
+    kept = sampler.generate(prompts, params)
+    sampler.release_kv_cache()
+    assert sampler.runner._kv_cache is None
+    assert sampler.stats.kv_bytes == sampler.runner.kv_bytes > 0  # the budget is still known
+    again = sampler.generate(prompts, params)
+    assert sampler.runner._kv_cache is not None
+    tokens = lambda outs: [[(c.token_ids, c.logprobs) for c in o.completions] for o in outs]  # noqa: E731
+    assert tokens(again) == tokens(kept)
+
+
 class CharTokenizer:
     """token i decodes to one letter: enough to test stop strings without a real tokenizer."""
 

@@ -33,11 +33,22 @@ class ModelRunner:
         self.num_blocks = num_blocks
         self.device = self.family.device
         self.dtype = self.family.dtype
-        # One allocation for all layers; [L, 2, num_blocks, block_size, Hkv, D], each [l, 0|1] contiguous.
-        self.kv_cache = torch.empty(
-            shape.num_layers, 2, num_blocks, block_size, shape.num_kv_heads, shape.head_dim,
-            dtype=self.dtype, device=self.device,
-        )
+        self._kv_cache: torch.Tensor | None = None  # allocated on first use, see release()
+
+    @property
+    def kv_cache(self) -> torch.Tensor:
+        """One allocation for all layers: [L, 2, num_blocks, block_size, Hkv, D], each [l, 0|1]
+        contiguous. Allocated on first use (again after release())."""
+        if self._kv_cache is None:
+            s = self.family.shape
+            self._kv_cache = torch.empty(s.num_layers, 2, self.num_blocks, self.block_size, s.num_kv_heads,
+                                         s.head_dim, dtype=self.dtype, device=self.device)
+        return self._kv_cache
+
+    def release(self) -> None:
+        """Free the KV cache (between generate calls nothing lives in it); the next call
+        allocates it again. Lets a trainer give the memory to its training pass."""
+        self._kv_cache = None
 
     @staticmethod
     def bytes_per_block(model: torch.nn.Module, block_size: int) -> int:
@@ -48,7 +59,9 @@ class ModelRunner:
 
     @property
     def kv_bytes(self) -> int:
-        return self.kv_cache.numel() * self.kv_cache.element_size()
+        s = self.family.shape
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * s.num_layers * self.num_blocks * self.block_size * s.num_kv_heads * s.head_dim * itemsize
 
     def _caches(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.kv_cache[layer, 0], self.kv_cache[layer, 1]

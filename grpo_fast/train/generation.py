@@ -31,8 +31,11 @@ class GroupOutput:
 
 
 class Generator:
-    def __init__(self, model, tokenizer, *, backend: str = "auto", kv_budget=None):
+    def __init__(self, model, tokenizer, *, backend: str = "auto", kv_budget=None, release_kv: bool = True):
+        """release_kv: free the sampler's KV cache after each call (a trainer's sampling and
+        training phases alternate, so the training pass gets that memory)."""
         self.model = model
+        self.release_kv = release_kv
         self.tokenizer = tokenizer
         self.backend = "hf"
         self.sampler = None
@@ -70,6 +73,9 @@ class Generator:
             else:
                 self.last_stats = self.sampler.stats.as_dict()
                 return out
+            finally:
+                if self.release_kv and self.sampler is not None:
+                    self.sampler.release_kv_cache()
         return hf_generate(self.model, self.tokenizer, prompt_ids, n=n, temperature=temperature,
                            max_tokens=max_tokens, top_p=top_p, top_k=top_k, min_p=min_p, stop=stop, seed=seed)
 

@@ -29,6 +29,7 @@ from grpo_fast.rewards import build_rewards, compute_rewards
 from grpo_fast.train import checkpoint as ckpt
 from grpo_fast.train.evaluate import evaluate
 from grpo_fast.train.generation import Generator
+from grpo_fast.train.memory import release_free_memory
 from grpo_fast.train.metrics import MetricsLogger, plot_run
 from grpo_fast.train.model import (build_optimizer, build_scheduler, load_policy, save_merged,
                                    trainable_parameters)
@@ -137,6 +138,7 @@ def train(cfg: Config, *, echo=print) -> RunResult:
                 break
         t0 = time.perf_counter()
         rollout = collect_rollout(model, tokenizer, generator, stream, rewards, cfg, step)
+        release_free_memory()  # the sampling phase's freed pages, before training needs memory
         t_sample = time.perf_counter() - t0
 
         n_seq = len(rollout.batch)
@@ -297,6 +299,7 @@ def optimizer_update(model, optimizer, scheduler, params, rollout: Rollout, old,
             max_completion_length=cfg.sampling.max_completion_length, num_items_in_batch=num_items,
             num_sequences_in_batch=n)
         loss.backward()
+        release_free_memory()  # this micro-batch's activations, so the next one starts from the live set
         total_loss += float(loss.detach())
         tokens = float(metrics["num_tokens"])
         for k, v in metrics.items():  # token-weighted means over micro-batches

@@ -56,6 +56,11 @@ class Sampler:
     def num_blocks(self) -> int:
         return self.runner.num_blocks
 
+    def release_kv_cache(self) -> None:
+        """Free the KV cache memory until the next generate call (which allocates it again).
+        A trainer that alternates sampling and training calls this after each sampling phase."""
+        self.runner.release()
+
     def generate(self, prompt_token_ids: list[list[int]], params: SamplingParams) -> list[GroupOutput]:
         """G = params.n completions for each prompt, in prompt order."""
         self._validate(prompt_token_ids, params)
