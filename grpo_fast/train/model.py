@@ -111,13 +111,17 @@ def lora_targets(model) -> list[str]:
 
 
 def load_policy(model_cfg, lora_cfg, *, seed: int = 0):
-    """Base model + fresh LoRA adapters (seeded init) -> (peft model, tokenizer, device)."""
+    """Base model + fresh LoRA adapters (seeded init) -> (peft model, tokenizer, device). The
+    gated MLPs run through grpo_fast.swiglu (leaner backward, same math)."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
     device = resolve_device(model_cfg)
     tokenizer = load_tokenizer(model_cfg)
     base = load_base_model(model_cfg, device)
+    from grpo_fast.swiglu import use_lean_swiglu
+
+    use_lean_swiglu(base)  # same math; one [T, I] activation per layer fewer kept for the backward
     if model_cfg.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.enable_input_require_grads()

@@ -1,0 +1,65 @@
+"""Gated MLP activation with a lean backward: silu(gate) * up that saves only its inputs.
+
+Autograd on `act_fn(gate) * up` keeps three [T, I] tensors per layer for the backward pass:
+gate (for silu's backward), silu(gate) and up (for the product's). The product's own output is
+kept anyway by down_proj (and its LoRA A) as their input. Saving gate and up only and
+recomputing silu in the backward drops one [T, I] tensor per layer, about an eighth of a
+Llama block's activation memory, for one extra sigmoid pass:
+
+    h      = silu(g) * u = g * s * u,                 s = sigmoid(g)
+    dL/du  = dL/dh * g * s
+    dL/dg  = dL/dh * u * s * (1 + g * (1 - s))         (d silu / dg = s + g * s * (1 - s))
+
+`use_lean_swiglu(model)` switches every Llama-style gated MLP (gate_proj, up_proj, down_proj,
+SiLU) of a model to it; the math of the forward is unchanged.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn.functional as F
+
+_SILU_TYPES = ("SiLU", "SiLUActivation")
+
+
+class SiluMulFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        gate, up = ctx.saved_tensors
+        sig = torch.sigmoid(gate)
+        grad_up = grad * gate * sig if ctx.needs_input_grad[1] else None
+        grad_gate = None
+        if ctx.needs_input_grad[0]:
+            grad_gate = grad * up * sig * (1 + gate * (1 - sig))
+        return grad_gate, grad_up
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up, saving only gate and up for the backward."""
+    return SiluMulFunction.apply(gate, up)
+
+
+def _lean_forward(self, x: torch.Tensor) -> torch.Tensor:
+    return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
+
+
+def use_lean_swiglu(model: torch.nn.Module) -> int:
+    """Route every gated SiLU MLP of `model` through silu_mul; returns how many were switched.
+    Modules with another activation (GELU, ...) or another layout are left as they are."""
+    count = 0
+    for module in model.modules():
+        act = getattr(module, "act_fn", None)
+        if act is None or type(act).__name__ not in _SILU_TYPES:
+            continue
+        if not all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj")):
+            continue
+        module.forward = types.MethodType(_lean_forward, module)
+        count += 1
+    return count
