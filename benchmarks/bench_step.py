@@ -8,7 +8,7 @@ warm-up and not counted. Both sample at T = 1 with HF-free code paths of their o
 trainer's generation adapter (paged Sampler when it supports the model, else HF generate), TRL
 uses its default (transformers generate). Model: the built-in SmolLM2-135M-Instruct, fp32, CPU.
 Needs the `bench` extra (trl; `pip install --no-deps trl==1.16.0 && pip install datasets`).
-Writes benchmarks/results/bench_step.json.
+Writes benchmarks/results/bench_step-gc-{on,off}.json.
 """
 
 from __future__ import annotations
@@ -128,8 +128,8 @@ def main() -> None:
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--micro-batch", type=int, default=8, help="completions per forward/backward (both sides)")
     p.add_argument("--backend", default="auto", help="our generation backend: auto | sampler | hf")
-    p.add_argument("--gradient-checkpointing", choices=["on", "off"], default="on",
-                   help="both sides (on is TRL's GRPOConfig default)")
+    p.add_argument("--gradient-checkpointing", choices=["on", "off"], default="off",
+                   help="both sides (off is our default, on is TRL's GRPOConfig default)")
     p.add_argument("--impl", choices=["ours", "trl"], help=argparse.SUPPRESS)  # subprocess mode
     p.add_argument("--only", choices=["ours", "trl"], help="run one side only")
     a = p.parse_args()
@@ -175,7 +175,7 @@ def main() -> None:
             versions[mod] = __import__(mod).__version__
         except ImportError:
             pass
-    out = HERE / "results" / "bench_step.json"
+    out = HERE / "results" / f"bench_step-gc-{a.gradient_checkpointing}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(a), "results": results, "device": f"cpu x{os.cpu_count()}",
                                "platform": platform.platform(), "versions": versions, "commit": commit,
