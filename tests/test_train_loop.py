@@ -346,3 +346,29 @@ def test_release_free_memory_returns_freed_heap_pages():
     after = rss_kib()
     assert before - after > 64 * 1024, (before, after)  # more than half of it came back
     del keep
+
+
+@pytest.mark.parametrize("window", [5, 64])
+def test_shared_prompt_forward_respects_a_sliding_window(window):
+    """Mistral-style sliding window: rows longer than the window (window=5) must see only the
+    last `window` positions, as in HF's own pass; shorter rows (window=64) take the packed path."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from grpo_fast.train.policy_loss import completion_hidden, make_batch
+
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(vocab_size=61, hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                             sliding_window=window, max_position_embeddings=128)).eval()
+    g = torch.Generator().manual_seed(5)
+    prompt = [int(t) for t in torch.randint(2, 60, (6,), generator=g)]
+    comps = [[int(t) for t in torch.randint(2, 60, (n,), generator=g)] for n in (5, 3, 7)]
+    batch = make_batch([prompt] * 3, comps, 0)
+    with torch.no_grad():
+        shared = completion_hidden(model, batch) * batch.mask.unsqueeze(-1)
+        plain = completion_hidden(model, batch, share_prompts=False) * batch.mask.unsqueeze(-1)
+        # The window matters for the long rows: a full-attention pass differs from HF's.
+        model.config.sliding_window = None
+        full = completion_hidden(model, batch, share_prompts=False) * batch.mask.unsqueeze(-1)
+    torch.testing.assert_close(shared, plain, atol=1e-5, rtol=1e-5)
+    assert (window < 13) == (not torch.allclose(plain, full, atol=1e-5))

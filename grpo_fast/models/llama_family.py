@@ -71,7 +71,7 @@ class LlamaFamily:
             num_kv_heads=config.num_key_value_heads,
             head_dim=head_dim,
             scale=float(getattr(attn0, "scaling", head_dim**-0.5)),
-            sliding_window=_sliding_window(config),
+            sliding_window=active_sliding_window(config),
         )
 
     @property
@@ -250,7 +250,7 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch
     return torch.addcmul(x * cos, swapped, sin_signed)
 
 
-def _sliding_window(config) -> int | None:
+def active_sliding_window(config) -> int | None:
     """The smallest active sliding window of any layer, or None when all layers attend fully."""
     window = getattr(config, "sliding_window", None)
     if not window:

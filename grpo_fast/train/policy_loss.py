@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from grpo_fast.models.llama_family import active_sliding_window
 from grpo_fast.train.model import backbone_and_head, reference_policy
 
 
@@ -78,7 +79,9 @@ def completion_hidden(model, batch: SequenceBatch, *, share_prompts: bool = True
       gradient checkpointing, where HF drops caches.
 
     Gradients reach the prompt positions from every completion that attends to them, as in the
-    plain pass. Positions past a row's completion (right padding) come back as zeros.
+    plain pass. Positions past a row's completion (right padding) come back as zeros. A model with
+    a sliding window gets the plain pass when a row is longer than the window (the block mask has
+    no window; shorter rows never reach it).
     layout: "auto" (packed unless the model attends with flash-attention), "packed" or "cached".
     """
     if layout not in ("auto", "packed", "cached"):
@@ -86,6 +89,9 @@ def completion_hidden(model, batch: SequenceBatch, *, share_prompts: bool = True
     decoder, _ = backbone_and_head(model)
     P = batch.prompt_width
     runs = _prompt_runs(batch.input_ids[:, :P]) if share_prompts else None
+    window = active_sliding_window(getattr(decoder, "config", None))
+    if runs is not None and window is not None and int(batch.attention_mask.sum(1).max()) > window:
+        runs = None  # a row longer than the sliding window: HF's own masks (plain pass) apply it
     attn = getattr(getattr(decoder, "config", None), "_attn_implementation", "sdpa") or "sdpa"
     if runs is not None and (layout == "packed" or (layout == "auto" and not attn.startswith("flash"))):
         return _packed_forward(decoder, batch, runs)
