@@ -77,24 +77,11 @@ def _softmax_stats(z: Tensor, q: Tensor, y: Tensor, compute_entropy: bool):
     return s, lse, logp, entropy
 
 
-def _forward(hidden, weight, bias, targets, temperature, compute_entropy, chunk_bytes):
+def _stat_outputs(hidden: Tensor, compute_entropy: bool):
+    """Empty (logp, lse, entropy | None), each [N] fp32, for hidden [N, H]."""
     n = hidden.shape[0]
-    vocab = weight.shape[0]
-    f32 = torch.float32
-    logp = hidden.new_empty(n, dtype=f32)
-    lse = hidden.new_empty(n, dtype=f32)
-    entropy = hidden.new_empty(n, dtype=f32) if compute_entropy else None
-    step, chunks = _chunks(n, vocab, chunk_bytes)
-    rows = min(step, n)
-    z_buf = hidden.new_empty((rows, vocab), dtype=f32)
-    q_buf = hidden.new_empty((rows, vocab), dtype=f32)
-    for s, e in chunks:
-        z = _logits_into(z_buf[: e - s], hidden[s:e], weight, bias, temperature)  # [C, V]
-        q = q_buf[: e - s]
-        sums, lse[s:e], logp[s:e], ent = _softmax_stats(z, q, targets[s:e], compute_entropy)
-        if compute_entropy:
-            entropy[s:e] = ent
-    return logp, lse, entropy
+    entropy = hidden.new_empty(n, dtype=torch.float32) if compute_entropy else None
+    return hidden.new_empty(n, dtype=torch.float32), hidden.new_empty(n, dtype=torch.float32), entropy
 
 
 def logprob_forward(
@@ -102,7 +89,18 @@ def logprob_forward(
     compute_entropy: bool, chunk_bytes: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """(logp [N] fp32, lse [N] fp32, entropy [N] fp32 | None) for hidden [N, H], targets [N]."""
-    return _forward(hidden, weight, bias, targets, temperature, compute_entropy, chunk_bytes)
+    n, vocab = hidden.shape[0], weight.shape[0]
+    logp, lse, entropy = _stat_outputs(hidden, compute_entropy)
+    step, chunks = _chunks(n, vocab, chunk_bytes)
+    rows = min(step, n)
+    z_buf = hidden.new_empty((rows, vocab), dtype=torch.float32)
+    q_buf = hidden.new_empty((rows, vocab), dtype=torch.float32)
+    for s, e in chunks:
+        z = _logits_into(z_buf[: e - s], hidden[s:e], weight, bias, temperature)  # [C, V]
+        _, lse[s:e], logp[s:e], ent = _softmax_stats(z, q_buf[: e - s], targets[s:e], compute_entropy)
+        if compute_entropy:
+            entropy[s:e] = ent
+    return logp, lse, entropy
 
 
 def logprob_forward_input_grad(
@@ -122,9 +120,7 @@ def logprob_forward_input_grad(
     n, hdim = hidden.shape
     vocab = weight.shape[0]
     f32 = torch.float32
-    logp = hidden.new_empty(n, dtype=f32)
-    lse = hidden.new_empty(n, dtype=f32)
-    entropy = hidden.new_empty(n, dtype=f32) if compute_entropy else None
+    logp, lse, entropy = _stat_outputs(hidden, compute_entropy)
     dlogp_dh = hidden.new_empty((n, hdim), dtype=f32)
     step, chunks = _chunks(n, vocab, chunk_bytes)
     buf = hidden.new_empty(vocab * min(step, n), dtype=f32)
