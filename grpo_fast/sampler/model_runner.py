@@ -28,7 +28,6 @@ except ImportError:
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, *, num_blocks: int, block_size: int):
         self.family = LlamaFamily(model)
-        shape = self.family.shape
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.device = self.family.device
@@ -52,16 +51,11 @@ class ModelRunner:
 
     @staticmethod
     def bytes_per_block(model: torch.nn.Module, block_size: int) -> int:
-        family = LlamaFamily(model)
-        s = family.shape
-        itemsize = torch.empty((), dtype=family.dtype).element_size()
-        return 2 * s.num_layers * block_size * s.num_kv_heads * s.head_dim * itemsize
+        return _block_bytes(LlamaFamily(model), block_size)
 
     @property
     def kv_bytes(self) -> int:
-        s = self.family.shape
-        itemsize = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * s.num_layers * self.num_blocks * self.block_size * s.num_kv_heads * s.head_dim * itemsize
+        return self.num_blocks * _block_bytes(self.family, self.block_size)
 
     def _caches(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.kv_cache[layer, 0], self.kv_cache[layer, 1]
@@ -140,6 +134,13 @@ class ModelRunner:
             return kv.paged_decode_attention(q.contiguous(), key_cache, value_cache, block_tables, context_lens, scale)
 
         return self.family.forward(input_ids, positions, attend)
+
+
+def _block_bytes(family: LlamaFamily, block_size: int) -> int:
+    """Bytes of one KV block over all layers: K and V, [block_size, Hkv, D] each."""
+    s = family.shape
+    itemsize = torch.empty((), dtype=family.dtype).element_size()
+    return 2 * s.num_layers * block_size * s.num_kv_heads * s.head_dim * itemsize
 
 
 def _diff(cu: list[int]) -> list[int]:
