@@ -89,10 +89,11 @@ def completion_hidden(model, batch: SequenceBatch, *, share_prompts: bool = True
     decoder, _ = backbone_and_head(model)
     P = batch.prompt_width
     runs = _prompt_runs(batch.input_ids[:, :P]) if share_prompts else None
-    window = active_sliding_window(getattr(decoder, "config", None))
+    config = getattr(decoder, "config", None)
+    window = active_sliding_window(config)
     if runs is not None and window is not None and int(batch.attention_mask.sum(1).max()) > window:
         runs = None  # a row longer than the sliding window: HF's own masks (plain pass) apply it
-    attn = getattr(getattr(decoder, "config", None), "_attn_implementation", "sdpa") or "sdpa"
+    attn = getattr(config, "_attn_implementation", "sdpa") or "sdpa"
     if runs is not None and (layout == "packed" or (layout == "auto" and not attn.startswith("flash"))):
         return _packed_forward(decoder, batch, runs)
     checkpointed = decoder.training and any(getattr(m, "gradient_checkpointing", False) for m in decoder.modules())
