@@ -4,7 +4,8 @@
 namespace py = pybind11;
 
 namespace grpo_fast {
-void register_kv(py::module_& m);  // kv_bindings.cpp
+void register_kv(py::module_& m);      // kv_bindings.cpp
+void register_decode(py::module_& m);  // decode_bindings.cpp
 }
 
 static bool built_with_cuda() {
@@ -19,4 +20,5 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "grpo_fast native core: paged KV-cache block manager and CPU/CUDA kernels";
   m.def("built_with_cuda", &built_with_cuda, "True when the CUDA kernels were compiled in.");
   grpo_fast::register_kv(m);
+  grpo_fast::register_decode(m);
 }

@@ -16,18 +16,9 @@
 #include <string>
 #include <vector>
 
+#include "cpu_common.h"
 #include "kv_common.h"
 
-#if defined(__GNUC__) && defined(__x86_64__)
-// The hot loops are built twice: for baseline x86-64 and for AVX2+FMA, picked at run time by
-// CPU features (wheels must run on any x86-64; AVX2+FMA is several times faster where present).
-#define GF_X86_DISPATCH 1
-#define GF_AVX2 __attribute__((target("avx2,fma")))
-#include <immintrin.h>
-#else
-#define GF_AVX2
-#endif
-#define GF_INLINE inline __attribute__((always_inline))
 
 namespace grpo_fast {
 namespace {
@@ -39,28 +30,6 @@ GF_INLINE float load(const float* p, int64_t i) { return p[i]; }
 GF_INLINE float load(const uint16_t* p, int64_t i) { return bf16_to_f32(p[i]); }
 GF_INLINE void store(float* p, int64_t i, float v) { p[i] = v; }
 GF_INLINE void store(uint16_t* p, int64_t i, float v) { p[i] = f32_to_bf16(v); }
-
-// exp(x) for x <= 0 as 2^i * P(f), x log2(e) = i + f, |f| <= 1/2, P the degree-6 Taylor
-// polynomial of 2^f: relative error < 2e-7 (below fp32 accumulation noise); x < -87 gives
-// ~1e-38 (the weight of such a key is below fp32 resolution anyway).
-// Plain arithmetic, so `omp simd` loops vectorize it (std::exp stays scalar).
-GF_INLINE float exp_nonpos(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  const float t = x * 1.44269504088896341f;
-  const float fi = (t + 12582912.f) - 12582912.f;  // round to nearest (1.5 * 2^23 trick)
-  const float f = (t - fi) * 0.693147180559945309f;  // e^f = 2^(t - fi)
-  float p = 1.f / 720;
-  p = p * f + 1.f / 120;
-  p = p * f + 1.f / 24;
-  p = p * f + 1.f / 6;
-  p = p * f + 0.5f;
-  p = p * f + 1.f;
-  p = p * f + 1.f;
-  const int32_t bits = (static_cast<int32_t>(fi) + 127) << 23;
-  float scale;
-  __builtin_memcpy(&scale, &bits, 4);
-  return p * scale;
-}
 
 template <int DC, typename T>
 GF_INLINE float dot(const float* q, const T* k, int D) {
@@ -274,18 +243,6 @@ GF_VARIANTS(decode_item_f32, decode_item, float, const DecodeArgs& a, int64_t s,
             int rc)
 GF_VARIANTS(decode_item_bf16, decode_item, uint16_t, const DecodeArgs& a, int64_t s, int g,
             int h0, int rc)
-
-bool use_avx2() {
-#ifdef GF_X86_DISPATCH
-  // GRPO_FAST_NO_AVX2=1 forces the baseline kernels (tests run both paths on one machine)
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                          !(std::getenv("GRPO_FAST_NO_AVX2") &&
-                            std::string(std::getenv("GRPO_FAST_NO_AVX2")) == "1");
-  return yes;
-#else
-  return false;
-#endif
-}
 
 // ---- prefill: one work item = (query token t, kv head g, query-head chunk) --------------------
 struct PrefillArgs {

@@ -7,18 +7,34 @@
 //              cumulative mass reaches top_p * (their total mass).
 // The draw walks the survivors in vocabulary order until the running mass exceeds u * total, so
 // it does not depend on how a sort breaks ties. Probabilities are float64 here (as in the
-// reference, grpo_fast/kv/reference.py), the logprob is fp32 of log softmax(logits / T)[token]
-// over the full vocabulary.
+// reference, grpo_fast/kv/reference.py; their exps fp32, see exp_fill), the logprob is fp32 of
+// log softmax(logits / T)[token] over the full vocabulary.
 #include <algorithm>
 #include <cmath>
 #include <functional>
 #include <vector>
 
+#include "cpu_common.h"
 #include "kv_common.h"
 #include "kv_cpu.h"
 
 namespace grpo_fast {
 namespace {
+
+// p[i] = exp(x[i] * inv_t - mx) (mx >= every x * inv_t), returns their sum (float64). The exps
+// are fp32 (exp_nonpos, relative error < 2e-7), vectorized: one scalar float64 exp per token was
+// most of this kernel's time at a 49k vocabulary. Below e^-87 (-inf logits: masked tokens) a
+// weight is exactly 0, so such a token is never drawn.
+GF_INLINE double exp_fill(double* p, const float* x, int64_t V, float inv_t, float mx) {
+  double sum = 0.0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < V; ++i) {
+    const float z = x[i] * inv_t - mx;
+    p[i] = z < -87.f ? 0.0 : static_cast<double>(exp_nonpos(z));
+    sum += p[i];
+  }
+  return sum;
+}
 
 // Smallest threshold keeping the top-p mass among candidates {p >= floor_thr}.
 double top_p_threshold(const std::vector<double>& p, double floor_thr, double total, double top_p,
@@ -50,32 +66,26 @@ double top_p_threshold(const std::vector<double>& p, double floor_thr, double to
   }
 }
 
-void sample_row(int64_t* tok_out, float* lp_out, const float* x, int64_t V, float temp, int top_k,
-                float top_p, float min_p, int64_t seed, int64_t step, std::vector<double>& p,
-                std::vector<double>& buf) {
+// Weights stay unnormalized (p = exp(z - max z), the top token's weight 1): every filter and
+// the draw are invariant to the scale, so the normalizing pass is skipped.
+GF_INLINE void sample_row(int64_t* tok_out, float* lp_out, const float* x, int64_t V, float temp,
+                          int top_k, float top_p, float min_p, int64_t seed, int64_t step,
+                          std::vector<double>& p, std::vector<double>& buf) {
+  p.resize(V);
   if (temp == 0.f) {  // greedy: first maximum; logprob at temperature 1
     int64_t best = 0;
     for (int64_t i = 1; i < V; ++i)
       if (x[i] > x[best]) best = i;
-    double mx = x[best], sum = 0.0;
-    for (int64_t i = 0; i < V; ++i) sum += std::exp(static_cast<double>(x[i]) - mx);
     *tok_out = best;
-    *lp_out = static_cast<float>(-std::log(sum));
+    *lp_out = static_cast<float>(-std::log(exp_fill(p.data(), x, V, 1.f, x[best])));
     return;
   }
-  const double t = temp;
-  double mx = -INFINITY;
-  for (int64_t i = 0; i < V; ++i) mx = std::max(mx, x[i] / t);
-  p.resize(V);
-  double sum = 0.0;
-  for (int64_t i = 0; i < V; ++i) {
-    p[i] = std::exp(x[i] / t - mx);  // one exp per token: p = exp(z - max) / sum
-    sum += p[i];
-  }
+  const float inv_t = 1.f / temp;
+  float mx = -INFINITY;
+#pragma omp simd reduction(max : mx)
+  for (int64_t i = 0; i < V; ++i) mx = std::max(mx, x[i] * inv_t);
+  const double sum = exp_fill(p.data(), x, V, inv_t, mx);  // p = exp(z - max), z = x / T
   const double lse = mx + std::log(sum);
-  const double inv = 1.0 / sum;
-  for (int64_t i = 0; i < V; ++i) p[i] *= inv;
-  const double pmax = inv;  // the max token has exp(0) = 1
   double thr = 0.0;
   if (top_k > 0 && top_k < V) {
     buf.assign(p.begin(), p.end());
@@ -88,10 +98,13 @@ void sample_row(int64_t* tok_out, float* lp_out, const float* x, int64_t V, floa
       if (p[i] >= thr) total += p[i];
     thr = std::max(thr, top_p_threshold(p, thr, total, static_cast<double>(top_p), buf));
   }
-  if (min_p > 0.f) thr = std::max(thr, static_cast<double>(min_p) * pmax);
-  double kept = 0.0;
-  for (int64_t i = 0; i < V; ++i)
-    if (p[i] >= thr) kept += p[i];
+  if (min_p > 0.f) thr = std::max(thr, static_cast<double>(min_p));  // min_p * (max weight = 1)
+  double kept = sum;
+  if (thr > 0.0) {
+    kept = 0.0;
+    for (int64_t i = 0; i < V; ++i)
+      if (p[i] >= thr) kept += p[i];
+  }
   const double target = uniform01(seed, step) * kept;
   double run = 0.0;
   int64_t chosen = -1, last = 0;
@@ -106,8 +119,23 @@ void sample_row(int64_t* tok_out, float* lp_out, const float* x, int64_t V, floa
   }
   if (chosen < 0) chosen = last;  // u * kept rounded up to the total
   *tok_out = chosen;
-  *lp_out = static_cast<float>(x[chosen] / t - lse);
+  *lp_out = static_cast<float>(static_cast<double>(x[chosen] * inv_t) - lse);
 }
+
+using SampleRowFn = void (*)(int64_t*, float*, const float*, int64_t, float, int, float, float,
+                             int64_t, int64_t, std::vector<double>&, std::vector<double>&);
+void sample_row_base(int64_t* t, float* l, const float* x, int64_t V, float temp, int k, float tp,
+                     float mp, int64_t seed, int64_t step, std::vector<double>& p,
+                     std::vector<double>& buf) {
+  sample_row(t, l, x, V, temp, k, tp, mp, seed, step, p, buf);
+}
+#ifdef GF_X86_DISPATCH
+GF_AVX2 void sample_row_avx2(int64_t* t, float* l, const float* x, int64_t V, float temp, int k,
+                             float tp, float mp, int64_t seed, int64_t step,
+                             std::vector<double>& p, std::vector<double>& buf) {
+  sample_row(t, l, x, V, temp, k, tp, mp, seed, step, p, buf);
+}
+#endif
 
 }  // namespace
 
@@ -123,13 +151,16 @@ void cpu_sample(uintptr_t tokens, uintptr_t logprobs, uintptr_t logits, uintptr_
   const auto* mp = reinterpret_cast<const float*>(min_p);
   const auto* sd = reinterpret_cast<const int64_t*>(seeds);
   const auto* st = reinterpret_cast<const int64_t*>(steps);
+  SampleRowFn row = sample_row_base;
+#ifdef GF_X86_DISPATCH
+  if (use_avx2()) row = sample_row_avx2;
+#endif
 #pragma omp parallel
   {
     std::vector<double> p, buf;  // per-thread scratch
 #pragma omp for schedule(dynamic, 1)
     for (int64_t s = 0; s < num_rows; ++s)
-      sample_row(tok + s, lp + s, x + s * vocab, vocab, temp[s], tk[s], tp[s], mp[s], sd[s], st[s],
-                 p, buf);
+      row(tok + s, lp + s, x + s * vocab, vocab, temp[s], tk[s], tp[s], mp[s], sd[s], st[s], p, buf);
   }
 }
 

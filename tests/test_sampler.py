@@ -20,6 +20,7 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
+from grpo_fast.models import cpu_ops
 from grpo_fast.sampler import Sampler, SamplingParams
 
 VOCAB = 128
@@ -257,63 +258,89 @@ def test_training_mode_restored():
     assert all(m.training for m in model.modules())
 
 
-def test_plain_linear_fast_path_is_the_module_math():
+# Decode fast paths (grpo_fast.models.decode_fast_paths), each case run on the path it names:
+# 5 rows -> MKL's transposed product; 37 rows -> the native kernel (or, with it switched off,
+# the transposed product again).
+_NATIVE = pytest.mark.skipif(not cpu_ops.available(), reason="native CPU linear needs AVX2+FMA and the _C build")
+FAST_PATHS = [pytest.param((5, False), id="transposed"), pytest.param((37, False), id="native", marks=_NATIVE),
+              pytest.param((37, True), id="transposed-37rows")]
+
+
+@pytest.fixture
+def fast_path(request, monkeypatch):
+    rows, native_off = request.param
+    if native_off:
+        monkeypatch.setenv("GRPO_FAST_NO_CPU_LINEAR", "1")
+    return rows
+
+
+@pytest.mark.parametrize("fast_path", FAST_PATHS, indirect=True)
+def test_plain_linear_fast_path_is_the_module_math(fast_path):
     from torch import nn
 
-    from grpo_fast.models.llama_family import _linear
+    from grpo_fast.models.decode_fast_paths import linear, linear_add_
 
     lin = nn.Linear(64, 96, bias=True)
-    x = torch.randn(5, 64)
-    torch.testing.assert_close(_linear(lin, x), lin(x), atol=1e-5, rtol=1e-5)
+    x = torch.randn(fast_path, 64)
+    torch.testing.assert_close(linear(lin, x), lin(x), atol=1e-5, rtol=1e-5)
+    into = torch.randn(fast_path, 96)
+    torch.testing.assert_close(linear_add_(into.clone(), lin, x), into + lin(x), atol=1e-5, rtol=1e-5)
     calls = []
     lin.register_forward_hook(lambda mod, inp, out: calls.append(1))
-    _linear(lin, x)
+    linear(lin, x)
     assert calls == [1]  # a hooked layer is called as a module
 
 
-def test_peft_lora_fast_path_is_the_module_math():
-    """The decode fast path over a peft LoRA layer (base W @ x^T plus s * B @ (A @ x^T)) equals
-    peft's own forward, follows a disabled adapter, and reads the live LoRA weights."""
+@pytest.mark.parametrize("fast_path", FAST_PATHS, indirect=True)
+def test_peft_lora_fast_path_is_the_module_math(fast_path):
+    """The decode fast path over a peft LoRA layer (base W x plus s * B (A x)) equals peft's own
+    forward, follows a disabled adapter, and reads the live LoRA weights."""
     from peft import LoraConfig, get_peft_model
 
-    from grpo_fast.models.llama_family import _linear, _lora_terms
+    from grpo_fast.models.decode_fast_paths import linear, linear_add_, lora_terms
 
     torch.manual_seed(0)
     model = get_peft_model(tiny_model("llama"), LoraConfig(r=4, lora_alpha=12, init_lora_weights=False,
                                                          target_modules=["q_proj", "down_proj"])).eval()
     q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
-    assert _lora_terms(q_proj) is not None  # the fast path is taken, not the module fallback
-    x = torch.randn(7, 64)
-    torch.testing.assert_close(_linear(q_proj, x), q_proj(x), atol=1e-5, rtol=1e-5)
+    assert lora_terms(q_proj) is not None  # the fast path is taken, not the module fallback
+    x = torch.randn(fast_path, 64)
+    torch.testing.assert_close(linear(q_proj, x), q_proj(x), atol=1e-5, rtol=1e-5)
     with torch.no_grad():
         q_proj.lora_B["default"].weight.mul_(3.0)  # the live adapter, not a snapshot
-    torch.testing.assert_close(_linear(q_proj, x), q_proj(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(linear(q_proj, x), q_proj(x), atol=1e-5, rtol=1e-5)
+    into = torch.randn(fast_path, 64)
+    torch.testing.assert_close(linear_add_(into.clone(), q_proj, x), into + q_proj(x), atol=1e-5, rtol=1e-5)
     with model.disable_adapter():
-        torch.testing.assert_close(_linear(q_proj, x), q_proj.base_layer(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(linear(q_proj, x), q_proj.base_layer(x), atol=1e-5, rtol=1e-5)
     assert not torch.allclose(q_proj(x), q_proj.base_layer(x), atol=1e-3)
     # Greedy completions and log-probs still equal HF's over the whole peft model.
     sampler = Sampler(model, None, block_size=4, kv_budget="1024 tokens")
     assert_matches_hf(model, sampler, random_prompts((5, 9)), n=2, max_tokens=6)
 
 
-def test_transposed_mlp_and_chunked_lm_head_are_the_module_math():
-    """The decode fast paths that reorganize work (the MLP run in the transposed space, the LM
-    head made a vocabulary chunk at a time) give the modules' own outputs, LoRA included."""
+@pytest.mark.parametrize("fast_path", FAST_PATHS, indirect=True)
+def test_gated_mlp_and_lm_head_fast_paths_are_the_module_math(fast_path):
+    """The decode fast paths that reorganize work (the MLP fused or run transposed, the LM head
+    made a vocabulary chunk at a time) give the modules' own outputs, LoRA and bias included."""
     from peft import LoraConfig, get_peft_model
     from torch import nn
 
-    from grpo_fast.models.llama_family import _lm_head, _mlp
+    from grpo_fast.models.decode_fast_paths import gated_mlp_add_, lm_head
 
     torch.manual_seed(0)
     head = nn.Linear(64, 1031, bias=True)  # vocab not a multiple of the chunk
-    x = torch.randn(6, 64)
-    torch.testing.assert_close(_lm_head(head, x, rows_per_chunk=100), head(x), atol=1e-5, rtol=1e-5)
+    x = torch.randn(fast_path, 64)
+    torch.testing.assert_close(lm_head(head, x, rows_per_chunk=100), head(x), atol=1e-5, rtol=1e-5)
+    into = torch.randn(fast_path, 64)
+    biased = LlamaForCausalLM(LlamaConfig(**COMMON, mlp_bias=True)).model.layers[0].mlp
     model = tiny_model("llama")
+    for mlp in (model.model.layers[0].mlp, biased):
+        torch.testing.assert_close(gated_mlp_add_(into.clone(), mlp, x), into + mlp(x), atol=1e-5, rtol=1e-5)
     mlp = model.model.layers[0].mlp
-    torch.testing.assert_close(_mlp(mlp, x), mlp(x), atol=1e-5, rtol=1e-5)
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
                                                   target_modules=["gate_proj", "up_proj", "down_proj"])).eval()
     lora_mlp = peft_model.base_model.model.model.layers[0].mlp
-    torch.testing.assert_close(_mlp(lora_mlp, x), lora_mlp(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gated_mlp_add_(into.clone(), lora_mlp, x), into + lora_mlp(x), atol=1e-5, rtol=1e-5)
     assert not torch.allclose(lora_mlp(x), mlp.down_proj.base_layer(
         mlp.act_fn(mlp.gate_proj.base_layer(x)) * mlp.up_proj.base_layer(x)), atol=1e-4)

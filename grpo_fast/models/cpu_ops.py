@@ -1,0 +1,100 @@
+"""CPU kernels of the sampler's decode step: few-row fp32 linear layers (csrc/linear_cpu.cpp) and
+RMSNorm (csrc/rms_norm_cpu.cpp).
+
+``linear(x, W, b)`` = x @ W^T + b for x [M, K] with M a few dozen rows, the weight read in place
+(no copy, no packing of the weight), AVX2+FMA, 58-67 GFLOPS here against MKL's 44-54 at M = 32
+(MKL repacks the weight on every call, an extra pass over a matrix that is read once). Also
+``linear_into`` (written into, or accumulated into, an existing [M, N] view, with a scale:
+residual adds and LoRA's s * (x A^T) B^T) and ``silu_mul_linear`` (a gated MLP's
+silu(x Wg^T) * (x Wu^T) in one pass).
+
+``rms_norm(x, w, eps)`` = w * x / sqrt(mean(x^2, -1) + eps) in one pass per row (HF's RMSNorm
+module runs seven tensor ops, each a few microseconds of dispatch on a [32, 576] tensor).
+
+``available()`` says whether they can run (the native build is there and the CPU has AVX2+FMA);
+callers keep a torch path for when it is False. Summation order differs from MKL's, so results
+agree with ``x @ W.T`` to fp32 rounding, not bitwise.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    from grpo_fast import _C
+except ImportError:  # source checkout without a build
+    _C = None
+
+
+def available() -> bool:
+    """True when the native kernels can run here (GRPO_FAST_NO_CPU_LINEAR=1 turns them off)."""
+    if _C is None or not hasattr(_C, "cpu_linear") or os.environ.get("GRPO_FAST_NO_CPU_LINEAR") == "1":
+        return False
+    return bool(_C.cpu_linear_available())
+
+
+def _check_rows(name: str, t: torch.Tensor) -> None:
+    if t.device.type != "cpu" or t.dtype != torch.float32 or t.dim() != 2 or t.stride(1) != 1:
+        raise ValueError(f"{name}: need a 2-D fp32 CPU tensor with unit column stride, got "
+                         f"{t.dtype} {tuple(t.shape)} strides {t.stride()} on {t.device}")
+
+
+def _check_weight(name: str, w: torch.Tensor, k: int) -> None:
+    if w.device.type != "cpu" or w.dtype != torch.float32 or w.dim() != 2 or not w.is_contiguous():
+        raise ValueError(f"{name}: need a contiguous 2-D fp32 CPU tensor, got {w.dtype} {tuple(w.shape)}")
+    if w.shape[1] != k:
+        raise ValueError(f"{name}: has {w.shape[1]} input features, x has {k}")
+
+
+def linear_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                *, alpha: float = 1.0, accumulate: bool = False) -> torch.Tensor:
+    """out = (out if accumulate else 0) + alpha * x @ weight^T + bias; x [M, K], weight [N, K],
+    out [M, N] (rows may be strided, e.g. a column slice). Returns out."""
+    _check_rows("x", x)
+    _check_rows("out", out)
+    _check_weight("weight", weight, x.shape[1])
+    m, n = x.shape[0], weight.shape[0]
+    if tuple(out.shape) != (m, n):
+        raise ValueError(f"out: expected shape {(m, n)}, got {tuple(out.shape)}")
+    if bias is not None and (bias.dtype != torch.float32 or bias.shape != (n,) or not bias.is_contiguous()):
+        raise ValueError(f"bias: need a contiguous fp32 [{n}] tensor, got {bias.dtype} {tuple(bias.shape)}")
+    if m:
+        _C.cpu_linear(out.data_ptr(), x.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(),
+                      m, n, x.shape[1], x.stride(0), out.stride(0), float(alpha), bool(accumulate))
+    return out
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight^T + bias as a new [M, N] tensor."""
+    out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32)
+    return linear_into(out, x, weight, bias)
+
+
+def silu_mul_linear(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor) -> torch.Tensor:
+    """silu(x @ w_gate^T) * (x @ w_up^T), [M, N], both projections bias-free."""
+    _check_rows("x", x)
+    _check_weight("w_gate", w_gate, x.shape[1])
+    _check_weight("w_up", w_up, x.shape[1])
+    if w_gate.shape != w_up.shape:
+        raise ValueError(f"w_gate {tuple(w_gate.shape)} and w_up {tuple(w_up.shape)} differ in shape")
+    m, n = x.shape[0], w_gate.shape[0]
+    out = torch.empty(m, n, dtype=torch.float32)
+    if m:
+        _C.cpu_silu_mul_linear(out.data_ptr(), x.data_ptr(), w_gate.data_ptr(), w_up.data_ptr(),
+                               m, n, x.shape[1], x.stride(0), out.stride(0))
+    return out
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * x / sqrt(mean(x^2 over the last dim) + eps), fp32, any leading shape."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or not x.is_contiguous() or x.dim() < 1:
+        raise ValueError(f"x: need a contiguous fp32 CPU tensor, got {x.dtype} {tuple(x.shape)} on {x.device}")
+    dim = x.shape[-1]
+    if weight.dtype != torch.float32 or weight.shape != (dim,) or not weight.is_contiguous():
+        raise ValueError(f"weight: need a contiguous fp32 [{dim}] tensor, got {weight.dtype} {tuple(weight.shape)}")
+    out = torch.empty_like(x)
+    if x.numel():
+        _C.cpu_rms_norm(out.data_ptr(), x.data_ptr(), weight.data_ptr(), x.numel() // dim, dim, float(eps))
+    return out

@@ -1,0 +1,203 @@
+"""Fast paths of a decode step's layers: ``module(x)`` for a few rows, computed from the module's
+live weights by the fastest CPU path that gives the same math, else by calling the module.
+
+A layer qualifies when it is a plain ``nn.Linear`` (exact type, no hooks) or a vanilla peft LoRA
+``Linear`` over one (unmerged, no DoRA or other variant, dropout off): then
+module(x) = x W^T + b + sum_i s_i (x A_i^T) B_i^T, with W, b, A_i, B_i read at call time, so the
+sampler always runs the live policy. Anything else (bitsandbytes 4-bit, hooked layers, CUDA
+tensors, other dtypes) is called as a module, unchanged.
+
+CPU fp32 paths, for M rows:
+- native (grpo_fast.models.cpu_ops, AVX2+FMA, 8 <= M <= 256): the weight read in place by a
+  register-tiled kernel, outputs written (or accumulated) straight into [M, N];
+- transposed (M <= 256): (W @ x^T)^T with MKL. For few rows MKL splits x @ W^T over the rows, so
+  every thread streams the whole weight; W @ x^T is split over the weight's rows.
+
+Also fused here: ``linear_add_`` (residual: into += module(x), no [M, N] temporary on the native
+path) and the gated MLPs of the supported families, down(act(gate(x)) * up(x)), whose
+silu(gate) * up is one native pass when gate and up carry no bias or adapter; and ``rms_norm``:
+the families' RMSNorm modules as one native pass per row instead of seven tensor ops.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from grpo_fast.models import cpu_ops
+
+# Gated MLPs of the supported families: down(act(gate(x)) * up(x)).
+_GATED_MLPS = ("LlamaMLP", "Qwen2MLP", "Qwen3MLP", "MistralMLP")
+_SILU_ACTS = ("SiLUActivation", "SiLU")
+# weight * x / sqrt(mean(x^2) + variance_epsilon), computed in fp32, in every one of these.
+_RMS_NORMS = ("LlamaRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "MistralRMSNorm")
+# Up to this many rows a qualifying CPU layer takes a fast path; the native kernel from _NATIVE_MIN
+# rows on (below that its 3-row weight tiles are load-bound and MKL's transposed product wins).
+_SMALL_M = 256
+_NATIVE_MIN = 8
+
+LoraTerms = list[tuple[torch.Tensor, torch.Tensor, float]]
+
+
+def _unhooked(module: nn.Module) -> bool:
+    return not module._forward_hooks and not module._forward_pre_hooks and not hasattr(module, "_hf_hook")
+
+
+def _plain_linear(module: nn.Module) -> bool:
+    return type(module) is nn.Linear and _unhooked(module)
+
+
+def lora_terms(module: nn.Module) -> LoraTerms | None:
+    """[(A [r, in], B [out, r], scaling)] of the active adapters of an unmerged, vanilla peft LoRA
+    ``Linear`` over a plain ``nn.Linear`` (no DoRA or other variant, no LoRA bias, dropout off),
+    or None when the layer is anything else and must be called as a module."""
+    cls = type(module)
+    if cls.__name__ != "Linear" or not cls.__module__.startswith("peft.tuners.lora"):
+        return None
+    base = getattr(module, "base_layer", None)
+    if base is None or not _plain_linear(base) or not _unhooked(module) or getattr(module, "merged", True):
+        return None
+    if getattr(module, "fan_in_fan_out", False) or getattr(module, "lora_variant", None):
+        return None
+    if module.disable_adapters:
+        return []
+    terms = []
+    for name in module.active_adapters:
+        if name not in module.lora_A:
+            continue
+        lora_a, lora_b, dropout = module.lora_A[name], module.lora_B[name], module.lora_dropout[name]
+        if not (_plain_linear(lora_a) and _plain_linear(lora_b)) or lora_b.bias is not None or lora_a.bias is not None:
+            return None
+        if dropout.training and type(dropout) is not nn.Identity:
+            return None
+        if lora_a.weight.dtype != base.weight.dtype:
+            return None
+        terms.append((lora_a.weight, lora_b.weight, float(module.scaling[name])))
+    return terms
+
+
+def fast_parts(module: nn.Module, x: torch.Tensor) -> tuple[nn.Linear, LoraTerms] | None:
+    """(base nn.Linear, LoRA terms) when module(x) may take a CPU fast path, else None."""
+    if x.device.type != "cpu" or x.dim() != 2 or x.shape[0] > _SMALL_M:
+        return None
+    if _plain_linear(module):
+        base, terms = module, []
+    else:
+        terms = lora_terms(module)
+        if terms is None:
+            return None
+        base = module.base_layer
+    return (base, terms) if base.weight.dtype == x.dtype else None
+
+
+def _native(x: torch.Tensor, parts) -> bool:
+    if x.dtype != torch.float32 or x.shape[0] < _NATIVE_MIN or x.stride(1) != 1 or not cpu_ops.available():
+        return False
+    base, terms = parts
+    return base.weight.is_contiguous() and all(a.is_contiguous() and b.is_contiguous() for a, b, _ in terms)
+
+
+def _native_into(out: torch.Tensor, x: torch.Tensor, parts, accumulate: bool) -> torch.Tensor:
+    """out (+)= x W^T + b + sum_i s_i (x A_i^T) B_i^T with the native kernel."""
+    base, terms = parts
+    bias = base.bias.contiguous() if base.bias is not None else None
+    cpu_ops.linear_into(out, x, base.weight, bias, accumulate=accumulate)
+    for weight_a, weight_b, scaling in terms:
+        cpu_ops.linear_into(out, cpu_ops.linear(x, weight_a), weight_b, alpha=scaling, accumulate=True)
+    return out
+
+
+def _transposed(parts, xt: torch.Tensor) -> torch.Tensor:
+    """module(x)^T = W @ x^T + b + sum_i s_i * B_i @ (A_i @ x^T): xt [K, M] -> [N, M]."""
+    base, terms = parts
+    out_t = torch.mm(base.weight, xt)  # [N, M]
+    for weight_a, weight_b, scaling in terms:
+        out_t.addmm_(weight_b, torch.mm(weight_a, xt), alpha=scaling)  # += s * B @ (A @ x^T)
+    if base.bias is not None:
+        out_t += base.bias.unsqueeze(1)
+    return out_t
+
+
+def linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """module(x) [M, N]."""
+    parts = fast_parts(module, x)
+    if parts is None:
+        return module(x)
+    if _native(x, parts):
+        out = torch.empty(x.shape[0], parts[0].weight.shape[0], dtype=x.dtype)
+        return _native_into(out, x, parts, accumulate=False)
+    return _transposed(parts, x.t()).t().contiguous()
+
+
+def linear_add_(into: torch.Tensor, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """into += module(x), in place (into [M, N] fp32 rows, e.g. the residual stream)."""
+    parts = fast_parts(module, x)
+    if parts is not None and _native(x, parts) and into.dtype == x.dtype and into.stride(1) == 1:
+        return _native_into(into, x, parts, accumulate=True)
+    return into.add_(linear(module, x))
+
+
+def lm_head(module: nn.Module, x: torch.Tensor, rows_per_chunk: int = 4096) -> torch.Tensor:
+    """Logits [M, V] fp32. On the transposed path the [V, M] product is made a vocabulary chunk
+    at a time and each chunk transposed into place while it is still in cache (one transposing
+    copy of the whole [V, M] product reads it with a stride of M floats)."""
+    parts = fast_parts(module, x)
+    if parts is None or parts[1] or _native(x, parts):
+        return linear(module, x).float()
+    base = parts[0]
+    xt = x.t()  # [H, M]
+    vocab = base.weight.shape[0]
+    out = torch.empty(x.shape[0], vocab, dtype=x.dtype, device=x.device)  # [M, V]
+    for s in range(0, vocab, rows_per_chunk):
+        e = min(s + rows_per_chunk, vocab)
+        chunk = torch.mm(base.weight[s:e], xt)  # [C, M]
+        if base.bias is not None:
+            chunk += base.bias[s:e].unsqueeze(1)
+        out[:, s:e] = chunk.t()
+    return out.float()
+
+
+def _gated_parts(mlp: nn.Module, x: torch.Tensor):
+    if type(mlp).__name__ not in _GATED_MLPS or not _unhooked(mlp):
+        return None
+    parts = [fast_parts(m, x) for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)]
+    return None if any(p is None for p in parts) else parts
+
+
+def _fused_silu_gate(mlp: nn.Module, x: torch.Tensor, gate, up) -> bool:
+    """Whether silu(gate(x)) * up(x) may be one native pass: SiLU activation, no bias, no adapter."""
+    plain = all(p[0].bias is None and not p[1] for p in (gate, up))
+    act = mlp.act_fn
+    return plain and type(act).__name__ in _SILU_ACTS and _unhooked(act) and _native(x, gate) and _native(x, up)
+
+
+def _gated_inner(mlp: nn.Module, x: torch.Tensor, gate, up) -> torch.Tensor:
+    """act(gate(x)) * up(x) [M, I] on the native kernels."""
+    if _fused_silu_gate(mlp, x, gate, up):
+        return cpu_ops.silu_mul_linear(x, gate[0].weight, up[0].weight)
+    return mlp.act_fn(linear(mlp.gate_proj, x)).mul_(linear(mlp.up_proj, x))
+
+
+def gated_mlp_add_(into: torch.Tensor, mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """into += mlp(x), in place. The known gated MLPs are unrolled so their projections take the
+    fast paths; on the transposed path the whole MLP runs transposed (act(G x^T) * (U x^T) is
+    [I, M], contiguous, and is already the x^T the down projection wants)."""
+    parts = _gated_parts(mlp, x)
+    if parts is None:
+        return into.add_(mlp(x))
+    gate, up, down = parts
+    if _native(x, gate) and _native(x, up):
+        return linear_add_(into, mlp.down_proj, _gated_inner(mlp, x, gate, up))
+    xt = x.t()  # [H, M]
+    inner_t = mlp.act_fn(_transposed(gate, xt)).mul_(_transposed(up, xt))  # [I, M]
+    return into.add_(_transposed(down, inner_t).t())
+
+
+def rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """norm(x) over the last dim; natively for the families' RMSNorms on contiguous fp32 CPU input
+    (any leading shape: Qwen3's per-head q/k norms see [T, H, D])."""
+    if (type(norm).__name__ not in _RMS_NORMS or not _unhooked(norm) or x.device.type != "cpu"
+            or x.dtype != torch.float32 or norm.weight.dtype != torch.float32 or not x.is_contiguous()
+            or not cpu_ops.available()):
+        return norm(x)
+    return cpu_ops.rms_norm(x, norm.weight, float(norm.variance_epsilon))

@@ -1,0 +1,107 @@
+"""The sampler's native CPU decode kernels (grpo_fast.models.cpu_ops) against plain PyTorch:
+few-row linear (tails of every tile dimension, bias, scale, accumulate, strided rows), the fused
+silu(x Wg^T) * (x Wu^T), RMSNorm against HF's module, and the input checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from grpo_fast.models import cpu_ops
+
+pytestmark = pytest.mark.skipif(not cpu_ops.available(), reason="native CPU kernels need AVX2+FMA and the _C build")
+
+
+def ref_linear(x, w, b=None):
+    out = x.double() @ w.double().t()
+    return out if b is None else out + b.double()
+
+
+# M around the 8-row vector and 32-row tile edges, N around the 3-row weight tile, K around the
+# 128-step register block.
+@pytest.mark.parametrize("m", [1, 7, 8, 9, 31, 32, 33, 70])
+@pytest.mark.parametrize("n,k", [(1, 5), (2, 128), (3, 129), (97, 300), (64, 1)])
+def test_linear_matches_torch(m, n, k):
+    g = torch.Generator().manual_seed(m * 1000 + n * 10 + k)
+    x, w, b = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g), torch.randn(n, generator=g)
+    torch.testing.assert_close(cpu_ops.linear(x, w).double(), ref_linear(x, w), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(cpu_ops.linear(x, w, b).double(), ref_linear(x, w, b), atol=1e-4, rtol=1e-5)
+
+
+def test_linear_into_scales_accumulates_and_takes_strided_rows():
+    g = torch.Generator().manual_seed(0)
+    big_x = torch.randn(20, 90, generator=g)
+    x = big_x[:, 10:74]  # [20, 64], rows 90 floats apart
+    w, b = torch.randn(40, 64, generator=g), torch.randn(40, generator=g)
+    out = torch.randn(20, 100, generator=g)
+    before = out.clone()
+    cpu_ops.linear_into(out[:, 30:70], x, w, b, alpha=0.5, accumulate=True)
+    want = before.clone()
+    want[:, 30:70] += 0.5 * (x @ w.t()) + b
+    torch.testing.assert_close(out, want, atol=1e-4, rtol=1e-5)  # columns outside the view untouched
+    cpu_ops.linear_into(out[:, 30:70], x, w)  # overwrite
+    torch.testing.assert_close(out[:, 30:70], x @ w.t(), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(out[:, :30], want[:, :30], atol=0, rtol=0)
+
+
+def test_linear_rounding_is_blocked_over_k():
+    """A long K is summed in 128-step register blocks: the error stays at a blocked GEMM's level
+    (a single running sum over K = 8192 would drift past this bound)."""
+    g = torch.Generator().manual_seed(3)
+    x, w = torch.randn(32, 8192, generator=g), torch.randn(48, 8192, generator=g)
+    err = (cpu_ops.linear(x, w).double() - ref_linear(x, w)).abs().max().item()
+    mkl = ((x @ w.t()).double() - ref_linear(x, w)).abs().max().item()
+    assert err < 3 * mkl + 1e-4, (err, mkl)
+
+
+@pytest.mark.parametrize("m,n,k", [(32, 96, 64), (5, 7, 33), (40, 1536, 576)])
+def test_silu_mul_linear_matches_torch(m, n, k):
+    g = torch.Generator().manual_seed(m + n + k)
+    x = torch.randn(m, k, generator=g) * 2
+    wg, wu = torch.randn(n, k, generator=g) / k**0.5, torch.randn(n, k, generator=g) / k**0.5
+    want = F.silu(ref_linear(x, wg)) * ref_linear(x, wu)
+    torch.testing.assert_close(cpu_ops.silu_mul_linear(x, wg, wu).double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_silu_mul_extremes():
+    """silu at large |g| (exp of a non-positive argument only: no overflow, no NaN)."""
+    x = torch.tensor([[1.0]]).repeat(8, 1)
+    wg = torch.tensor([[-200.0], [-30.0], [-1.0], [0.0], [1e-6], [2.0], [30.0], [200.0]])
+    out = cpu_ops.silu_mul_linear(x, wg, torch.ones(8, 1))
+    torch.testing.assert_close(out, F.silu(x @ wg.t()), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(32, 576), (3, 4, 64), (1, 5), (0, 8)])
+def test_rms_norm_matches_hf_module(shape):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    g = torch.Generator().manual_seed(len(shape))
+    norm = LlamaRMSNorm(shape[-1], eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(shape[-1], generator=g))
+    x = torch.randn(*shape, generator=g) * 3
+    torch.testing.assert_close(cpu_ops.rms_norm(x, norm.weight.detach(), 1e-5), norm(x).detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_bad_inputs_name_the_argument():
+    x, w = torch.randn(4, 8), torch.randn(6, 8)
+    with pytest.raises(ValueError, match="x: need a 2-D fp32"):
+        cpu_ops.linear(x.double(), w)
+    with pytest.raises(ValueError, match="weight: has 7 input features, x has 8"):
+        cpu_ops.linear(x, torch.randn(6, 7))
+    with pytest.raises(ValueError, match="weight: need a contiguous"):
+        cpu_ops.linear(x, torch.randn(8, 6).t())
+    with pytest.raises(ValueError, match=r"out: expected shape \(4, 6\)"):
+        cpu_ops.linear_into(torch.empty(4, 5), x, w)
+    with pytest.raises(ValueError, match=r"bias: need a contiguous fp32 \[6\]"):
+        cpu_ops.linear(x, w, torch.randn(5))
+    with pytest.raises(ValueError, match="differ in shape"):
+        cpu_ops.silu_mul_linear(x, w, torch.randn(5, 8))
+    with pytest.raises(ValueError, match=r"weight: need a contiguous fp32 \[8\]"):
+        cpu_ops.rms_norm(x, torch.randn(7), 1e-6)
+
+
+def test_switch_off(monkeypatch):
+    monkeypatch.setenv("GRPO_FAST_NO_CPU_LINEAR", "1")
+    assert not cpu_ops.available()
