@@ -54,4 +54,24 @@ GF_INLINE float exp_nonpos(float x) {
   return p * scale;
 }
 
+#ifdef GF_X86_DISPATCH
+// exp_nonpos on 8 lanes, the same operations in the same order (so the same results).
+GF_AVX2 GF_INLINE __m256 exp_nonpos8(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  const __m256 t = _mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f));
+  const __m256 magic = _mm256_set1_ps(12582912.f);
+  const __m256 fi = _mm256_sub_ps(_mm256_add_ps(t, magic), magic);
+  const __m256 f = _mm256_mul_ps(_mm256_sub_ps(t, fi), _mm256_set1_ps(0.693147180559945309f));
+  __m256 p = _mm256_set1_ps(1.f / 720);
+  p = _mm256_add_ps(_mm256_mul_ps(p, f), _mm256_set1_ps(1.f / 120));
+  p = _mm256_add_ps(_mm256_mul_ps(p, f), _mm256_set1_ps(1.f / 24));
+  p = _mm256_add_ps(_mm256_mul_ps(p, f), _mm256_set1_ps(1.f / 6));
+  p = _mm256_add_ps(_mm256_mul_ps(p, f), _mm256_set1_ps(0.5f));
+  p = _mm256_add_ps(_mm256_mul_ps(p, f), _mm256_set1_ps(1.f));
+  p = _mm256_add_ps(_mm256_mul_ps(p, f), _mm256_set1_ps(1.f));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fi), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+}
+#endif
+
 }  // namespace grpo_fast

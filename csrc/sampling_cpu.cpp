@@ -25,15 +25,69 @@ namespace {
 // are fp32 (exp_nonpos, relative error < 2e-7), vectorized: one scalar float64 exp per token was
 // most of this kernel's time at a 49k vocabulary. Below e^-87 (-inf logits: masked tokens) a
 // weight is exactly 0, so such a token is never drawn.
-GF_INLINE double exp_fill(double* p, const float* x, int64_t V, float inv_t, float mx) {
+double exp_fill_base(double* p, const float* x, int64_t V, float inv_t, float mx) {
   double sum = 0.0;
-#pragma omp simd reduction(+ : sum)
   for (int64_t i = 0; i < V; ++i) {
     const float z = x[i] * inv_t - mx;
     p[i] = z < -87.f ? 0.0 : static_cast<double>(exp_nonpos(z));
     sum += p[i];
   }
   return sum;
+}
+float max_scaled_base(const float* x, int64_t V, float inv_t) {
+  float mx = -INFINITY;
+  for (int64_t i = 0; i < V; ++i) mx = std::max(mx, x[i] * inv_t);
+  return mx;
+}
+
+#ifdef GF_X86_DISPATCH
+GF_AVX2 double exp_fill_avx2(double* p, const float* x, int64_t V, float inv_t, float mx) {
+  const __m256 vt = _mm256_set1_ps(inv_t), vm = _mm256_set1_ps(mx), lo = _mm256_set1_ps(-87.f);
+  __m256d s0 = _mm256_setzero_pd(), s1 = _mm256_setzero_pd();
+  int64_t i = 0;
+  for (; i + 8 <= V; i += 8) {
+    const __m256 z = _mm256_sub_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), vt), vm);
+    const __m256 e = _mm256_andnot_ps(_mm256_cmp_ps(z, lo, _CMP_LT_OQ), exp_nonpos8(z));  // 0 below e^-87
+    const __m256d e0 = _mm256_cvtps_pd(_mm256_castps256_ps128(e));
+    const __m256d e1 = _mm256_cvtps_pd(_mm256_extractf128_ps(e, 1));
+    _mm256_storeu_pd(p + i, e0);
+    _mm256_storeu_pd(p + i + 4, e1);
+    s0 = _mm256_add_pd(s0, e0);
+    s1 = _mm256_add_pd(s1, e1);
+  }
+  alignas(32) double lanes[4];
+  _mm256_store_pd(lanes, _mm256_add_pd(s0, s1));
+  return lanes[0] + lanes[1] + lanes[2] + lanes[3] + exp_fill_base(p + i, x + i, V - i, inv_t, mx);
+}
+GF_AVX2 float max_scaled_avx2(const float* x, int64_t V, float inv_t) {
+  const __m256 vt = _mm256_set1_ps(inv_t);
+  __m256 m = _mm256_set1_ps(-INFINITY);
+  int64_t i = 0;
+  for (; i + 8 <= V; i += 8) m = _mm256_max_ps(m, _mm256_mul_ps(_mm256_loadu_ps(x + i), vt));
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, m);
+  float mx = max_scaled_base(x + i, V - i, inv_t);
+  for (float l : lanes) mx = std::max(mx, l);
+  return mx;
+}
+#endif
+
+// p[i] = exp(x[i] * inv_t - mx) (mx >= every x * inv_t), returns their sum (float64). The exps
+// are fp32 (exp_nonpos, relative error < 2e-7), 8 lanes at a time on AVX2: one scalar float64 exp
+// per token was most of this kernel's time at a 49k vocabulary. Below e^-87 (-inf logits:
+// masked tokens) a weight is exactly 0, so such a token is never drawn.
+double exp_fill(double* p, const float* x, int64_t V, float inv_t, float mx) {
+#ifdef GF_X86_DISPATCH
+  if (use_avx2()) return exp_fill_avx2(p, x, V, inv_t, mx);
+#endif
+  return exp_fill_base(p, x, V, inv_t, mx);
+}
+// max_i x[i] * inv_t
+float max_scaled(const float* x, int64_t V, float inv_t) {
+#ifdef GF_X86_DISPATCH
+  if (use_avx2()) return max_scaled_avx2(x, V, inv_t);
+#endif
+  return max_scaled_base(x, V, inv_t);
 }
 
 // Smallest threshold keeping the top-p mass among candidates {p >= floor_thr}.
@@ -68,9 +122,9 @@ double top_p_threshold(const std::vector<double>& p, double floor_thr, double to
 
 // Weights stay unnormalized (p = exp(z - max z), the top token's weight 1): every filter and
 // the draw are invariant to the scale, so the normalizing pass is skipped.
-GF_INLINE void sample_row(int64_t* tok_out, float* lp_out, const float* x, int64_t V, float temp,
-                          int top_k, float top_p, float min_p, int64_t seed, int64_t step,
-                          std::vector<double>& p, std::vector<double>& buf) {
+void sample_row(int64_t* tok_out, float* lp_out, const float* x, int64_t V, float temp, int top_k,
+                float top_p, float min_p, int64_t seed, int64_t step, std::vector<double>& p,
+                std::vector<double>& buf) {
   p.resize(V);
   if (temp == 0.f) {  // greedy: first maximum; logprob at temperature 1
     int64_t best = 0;
@@ -81,9 +135,7 @@ GF_INLINE void sample_row(int64_t* tok_out, float* lp_out, const float* x, int64
     return;
   }
   const float inv_t = 1.f / temp;
-  float mx = -INFINITY;
-#pragma omp simd reduction(max : mx)
-  for (int64_t i = 0; i < V; ++i) mx = std::max(mx, x[i] * inv_t);
+  const float mx = max_scaled(x, V, inv_t);
   const double sum = exp_fill(p.data(), x, V, inv_t, mx);  // p = exp(z - max), z = x / T
   const double lse = mx + std::log(sum);
   double thr = 0.0;
@@ -122,21 +174,6 @@ GF_INLINE void sample_row(int64_t* tok_out, float* lp_out, const float* x, int64
   *lp_out = static_cast<float>(static_cast<double>(x[chosen] * inv_t) - lse);
 }
 
-using SampleRowFn = void (*)(int64_t*, float*, const float*, int64_t, float, int, float, float,
-                             int64_t, int64_t, std::vector<double>&, std::vector<double>&);
-void sample_row_base(int64_t* t, float* l, const float* x, int64_t V, float temp, int k, float tp,
-                     float mp, int64_t seed, int64_t step, std::vector<double>& p,
-                     std::vector<double>& buf) {
-  sample_row(t, l, x, V, temp, k, tp, mp, seed, step, p, buf);
-}
-#ifdef GF_X86_DISPATCH
-GF_AVX2 void sample_row_avx2(int64_t* t, float* l, const float* x, int64_t V, float temp, int k,
-                             float tp, float mp, int64_t seed, int64_t step,
-                             std::vector<double>& p, std::vector<double>& buf) {
-  sample_row(t, l, x, V, temp, k, tp, mp, seed, step, p, buf);
-}
-#endif
-
 }  // namespace
 
 void cpu_sample(uintptr_t tokens, uintptr_t logprobs, uintptr_t logits, uintptr_t temperature,
@@ -151,16 +188,13 @@ void cpu_sample(uintptr_t tokens, uintptr_t logprobs, uintptr_t logits, uintptr_
   const auto* mp = reinterpret_cast<const float*>(min_p);
   const auto* sd = reinterpret_cast<const int64_t*>(seeds);
   const auto* st = reinterpret_cast<const int64_t*>(steps);
-  SampleRowFn row = sample_row_base;
-#ifdef GF_X86_DISPATCH
-  if (use_avx2()) row = sample_row_avx2;
-#endif
 #pragma omp parallel
   {
     std::vector<double> p, buf;  // per-thread scratch
 #pragma omp for schedule(dynamic, 1)
     for (int64_t s = 0; s < num_rows; ++s)
-      row(tok + s, lp + s, x + s * vocab, vocab, temp[s], tk[s], tp[s], mp[s], sd[s], st[s], p, buf);
+      sample_row(tok + s, lp + s, x + s * vocab, vocab, temp[s], tk[s], tp[s], mp[s], sd[s], st[s],
+                 p, buf);
   }
 }
 

@@ -9,7 +9,8 @@ attention reads and writes the per-layer block caches ``[num_blocks, block_size,
   were found in the prefix cache computes only its suffix, attending over its whole K/V read
   back from the blocks (bottom-right-aligned causal mask).
 - decode: one token per sequence; its K/V are appended, then paged decode attention reads the
-  sequence's blocks through its block table.
+  sequence's blocks through its block table (kv.decode_step: metadata validated once per step,
+  kernels called directly).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from grpo_fast import kv
+from grpo_fast.kv.decode_step import DecodeStep
 from grpo_fast.models.llama_family import LlamaFamily
 
 try:  # optional (extra "gpu"): CUDA fp16/bf16 prefill through flash-attn's varlen kernel
@@ -125,13 +127,14 @@ class ModelRunner:
         context_lens = torch.as_tensor(lens_np).to(device=dev, dtype=torch.int32)  # [S]
         input_ids = torch.tensor(last_tokens, dtype=torch.int64, device=dev)  # [S]
         positions = context_lens.to(torch.int64) - 1  # [S]
-        scale = self.family.shape.scale
+        step = DecodeStep(slots, block_tables, context_lens, self.family.shape.scale, self._caches(0)[0],
+                          self.family.shape.num_q_heads)
 
         def attend(layer, q, k, v):  # q [S, Hq, D], k/v [S, Hkv, D]
             key_cache, value_cache = self._caches(layer)
             q, k, v = q.to(self.dtype), k.to(self.dtype), v.to(self.dtype)
-            kv.append_kv(key_cache, value_cache, k, v, slots)
-            return kv.paged_decode_attention(q.contiguous(), key_cache, value_cache, block_tables, context_lens, scale)
+            step.append(key_cache, value_cache, k, v)
+            return step.attend(q.contiguous(), key_cache, value_cache)
 
         return self.family.forward(input_ids, positions, attend)
 
