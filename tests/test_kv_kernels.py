@@ -314,3 +314,37 @@ def test_baseline_x86_kernels_match_reference():
     r = subprocess.run([sys.executable, "-c", _BASELINE_CHECK], capture_output=True, text=True,
                        env=env)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_decode_step_equals_the_public_ops(device):
+    """kv.decode_step.DecodeStep (metadata validated once, kernels called directly) writes the
+    same cache rows and returns the same attention as append_kv + paged_decode_attention, over
+    two layers' caches, and names the argument it rejects."""
+    from grpo_fast.kv.decode_step import DecodeStep
+
+    gen = torch.Generator().manual_seed(7)
+    lens = [5, 17, 33]
+    for dtype in dtypes_for(device):
+        kc, vc, tables, cl = random_paged(3, lens, 2, 64, 16, dtype, device, gen)
+        slots = torch.stack([tables[s, (n - 1) // 16] * 16 + (n - 1) % 16 for s, n in enumerate(lens)]).int()
+        layers = [(kc.clone(), vc.clone()), (kc.clone(), vc.clone())]
+        want_caches = [(kc.clone(), vc.clone()), (kc.clone(), vc.clone())]
+        step = DecodeStep(slots, tables, cl, 0.125, layers[0][0], num_q_heads=6)
+        for (k_c, v_c), (wk, wv) in zip(layers, want_caches):
+            k, v = (torch.randn(3, 2, 64, generator=gen).to(device, dtype) for _ in range(2))
+            q = torch.randn(3, 6, 64, generator=gen).to(device, dtype)
+            step.append(k_c, v_c, k, v)
+            kv.append_kv(wk, wv, k, v, slots)
+            assert torch.equal(k_c, wk) and torch.equal(v_c, wv)
+            torch.testing.assert_close(step.attend(q, k_c, v_c), kv.paged_decode_attention(q, wk, wv, tables, cl, 0.125),
+                                       atol=0, rtol=0)
+        with pytest.raises(ValueError, match=r"query: expected a contiguous .* shape \(3, 6, 64\)"):
+            step.attend(torch.zeros(3, 4, 64, dtype=dtype, device=device), *layers[0])
+        with pytest.raises(ValueError, match="key_cache: expected a contiguous"):
+            step.append(kc[:-1].clone(), vc[:-1].clone(), k, v)
+        with pytest.raises(ValueError, match="not a multiple"):
+            DecodeStep(slots, tables, cl, 0.125, kc, num_q_heads=5)
+        if device == "cpu":  # a host-side bound check (on CUDA it would sync the stream)
+            with pytest.raises(ValueError, match="context_lens"):
+                DecodeStep(slots, tables, torch.tensor([5, 17, 999], dtype=torch.int32), 0.125, kc, 6)
