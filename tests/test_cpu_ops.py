@@ -105,3 +105,36 @@ def test_bad_inputs_name_the_argument():
 def test_switch_off(monkeypatch):
     monkeypatch.setenv("GRPO_FAST_NO_CPU_LINEAR", "1")
     assert not cpu_ops.available()
+
+
+@pytest.mark.parametrize("t,hq,hkv,d", [(32, 9, 3, 64), (3, 4, 4, 32), (1, 2, 1, 6)])
+def test_rope_qk_matches_hf(t, hq, hkv, d, monkeypatch):
+    """Native RoPE (and decode_fast_paths.Rotary on both of its paths) equals HF's
+    apply_rotary_pos_emb with the model's own cos/sin."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from grpo_fast.models.decode_fast_paths import Rotary
+
+    g = torch.Generator().manual_seed(t * hq + d)
+    q, k = torch.randn(t, hq, d, generator=g), torch.randn(t, hkv, d, generator=g)
+    ang = torch.randn(t, d // 2, generator=g) * 5
+    cos, sin = torch.cat((ang, ang), -1).cos(), torch.cat((ang, ang), -1).sin()  # [T, D], halves repeated
+    # HF: [B, H, T, D] with cos/sin [B, T, D]
+    want_q, want_k = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos[None], sin[None])
+    want_q, want_k = want_q[0].transpose(0, 1), want_k[0].transpose(0, 1)
+    got_q, got_k = cpu_ops.rope_qk(q, k, cos, sin)
+    torch.testing.assert_close(got_q, want_q, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(got_k, want_k, atol=1e-6, rtol=1e-6)
+    assert Rotary(cos, sin).native
+    for rq, rk in (Rotary(cos, sin)(q, k), Rotary(cos, sin)(q.transpose(0, 1).contiguous().transpose(0, 1), k)):
+        torch.testing.assert_close(rq, want_q, atol=1e-6, rtol=1e-6)  # native, then the torch form
+        torch.testing.assert_close(rk, want_k, atol=1e-6, rtol=1e-6)
+    monkeypatch.setenv("GRPO_FAST_NO_CPU_LINEAR", "1")
+    assert not Rotary(cos, sin).native
+    rq, rk = Rotary(cos, sin)(q, k)
+    torch.testing.assert_close(rq, want_q, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(rk, want_k, atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="even D"):
+        cpu_ops.rope_qk(q[..., :-1].contiguous(), k[..., :-1].contiguous(), cos, sin)
+    with pytest.raises(ValueError, match=r"cos .* need \["):
+        cpu_ops.rope_qk(q, k, cos[:, :-2].contiguous(), sin)

@@ -1,5 +1,5 @@
 """CPU kernels of the sampler's decode step: few-row fp32 linear layers (csrc/linear_cpu.cpp) and
-RMSNorm (csrc/rms_norm_cpu.cpp).
+RMSNorm (csrc/rms_norm_cpu.cpp), RoPE (csrc/rope_cpu.cpp).
 
 ``linear(x, W, b)`` = x @ W^T + b for x [M, K] with M a few dozen rows, the weight read in place
 (no copy, no packing of the weight), AVX2+FMA, 58-67 GFLOPS here against MKL's 44-54 at M = 32
@@ -10,6 +10,8 @@ silu(x Wg^T) * (x Wu^T) in one pass).
 
 ``rms_norm(x, w, eps)`` = w * x / sqrt(mean(x^2, -1) + eps) in one pass per row (HF's RMSNorm
 module runs seven tensor ops, each a few microseconds of dispatch on a [32, 576] tensor).
+
+``rope_qk(q, k, cos, sin)``: HF's rotary embedding of q and k in one call (torch: ~8 ops a layer).
 
 ``available()`` says whether they can run (the native build is there and the CPU has AVX2+FMA);
 callers keep a torch path for when it is False. Summation order differs from MKL's, so results
@@ -98,3 +100,21 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if x.numel():
         _C.cpu_rms_norm(out.data_ptr(), x.data_ptr(), weight.data_ptr(), x.numel() // dim, dim, float(eps))
     return out
+
+
+def rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, k) * cos + rotate_half((q, k)) * sin, rotate_half(x) = cat(-x2, x1) over the halves of
+    the head dim; q [T, Hq, D], k [T, Hkv, D], cos/sin [T, D], all contiguous fp32."""
+    for name, t in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):
+        if t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous():
+            raise ValueError(f"{name}: need a contiguous fp32 CPU tensor, got {t.dtype} {tuple(t.shape)} on {t.device}")
+    if q.dim() != 3 or k.dim() != 3 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2] or q.shape[2] % 2:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)}: need [T, H, D] with the same T and an even D")
+    t, d = q.shape[0], q.shape[2]
+    if cos.shape != (t, d) or sin.shape != (t, d):
+        raise ValueError(f"cos {tuple(cos.shape)} / sin {tuple(sin.shape)}: need [{t}, {d}]")
+    q_out, k_out = torch.empty_like(q), torch.empty_like(k)
+    if t:
+        _C.cpu_rope_qk(q_out.data_ptr(), k_out.data_ptr(), q.data_ptr(), k.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+                       t, q.shape[1], k.shape[1], d)
+    return q_out, k_out

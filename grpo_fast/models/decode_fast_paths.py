@@ -16,7 +16,8 @@ CPU fp32 paths, for M rows:
 Also fused here: ``linear_add_`` (residual: into += module(x), no [M, N] temporary on the native
 path) and the gated MLPs of the supported families, down(act(gate(x)) * up(x)), whose
 silu(gate) * up is one native pass when gate and up carry no bias or adapter; and ``rms_norm``:
-the families' RMSNorm modules as one native pass per row instead of seven tensor ops.
+the families' RMSNorm modules as one native pass per row instead of seven tensor ops; and
+``Rotary``: RoPE of q and k, one native call per layer.
 """
 
 from __future__ import annotations
@@ -201,3 +202,34 @@ def rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
             or not cpu_ops.available()):
         return norm(x)
     return cpu_ops.rms_norm(x, norm.weight, float(norm.variance_epsilon))
+
+
+class Rotary:
+    """Applies one forward's RoPE to each layer's q, k: x * cos + rotate_half(x) * sin (HF's
+    convention: halves, not interleaved pairs). cos, sin [T, D] from the model's own rotary
+    module, so every RoPE-scaling variant is whatever transformers computes."""
+
+    def __init__(self, cos: torch.Tensor, sin: torch.Tensor):
+        self.cos, self.sin = cos.contiguous(), sin.contiguous()  # [T, D]
+        self.native = cos.device.type == "cpu" and cos.dtype == torch.float32 and cpu_ops.available()
+        self._broadcast = None
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [T, Hq, D], k [T, Hkv, D] -> rotated (new tensors)."""
+        if self.native and q.dtype == k.dtype == torch.float32 and q.is_contiguous() and k.is_contiguous():
+            return cpu_ops.rope_qk(q, k, self.cos, self.sin)
+        if self._broadcast is None:
+            # [T, 1, D] to broadcast over heads; the sign of rotate_half folded into sin's first half.
+            half = self.sin.shape[-1] // 2
+            signed = torch.cat((-self.sin[:, :half], self.sin[:, half:]), dim=-1)
+            self._broadcast = self.cos.unsqueeze(1), signed.unsqueeze(1)
+        cos, sin = self._broadcast
+        return _rope(q, cos, sin), _rope(k, cos, sin)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """x*cos + rotate_half(x)*sin, rotate_half(x) = cat(-x2, x1): written as
+    cat(x2, x1) * cat(-sin1, sin2) to save the negation."""
+    half = x.shape[-1] // 2
+    swapped = torch.cat((x[..., half:], x[..., :half]), dim=-1)
+    return torch.addcmul(x * cos, swapped, sin_signed)

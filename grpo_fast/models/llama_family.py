@@ -98,11 +98,9 @@ class LlamaFamily:
         and lm_head run only on the selected rows, so a prefill never builds ``[T, V]``.
         """
         hidden = self.decoder.embed_tokens(input_ids)  # [T, H]
-        # The rotary module wants a batch dim: cos/sin [1, T, D] -> [T, 1, D] to broadcast over heads.
+        # The rotary module wants a batch dim: cos/sin [1, T, D].
         cos, sin = self.decoder.rotary_emb(hidden, positions.unsqueeze(0))
-        cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)  # [T, 1, D]
-        half = sin.shape[-1] // 2
-        sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)  # sign of rotate_half folded in
+        rotary = fast.Rotary(cos[0], sin[0])
         num_tokens = input_ids.shape[0]
         d = self.shape.head_dim
         for idx, layer in enumerate(self.layers):
@@ -114,8 +112,7 @@ class LlamaFamily:
             if hasattr(attn, "q_norm"):  # Qwen3: RMSNorm over each head, before RoPE
                 q = fast.rms_norm(attn.q_norm, q)
                 k = fast.rms_norm(attn.k_norm, k)
-            q = _rope(q, cos, sin)
-            k = _rope(k, cos, sin)
+            q, k = rotary(q, k)
             out = attend(idx, q, k.contiguous(), v.contiguous())  # [T, Hq, D]
             # The residual stream is this call's own tensor (a fresh embedding lookup): added to in place.
             fast.linear_add_(hidden, attn.o_proj, out.reshape(num_tokens, -1))
@@ -126,14 +123,6 @@ class LlamaFamily:
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return fast.lm_head(self.lm_head, hidden)  # [S, V]
-
-
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
-    """x*cos + rotate_half(x)*sin, the HF convention (halves, not interleaved pairs), where
-    rotate_half(x) = cat(-x2, x1): written as cat(x2, x1) * cat(-sin1, sin2) to save the negation."""
-    half = x.shape[-1] // 2
-    swapped = torch.cat((x[..., half:], x[..., :half]), dim=-1)
-    return torch.addcmul(x * cos, swapped, sin_signed)
 
 
 def active_sliding_window(config) -> int | None:
