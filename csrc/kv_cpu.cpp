@@ -117,6 +117,16 @@ GF_AVX2 inline float hsum8(__m256 v) {
   return _mm_cvtss_f32(x);
 }
 
+// The 8 horizontal sums of a[0..7], as one vector: [sum(a[0]), ..., sum(a[7])].
+GF_AVX2 inline __m256 hsum8x8(const __m256* a) {
+  const __m256 s01 = _mm256_hadd_ps(a[0], a[1]), s23 = _mm256_hadd_ps(a[2], a[3]);
+  const __m256 s45 = _mm256_hadd_ps(a[4], a[5]), s67 = _mm256_hadd_ps(a[6], a[7]);
+  // per 128-bit half: the partial sums of a[0..3] (resp. a[4..7]) over that half's 4 lanes
+  const __m256 s0123 = _mm256_hadd_ps(s01, s23), s4567 = _mm256_hadd_ps(s45, s67);
+  return _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20),
+                       _mm256_permute2f128_ps(s0123, s4567, 0x31));
+}
+
 // acc[0:8*NV] = acc * corr + sum_t p[t] * v_t[0:8*NV]
 template <int NV, typename T>
 GF_AVX2 inline void pv_panel(float* acc, float corr, const float* p, const T* vc,
@@ -151,18 +161,25 @@ GF_AVX2 inline void attend_avx2(T* out, const T* q, const T* kc, const T* vc, Ro
     const int cn = static_cast<int>(std::min<int64_t>(kChunk, n - j0));
     int64_t off[kChunk];
     for (int t = 0; t < cn; ++t) off[t] = row(j0 + t);
-    for (int t = 0; t < cn; ++t) {
+    int t = 0;
+    for (; t + 8 <= cn; t += 8)  // 8 keys at a time: 8 accumulators, one transposing reduction
+      for (int r = 0; r < rc; ++r) {
+        const float* qr = qs + r * D;
+        __m256 a[8];
+        for (int i = 0; i < 8; ++i) a[i] = _mm256_setzero_ps();
+        for (int d = 0; d < D; d += 8) {
+          const __m256 qv = _mm256_loadu_ps(qr + d);
+          for (int i = 0; i < 8; ++i) a[i] = _mm256_fmadd_ps(qv, load8(kc + off[t + i] + d), a[i]);
+        }
+        _mm256_storeu_ps(&s[r][t], hsum8x8(a));
+      }
+    for (; t < cn; ++t) {
       const T* k = kc + off[t];
       for (int r = 0; r < rc; ++r) {
         const float* qr = qs + r * D;
-        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-        int d = 0;
-        for (; d + 16 <= D; d += 16) {
-          a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qr + d), load8(k + d), a0);
-          a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qr + d + 8), load8(k + d + 8), a1);
-        }
-        if (d < D) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qr + d), load8(k + d), a0);
-        s[r][t] = hsum8(_mm256_add_ps(a0, a1));
+        __m256 a0 = _mm256_setzero_ps();
+        for (int d = 0; d < D; d += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qr + d), load8(k + d), a0);
+        s[r][t] = hsum8(a0);
       }
     }
     for (int r = 0; r < rc; ++r) {
@@ -225,7 +242,15 @@ GF_INLINE void decode_item(T* out, const T* q, const T* kc, const T* vc, const D
                            int64_t s, int g, int h0, int rc) {
   const int32_t* table = a.tables + s * a.max_blocks;
   const int bs = a.bs, hkv = a.hkv, D = a.D;
-  auto row = [=](int64_t j) { return kv_offset(token_slot(table, j, bs), g, hkv, D); };
+  // A power-of-two block size (the usual 16) maps a token to its slot with a shift and a mask
+  // instead of an integer division per key.
+  const bool pow2 = (bs & (bs - 1)) == 0;
+  const int shift = __builtin_ctz(static_cast<unsigned>(bs));
+  auto row = [=](int64_t j) {
+    const int64_t slot = pow2 ? static_cast<int64_t>(table[j >> shift]) * bs + (j & (bs - 1))
+                              : token_slot(table, j, bs);
+    return kv_offset(slot, g, hkv, D);
+  };
   const int64_t qo = (s * a.hq + h0) * static_cast<int64_t>(a.D);
   attend_any<AVX2>(out + qo, q + qo, kc, vc, row, a.lens[s], a.D, rc, a.scale);
 }
