@@ -30,11 +30,12 @@ except ImportError:  # source checkout without a build
     _C = None
 
 
+_BUILT_AND_SUPPORTED = _C is not None and hasattr(_C, "cpu_linear") and bool(_C.cpu_linear_available())
+
+
 def available() -> bool:
     """True when the native kernels can run here (GRPO_FAST_NO_CPU_LINEAR=1 turns them off)."""
-    if _C is None or not hasattr(_C, "cpu_linear") or os.environ.get("GRPO_FAST_NO_CPU_LINEAR") == "1":
-        return False
-    return bool(_C.cpu_linear_available())
+    return _BUILT_AND_SUPPORTED and os.environ.get("GRPO_FAST_NO_CPU_LINEAR") != "1"
 
 
 def _check_rows(name: str, t: torch.Tensor) -> None:

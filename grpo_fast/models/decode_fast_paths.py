@@ -22,6 +22,9 @@ the families' RMSNorm modules as one native pass per row instead of seven tensor
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
@@ -41,7 +44,8 @@ LoraTerms = list[tuple[torch.Tensor, torch.Tensor, float]]
 
 
 def _unhooked(module: nn.Module) -> bool:
-    return not module._forward_hooks and not module._forward_pre_hooks and not hasattr(module, "_hf_hook")
+    # accelerate's hook is a plain attribute (module.__dict__), so no nn.Module.__getattr__ miss
+    return not module._forward_hooks and not module._forward_pre_hooks and "_hf_hook" not in module.__dict__
 
 
 def _plain_linear(module: nn.Module) -> bool:
@@ -77,30 +81,70 @@ def lora_terms(module: nn.Module) -> LoraTerms | None:
     return terms
 
 
-def fast_parts(module: nn.Module, x: torch.Tensor) -> tuple[nn.Linear, LoraTerms] | None:
-    """(base nn.Linear, LoRA terms) when module(x) may take a CPU fast path, else None."""
-    if x.device.type != "cpu" or x.dim() != 2 or x.shape[0] > _SMALL_M:
-        return None
+class Parts(NamedTuple):
+    """How module(x) is computed on a fast path: base nn.Linear, active LoRA terms, and facts
+    about their weights that do not depend on x."""
+
+    base: nn.Linear
+    terms: LoraTerms
+    dtype: torch.dtype
+    contiguous: bool  # every weight contiguous (the native kernel reads them in place)
+
+
+# Per-scope memo of each module's Parts (see memo_scope); None outside a scope.
+_memo: dict[int, tuple[nn.Module, Parts | None]] | None = None
+
+
+@contextmanager
+def memo_scope():
+    """Within this scope each module's fast-path facts (type, hooks, active adapters, weight
+    layout) are checked once and remembered: the checks were the bulk of a decode step's Python
+    time (~10 per layer, each a few attribute lookups through nn.Module). A sampler's generate
+    call is one scope: nothing toggles adapters or swaps weights in the middle of it; weight
+    values are still read at call time."""
+    global _memo
+    outer, _memo = _memo, {}
+    try:
+        yield
+    finally:
+        _memo = outer
+
+
+def _module_parts(module: nn.Module) -> Parts | None:
+    if _memo is not None:
+        hit = _memo.get(id(module))
+        if hit is not None and hit[0] is module:
+            return hit[1]
     if _plain_linear(module):
         base, terms = module, []
     else:
         terms = lora_terms(module)
-        if terms is None:
-            return None
-        base = module.base_layer
-    return (base, terms) if base.weight.dtype == x.dtype else None
+        base = None if terms is None else module.base_layer
+    parts = None
+    if base is not None:
+        weights = [base.weight] + [w for a, b, _ in terms for w in (a, b)]
+        parts = Parts(base, terms, base.weight.dtype, all(w.is_contiguous() for w in weights))
+    if _memo is not None:
+        _memo[id(module)] = (module, parts)
+    return parts
 
 
-def _native(x: torch.Tensor, parts) -> bool:
-    if x.dtype != torch.float32 or x.shape[0] < _NATIVE_MIN or x.stride(1) != 1 or not cpu_ops.available():
-        return False
-    base, terms = parts
-    return base.weight.is_contiguous() and all(a.is_contiguous() and b.is_contiguous() for a, b, _ in terms)
+def fast_parts(module: nn.Module, x: torch.Tensor) -> Parts | None:
+    """How module(x) may take a CPU fast path, else None."""
+    if x.device.type != "cpu" or x.dim() != 2 or x.shape[0] > _SMALL_M:
+        return None
+    parts = _module_parts(module)
+    return parts if parts is not None and parts.dtype == x.dtype else None
 
 
-def _native_into(out: torch.Tensor, x: torch.Tensor, parts, accumulate: bool) -> torch.Tensor:
+def _native(x: torch.Tensor, parts: Parts) -> bool:
+    return (parts.contiguous and x.dtype == torch.float32 and x.shape[0] >= _NATIVE_MIN and x.stride(1) == 1
+            and cpu_ops.available())
+
+
+def _native_into(out: torch.Tensor, x: torch.Tensor, parts: Parts, accumulate: bool) -> torch.Tensor:
     """out (+)= x W^T + b + sum_i s_i (x A_i^T) B_i^T with the native kernel."""
-    base, terms = parts
+    base, terms = parts.base, parts.terms
     bias = base.bias.contiguous() if base.bias is not None else None
     cpu_ops.linear_into(out, x, base.weight, bias, accumulate=accumulate)
     for weight_a, weight_b, scaling in terms:
@@ -110,7 +154,7 @@ def _native_into(out: torch.Tensor, x: torch.Tensor, parts, accumulate: bool) ->
 
 def _transposed(parts, xt: torch.Tensor) -> torch.Tensor:
     """module(x)^T = W @ x^T + b + sum_i s_i * B_i @ (A_i @ x^T): xt [K, M] -> [N, M]."""
-    base, terms = parts
+    base, terms = parts.base, parts.terms
     out_t = torch.mm(base.weight, xt)  # [N, M]
     for weight_a, weight_b, scaling in terms:
         out_t.addmm_(weight_b, torch.mm(weight_a, xt), alpha=scaling)  # += s * B @ (A @ x^T)
@@ -125,7 +169,7 @@ def linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if parts is None:
         return module(x)
     if _native(x, parts):
-        out = torch.empty(x.shape[0], parts[0].weight.shape[0], dtype=x.dtype)
+        out = torch.empty(x.shape[0], parts.base.out_features, dtype=x.dtype)
         return _native_into(out, x, parts, accumulate=False)
     return _transposed(parts, x.t()).t().contiguous()
 
@@ -143,9 +187,9 @@ def lm_head(module: nn.Module, x: torch.Tensor, rows_per_chunk: int = 4096) -> t
     at a time and each chunk transposed into place while it is still in cache (one transposing
     copy of the whole [V, M] product reads it with a stride of M floats)."""
     parts = fast_parts(module, x)
-    if parts is None or parts[1] or _native(x, parts):
+    if parts is None or parts.terms or _native(x, parts):
         return linear(module, x).float()
-    base = parts[0]
+    base = parts.base
     xt = x.t()  # [H, M]
     vocab = base.weight.shape[0]
     out = torch.empty(x.shape[0], vocab, dtype=x.dtype, device=x.device)  # [M, V]
@@ -167,7 +211,7 @@ def _gated_parts(mlp: nn.Module, x: torch.Tensor):
 
 def _fused_silu_gate(mlp: nn.Module, x: torch.Tensor, gate, up) -> bool:
     """Whether silu(gate(x)) * up(x) may be one native pass: SiLU activation, no bias, no adapter."""
-    plain = all(p[0].bias is None and not p[1] for p in (gate, up))
+    plain = all(p.base.bias is None and not p.terms for p in (gate, up))
     act = mlp.act_fn
     return plain and type(act).__name__ in _SILU_ACTS and _unhooked(act) and _native(x, gate) and _native(x, up)
 
@@ -175,7 +219,7 @@ def _fused_silu_gate(mlp: nn.Module, x: torch.Tensor, gate, up) -> bool:
 def _gated_inner(mlp: nn.Module, x: torch.Tensor, gate, up) -> torch.Tensor:
     """act(gate(x)) * up(x) [M, I] on the native kernels."""
     if _fused_silu_gate(mlp, x, gate, up):
-        return cpu_ops.silu_mul_linear(x, gate[0].weight, up[0].weight)
+        return cpu_ops.silu_mul_linear(x, gate.base.weight, up.base.weight)
     return mlp.act_fn(linear(mlp.gate_proj, x)).mul_(linear(mlp.up_proj, x))
 
 

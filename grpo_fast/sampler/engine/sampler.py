@@ -16,6 +16,7 @@ import time
 import torch
 
 from grpo_fast import kv
+from grpo_fast.models import decode_fast_paths
 from grpo_fast.sampler.kv_budget import num_blocks_for_budget
 from grpo_fast.sampler.model_runner import ModelRunner
 from grpo_fast.sampler.outputs import Completion, GroupOutput, SamplerStats
@@ -67,7 +68,7 @@ class Sampler:
         was_training = [m.training for m in self.model.modules()]
         self.model.eval()  # no LoRA / attention dropout while sampling
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), decode_fast_paths.memo_scope():
                 return self._generate(prompt_token_ids, params)
         finally:
             for m, flag in zip(self.model.modules(), was_training):
