@@ -344,3 +344,36 @@ def test_gated_mlp_and_lm_head_fast_paths_are_the_module_math(fast_path):
     torch.testing.assert_close(gated_mlp_add_(into.clone(), lora_mlp, x), into + lora_mlp(x), atol=1e-5, rtol=1e-5)
     assert not torch.allclose(lora_mlp(x), mlp.down_proj.base_layer(
         mlp.act_fn(mlp.gate_proj.base_layer(x)) * mlp.up_proj.base_layer(x)), atol=1e-4)
+
+
+def test_memo_scope_remembers_paths_for_one_call_only():
+    """decode_fast_paths.memo_scope: inside, a module's path facts are computed once (the memo
+    holds it) and outputs still equal the module's; the memo ends with the scope, so an adapter
+    disabled between two generate calls is seen by the second."""
+    from peft import LoraConfig, get_peft_model
+
+    from grpo_fast.models import decode_fast_paths as fast
+
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_model("llama"), LoraConfig(r=4, lora_alpha=12, init_lora_weights=False,
+                                                         target_modules=["q_proj"])).eval()
+    q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
+    x = torch.randn(37, 64)
+    with fast.memo_scope():
+        torch.testing.assert_close(fast.linear(q_proj, x), q_proj(x), atol=1e-5, rtol=1e-5)
+        assert fast._memo[id(q_proj)][1].terms  # remembered, with its adapter
+        with fast.memo_scope():  # nested scopes restore the outer memo
+            assert fast._memo == {}
+        assert id(q_proj) in fast._memo
+    assert fast._memo is None
+    with model.disable_adapter(), fast.memo_scope():
+        torch.testing.assert_close(fast.linear(q_proj, x), q_proj.base_layer(x), atol=1e-5, rtol=1e-5)
+    prompts = random_prompts((5, 9))
+    sampler = Sampler(model, None, block_size=4, kv_budget="1024 tokens")
+    with torch.no_grad():
+        want = sampler.generate(prompts, SamplingParams(max_tokens=4, temperature=0.0))
+        with model.disable_adapter():
+            off = sampler.generate(prompts, SamplingParams(max_tokens=4, temperature=0.0))
+        again = sampler.generate(prompts, SamplingParams(max_tokens=4, temperature=0.0))
+    assert [c.logprobs for o in want for c in o.completions] == [c.logprobs for o in again for c in o.completions]
+    assert [c.logprobs for o in want for c in o.completions] != [c.logprobs for o in off for c in o.completions]
