@@ -116,32 +116,43 @@ void check(const Problem& p, int64_t N, int64_t ldo) {
 
 bool cpu_linear_available() { return use_avx2(); }
 
-void cpu_linear(uintptr_t out, uintptr_t x, uintptr_t weight, uintptr_t bias, int64_t M,
-                int64_t N, int64_t K, int64_t ldx, int64_t ldo, float alpha, bool accumulate) {
-  const Problem p{reinterpret_cast<const float*>(x), M, K, ldx};
-  check(p, N, ldo);
+namespace {
+
+// One weight of a (possibly multi-weight) linear call: out [M, n] (rows ldo apart) from w [n, K].
+struct Segment {
+  const float* w;
+  const float* bias;
+  float* out;
+  int64_t n, ldo;
+};
+
+// out_i (+)= alpha * x @ w_i^T + bias_i for every segment, x packed once and the weight rows of
+// all segments split over the threads as one list of 3-row blocks.
+void run_linear(const Problem& p, const std::vector<Segment>& segs, float alpha, bool accumulate) {
 #ifdef GF_X86_DISPATCH
-  auto* o = reinterpret_cast<float*>(out);
-  const auto* w = reinterpret_cast<const float*>(weight);
-  const auto* b = reinterpret_cast<const float*>(bias);
-  const int64_t tiles = p.m_tiles(), blocks = (N + kRows - 1) / kRows;
+  std::vector<int64_t> first{0};  // first global block of each segment
+  for (const Segment& sg : segs) first.push_back(first.back() + (sg.n + kRows - 1) / kRows);
+  const int64_t tiles = p.m_tiles(), K = p.K, M = p.M;
   std::vector<float> xt(tiles * K * kCols);
 #pragma omp parallel
   {
     pack_xt(xt.data(), p);  // ends in the implicit barrier of its omp for
     alignas(32) float tile[kRows * kCols];
 #pragma omp for schedule(static)
-    for (int64_t nb = 0; nb < blocks; ++nb) {
-      const int64_t n0 = nb * kRows;
-      const int nr = static_cast<int>(std::min<int64_t>(kRows, N - n0));
+    for (int64_t gb = 0; gb < first.back(); ++gb) {
+      size_t si = 0;
+      while (gb >= first[si + 1]) ++si;
+      const Segment& sg = segs[si];
+      const int64_t n0 = (gb - first[si]) * kRows;
+      const int nr = static_cast<int>(std::min<int64_t>(kRows, sg.n - n0));
       for (int64_t t = 0; t < tiles; ++t) {
         const int64_t m0 = t * kCols;
         const int mr = static_cast<int>(std::min<int64_t>(kCols, M - m0));
-        weight_tile(nr, (mr + 7) / 8, tile, xt.data() + t * K * kCols, w + n0 * K, K, K);
+        weight_tile(nr, (mr + 7) / 8, tile, xt.data() + t * K * kCols, sg.w + n0 * K, K, K);
         for (int r = 0; r < nr; ++r) {
-          const float add = b ? b[n0 + r] : 0.f;
+          const float add = sg.bias ? sg.bias[n0 + r] : 0.f;
           for (int m = 0; m < mr; ++m) {
-            float* dst = o + (m0 + m) * ldo + n0 + r;
+            float* dst = sg.out + (m0 + m) * sg.ldo + n0 + r;
             const float v = alpha * tile[r * kCols + m] + add;
             *dst = accumulate ? *dst + v : v;
           }
@@ -150,6 +161,36 @@ void cpu_linear(uintptr_t out, uintptr_t x, uintptr_t weight, uintptr_t bias, in
     }
   }
 #endif
+}
+
+}  // namespace
+
+void cpu_linear(uintptr_t out, uintptr_t x, uintptr_t weight, uintptr_t bias, int64_t M,
+                int64_t N, int64_t K, int64_t ldx, int64_t ldo, float alpha, bool accumulate) {
+  const Problem p{reinterpret_cast<const float*>(x), M, K, ldx};
+  check(p, N, ldo);
+  run_linear(p,
+             {{reinterpret_cast<const float*>(weight), reinterpret_cast<const float*>(bias),
+               reinterpret_cast<float*>(out), N, ldo}},
+             alpha, accumulate);
+}
+
+void cpu_linear_many(const std::vector<uintptr_t>& outs, uintptr_t x,
+                     const std::vector<uintptr_t>& weights, const std::vector<uintptr_t>& biases,
+                     const std::vector<int64_t>& ns, const std::vector<int64_t>& ldos, int64_t M,
+                     int64_t K, int64_t ldx) {
+  const size_t count = weights.size();
+  if (outs.size() != count || biases.size() != count || ns.size() != count || ldos.size() != count)
+    throw std::invalid_argument("cpu_linear_many: outs, weights, biases, ns, ldos differ in length");
+  const Problem p{reinterpret_cast<const float*>(x), M, K, ldx};
+  std::vector<Segment> segs;
+  for (size_t i = 0; i < count; ++i) {
+    check(p, ns[i], ldos[i]);
+    segs.push_back({reinterpret_cast<const float*>(weights[i]),
+                    reinterpret_cast<const float*>(biases[i]), reinterpret_cast<float*>(outs[i]),
+                    ns[i], ldos[i]});
+  }
+  run_linear(p, segs, 1.f, false);
 }
 
 void cpu_silu_mul_linear(uintptr_t out, uintptr_t x, uintptr_t w_gate, uintptr_t w_up, int64_t M,

@@ -138,3 +138,21 @@ def test_rope_qk_matches_hf(t, hq, hkv, d, monkeypatch):
         cpu_ops.rope_qk(q[..., :-1].contiguous(), k[..., :-1].contiguous(), cos, sin)
     with pytest.raises(ValueError, match=r"cos .* need \["):
         cpu_ops.rope_qk(q, k, cos[:, :-2].contiguous(), sin)
+
+
+def test_linear_many_equals_one_call_per_weight():
+    """Several weights over one x (q, k, v of a layer, with and without bias, row counts that
+    do not fill a 3-row tile) give what separate linear calls give."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(33, 64, generator=g)
+    ws = [torch.randn(n, 64, generator=g) for n in (96, 31, 32)]
+    bs = [torch.randn(96, generator=g), None, torch.randn(32, generator=g)]
+    outs = cpu_ops.linear_many(x, ws, bs)
+    for out, w, b in zip(outs, ws, bs):
+        torch.testing.assert_close(out.double(), ref_linear(x, w, b), atol=1e-4, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"weights\[1\]: has 63 input features"):
+        cpu_ops.linear_many(x, [ws[0], torch.randn(4, 63)], [None, None])
+    with pytest.raises(ValueError, match=r"biases\[0\]: need a contiguous fp32 \[96\]"):
+        cpu_ops.linear_many(x, ws[:1], [torch.randn(95)])
+    with pytest.raises(ValueError, match="equal, non-zero lengths"):
+        cpu_ops.linear_many(x, ws, [None])

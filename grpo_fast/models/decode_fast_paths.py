@@ -142,13 +142,17 @@ def _native(x: torch.Tensor, parts: Parts) -> bool:
             and cpu_ops.available())
 
 
+def _add_lora_(out: torch.Tensor, x: torch.Tensor, parts: Parts) -> None:
+    """out += sum_i s_i (x A_i^T) B_i^T with the native kernel."""
+    for weight_a, weight_b, scaling in parts.terms:
+        cpu_ops.linear_into(out, cpu_ops.linear(x, weight_a), weight_b, alpha=scaling, accumulate=True)
+
+
 def _native_into(out: torch.Tensor, x: torch.Tensor, parts: Parts, accumulate: bool) -> torch.Tensor:
     """out (+)= x W^T + b + sum_i s_i (x A_i^T) B_i^T with the native kernel."""
-    base, terms = parts.base, parts.terms
-    bias = base.bias.contiguous() if base.bias is not None else None
-    cpu_ops.linear_into(out, x, base.weight, bias, accumulate=accumulate)
-    for weight_a, weight_b, scaling in terms:
-        cpu_ops.linear_into(out, cpu_ops.linear(x, weight_a), weight_b, alpha=scaling, accumulate=True)
+    bias = parts.base.bias.contiguous() if parts.base.bias is not None else None
+    cpu_ops.linear_into(out, x, parts.base.weight, bias, accumulate=accumulate)
+    _add_lora_(out, x, parts)
     return out
 
 
@@ -172,6 +176,19 @@ def linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         out = torch.empty(x.shape[0], parts.base.out_features, dtype=x.dtype)
         return _native_into(out, x, parts, accumulate=False)
     return _transposed(parts, x.t()).t().contiguous()
+
+
+def linears(modules: tuple[nn.Module, ...], x: torch.Tensor) -> list[torch.Tensor]:
+    """[m(x) for m in modules] (a layer's q, k, v projections); natively as one call when all of
+    them qualify, each module's LoRA terms then added to its own output."""
+    parts = [fast_parts(m, x) for m in modules]
+    if not all(p is not None and _native(x, p) for p in parts):
+        return [linear(m, x) for m in modules]
+    biases = [None if p.base.bias is None else p.base.bias.contiguous() for p in parts]
+    outs = cpu_ops.linear_many(x, [p.base.weight for p in parts], biases)
+    for out, p in zip(outs, parts):
+        _add_lora_(out, x, p)
+    return outs
 
 
 def linear_add_(into: torch.Tensor, module: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -106,9 +106,10 @@ class LlamaFamily:
         for idx, layer in enumerate(self.layers):
             attn = layer.self_attn
             x = fast.rms_norm(layer.input_layernorm, hidden)
-            q = fast.linear(attn.q_proj, x).view(num_tokens, -1, d)  # [T, Hq, D]
-            k = fast.linear(attn.k_proj, x).view(num_tokens, -1, d)  # [T, Hkv, D]
-            v = fast.linear(attn.v_proj, x).view(num_tokens, -1, d)  # [T, Hkv, D]
+            q, k, v = fast.linears((attn.q_proj, attn.k_proj, attn.v_proj), x)
+            q = q.view(num_tokens, -1, d)  # [T, Hq, D]
+            k = k.view(num_tokens, -1, d)  # [T, Hkv, D]
+            v = v.view(num_tokens, -1, d)  # [T, Hkv, D]
             if hasattr(attn, "q_norm"):  # Qwen3: RMSNorm over each head, before RoPE
                 q = fast.rms_norm(attn.q_norm, q)
                 k = fast.rms_norm(attn.k_norm, k)
