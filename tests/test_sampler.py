@@ -361,10 +361,10 @@ def test_memo_scope_remembers_paths_for_one_call_only():
     x = torch.randn(37, 64)
     with fast.memo_scope():
         torch.testing.assert_close(fast.linear(q_proj, x), q_proj(x), atol=1e-5, rtol=1e-5)
-        assert fast._memo[id(q_proj)][1].terms  # remembered, with its adapter
+        assert fast._memo[(id(q_proj), "parts")][1].terms  # remembered, with its adapter
         with fast.memo_scope():  # nested scopes restore the outer memo
             assert fast._memo == {}
-        assert id(q_proj) in fast._memo
+        assert (id(q_proj), "parts") in fast._memo
     assert fast._memo is None
     with model.disable_adapter(), fast.memo_scope():
         torch.testing.assert_close(fast.linear(q_proj, x), q_proj.base_layer(x), atol=1e-5, rtol=1e-5)
@@ -377,3 +377,42 @@ def test_memo_scope_remembers_paths_for_one_call_only():
         again = sampler.generate(prompts, SamplingParams(max_tokens=4, temperature=0.0))
     assert [c.logprobs for o in want for c in o.completions] == [c.logprobs for o in again for c in o.completions]
     assert [c.logprobs for o in want for c in o.completions] != [c.logprobs for o in off for c in o.completions]
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral"])
+def test_native_decode_layers_equal_hf_and_the_module_path(kind, monkeypatch):
+    """Decode steps of >= 8 sequences on a plain fp32 model run each layer as one native call
+    (models/native_decode.py): greedy tokens and log-probs equal HF's, and equal the per-module
+    path (GRPO_FAST_NO_NATIVE_LAYER=1) to fp32 rounding."""
+    from grpo_fast.models import native_decode
+
+    calls = []
+    real = native_decode.decode_forward
+    monkeypatch.setattr(native_decode, "decode_forward", lambda *a: calls.append(1) or real(*a))
+    model = tiny_model(kind)
+    sampler = Sampler(model, None, block_size=4, kv_budget="2048 tokens")
+    prompts = random_prompts((3, 9, 17))
+    native = assert_matches_hf(model, sampler, prompts, n=4, max_tokens=8)  # 12 sequences
+    assert calls, "the native layer path was not taken"
+    monkeypatch.setenv("GRPO_FAST_NO_NATIVE_LAYER", "1")
+    taken = len(calls)
+    modules = sampler.generate(prompts, SamplingParams(n=4, temperature=0.0, max_tokens=8))
+    assert len(calls) == taken
+    for a, b in zip(native, modules):
+        for ca, cb in zip(a.completions, b.completions):
+            assert ca.token_ids == cb.token_ids
+            torch.testing.assert_close(torch.tensor(ca.logprobs), torch.tensor(cb.logprobs), atol=1e-5, rtol=0)
+
+
+def test_native_decode_layers_only_for_plain_fp32_models():
+    """Qwen3 (per-head q/k norms), LoRA-wrapped and bf16 models keep the per-module path."""
+    from peft import LoraConfig, get_peft_model
+
+    from grpo_fast.models.llama_family import LlamaFamily
+    from grpo_fast.models.native_decode import native_layers
+
+    assert native_layers(LlamaFamily(tiny_model("llama"))) is not None
+    assert native_layers(LlamaFamily(tiny_model("qwen3"))) is None
+    lora = get_peft_model(tiny_model("llama"), LoraConfig(r=4, target_modules=["v_proj"]))
+    assert native_layers(LlamaFamily(lora)) is None
+    assert native_layers(LlamaFamily(tiny_model("llama").to(torch.bfloat16))) is None

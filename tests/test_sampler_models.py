@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
+from grpo_fast.models.native_decode import native_layers
 from grpo_fast.sampler import Sampler, SamplingParams
 from test_sampler import _one_thread, assert_matches_hf, random_prompts  # noqa: F401 (autouse fixture)
 
@@ -28,7 +29,9 @@ def test_smollm2_greedy_matches_hf_generate():
                for q in ("What is 12 + 7?", "Name a primary color.")]
     prompts = [p["input_ids"] if isinstance(p, dict) or hasattr(p, "keys") else list(p) for p in prompts]
     sampler = Sampler(model, tok, kv_budget="1024 tokens")
-    assert_matches_hf(model, sampler, prompts, n=2, max_tokens=8)
+    # 2 x 4 = 8 sequences: the decode steps take the native layer path (grpo_fast.models.native_decode)
+    assert native_layers(sampler.runner.family) is not None
+    assert_matches_hf(model, sampler, prompts, n=4, max_tokens=8)
 
 
 def test_4bit_lora_greedy_and_logprobs_match_peft_forward(tmp_path):

@@ -14,6 +14,8 @@ module runs seven tensor ops, each a few microseconds of dispatch on a [32, 576]
 
 ``rope_qk(q, k, cos, sin)``: HF's rotary embedding of q and k in one call (torch: ~8 ops a layer).
 
+``decode_layer``: a whole decoder layer of a decode step in one call (grpo_fast.models.native_decode).
+
 ``available()`` says whether they can run (the native build is there and the CPU has AVX2+FMA);
 callers keep a torch path for when it is False. Summation order differs from MKL's, so results
 agree with ``x @ W.T`` to fp32 rounding, not bitwise.
@@ -141,3 +143,24 @@ def rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
         _C.cpu_rope_qk(q_out.data_ptr(), k_out.data_ptr(), q.data_ptr(), k.data_ptr(), cos.data_ptr(), sin.data_ptr(),
                        t, q.shape[1], k.shape[1], d)
     return q_out, k_out
+
+
+def decode_layer(hidden: torch.Tensor, intermediate: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
+                 weight_ptrs: list[int], eps: list[float], cos: torch.Tensor, sin: torch.Tensor,
+                 key_cache_ptr: int, value_cache_ptr: int, step, num_blocks: int, block_size: int,
+                 scale: float) -> None:
+    """One Llama-family decoder layer of a decode step on hidden [M, H] in place (see
+    csrc/decode_layer_cpu.h for the pointer list); step: a kv.decode_step.DecodeStep over fp32
+    caches of num_blocks x block_size slots (the caller's pointers into them)."""
+    if hidden.dtype != torch.float32 or hidden.dim() != 2 or not hidden.is_contiguous() or hidden.device.type != "cpu":
+        raise ValueError(f"hidden: need a contiguous 2-D fp32 CPU tensor, got {hidden.dtype} {tuple(hidden.shape)}")
+    m = hidden.shape[0]
+    if cos.shape != (m, head_dim) or sin.shape != (m, head_dim) or not (cos.is_contiguous() and sin.is_contiguous()):
+        raise ValueError(f"cos/sin: need contiguous [{m}, {head_dim}], got {tuple(cos.shape)} / {tuple(sin.shape)}")
+    if step.dtype != torch.float32 or step.q_shape != (m, num_q_heads, head_dim):
+        raise ValueError(f"step: built for {step.q_shape} {step.dtype} queries, this layer has "
+                         f"({m}, {num_q_heads}, {head_dim}) float32")
+    _C.cpu_decode_layer(hidden.data_ptr(), m, hidden.shape[1], intermediate, num_q_heads, num_kv_heads, head_dim,
+                        weight_ptrs, eps, cos.data_ptr(), sin.data_ptr(), key_cache_ptr, value_cache_ptr,
+                        step.slots.data_ptr(), step.tables.data_ptr(), step.lens.data_ptr(), step.tables.shape[1],
+                        num_blocks, block_size, float(scale))

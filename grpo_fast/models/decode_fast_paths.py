@@ -91,8 +91,8 @@ class Parts(NamedTuple):
     contiguous: bool  # every weight contiguous (the native kernel reads them in place)
 
 
-# Per-scope memo of each module's Parts (see memo_scope); None outside a scope.
-_memo: dict[int, tuple[nn.Module, Parts | None]] | None = None
+# Per-scope memo: (id(module), what) -> (module, value); None outside a scope (see memo_scope).
+_memo: dict[tuple[int, str], tuple[nn.Module, object]] | None = None
 
 
 @contextmanager
@@ -110,23 +110,33 @@ def memo_scope():
         _memo = outer
 
 
+def memoized(module: nn.Module, what: str, compute):
+    """compute(), remembered for `module` until the current memo_scope ends (not at all outside one)."""
+    if _memo is None:
+        return compute()
+    key = (id(module), what)
+    hit = _memo.get(key)
+    if hit is not None and hit[0] is module:
+        return hit[1]
+    value = compute()
+    _memo[key] = (module, value)
+    return value
+
+
 def _module_parts(module: nn.Module) -> Parts | None:
-    if _memo is not None:
-        hit = _memo.get(id(module))
-        if hit is not None and hit[0] is module:
-            return hit[1]
+    return memoized(module, "parts", lambda: _compute_parts(module))
+
+
+def _compute_parts(module: nn.Module) -> Parts | None:
     if _plain_linear(module):
         base, terms = module, []
     else:
         terms = lora_terms(module)
         base = None if terms is None else module.base_layer
-    parts = None
-    if base is not None:
-        weights = [base.weight] + [w for a, b, _ in terms for w in (a, b)]
-        parts = Parts(base, terms, base.weight.dtype, all(w.is_contiguous() for w in weights))
-    if _memo is not None:
-        _memo[id(module)] = (module, parts)
-    return parts
+    if base is None:
+        return None
+    weights = [base.weight] + [w for a, b, _ in terms for w in (a, b)]
+    return Parts(base, terms, base.weight.dtype, all(w.is_contiguous() for w in weights))
 
 
 def fast_parts(module: nn.Module, x: torch.Tensor) -> Parts | None:

@@ -97,10 +97,7 @@ class LlamaFamily:
         Per layer: h += o_proj(attend(rope(q), rope(k), v)); h += mlp(norm(h)); the final norm
         and lm_head run only on the selected rows, so a prefill never builds ``[T, V]``.
         """
-        hidden = self.decoder.embed_tokens(input_ids)  # [T, H]
-        # The rotary module wants a batch dim: cos/sin [1, T, D].
-        cos, sin = self.decoder.rotary_emb(hidden, positions.unsqueeze(0))
-        rotary = fast.Rotary(cos[0], sin[0])
+        hidden, rotary = self.embed(input_ids, positions)
         num_tokens = input_ids.shape[0]
         d = self.shape.head_dim
         for idx, layer in enumerate(self.layers):
@@ -118,12 +115,20 @@ class LlamaFamily:
             # The residual stream is this call's own tensor (a fresh embedding lookup): added to in place.
             fast.linear_add_(hidden, attn.o_proj, out.reshape(num_tokens, -1))
             fast.gated_mlp_add_(hidden, layer.mlp, fast.rms_norm(layer.post_attention_layernorm, hidden))
+        return self.logits(hidden, logits_index)
+
+    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, fast.Rotary]:
+        """(hidden [T, H], the RoPE of these positions): the input of the first layer."""
+        hidden = self.decoder.embed_tokens(input_ids)  # [T, H]
+        # The rotary module wants a batch dim: cos/sin [1, T, D].
+        cos, sin = self.decoder.rotary_emb(hidden, positions.unsqueeze(0))
+        return hidden, fast.Rotary(cos[0], sin[0])
+
+    def logits(self, hidden: torch.Tensor, logits_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Final norm and lm_head over the rows at logits_index (all if None): fp32 [S, V]."""
         if logits_index is not None:
             hidden = hidden.index_select(0, logits_index)
-        return self._logits(fast.rms_norm(self.decoder.norm, hidden))  # [S, V]
-
-    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return fast.lm_head(self.lm_head, hidden)  # [S, V]
+        return fast.lm_head(self.lm_head, fast.rms_norm(self.decoder.norm, hidden))  # [S, V]
 
 
 def active_sliding_window(config) -> int | None:

@@ -10,7 +10,8 @@ attention reads and writes the per-layer block caches ``[num_blocks, block_size,
   back from the blocks (bottom-right-aligned causal mask).
 - decode: one token per sequence; its K/V are appended, then paged decode attention reads the
   sequence's blocks through its block table (kv.decode_step: metadata validated once per step,
-  kernels called directly).
+  kernels called directly). Plain fp32 CPU models run each layer of a decode step as one native
+  call (grpo_fast.models.native_decode).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 
 from grpo_fast import kv
 from grpo_fast.kv.decode_step import DecodeStep
+from grpo_fast.models import native_decode
 from grpo_fast.models.llama_family import LlamaFamily
 
 try:  # optional (extra "gpu"): CUDA fp16/bf16 prefill through flash-attn's varlen kernel
@@ -129,6 +131,10 @@ class ModelRunner:
         positions = context_lens.to(torch.int64) - 1  # [S]
         step = DecodeStep(slots, block_tables, context_lens, self.family.shape.scale, self._caches(0)[0],
                           self.family.shape.num_q_heads)
+
+        layers = native_decode.native_layers(self.family)
+        if layers is not None and layers.accepts(len(seq_ids)):
+            return native_decode.decode_forward(self.family, layers, input_ids, positions, step, self.kv_cache)
 
         def attend(layer, q, k, v):  # q [S, Hq, D], k/v [S, Hkv, D]
             key_cache, value_cache = self._caches(layer)
