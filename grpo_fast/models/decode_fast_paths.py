@@ -31,25 +31,26 @@ from torch import nn
 from grpo_fast.models import cpu_ops
 
 # Gated MLPs of the supported families: down(act(gate(x)) * up(x)).
-_GATED_MLPS = ("LlamaMLP", "Qwen2MLP", "Qwen3MLP", "MistralMLP")
-_SILU_ACTS = ("SiLUActivation", "SiLU")
+GATED_MLPS = ("LlamaMLP", "Qwen2MLP", "Qwen3MLP", "MistralMLP")
+SILU_ACTS = ("SiLUActivation", "SiLU")
 # weight * x / sqrt(mean(x^2) + variance_epsilon), computed in fp32, in every one of these.
-_RMS_NORMS = ("LlamaRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "MistralRMSNorm")
-# Up to this many rows a qualifying CPU layer takes a fast path; the native kernel from _NATIVE_MIN
+RMS_NORMS = ("LlamaRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "MistralRMSNorm")
+# Up to this many rows a qualifying CPU layer takes a fast path; the native kernel from NATIVE_MIN
 # rows on (below that its 3-row weight tiles are load-bound and MKL's transposed product wins).
-_SMALL_M = 256
-_NATIVE_MIN = 8
+SMALL_M = 256
+NATIVE_MIN = 8
 
 LoraTerms = list[tuple[torch.Tensor, torch.Tensor, float]]
 
 
-def _unhooked(module: nn.Module) -> bool:
+def unhooked(module: nn.Module) -> bool:
+    """No forward (pre-)hooks and no accelerate hook: calling its math directly skips nothing."""
     # accelerate's hook is a plain attribute (module.__dict__), so no nn.Module.__getattr__ miss
     return not module._forward_hooks and not module._forward_pre_hooks and "_hf_hook" not in module.__dict__
 
 
 def _plain_linear(module: nn.Module) -> bool:
-    return type(module) is nn.Linear and _unhooked(module)
+    return type(module) is nn.Linear and unhooked(module)
 
 
 def lora_terms(module: nn.Module) -> LoraTerms | None:
@@ -60,7 +61,7 @@ def lora_terms(module: nn.Module) -> LoraTerms | None:
     if cls.__name__ != "Linear" or not cls.__module__.startswith("peft.tuners.lora"):
         return None
     base = getattr(module, "base_layer", None)
-    if base is None or not _plain_linear(base) or not _unhooked(module) or getattr(module, "merged", True):
+    if base is None or not _plain_linear(base) or not unhooked(module) or getattr(module, "merged", True):
         return None
     if getattr(module, "fan_in_fan_out", False) or getattr(module, "lora_variant", None):
         return None
@@ -123,7 +124,8 @@ def memoized(module: nn.Module, what: str, compute):
     return value
 
 
-def _module_parts(module: nn.Module) -> Parts | None:
+def module_parts(module: nn.Module) -> Parts | None:
+    """How `module` is computed on a fast path (whatever x), or None: call it as a module."""
     return memoized(module, "parts", lambda: _compute_parts(module))
 
 
@@ -141,14 +143,14 @@ def _compute_parts(module: nn.Module) -> Parts | None:
 
 def fast_parts(module: nn.Module, x: torch.Tensor) -> Parts | None:
     """How module(x) may take a CPU fast path, else None."""
-    if x.device.type != "cpu" or x.dim() != 2 or x.shape[0] > _SMALL_M:
+    if x.device.type != "cpu" or x.dim() != 2 or x.shape[0] > SMALL_M:
         return None
-    parts = _module_parts(module)
+    parts = module_parts(module)
     return parts if parts is not None and parts.dtype == x.dtype else None
 
 
 def _native(x: torch.Tensor, parts: Parts) -> bool:
-    return (parts.contiguous and x.dtype == torch.float32 and x.shape[0] >= _NATIVE_MIN and x.stride(1) == 1
+    return (parts.contiguous and x.dtype == torch.float32 and x.shape[0] >= NATIVE_MIN and x.stride(1) == 1
             and cpu_ops.available())
 
 
@@ -230,7 +232,7 @@ def lm_head(module: nn.Module, x: torch.Tensor, rows_per_chunk: int = 4096) -> t
 
 
 def _gated_parts(mlp: nn.Module, x: torch.Tensor):
-    if type(mlp).__name__ not in _GATED_MLPS or not _unhooked(mlp):
+    if type(mlp).__name__ not in GATED_MLPS or not unhooked(mlp):
         return None
     parts = [fast_parts(m, x) for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)]
     return None if any(p is None for p in parts) else parts
@@ -240,7 +242,7 @@ def _fused_silu_gate(mlp: nn.Module, x: torch.Tensor, gate, up) -> bool:
     """Whether silu(gate(x)) * up(x) may be one native pass: SiLU activation, no bias, no adapter."""
     plain = all(p.base.bias is None and not p.terms for p in (gate, up))
     act = mlp.act_fn
-    return plain and type(act).__name__ in _SILU_ACTS and _unhooked(act) and _native(x, gate) and _native(x, up)
+    return plain and type(act).__name__ in SILU_ACTS and unhooked(act) and _native(x, gate) and _native(x, up)
 
 
 def _gated_inner(mlp: nn.Module, x: torch.Tensor, gate, up) -> torch.Tensor:
@@ -268,7 +270,7 @@ def gated_mlp_add_(into: torch.Tensor, mlp: nn.Module, x: torch.Tensor) -> torch
 def rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """norm(x) over the last dim; natively for the families' RMSNorms on contiguous fp32 CPU input
     (any leading shape: Qwen3's per-head q/k norms see [T, H, D])."""
-    if (type(norm).__name__ not in _RMS_NORMS or not _unhooked(norm) or x.device.type != "cpu"
+    if (type(norm).__name__ not in RMS_NORMS or not unhooked(norm) or x.device.type != "cpu"
             or x.dtype != torch.float32 or norm.weight.dtype != torch.float32 or not x.is_contiguous()
             or not cpu_ops.available()):
         return norm(x)

@@ -36,7 +36,7 @@ class NativeLayers:
 
     @staticmethod
     def accepts(num_rows: int) -> bool:
-        return fast._NATIVE_MIN <= num_rows <= fast._SMALL_M
+        return fast.NATIVE_MIN <= num_rows <= fast.SMALL_M
 
 
 def native_layers(family: LlamaFamily) -> NativeLayers | None:
@@ -48,13 +48,13 @@ def native_layers(family: LlamaFamily) -> NativeLayers | None:
 
 
 def _plain_parts(module) -> fast.Parts | None:
-    parts = fast._module_parts(module)
+    parts = fast.module_parts(module)
     ok = parts is not None and not parts.terms and parts.dtype == torch.float32 and parts.contiguous
     return parts if ok else None
 
 
 def _norm(norm) -> tuple[torch.Tensor, float] | None:
-    if type(norm).__name__ not in fast._RMS_NORMS or not fast._unhooked(norm):
+    if type(norm).__name__ not in fast.RMS_NORMS or not fast.unhooked(norm):
         return None
     w = norm.weight
     return (w, float(norm.variance_epsilon)) if w.dtype == torch.float32 and w.is_contiguous() else None
@@ -66,10 +66,10 @@ def _build(family: LlamaFamily) -> NativeLayers | None:
     pointers, eps, keep, inter = [], [], [], None
     for layer in family.layers:
         attn, mlp = layer.self_attn, layer.mlp
-        if hasattr(attn, "q_norm") or type(mlp).__name__ not in fast._GATED_MLPS or not fast._unhooked(mlp):
+        if hasattr(attn, "q_norm") or type(mlp).__name__ not in fast.GATED_MLPS or not fast.unhooked(mlp):
             return None
         act = mlp.act_fn
-        if type(act).__name__ not in fast._SILU_ACTS or not fast._unhooked(act):
+        if type(act).__name__ not in fast.SILU_ACTS or not fast.unhooked(act):
             return None
         norms = [_norm(layer.input_layernorm), _norm(layer.post_attention_layernorm)]
         projs = [_plain_parts(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)]
