@@ -22,6 +22,7 @@ from grpo_fast import kv
 from grpo_fast.kv.decode_step import DecodeStep
 from grpo_fast.models import native_decode
 from grpo_fast.models.llama_family import LlamaFamily
+from grpo_fast.sampler.decode_graphs import DecodeGraphs
 
 try:  # optional (extra "gpu"): CUDA fp16/bf16 prefill through flash-attn's varlen kernel
     from flash_attn import flash_attn_varlen_func as _flash_varlen
@@ -30,13 +31,14 @@ except ImportError:
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, *, num_blocks: int, block_size: int):
+    def __init__(self, model: torch.nn.Module, *, num_blocks: int, block_size: int, cuda_graphs: bool = False):
         self.family = LlamaFamily(model)
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.device = self.family.device
         self.dtype = self.family.dtype
         self._kv_cache: torch.Tensor | None = None  # allocated on first use, see release()
+        self.graphs = DecodeGraphs(self) if cuda_graphs else None
 
     @property
     def kv_cache(self) -> torch.Tensor:
@@ -51,6 +53,8 @@ class ModelRunner:
     def release(self) -> None:
         """Free the KV cache (between generate calls nothing lives in it); the next call
         allocates it again. Lets a trainer give the memory to its training pass."""
+        if self.graphs is not None:
+            self.graphs.clear()  # they hold the cache's addresses
         self._kv_cache = None
 
     @staticmethod
@@ -121,19 +125,32 @@ class ModelRunner:
 
     def decode(self, bm, seq_ids: list[int], last_tokens: list[int]) -> torch.Tensor:
         """Logits ``[S, V]`` (fp32) after feeding each sequence its pending last token, whose
-        slot the block manager has already reserved."""
-        dev = self.device
+        slot the block manager has already reserved. With CUDA graphs on (see decode_graphs) a
+        captured step is replayed and the logits are a view of its static output, valid until
+        the next decode call."""
         slot_np, tables_np, lens_np = bm.decode_metadata(seq_ids)
+        if self.graphs is not None:
+            logits = self.graphs.run(slot_np, tables_np, lens_np, last_tokens)
+            if logits is not None:
+                return logits
+        dev = self.device
         slots = torch.as_tensor(slot_np).to(device=dev, dtype=torch.int32)  # [S]
         block_tables = torch.as_tensor(tables_np).to(device=dev, dtype=torch.int32)  # [S, max_blocks]
         context_lens = torch.as_tensor(lens_np).to(device=dev, dtype=torch.int32)  # [S]
         input_ids = torch.tensor(last_tokens, dtype=torch.int64, device=dev)  # [S]
-        positions = context_lens.to(torch.int64) - 1  # [S]
+        return self.decode_forward(input_ids, slots, block_tables, context_lens)
+
+    def decode_forward(self, input_ids: torch.Tensor, slots: torch.Tensor, block_tables: torch.Tensor,
+                       context_lens: torch.Tensor) -> torch.Tensor:
+        """The decode step on device tensors: input_ids [S] int64, slots [S], block_tables
+        [S, max_blocks], context_lens [S] int32 (a padding row: slot -1, context length 0).
+        No host synchronization on CUDA, so it can be captured in a CUDA graph."""
+        positions = (context_lens.to(torch.int64) - 1).clamp_(min=0)  # [S]
         step = DecodeStep(slots, block_tables, context_lens, self.family.shape.scale, self._caches(0)[0],
                           self.family.shape.num_q_heads)
 
         layers = native_decode.native_layers(self.family)
-        if layers is not None and layers.accepts(len(seq_ids)):
+        if layers is not None and layers.accepts(input_ids.shape[0]):
             return native_decode.decode_forward(self.family, layers, input_ids, positions, step, self.kv_cache)
 
         def attend(layer, q, k, v):  # q [S, Hq, D], k/v [S, Hkv, D]

@@ -33,11 +33,12 @@ class Sampler:
     model: a Llama-family HF causal LM, optionally 4-bit (bitsandbytes) and/or wrapped by peft;
     its modules are used as they are (no merge, no copy). tokenizer: gives EOS and decodes text
     for stop strings (may be None when neither is needed). kv_budget: bytes (int), a string
-    ("2GiB", "65536 tokens") or None for the default (see kv_budget.py).
+    ("2GiB", "65536 tokens") or None for the default (see kv_budget.py). cuda_graphs: replay
+    recorded decode steps on CUDA (see decode_graphs.py; off by default).
     """
 
     def __init__(self, model, tokenizer=None, *, block_size: int = 16, kv_budget=None,
-                 max_prefill_tokens: int = 4096):
+                 max_prefill_tokens: int = 4096, cuda_graphs: bool = False):
         if not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
         if not isinstance(max_prefill_tokens, int) or max_prefill_tokens < 1:
@@ -48,8 +49,12 @@ class Sampler:
         self.max_prefill_tokens = max_prefill_tokens
         per_block = ModelRunner.bytes_per_block(model, block_size)
         device = next(model.parameters()).device
+        if not isinstance(cuda_graphs, bool):
+            raise ValueError(f"cuda_graphs must be a bool, got {cuda_graphs!r}")
+        if cuda_graphs and device.type != "cuda":
+            raise ValueError(f"cuda_graphs=True needs a model on a CUDA device; this one is on {device}")
         num_blocks = num_blocks_for_budget(kv_budget, bytes_per_block=per_block, block_size=block_size, device=device)
-        self.runner = ModelRunner(model, num_blocks=num_blocks, block_size=block_size)
+        self.runner = ModelRunner(model, num_blocks=num_blocks, block_size=block_size, cuda_graphs=cuda_graphs)
         self.eos_token_ids = eos_token_ids(model, tokenizer)
         self.stats = SamplerStats()
 
@@ -71,6 +76,8 @@ class Sampler:
             with torch.inference_mode(), decode_fast_paths.memo_scope():
                 return self._generate(prompt_token_ids, params)
         finally:
+            if self.runner.graphs is not None:  # recorded for this call's modules only
+                self.runner.graphs.clear()
             for m, flag in zip(self.model.modules(), was_training):
                 m.training = flag
 
