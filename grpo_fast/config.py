@@ -311,14 +311,16 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
 # The default job (`grpo-fast train` with no arguments; examples/cpu_default.yaml holds the same):
 # SmolLM2-135M-Instruct fp32 + LoRA on the built-in `arithmetic` task, on the CPU, in < 15 min.
 # Short completions (the prompt asks for just the number) keep sampling cheap; G = 8 gives most
-# groups a spread of right and wrong answers; a LoRA learning rate high enough to move in ~40 steps.
+# groups a spread of right and wrong answers; a LoRA learning rate that moves in ~40 steps without
+# collapsing: at 1e-3 the policy's entropy fell from 1.9 to 0.2 in 6 steps and, in some runs
+# (differing only in fp32 rounding), locked into restating the sum with a wrong answer (24% -> 7%).
 DEFAULT_JOB: dict = {
     "model": {"name_or_path": None},
     "lora": {"r": 16, "lora_alpha": 32},
     "sampling": {"num_generations": 8, "temperature": 1.0, "max_completion_length": 16, "max_prompt_length": 128},
     "loss": {"loss_type": "dapo", "beta": 0.0, "epsilon": 0.2, "epsilon_high": 0.28},
     "train": {"output_dir": "runs/default", "max_steps": 40, "prompts_per_step": 4, "micro_batch_size": 8,
-              "learning_rate": 1e-3, "warmup_steps": 2, "time_budget_s": 840},
+              "learning_rate": 5e-4, "warmup_steps": 2, "time_budget_s": 840},
     "data": {"task": "arithmetic", "difficulty": "easy", "train_size": 2000, "eval_size": 100},
     "rewards": {"funcs": ["accuracy"]},
 }
