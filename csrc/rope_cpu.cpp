@@ -57,7 +57,8 @@ void cpu_rope_qk(uintptr_t q_out, uintptr_t k_out, uintptr_t q, uintptr_t k, uin
   const auto* s = reinterpret_cast<const float*>(sin);
   // 32 tokens x 12 heads x 64 is ~25k floats: one thread, no fork/join.
 #ifdef GF_X86_DISPATCH
-  if (use_avx2()) return rope_rows_avx2(qo, ko, qp, kp, c, s, tokens, num_q_heads, num_kv_heads, head_dim);
+  if (use_avx2())
+    return rope_rows_avx2(qo, ko, qp, kp, c, s, tokens, num_q_heads, num_kv_heads, head_dim);
 #endif
   rope_rows(qo, ko, qp, kp, c, s, tokens, num_q_heads, num_kv_heads, head_dim);
 }
