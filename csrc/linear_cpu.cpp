@@ -112,12 +112,6 @@ void check(const Problem& p, int64_t N, int64_t ldo) {
   if (!use_avx2()) throw std::invalid_argument("cpu_linear: this CPU has no AVX2+FMA");
 }
 
-}  // namespace
-
-bool cpu_linear_available() { return use_avx2(); }
-
-namespace {
-
 // One weight of a (possibly multi-weight) linear call: out [M, n] (rows ldo apart) from w [n, K].
 struct Segment {
   const float* w;
@@ -126,44 +120,54 @@ struct Segment {
   int64_t n, ldo;
 };
 
-// out_i (+)= alpha * x @ w_i^T + bias_i for every segment, x packed once and the weight rows of
-// all segments split over the threads as one list of 3-row blocks.
+// The loop both linear kernels share: x packed once into x^T tiles, then the `blocks` 3-row
+// weight blocks split over the threads (static: each streams one contiguous slice), and per block
+// and x tile fn(block, xt_tile, m0, mr) with the tile's first row m0 and valid rows mr.
+template <typename BlockFn>
+void for_each_block_tile(const Problem& p, int64_t blocks, BlockFn fn) {
+  const int64_t tiles = p.m_tiles();
+  std::vector<float> xt(tiles * p.K * kCols);
+#pragma omp parallel
+  {
+    pack_xt(xt.data(), p);  // ends in the implicit barrier of its omp for
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < blocks; ++b)
+      for (int64_t t = 0; t < tiles; ++t)
+        fn(b, xt.data() + t * p.K * kCols, t * kCols,
+           static_cast<int>(std::min<int64_t>(kCols, p.M - t * kCols)));
+  }
+}
+
+// out_i (+)= alpha * x @ w_i^T + bias_i for every segment: the weight rows of all segments are
+// one list of 3-row blocks.
 void run_linear(const Problem& p, const std::vector<Segment>& segs, float alpha, bool accumulate) {
 #ifdef GF_X86_DISPATCH
   std::vector<int64_t> first{0};  // first global block of each segment
   for (const Segment& sg : segs) first.push_back(first.back() + (sg.n + kRows - 1) / kRows);
-  const int64_t tiles = p.m_tiles(), K = p.K, M = p.M;
-  std::vector<float> xt(tiles * K * kCols);
-#pragma omp parallel
-  {
-    pack_xt(xt.data(), p);  // ends in the implicit barrier of its omp for
+  const int64_t K = p.K;
+  for_each_block_tile(p, first.back(), [&](int64_t gb, const float* xt, int64_t m0, int mr) {
+    size_t si = 0;
+    while (gb >= first[si + 1]) ++si;
+    const Segment& sg = segs[si];
+    const int64_t n0 = (gb - first[si]) * kRows;
+    const int nr = static_cast<int>(std::min<int64_t>(kRows, sg.n - n0));
     alignas(32) float tile[kRows * kCols];
-#pragma omp for schedule(static)
-    for (int64_t gb = 0; gb < first.back(); ++gb) {
-      size_t si = 0;
-      while (gb >= first[si + 1]) ++si;
-      const Segment& sg = segs[si];
-      const int64_t n0 = (gb - first[si]) * kRows;
-      const int nr = static_cast<int>(std::min<int64_t>(kRows, sg.n - n0));
-      for (int64_t t = 0; t < tiles; ++t) {
-        const int64_t m0 = t * kCols;
-        const int mr = static_cast<int>(std::min<int64_t>(kCols, M - m0));
-        weight_tile(nr, (mr + 7) / 8, tile, xt.data() + t * K * kCols, sg.w + n0 * K, K, K);
-        for (int r = 0; r < nr; ++r) {
-          const float add = sg.bias ? sg.bias[n0 + r] : 0.f;
-          for (int m = 0; m < mr; ++m) {
-            float* dst = sg.out + (m0 + m) * sg.ldo + n0 + r;
-            const float v = alpha * tile[r * kCols + m] + add;
-            *dst = accumulate ? *dst + v : v;
-          }
-        }
+    weight_tile(nr, (mr + 7) / 8, tile, xt, sg.w + n0 * K, K, K);
+    for (int r = 0; r < nr; ++r) {
+      const float add = sg.bias ? sg.bias[n0 + r] : 0.f;
+      for (int m = 0; m < mr; ++m) {
+        float* dst = sg.out + (m0 + m) * sg.ldo + n0 + r;
+        const float v = alpha * tile[r * kCols + m] + add;
+        *dst = accumulate ? *dst + v : v;
       }
     }
-  }
+  });
 #endif
 }
 
 }  // namespace
+
+bool cpu_linear_available() { return use_avx2(); }
 
 void cpu_linear(uintptr_t out, uintptr_t x, uintptr_t weight, uintptr_t bias, int64_t M,
                 int64_t N, int64_t K, int64_t ldx, int64_t ldo, float alpha, bool accumulate) {
@@ -201,28 +205,17 @@ void cpu_silu_mul_linear(uintptr_t out, uintptr_t x, uintptr_t w_gate, uintptr_t
   auto* o = reinterpret_cast<float*>(out);
   const auto* wg = reinterpret_cast<const float*>(w_gate);
   const auto* wu = reinterpret_cast<const float*>(w_up);
-  const int64_t tiles = p.m_tiles(), blocks = (N + kRows - 1) / kRows;
-  std::vector<float> xt(tiles * K * kCols);
-#pragma omp parallel
-  {
-    pack_xt(xt.data(), p);
+  const int64_t blocks = (N + kRows - 1) / kRows;
+  for_each_block_tile(p, blocks, [&](int64_t b, const float* xt, int64_t m0, int mr) {
+    const int64_t n0 = b * kRows;
+    const int nr = static_cast<int>(std::min<int64_t>(kRows, N - n0));
     alignas(32) float gate[kRows * kCols], up[kRows * kCols];
-#pragma omp for schedule(static)
-    for (int64_t nb = 0; nb < blocks; ++nb) {
-      const int64_t n0 = nb * kRows;
-      const int nr = static_cast<int>(std::min<int64_t>(kRows, N - n0));
-      for (int64_t t = 0; t < tiles; ++t) {
-        const int64_t m0 = t * kCols;
-        const int mr = static_cast<int>(std::min<int64_t>(kCols, M - m0));
-        const float* xtt = xt.data() + t * K * kCols;
-        weight_tile(nr, (mr + 7) / 8, gate, xtt, wg + n0 * K, K, K);
-        weight_tile(nr, (mr + 7) / 8, up, xtt, wu + n0 * K, K, K);
-        silu_mul_tile(gate, up, nr * kCols);
-        for (int r = 0; r < nr; ++r)
-          for (int m = 0; m < mr; ++m) o[(m0 + m) * ldo + n0 + r] = gate[r * kCols + m];
-      }
-    }
-  }
+    weight_tile(nr, (mr + 7) / 8, gate, xt, wg + n0 * K, K, K);
+    weight_tile(nr, (mr + 7) / 8, up, xt, wu + n0 * K, K, K);
+    silu_mul_tile(gate, up, nr * kCols);
+    for (int r = 0; r < nr; ++r)
+      for (int m = 0; m < mr; ++m) o[(m0 + m) * ldo + n0 + r] = gate[r * kCols + m];
+  });
 #endif
 }
 

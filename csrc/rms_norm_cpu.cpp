@@ -21,15 +21,14 @@ GF_INLINE void norm_row(float* out, const float* x, const float* w, int64_t dim,
   for (int64_t i = 0; i < dim; ++i) out[i] = w[i] * (x[i] * inv);
 }
 
-void norm_rows(float* out, const float* x, const float* w, int64_t r0, int64_t r1, int64_t dim,
-               float eps) {
-  for (int64_t r = r0; r < r1; ++r) norm_row(out + r * dim, x + r * dim, w, dim, eps);
+void norm_rows(float* out, const float* x, const float* w, int64_t rows, int64_t dim, float eps) {
+  for (int64_t r = 0; r < rows; ++r) norm_row(out + r * dim, x + r * dim, w, dim, eps);
 }
 
 #ifdef GF_X86_DISPATCH
-GF_AVX2 void norm_rows_avx2(float* out, const float* x, const float* w, int64_t r0, int64_t r1,
-                            int64_t dim, float eps) {
-  for (int64_t r = r0; r < r1; ++r) norm_row(out + r * dim, x + r * dim, w, dim, eps);
+GF_AVX2 void norm_rows_avx2(float* out, const float* x, const float* w, int64_t rows, int64_t dim,
+                            float eps) {
+  for (int64_t r = 0; r < rows; ++r) norm_row(out + r * dim, x + r * dim, w, dim, eps);
 }
 #endif
 
@@ -43,9 +42,9 @@ void cpu_rms_norm(uintptr_t out, uintptr_t x, uintptr_t weight, int64_t rows, in
   const auto* w = reinterpret_cast<const float*>(weight);
   // A decode step's [32, 576] is ~18k floats: one thread, no fork/join.
 #ifdef GF_X86_DISPATCH
-  if (use_avx2()) return norm_rows_avx2(o, xp, w, 0, rows, dim, eps);
+  if (use_avx2()) return norm_rows_avx2(o, xp, w, rows, dim, eps);
 #endif
-  norm_rows(o, xp, w, 0, rows, dim, eps);
+  norm_rows(o, xp, w, rows, dim, eps);
 }
 
 }  // namespace grpo_fast

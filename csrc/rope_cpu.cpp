@@ -25,21 +25,23 @@ GF_INLINE void rope_heads(float* out, const float* x, const float* c, const floa
   }
 }
 
-void rope_rows(float* qo, float* ko, const float* q, const float* k, const float* c, const float* s,
-               int64_t T, int hq, int hkv, int D) {
+GF_INLINE void rope_rows(float* qo, float* ko, const float* q, const float* k, const float* c,
+                         const float* s, int64_t T, int hq, int hkv, int D) {
   for (int64_t t = 0; t < T; ++t) {
     rope_heads(qo + t * hq * D, q + t * hq * D, c + t * D, s + t * D, hq, D);
     rope_heads(ko + t * hkv * D, k + t * hkv * D, c + t * D, s + t * D, hkv, D);
   }
 }
 
+void rope_rows_base(float* qo, float* ko, const float* q, const float* k, const float* c,
+                    const float* s, int64_t T, int hq, int hkv, int D) {
+  rope_rows(qo, ko, q, k, c, s, T, hq, hkv, D);
+}
+
 #ifdef GF_X86_DISPATCH
 GF_AVX2 void rope_rows_avx2(float* qo, float* ko, const float* q, const float* k, const float* c,
                             const float* s, int64_t T, int hq, int hkv, int D) {
-  for (int64_t t = 0; t < T; ++t) {
-    rope_heads(qo + t * hq * D, q + t * hq * D, c + t * D, s + t * D, hq, D);
-    rope_heads(ko + t * hkv * D, k + t * hkv * D, c + t * D, s + t * D, hkv, D);
-  }
+  rope_rows(qo, ko, q, k, c, s, T, hq, hkv, D);
 }
 #endif
 
@@ -60,7 +62,7 @@ void cpu_rope_qk(uintptr_t q_out, uintptr_t k_out, uintptr_t q, uintptr_t k, uin
   if (use_avx2())
     return rope_rows_avx2(qo, ko, qp, kp, c, s, tokens, num_q_heads, num_kv_heads, head_dim);
 #endif
-  rope_rows(qo, ko, qp, kp, c, s, tokens, num_q_heads, num_kv_heads, head_dim);
+  rope_rows_base(qo, ko, qp, kp, c, s, tokens, num_q_heads, num_kv_heads, head_dim);
 }
 
 }  // namespace grpo_fast

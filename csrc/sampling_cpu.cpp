@@ -21,10 +21,7 @@
 namespace grpo_fast {
 namespace {
 
-// p[i] = exp(x[i] * inv_t - mx) (mx >= every x * inv_t), returns their sum (float64). The exps
-// are fp32 (exp_nonpos, relative error < 2e-7), vectorized: one scalar float64 exp per token was
-// most of this kernel's time at a 49k vocabulary. Below e^-87 (-inf logits: masked tokens) a
-// weight is exactly 0, so such a token is never drawn.
+// Baseline and AVX2 bodies of exp_fill and max_scaled (below).
 double exp_fill_base(double* p, const float* x, int64_t V, float inv_t, float mx) {
   double sum = 0.0;
   for (int64_t i = 0; i < V; ++i) {

@@ -1,13 +1,13 @@
-"""CPU kernels of the sampler's decode step: few-row fp32 linear layers (csrc/linear_cpu.cpp) and
-RMSNorm (csrc/rms_norm_cpu.cpp), RoPE (csrc/rope_cpu.cpp).
+"""CPU kernels of the sampler's decode step: few-row fp32 linear layers (csrc/linear_cpu.cpp),
+RMSNorm (csrc/rms_norm_cpu.cpp), RoPE (csrc/rope_cpu.cpp) and a whole decoder layer
+(csrc/decode_layer_cpu.cpp).
 
 ``linear(x, W, b)`` = x @ W^T + b for x [M, K] with M a few dozen rows, the weight read in place
 (no copy, no packing of the weight), AVX2+FMA, 58-67 GFLOPS here against MKL's 44-54 at M = 32
 (MKL repacks the weight on every call, an extra pass over a matrix that is read once). Also
 ``linear_into`` (written into, or accumulated into, an existing [M, N] view, with a scale:
 residual adds and LoRA's s * (x A^T) B^T), ``linear_many`` (several weights over one x: q, k,
-v) and ``silu_mul_linear`` (a gated MLP's
-silu(x Wg^T) * (x Wu^T) in one pass).
+v) and ``silu_mul_linear`` (a gated MLP's silu(x Wg^T) * (x Wu^T) in one pass).
 
 ``rms_norm(x, w, eps)`` = w * x / sqrt(mean(x^2, -1) + eps) in one pass per row (HF's RMSNorm
 module runs seven tensor ops, each a few microseconds of dispatch on a [32, 576] tensor).
@@ -54,6 +54,11 @@ def _check_weight(name: str, w: torch.Tensor, k: int) -> None:
         raise ValueError(f"{name}: has {w.shape[1]} input features, x has {k}")
 
 
+def _check_bias(name: str, b: torch.Tensor | None, n: int) -> None:
+    if b is not None and (b.dtype != torch.float32 or b.shape != (n,) or not b.is_contiguous()):
+        raise ValueError(f"{name}: need a contiguous fp32 [{n}] tensor, got {b.dtype} {tuple(b.shape)}")
+
+
 def linear_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                 *, alpha: float = 1.0, accumulate: bool = False) -> torch.Tensor:
     """out = (out if accumulate else 0) + alpha * x @ weight^T + bias; x [M, K], weight [N, K],
@@ -64,8 +69,7 @@ def linear_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: 
     m, n = x.shape[0], weight.shape[0]
     if tuple(out.shape) != (m, n):
         raise ValueError(f"out: expected shape {(m, n)}, got {tuple(out.shape)}")
-    if bias is not None and (bias.dtype != torch.float32 or bias.shape != (n,) or not bias.is_contiguous()):
-        raise ValueError(f"bias: need a contiguous fp32 [{n}] tensor, got {bias.dtype} {tuple(bias.shape)}")
+    _check_bias("bias", bias, n)
     if m:
         _C.cpu_linear(out.data_ptr(), x.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(),
                       m, n, x.shape[1], x.stride(0), out.stride(0), float(alpha), bool(accumulate))
@@ -88,10 +92,8 @@ def linear_many(x: torch.Tensor, weights: list[torch.Tensor],
     outs = []
     for i, (w, b) in enumerate(zip(weights, biases)):
         _check_weight(f"weights[{i}]", w, x.shape[1])
-        n = w.shape[0]
-        if b is not None and (b.dtype != torch.float32 or b.shape != (n,) or not b.is_contiguous()):
-            raise ValueError(f"biases[{i}]: need a contiguous fp32 [{n}] tensor, got {b.dtype} {tuple(b.shape)}")
-        outs.append(torch.empty(x.shape[0], n, dtype=torch.float32))
+        _check_bias(f"biases[{i}]", b, w.shape[0])
+        outs.append(torch.empty(x.shape[0], w.shape[0], dtype=torch.float32))
     if x.shape[0]:
         _C.cpu_linear_many([o.data_ptr() for o in outs], x.data_ptr(), [w.data_ptr() for w in weights],
                            [0 if b is None else b.data_ptr() for b in biases], [w.shape[0] for w in weights],
@@ -127,7 +129,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return out
 
 
-def rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+            sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(q, k) * cos + rotate_half((q, k)) * sin, rotate_half(x) = cat(-x2, x1) over the halves of
     the head dim; q [T, Hq, D], k [T, Hkv, D], cos/sin [T, D], all contiguous fp32."""
     for name, t in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):

@@ -267,14 +267,23 @@ def gated_mlp_add_(into: torch.Tensor, mlp: nn.Module, x: torch.Tensor) -> torch
     return into.add_(_transposed(down, inner_t).t())
 
 
+def native_norm(norm: nn.Module) -> tuple[torch.Tensor, float] | None:
+    """(weight, eps) of one of the families' RMSNorms with a contiguous fp32 weight, unhooked (the
+    native kernel computes it exactly), else None: call it as a module."""
+    if type(norm).__name__ not in RMS_NORMS or not unhooked(norm):
+        return None
+    w = norm.weight
+    return (w, float(norm.variance_epsilon)) if w.dtype == torch.float32 and w.is_contiguous() else None
+
+
 def rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """norm(x) over the last dim; natively for the families' RMSNorms on contiguous fp32 CPU input
     (any leading shape: Qwen3's per-head q/k norms see [T, H, D])."""
-    if (type(norm).__name__ not in RMS_NORMS or not unhooked(norm) or x.device.type != "cpu"
-            or x.dtype != torch.float32 or norm.weight.dtype != torch.float32 or not x.is_contiguous()
+    params = native_norm(norm)
+    if (params is None or x.device.type != "cpu" or x.dtype != torch.float32 or not x.is_contiguous()
             or not cpu_ops.available()):
         return norm(x)
-    return cpu_ops.rms_norm(x, norm.weight, float(norm.variance_epsilon))
+    return cpu_ops.rms_norm(x, *params)
 
 
 class Rotary:

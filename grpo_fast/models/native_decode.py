@@ -31,7 +31,6 @@ class NativeLayers:
     pointers: list[list[int]]
     eps: list[list[float]]
     keep: list[torch.Tensor]  # tensors behind the pointers that exist only here (contiguous copies)
-    hidden: int
     intermediate: int
 
     @staticmethod
@@ -53,13 +52,6 @@ def _plain_parts(module) -> fast.Parts | None:
     return parts if ok else None
 
 
-def _norm(norm) -> tuple[torch.Tensor, float] | None:
-    if type(norm).__name__ not in fast.RMS_NORMS or not fast.unhooked(norm):
-        return None
-    w = norm.weight
-    return (w, float(norm.variance_epsilon)) if w.dtype == torch.float32 and w.is_contiguous() else None
-
-
 def _build(family: LlamaFamily) -> NativeLayers | None:
     if not cpu_ops.available() or family.device.type != "cpu" or family.dtype != torch.float32:
         return None
@@ -71,7 +63,7 @@ def _build(family: LlamaFamily) -> NativeLayers | None:
         act = mlp.act_fn
         if type(act).__name__ not in fast.SILU_ACTS or not fast.unhooked(act):
             return None
-        norms = [_norm(layer.input_layernorm), _norm(layer.post_attention_layernorm)]
+        norms = [fast.native_norm(layer.input_layernorm), fast.native_norm(layer.post_attention_layernorm)]
         projs = [_plain_parts(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)]
         mlps = [_plain_parts(m) for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)]
         if any(p is None for p in norms + projs + mlps) or any(p.base.bias is not None for p in mlps):
@@ -87,7 +79,7 @@ def _build(family: LlamaFamily) -> NativeLayers | None:
         pointers.append(ptrs)
         eps.append([norms[0][1], norms[1][1]])
         inter = mlps[0].base.out_features
-    return NativeLayers(pointers, eps, keep, family.config.hidden_size, inter)
+    return NativeLayers(pointers, eps, keep, inter)
 
 
 def decode_forward(family: LlamaFamily, layers: NativeLayers, input_ids: torch.Tensor, positions: torch.Tensor,
@@ -98,7 +90,6 @@ def decode_forward(family: LlamaFamily, layers: NativeLayers, input_ids: torch.T
     hidden, rotary = family.embed(input_ids, positions)  # [S, H]
     hidden = hidden.contiguous()
     s = family.shape
-    rows = hidden.shape[0]
     nb, bs = kv_cache.shape[2], kv_cache.shape[3]
     per_cache = kv_cache[0, 0].numel() * kv_cache.element_size()  # bytes of one layer's K (or V)
     base = kv_cache.data_ptr()

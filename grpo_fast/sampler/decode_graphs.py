@@ -69,7 +69,7 @@ class DecodeGraphs:
         buf = self._static_buffers()
         width = tables_np.shape[1]
         dev = self.runner.device
-        buf["input_ids"][:num].copy_(torch.as_tensor(last_tokens, dtype=torch.int64), non_blocking=False)
+        buf["input_ids"][:num].copy_(torch.as_tensor(last_tokens, dtype=torch.int64))
         buf["slots"][:num].copy_(torch.as_tensor(slot_np).to(torch.int32))
         buf["slots"][num:bucket].fill_(-1)
         buf["context_lens"][:num].copy_(torch.as_tensor(lens_np).to(torch.int32))
