@@ -1,5 +1,6 @@
 """KV-cache benchmark: (1) KV memory of B prompts x G completions under four storage schemes,
-(2) CPU paged decode attention vs PyTorch gather + SDPA.
+(2) CPU paged decode attention vs PyTorch gather + SDPA, (3) one decode step's block-manager
+bookkeeping, C++ (kv.NativeBlockManager) vs its Python twin (kv.PyBlockManager).
 
 (1) runs the real BlockManager through a GRPO generation (prefill, G completions per prompt,
 finished sequences freed) and records blocks held:
@@ -10,18 +11,21 @@ finished sequences freed) and records blocks held:
   full-block-256  the same with 256-token blocks (nano-vllm's default);
   per-sequence    no sharing: every sequence stores its prompt.
 (2) times one decode attention call over S sequences x L context tokens in shuffled blocks.
+(3) forks S sequences from S/G prompts of P tokens (as the sampler does), then times each of
+`steps` consecutive decode steps' bookkeeping: can_append + append_token for every sequence, then
+one decode_metadata over all of them. Both managers replay the same operations, step by step
+interleaved (the order alternating), and must return the same metadata.
 
   python benchmarks/bench_kv.py            # full run, JSON to benchmarks/results/bench_kv.json
   python benchmarks/bench_kv.py --quick    # smaller shapes (smoke test)
+  python benchmarks/bench_kv.py --only block_manager   # one section; JSON stamped by section
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
-import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -29,6 +33,9 @@ import torch
 import torch.nn.functional as F
 
 from grpo_fast import kv
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _bench_utils as bu  # noqa: E402
 
 # SmolLM2-135M: 30 layers x 3 kv heads x head_dim 64, K and V, bf16
 BYTES_PER_TOKEN = 30 * 2 * 3 * 64 * 2
@@ -62,7 +69,7 @@ def simulate(scheme: str, B: int, G: int, P: int, lengths: list[list[int]], bs: 
                 bm.free(sid)
                 del kids[sid]
             else:
-                bm.append_token(sid, 0)
+                bm.append_token(sid)
         peak = max(peak, bm.num_blocks - bm.num_free_blocks)
         step += 1
     return {"blocks_after_prefill": after_prefill, "peak_blocks": peak,
@@ -126,40 +133,112 @@ def decode_section(S, L, hq, hkv, D, dtype, repeats, bs=16, seed=0):
             "speedup_cpu_time": c_peer / c_ours, "max_abs_diff": err}
 
 
-def environment():
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent).stdout.strip()
-    except OSError:
-        commit = "unknown"
-    cpu = platform.processor()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"device": f"CPU: {cpu}, {os.cpu_count()} cores", "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(), "commit": commit}
+def bm_forked(cls, S: int, G: int, P: int, bs: int, steps: int, rep: int):
+    """A manager holding S sequences (ids 0..S-1) forked in groups of G from distinct P-token
+    prompts, with room for every sequence to grow by `steps` tokens."""
+    B = S // G
+    bm = cls(S * -(-(P + steps) // bs) + B, bs)
+    for b in range(B):
+        prompt = [1000 + (rep * B + b) * 7919 + i for i in range(P)]
+        bm.allocate(-1 - b, prompt)
+        bm.fork(-1 - b, list(range(b * G, (b + 1) * G)))
+        bm.free(-1 - b)
+    return bm
+
+
+def bm_step(bm, ids: list[int]):
+    """One decode step's bookkeeping, as the scheduler and model runner do it."""
+    for sid in ids:
+        if not bm.can_append(sid):
+            raise RuntimeError("pool sized too small")
+        bm.append_token(sid)
+    return bm.decode_metadata(ids)
+
+
+def block_manager_section(S, G, P, steps, repeats, bs=16):
+    """Per-step wall and process-CPU microseconds of bm_step, native and Python: `repeats` fresh
+    generations of `steps` steps each, after one untimed warm-up generation."""
+    ids = list(range(S))
+    wall = {"native": [], "python": []}  # every timed step, all repeats
+    cpu = {"native": [], "python": []}
+    per_repeat = []
+    for rep in range(repeats + 1):
+        bms = {"native": bm_forked(kv.NativeBlockManager, S, G, P, bs, steps, rep),
+               "python": bm_forked(kv.PyBlockManager, S, G, P, bs, steps, rep)}
+        rw = {"native": [], "python": []}
+        rc = {"native": [], "python": []}
+        for k in range(steps):
+            out = {}
+            for name in ("native", "python") if k % 2 == 0 else ("python", "native"):
+                c0 = time.process_time()
+                t0 = time.perf_counter()
+                out[name] = bm_step(bms[name], ids)
+                t1 = time.perf_counter()
+                c1 = time.process_time()
+                rw[name].append((t1 - t0) * 1e6)
+                rc[name].append((c1 - c0) * 1e6)
+            for a, b in zip(out["native"], out["python"]):
+                assert torch.equal(a, b), f"managers disagree: S={S}, repeat {rep}, step {k}"
+        if rep == 0:
+            continue  # warm-up
+        for name in wall:
+            wall[name] += rw[name]
+            cpu[name] += rc[name]
+        n, py = statistics.median(rw["native"]), statistics.median(rw["python"])
+        per_repeat.append({"native_us": n, "python_us": py, "ratio": py / n})
+
+    def summary(name):
+        q = statistics.quantiles(wall[name], n=10)
+        return {"median_us": statistics.median(wall[name]), "p10_us": q[0], "p90_us": q[8],
+                "cpu_median_us": statistics.median(cpu[name])}
+
+    res = {"S": S, "G": G, "P": P, "steps": steps, "block_size": bs, "repeats": repeats,
+           "native": summary("native"), "python": summary("python"), "per_repeat": per_repeat}
+    res["ratio_median"] = res["python"]["median_us"] / res["native"]["median_us"]
+    res["ratio_cpu_median"] = res["python"]["cpu_median_us"] / res["native"]["cpu_median_us"]
+    return res
+
+SECTIONS = ("memory", "decode", "block_manager")
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--repeats", type=int, default=15)
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_kv.json"))
+    ap.add_argument("--only", choices=SECTIONS, help="run one section; its JSON goes to "
+                    "benchmarks/results/bench_kv-<section>-cpu-<time>.json")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_kv.json"),
+                    help="JSON of a full (not --quick, not --only) run")
     args = ap.parse_args()
     quick = args.quick
+    run = set(SECTIONS) if args.only is None else {args.only}
     mem_cfgs = [(8, 8, 150, 256), (8, 16, 60, 512), (16, 8, 700, 256)]
     dec_cfgs = [(9, 3, 64), (32, 8, 128)]
     S, L = (8, 256) if quick else (32, 1024)
-    result = {"env": environment(), "memory": [], "decode": []}
+    result = {"env": bu.environment(torch.device("cpu")), "load_average_before": bu.load_average(),
+              "memory": [], "decode": [], "block_manager": []}
 
+    if "memory" in run:
+        memory_table(result, mem_cfgs[:1] if quick else mem_cfgs)
+    if "decode" in run:
+        decode_table(result, dec_cfgs, S, L, args.repeats)
+    if "block_manager" in run:
+        block_manager_table(result, [32] if quick else [32, 256], 16 if quick else 64,
+                            3 if quick else args.repeats)
+    result["load_average_after"] = bu.load_average()
+    if args.only is not None and not quick:
+        print(f"\nwrote {bu.write_results(f'bench_kv-{args.only}', result)}")
+    elif not quick:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1))
+        print(f"\nwrote {args.out}")
+
+
+def memory_table(result, cfgs):
     print(f"KV memory, {BYTES_PER_TOKEN} B/token (SmolLM2-135M bf16); block 16 unless noted")
     print(f"{'B x G, P, C<=':<22}{'scheme':<16}{'prefill blk':>12}{'peak blk':>10}{'peak MiB':>10}"
           f"{'vs ours':>9}{'prompt tok computed':>21}")
-    for B, G, P, C in mem_cfgs[:1] if quick else mem_cfgs:
+    for B, G, P, C in cfgs:
         m = memory_section(B, G, P, C, 16)
         result["memory"].append(m)
         ours = m["schemes"]["ours"]["peak_tokens"]
@@ -169,20 +248,38 @@ def main():
                   f"{r['peak_blocks']:>10}{mib:>10.1f}{r['peak_tokens'] / ours:>9.2f}"
                   f"{r['prefill_tokens_computed']:>21}")
 
-    print(f"\nCPU paged decode attention, {S} seqs x {L} context, median of {args.repeats}")
+
+def decode_table(result, dec_cfgs, S, L, repeats):
+    print(f"\nCPU paged decode attention, {S} seqs x {L} context, median of {repeats}")
     print(f"{'heads q/kv, D':<16}{'dtype':<10}{'gather+SDPA ms':>16}{'ours ms':>10}{'speedup':>9}"
           f"{'| CPU-time: peer ms':>20}{'ours ms':>10}{'speedup':>9}")
     for hq, hkv, D in dec_cfgs:
         for dtype in (torch.float32, torch.bfloat16):
-            r = decode_section(S, L, hq, hkv, D, dtype, args.repeats)
+            r = decode_section(S, L, hq, hkv, D, dtype, repeats)
             result["decode"].append(r)
             print(f"{f'{hq}/{hkv}, {D}':<16}{r['dtype']:<10}{r['gather_sdpa_ms']:>16.2f}"
                   f"{r['ours_ms']:>10.2f}{r['speedup']:>9.2f}{r['gather_sdpa_cpu_ms']:>20.2f}"
                   f"{r['ours_cpu_ms']:>10.2f}{r['speedup_cpu_time']:>9.2f}")
-    if not quick:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1))
-        print(f"\nwrote {args.out}")
+
+
+def block_manager_table(result, seqs, steps, repeats, G=8, P=100):
+    print(f"\nBlock manager, one decode step's bookkeeping (can_append + append_token per sequence,"
+          f" then decode_metadata), G = {G}, prompt {P} tokens, {steps} steps x {repeats} repeats")
+    for S in seqs:
+        r = block_manager_section(S, G, P, steps, repeats)
+        result["block_manager"].append(r)
+        for i, x in enumerate(r["per_repeat"]):
+            print(f"  {S} seqs, repeat {i + 1:>2}: median step native {x['native_us']:8.1f} us, "
+                  f"python {x['python_us']:8.1f} us, ratio {x['ratio']:5.1f}")
+    print(f"{'seqs':<6}{'manager':<10}{'median us':>11}{'p10 us':>9}{'p90 us':>9}{'CPU us':>9}"
+          f"{'python / native':>17}")
+    for r in result["block_manager"]:
+        for name in ("native", "python"):
+            x = r[name]
+            ratio = (f"{r['ratio_median']:.1f} (CPU {r['ratio_cpu_median']:.1f})"
+                     if name == "python" else "")
+            print(f"{r['S']:<6}{name:<10}{x['median_us']:>11.1f}{x['p10_us']:>9.1f}"
+                  f"{x['p90_us']:>9.1f}{x['cpu_median_us']:>9.1f}{ratio:>17}")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-_SILU_TYPES = ("SiLU", "SiLUActivation")
+from grpo_fast.models.causal_lm import SILU_ACTIVATIONS
 
 
 class SiluMulFunction(torch.autograd.Function):
@@ -56,7 +56,7 @@ def use_lean_swiglu(model: torch.nn.Module) -> int:
     count = 0
     for module in model.modules():
         act = getattr(module, "act_fn", None)
-        if act is None or type(act).__name__ not in _SILU_TYPES:
+        if act is None or type(act).__name__ not in SILU_ACTIVATIONS:
             continue
         if not all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj")):
             continue

@@ -30,7 +30,7 @@ def test_fork_shares_partial_block_and_copies_on_first_append(cls):
     bm.fork(0, [1, 2, 3])
     bm.free(0)  # the sampler drops the parent after forking
     assert bm.num_free_blocks == 13  # 3 blocks for 4 sequences
-    copies = [bm.append_token(c, 100 + c) for c in (1, 2, 3)]
+    copies = [bm.append_token(c) for c in (1, 2, 3)]
     # first two children copy the shared partial block; the last holder writes in place
     assert copies[0] == [(2, 3)] and copies[1] == [(2, 4)] and copies[2] == []
     assert bm.block_table(3) == [0, 1, 2]
@@ -47,7 +47,7 @@ def test_full_last_block_needs_no_copy(cls):
     bm = cls(16, 4)
     bm.allocate(0, list(range(8)))
     bm.fork(0, [1, 2])
-    assert bm.append_token(1, 5) == [] and bm.append_token(2, 6) == []
+    assert bm.append_token(1) == [] and bm.append_token(2) == []
     assert bm.block_table(1)[:2] == bm.block_table(2)[:2] == bm.block_table(0)
     assert bm.block_table(1)[2] != bm.block_table(2)[2]
 
@@ -95,7 +95,7 @@ def test_out_of_blocks_is_distinct_and_leaves_state_unchanged(cls):
     bm.fork(0, [1])
     assert not bm.can_append(1)  # partial shared block, no block to copy into
     with pytest.raises(OutOfBlocksError):
-        bm.append_token(1, 0)
+        bm.append_token(1)
     assert bm.num_tokens(1) == 13 and bm.block_table(1) == bm.block_table(0)
     assert issubclass(OutOfBlocksError, RuntimeError) and not issubclass(OutOfBlocksError, ValueError)
 
@@ -213,7 +213,7 @@ class Driver:
         elif kind == "append":
             snapshot = self.state()
             can = self.m.can_append(sid)
-            copies, err = self.all("append_token", sid, o[2])
+            copies, err = self.all("append_token", sid)
             assert can == (err is None)
             if err:
                 assert self.state() == snapshot

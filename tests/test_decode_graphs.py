@@ -47,7 +47,7 @@ def test_padding_rows_leave_real_rows_alone(kind):
             ids.append(i)
             runner.prefill(bm, [(i, p, cached)])
         for i in ids:
-            runner.copy_blocks(bm.append_token(i, 7))
+            runner.copy_blocks(bm.append_token(i))
         slots, tables, lens = bm.decode_metadata(ids)
         args = [torch.tensor([7] * 9), torch.as_tensor(slots).int(), torch.as_tensor(tables).int(),
                 torch.as_tensor(lens).int()]
@@ -66,7 +66,8 @@ def test_padding_rows_leave_real_rows_alone(kind):
     new = args[1].long()
     untouched = torch.ones(rows.shape[2], dtype=torch.bool)
     untouched[new] = False
-    assert torch.equal(rows[:, :, untouched], cache.flatten(2, 3)[:, :, untouched])
+    # Bit patterns, not values: slots never written hold whatever torch.empty gave, NaN included.
+    assert torch.equal(rows[:, :, untouched].view(torch.int32), cache.flatten(2, 3)[:, :, untouched].view(torch.int32))
     torch.testing.assert_close(rows[:, :, new], after.flatten(2, 3)[:, :, new], atol=1e-5, rtol=1e-5)
     assert not torch.equal(rows[:, :, new], cache.flatten(2, 3)[:, :, new])  # the step did write them
 

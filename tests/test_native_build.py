@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from grpo_fast import _C
-from grpo_fast.kv import reference as ref
+from grpo_fast.sampler import sampling_reference as ref
 from grpo_fast.kv._hash import ROOT_HASH, block_hash
 
 CUDA_OPS = ["cuda_append_kv", "cuda_copy_blocks", "cuda_paged_decode_attention",
@@ -65,7 +65,7 @@ def test_block_hash_and_rng_agree_with_python():
 
 
 def _C_sample_two_tokens(seeds, steps):
-    from grpo_fast import kv
+    from grpo_fast.sampler import sample
     S = len(seeds)
-    return kv.sample(torch.zeros(S, 2), torch.ones(S), torch.zeros(S, dtype=torch.int32),
+    return sample(torch.zeros(S, 2), torch.ones(S), torch.zeros(S, dtype=torch.int32),
                      torch.ones(S), torch.zeros(S), torch.tensor(seeds), torch.tensor(steps))

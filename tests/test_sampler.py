@@ -278,8 +278,10 @@ def fast_path(request, monkeypatch):
 def test_plain_linear_fast_path_is_the_module_math(fast_path):
     from torch import nn
 
-    from grpo_fast.models.decode_fast_paths import linear, linear_add_
+    from grpo_fast.models.decode_fast_paths import FastPaths
 
+    fast = FastPaths()
+    linear, linear_add_ = fast.linear, fast.linear_add_
     lin = nn.Linear(64, 96, bias=True)
     x = torch.randn(fast_path, 64)
     torch.testing.assert_close(linear(lin, x), lin(x), atol=1e-5, rtol=1e-5)
@@ -297,7 +299,10 @@ def test_peft_lora_fast_path_is_the_module_math(fast_path):
     forward, follows a disabled adapter, and reads the live LoRA weights."""
     from peft import LoraConfig, get_peft_model
 
-    from grpo_fast.models.decode_fast_paths import linear, linear_add_, lora_terms
+    from grpo_fast.models.decode_fast_paths import FastPaths, lora_terms
+
+    fast = FastPaths()
+    linear, linear_add_ = fast.linear, fast.linear_add_
 
     torch.manual_seed(0)
     model = get_peft_model(tiny_model("llama"), LoraConfig(r=4, lora_alpha=12, init_lora_weights=False,
@@ -326,7 +331,10 @@ def test_gated_mlp_and_lm_head_fast_paths_are_the_module_math(fast_path):
     from peft import LoraConfig, get_peft_model
     from torch import nn
 
-    from grpo_fast.models.decode_fast_paths import gated_mlp_add_, lm_head
+    from grpo_fast.models.decode_fast_paths import FastPaths
+
+    fast = FastPaths()
+    gated_mlp_add_, lm_head = fast.gated_mlp_add_, fast.lm_head
 
     torch.manual_seed(0)
     head = nn.Linear(64, 1031, bias=True)  # vocab not a multiple of the chunk
@@ -347,26 +355,28 @@ def test_gated_mlp_and_lm_head_fast_paths_are_the_module_math(fast_path):
 
 
 def test_memo_scope_remembers_paths_for_one_call_only():
-    """decode_fast_paths.memo_scope: inside, a module's path facts are computed once (the memo
-    holds it) and outputs still equal the module's; the memo ends with the scope, so an adapter
-    disabled between two generate calls is seen by the second."""
+    """FastPaths.scope: inside, a module's path facts are computed once (the memo holds it) and
+    outputs still equal the module's; the memo ends with the scope, so an adapter disabled
+    between two generate calls is seen by the second. Each FastPaths owns its memo."""
     from peft import LoraConfig, get_peft_model
 
-    from grpo_fast.models import decode_fast_paths as fast
+    from grpo_fast.models.decode_fast_paths import FastPaths
 
     torch.manual_seed(0)
     model = get_peft_model(tiny_model("llama"), LoraConfig(r=4, lora_alpha=12, init_lora_weights=False,
                                                          target_modules=["q_proj"])).eval()
     q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
     x = torch.randn(37, 64)
-    with fast.memo_scope():
+    fast, other = FastPaths(), FastPaths()
+    with fast.scope():
         torch.testing.assert_close(fast.linear(q_proj, x), q_proj(x), atol=1e-5, rtol=1e-5)
         assert fast._memo[(id(q_proj), "parts")][1].terms  # remembered, with its adapter
-        with fast.memo_scope():  # nested scopes restore the outer memo
+        assert other._memo is None  # not shared between owners
+        with fast.scope():  # nested scopes restore the outer memo
             assert fast._memo == {}
         assert (id(q_proj), "parts") in fast._memo
     assert fast._memo is None
-    with model.disable_adapter(), fast.memo_scope():
+    with model.disable_adapter(), fast.scope():
         torch.testing.assert_close(fast.linear(q_proj, x), q_proj.base_layer(x), atol=1e-5, rtol=1e-5)
     prompts = random_prompts((5, 9))
     sampler = Sampler(model, None, block_size=4, kv_budget="1024 tokens")

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from grpo_fast import kv
-from grpo_fast.kv import reference as ref
+from grpo_fast.sampler import sample
+from grpo_fast.sampler import sampling_reference as ref
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
@@ -43,7 +43,7 @@ def test_counter_rng_is_uniform_and_matches_native():
     # the native sampler uses the same u: a 2-token row with p = (0.5, 0.5) picks 1 iff u >= 0.5
     S = 64
     logits = torch.zeros(S, 2)
-    tok, _ = call(kv.sample, logits, params(S, seed=3))
+    tok, _ = call(sample, logits, params(S, seed=3))
     assert tok.tolist() == (ref.uniform(np.full(S, 3), np.arange(S)) >= 0.5).astype(int).tolist()
 
 
@@ -57,7 +57,7 @@ def test_native_matches_reference_exactly(cfg):
     S, V = 16, 1031
     logits = torch.randn(S, V, generator=gen) * 4
     p = params(S, seed=11, **cfg)
-    tok, lp = call(kv.sample, logits, p)
+    tok, lp = call(sample, logits, p)
     tok_r, lp_r = call(ref.sample, logits, p)
     assert tok.dtype == torch.int64 and lp.dtype == torch.float32
     assert tok.tolist() == tok_r.tolist()
@@ -70,11 +70,11 @@ def test_logprob_is_full_temperature_scaled_distribution(device):
     S, V = 32, 500
     logits = (torch.randn(S, V, generator=gen) * 3).to(device)
     p = params(S, temperature=0.6, top_k=10, top_p=0.7, seed=5, device=device)
-    tok, lp = call(kv.sample, logits, p)
+    tok, lp = call(sample, logits, p)
     full = torch.log_softmax(logits.double() / 0.6, dim=-1)  # NOT renormalized over the survivors
     torch.testing.assert_close(lp.double(), full.gather(1, tok[:, None])[:, 0], atol=1e-5, rtol=1e-5)
     g = params(S, temperature=0.0, device=device)
-    tok, lp = call(kv.sample, logits, g)
+    tok, lp = call(sample, logits, g)
     assert torch.equal(tok, logits.argmax(-1))
     torch.testing.assert_close(lp.double(), torch.log_softmax(logits.double(), -1).gather(
         1, tok[:, None])[:, 0], atol=1e-5, rtol=1e-5)
@@ -88,14 +88,14 @@ def test_draws_depend_only_on_seed_and_step(device):
     p = params(S, top_p=0.95, device=device)
     p["seeds"] = torch.arange(100, 100 + S, device=device)
     p["steps"] = torch.arange(S, device=device) * 7
-    tok, _ = call(kv.sample, logits, p)
+    tok, _ = call(sample, logits, p)
     perm = torch.randperm(S, generator=gen).to(device)
     sub = {k: v[perm[:9]].contiguous() for k, v in p.items()}
-    tok_sub, _ = call(kv.sample, logits[perm[:9]].contiguous(), sub)
+    tok_sub, _ = call(sample, logits[perm[:9]].contiguous(), sub)
     assert torch.equal(tok_sub, tok[perm[:9]])  # batch composition does not matter
-    assert torch.equal(call(kv.sample, logits, p)[0], tok)  # and repeats exactly
+    assert torch.equal(call(sample, logits, p)[0], tok)  # and repeats exactly
     p["steps"] = p["steps"] + 1
-    assert not torch.equal(call(kv.sample, logits, p)[0], tok)
+    assert not torch.equal(call(sample, logits, p)[0], tok)
 
 
 def expected_distribution(probs, top_k=0, top_p=1.0, min_p=0.0):
@@ -129,7 +129,7 @@ def test_empirical_frequencies(device, cfg):
     probs = torch.softmax(logits.double() / temperature, 0).tolist()
     want = expected_distribution(probs, **cfg)
     p = params(N, temperature=temperature, seed=1234, device=device, **cfg)
-    tok, _ = call(kv.sample, logits.expand(N, -1).contiguous().to(device), p)
+    tok, _ = call(sample, logits.expand(N, -1).contiguous().to(device), p)
     counts = torch.bincount(tok.cpu(), minlength=len(probs)).tolist()
     for i, c in enumerate(counts):
         if i not in want:
@@ -158,10 +158,10 @@ def test_validation_errors_name_the_argument():
     for name, change in cases:
         args = {"logits": logits, **base, **change}
         with pytest.raises(ValueError, match=name):
-            kv.sample(**args)
+            sample(**args)
 
 
 def test_empty_batch():
-    tok, lp = call(kv.sample, torch.zeros(0, 7), params(0))
+    tok, lp = call(sample, torch.zeros(0, 7), params(0))
     assert tok.shape == (0,) and lp.shape == (0,)
-    assert math.isfinite(float(call(kv.sample, torch.zeros(1, 7), params(1))[1][0]))
+    assert math.isfinite(float(call(sample, torch.zeros(1, 7), params(1))[1][0]))

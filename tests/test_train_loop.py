@@ -134,7 +134,7 @@ def test_merge_saves_a_plain_transformers_model(tiny, tmp_path):
 
 
 def _rollout_for(model, tokenizer, seed=0):
-    from grpo_fast.train.policy_loss import make_batch
+    from grpo_fast.train.rollout_batch import make_batch
 
     g = torch.Generator().manual_seed(seed)
     prompts = [[int(t) for t in torch.randint(2, 60, (n,), generator=g)] for n in (3, 5, 4, 6, 2, 5)]
@@ -146,7 +146,7 @@ def _rollout_for(model, tokenizer, seed=0):
 def test_micro_batched_gradient_equals_whole_batch(tiny, loss_type):
     """optimizer_update's accumulation: the gradient of the step does not depend on the split."""
     from grpo_fast.config import Config, LoraConfig, LossConfig, ModelConfig
-    from grpo_fast.train.model import load_policy, trainable_parameters
+    from grpo_fast.train.model import load_policy, policy_modules, trainable_parameters
     from grpo_fast.train.policy_loss import policy_loss, score_logprobs
 
     model, tok, _ = load_policy(ModelConfig(name_or_path=str(tiny)), LoraConfig(r=4, lora_alpha=8), seed=0)
@@ -155,8 +155,9 @@ def test_micro_batched_gradient_equals_whole_batch(tiny, loss_type):
             if "lora_B" in n:
                 p.normal_(0, 0.05)
     batch, adv = _rollout_for(model, tok)
-    old = score_logprobs(model, batch, temperature=1.0) + 0.05 * torch.randn(batch.mask.shape) * batch.mask
-    ref = score_logprobs(model, batch, temperature=1.0, reference=True)
+    policy = policy_modules(model)
+    old = score_logprobs(policy, batch, temperature=1.0) + 0.05 * torch.randn(batch.mask.shape) * batch.mask
+    ref = score_logprobs(policy, batch, temperature=1.0, reference=True)
     lc = LossConfig(loss_type=loss_type, beta=0.05, epsilon_high=5.0 if loss_type == "cispo" else None)
     params = trainable_parameters(model)
     n_tok, n_seq = float(batch.mask.sum()), len(batch)
@@ -167,7 +168,7 @@ def test_micro_batched_gradient_equals_whole_batch(tiny, loss_type):
         total = 0.0
         for start in range(0, n_seq, size):
             rows = slice(start, start + size)
-            loss, _ = policy_loss(model, batch.select(rows), adv[rows], old[rows], ref[rows], loss_cfg=lc,
+            loss, _ = policy_loss(policy, batch.select(rows), adv[rows], old[rows], ref[rows], loss_cfg=lc,
                                   temperature=1.0, max_completion_length=8, num_items_in_batch=n_tok,
                                   num_sequences_in_batch=n_seq)
             loss.backward()
@@ -186,7 +187,7 @@ def test_batch_layout_and_scoring_match_hf_forward(tiny):
     """Left-padded prompts + right-padded completions: the scored log-probs equal a plain HF
     forward over each unpadded sequence, and reference scoring equals the base model's."""
     from grpo_fast.config import LoraConfig, ModelConfig
-    from grpo_fast.train.model import load_policy
+    from grpo_fast.train.model import load_policy, policy_modules
     from grpo_fast.train.policy_loss import score_logprobs
 
     model, tok, _ = load_policy(ModelConfig(name_or_path=str(tiny)), LoraConfig(r=4, lora_alpha=8), seed=0)
@@ -196,8 +197,8 @@ def test_batch_layout_and_scoring_match_hf_forward(tiny):
                 p.normal_(0, 0.05)
     model.eval()
     batch, _ = _rollout_for(model, tok, seed=3)
-    got = score_logprobs(model, batch, temperature=0.7)
-    ref = score_logprobs(model, batch, temperature=0.7, reference=True)
+    got = score_logprobs(policy_modules(model), batch, temperature=0.7)
+    ref = score_logprobs(policy_modules(model), batch, temperature=0.7, reference=True)
     P = batch.prompt_width
     for i in range(len(batch)):
         real = batch.attention_mask[i].bool()
@@ -291,8 +292,9 @@ def test_shared_prompt_forward_equals_full_forward(tiny, comp_lens, checkpointin
     rows) gives the hidden states and the LoRA gradients of the plain pass over every (prompt,
     completion) row, including empty completions and under gradient checkpointing."""
     from grpo_fast.config import LoraConfig, ModelConfig
-    from grpo_fast.train.model import load_policy, trainable_parameters
-    from grpo_fast.train.policy_loss import _prompt_runs, completion_hidden, make_batch
+    from grpo_fast.train.model import load_policy, policy_modules, trainable_parameters
+    from grpo_fast.train.packed_forward import completion_hidden, prompt_runs
+    from grpo_fast.train.rollout_batch import make_batch
 
     model, tok, _ = load_policy(ModelConfig(name_or_path=str(tiny), gradient_checkpointing=checkpointing),
                                 LoraConfig(r=4, lora_alpha=8), seed=0)
@@ -306,14 +308,14 @@ def test_shared_prompt_forward_equals_full_forward(tiny, comp_lens, checkpointin
     prompts = [groups[0]] * 2 + [groups[1]] * 3 + [groups[2]]  # runs 2, 3, 1; left padding
     comps = [[int(t) for t in torch.randint(2, 60, (n,), generator=g)] for n in comp_lens]
     batch = make_batch(prompts, comps, tok.pad_token_id)
-    assert _prompt_runs(batch.input_ids[:, :batch.prompt_width]) == [2, 3, 1]
+    assert prompt_runs(batch.input_ids[:, :batch.prompt_width]) == [2, 3, 1]
     weights = torch.randn(batch.targets.shape + (32,), generator=g)
     params = trainable_parameters(model)
 
     def run(share):
         for p in params:
             p.grad = None
-        hidden = completion_hidden(model, batch, share_prompts=share, layout=layout)  # [N, C, H]
+        hidden = completion_hidden(policy_modules(model).decoder, batch, share_prompts=share, layout=layout)  # [N, C, H]
         (hidden * weights * batch.mask.unsqueeze(-1)).sum().backward()
         return hidden.detach() * batch.mask.unsqueeze(-1), [p.grad.clone() for p in params]
 
@@ -354,7 +356,8 @@ def test_shared_prompt_forward_respects_a_sliding_window(window):
     last `window` positions, as in HF's own pass; shorter rows (window=64) take the packed path."""
     from transformers import MistralConfig, MistralForCausalLM
 
-    from grpo_fast.train.policy_loss import completion_hidden, make_batch
+    from grpo_fast.train.packed_forward import completion_hidden
+    from grpo_fast.train.rollout_batch import make_batch
 
     torch.manual_seed(0)
     model = MistralForCausalLM(MistralConfig(vocab_size=61, hidden_size=32, intermediate_size=64,
@@ -365,10 +368,10 @@ def test_shared_prompt_forward_respects_a_sliding_window(window):
     comps = [[int(t) for t in torch.randint(2, 60, (n,), generator=g)] for n in (5, 3, 7)]
     batch = make_batch([prompt] * 3, comps, 0)
     with torch.no_grad():
-        shared = completion_hidden(model, batch) * batch.mask.unsqueeze(-1)
-        plain = completion_hidden(model, batch, share_prompts=False) * batch.mask.unsqueeze(-1)
+        shared = completion_hidden(model.model, batch) * batch.mask.unsqueeze(-1)
+        plain = completion_hidden(model.model, batch, share_prompts=False) * batch.mask.unsqueeze(-1)
         # The window matters for the long rows: a full-attention pass differs from HF's.
         model.config.sliding_window = None
-        full = completion_hidden(model, batch, share_prompts=False) * batch.mask.unsqueeze(-1)
+        full = completion_hidden(model.model, batch, share_prompts=False) * batch.mask.unsqueeze(-1)
     torch.testing.assert_close(shared, plain, atol=1e-5, rtol=1e-5)
     assert (window < 13) == (not torch.allclose(plain, full, atol=1e-5))

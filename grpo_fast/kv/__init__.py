@@ -10,14 +10,13 @@ token slot = block * block_size + offset. One GRPO generation, per layer where i
     (prefix hit: gather_kv(kc, vc, bm.slot_mapping(pid, 0, cached)) in front of k, v, and
      prefill_attention(q, k_all, v_all, cu_q, scale, cu_seqlens_k=cu_k))
     prefill_attention(q, k, v, cu_seqlens, scale); append_kv(kc, vc, k, v, slots)
-    tok, logp = sample(last_logits, temperature, top_k, top_p, min_p, seeds, steps)
     bm.fork(pid, child_ids); bm.free(pid)                 # G children share every block
-    loop:  pairs = bm.append_token(child, tok)            # reserve the next slot (CoW pairs)
+    loop:  pairs = bm.append_token(child)                 # reserve the next slot (CoW pairs)
            copy_blocks(kc, vc, pairs)                     # per layer, BEFORE writing
            slot, tables, lens = bm.decode_metadata(children)
            append_kv(kc, vc, k_new, v_new, slot)          # per layer
            paged_decode_attention(q, kc, vc, tables, lens, scale)
-           sample(...)                                    # steps += 1 per sequence
+           (the sampler then draws each sequence's next token: grpo_fast.sampler.sample)
     bm.free(child) when done; OutOfBlocksError -> preempt (free, recompute later);
     bm.reset_prefix_cache() after every weight update (cached KV is stale).
 
@@ -27,11 +26,21 @@ torch.ops.grpo_fast.*; `grpo_fast.kv.reference` holds the plain-PyTorch oracle v
 from . import reference
 from .block_manager import BlockManager, NativeBlockManager, PyBlockManager
 from .errors import OutOfBlocksError
-from .ops import (append_kv, copy_blocks, gather_kv, paged_decode_attention, prefill_attention,
-                  sample)
+from .ops import append_kv, copy_blocks, gather_kv, paged_decode_attention, prefill_attention
 
 __all__ = [
     "BlockManager", "NativeBlockManager", "PyBlockManager", "OutOfBlocksError", "append_kv",
-    "copy_blocks", "gather_kv", "paged_decode_attention", "prefill_attention", "sample",
-    "reference",
+    "copy_blocks", "gather_kv", "paged_decode_attention", "prefill_attention", "reference",
 ]
+
+
+def __getattr__(name):
+    # Token sampling moved to the sampler (grpo_fast.sampler.sample); the old name keeps working.
+    if name == "sample":
+        import warnings
+
+        from grpo_fast.sampler.sampling_op import sample
+
+        warnings.warn("grpo_fast.kv.sample moved to grpo_fast.sampler.sample", DeprecationWarning, stacklevel=2)
+        return sample
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

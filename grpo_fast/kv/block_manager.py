@@ -9,7 +9,7 @@ Contract (shared with the pure-Python twin `PyBlockManager`, used when the exten
   later sequence is allocated against them, and call `reset_prefix_cache()` after every weight
   update (cached KV of old weights is stale);
 - `fork(parent, children)`: each child shares every parent block, the partial last one included;
-- `append_token(seq_id, token_id) -> [(src, dst)]`: reserves the slot of one new token (its KV is
+- `append_token(seq_id) -> [(src, dst)]`: reserves the slot of one new token (its KV is
   written by the next forward at `decode_metadata`'s slot). A shared partial last block is
   first copied (copy-on-write): run `copy_blocks` on the pairs BEFORE writing. The last holder
   of a shared block writes in place, so a group of G children copies it G - 1 times at most;
@@ -19,6 +19,8 @@ Contract (shared with the pure-Python twin `PyBlockManager`, used when the exten
 from __future__ import annotations
 
 import torch
+
+from grpo_fast.intmath import ceil_div
 
 from .errors import OutOfBlocksError  # noqa: F401  (raised by the native code)
 from .py_block_manager import PyBlockManager
@@ -43,7 +45,7 @@ class NativeBlockManager:
     num_free_blocks = property(lambda self: self._m.num_free_blocks)
 
     def blocks_needed(self, num_tokens: int) -> int:
-        return -(-num_tokens // self._m.block_size)
+        return ceil_div(num_tokens, self._m.block_size)
 
     def can_allocate(self, num_tokens: int) -> bool:
         return self._m.can_allocate(num_tokens)
@@ -59,7 +61,7 @@ class NativeBlockManager:
     def fork(self, parent_id: int, child_ids) -> None:
         self._m.fork(parent_id, list(child_ids))
 
-    def append_token(self, seq_id: int, token_id: int = 0) -> list[tuple[int, int]]:
+    def append_token(self, seq_id: int) -> list[tuple[int, int]]:
         return self._m.append_token(seq_id)
 
     def free(self, seq_id: int) -> None:

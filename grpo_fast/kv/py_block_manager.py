@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from grpo_fast.intmath import ceil_div
+
 from ._hash import ROOT_HASH, block_hash
 from .errors import OutOfBlocksError
 
@@ -101,7 +103,7 @@ class PyBlockManager:
 
     # ---- queries ----------------------------------------------------------------------------
     def blocks_needed(self, num_tokens: int) -> int:
-        return -(-num_tokens // self._block_size)
+        return ceil_div(num_tokens, self._block_size)
 
     def can_allocate(self, num_tokens: int) -> bool:
         """Conservative: true when the prompt fits even with no prefix-cache hit."""
@@ -175,7 +177,7 @@ class PyBlockManager:
                 self._ref[b] += 1
             self._seqs[c] = _Seq(list(p.blocks), p.num_tokens)
 
-    def append_token(self, seq_id: int, token_id: int = 0) -> list[tuple[int, int]]:
+    def append_token(self, seq_id: int) -> list[tuple[int, int]]:
         s = self._seq(seq_id)
         need = self._append_needs_block(s)
         if need > self.num_free_blocks:

@@ -18,6 +18,9 @@ path) and the gated MLPs of the supported families, down(act(gate(x)) * up(x)), 
 silu(gate) * up is one native pass when gate and up carry no bias or adapter; and ``rms_norm``:
 the families' RMSNorm modules as one native pass per row instead of seven tensor ops; and
 ``Rotary``: RoPE of q and k, one native call per layer.
+
+The paths that depend on a module's facts are methods of ``FastPaths``, which remembers those
+facts within a scope (a generate call); its owner is the model runner, through LlamaFamily.
 """
 
 from __future__ import annotations
@@ -29,12 +32,8 @@ import torch
 from torch import nn
 
 from grpo_fast.models import cpu_ops
+from grpo_fast.models.causal_lm import GATED_MLPS, RMS_NORMS, SILU_ACTIVATIONS
 
-# Gated MLPs of the supported families: down(act(gate(x)) * up(x)).
-GATED_MLPS = ("LlamaMLP", "Qwen2MLP", "Qwen3MLP", "MistralMLP")
-SILU_ACTS = ("SiLUActivation", "SiLU")
-# weight * x / sqrt(mean(x^2) + variance_epsilon), computed in fp32, in every one of these.
-RMS_NORMS = ("LlamaRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "MistralRMSNorm")
 # Up to this many rows a qualifying CPU layer takes a fast path; the native kernel from NATIVE_MIN
 # rows on (below that its 3-row weight tiles are load-bound and MKL's transposed product wins).
 SMALL_M = 256
@@ -92,43 +91,6 @@ class Parts(NamedTuple):
     contiguous: bool  # every weight contiguous (the native kernel reads them in place)
 
 
-# Per-scope memo: (id(module), what) -> (module, value); None outside a scope (see memo_scope).
-_memo: dict[tuple[int, str], tuple[nn.Module, object]] | None = None
-
-
-@contextmanager
-def memo_scope():
-    """Within this scope each module's fast-path facts (type, hooks, active adapters, weight
-    layout) are checked once and remembered: the checks were the bulk of a decode step's Python
-    time (~10 per layer, each a few attribute lookups through nn.Module). A sampler's generate
-    call is one scope: nothing toggles adapters or swaps weights in the middle of it; weight
-    values are still read at call time."""
-    global _memo
-    outer, _memo = _memo, {}
-    try:
-        yield
-    finally:
-        _memo = outer
-
-
-def memoized(module: nn.Module, what: str, compute):
-    """compute(), remembered for `module` until the current memo_scope ends (not at all outside one)."""
-    if _memo is None:
-        return compute()
-    key = (id(module), what)
-    hit = _memo.get(key)
-    if hit is not None and hit[0] is module:
-        return hit[1]
-    value = compute()
-    _memo[key] = (module, value)
-    return value
-
-
-def module_parts(module: nn.Module) -> Parts | None:
-    """How `module` is computed on a fast path (whatever x), or None: call it as a module."""
-    return memoized(module, "parts", lambda: _compute_parts(module))
-
-
 def _compute_parts(module: nn.Module) -> Parts | None:
     if _plain_linear(module):
         base, terms = module, []
@@ -139,14 +101,6 @@ def _compute_parts(module: nn.Module) -> Parts | None:
         return None
     weights = [base.weight] + [w for a, b, _ in terms for w in (a, b)]
     return Parts(base, terms, base.weight.dtype, all(w.is_contiguous() for w in weights))
-
-
-def fast_parts(module: nn.Module, x: torch.Tensor) -> Parts | None:
-    """How module(x) may take a CPU fast path, else None."""
-    if x.device.type != "cpu" or x.dim() != 2 or x.shape[0] > SMALL_M:
-        return None
-    parts = module_parts(module)
-    return parts if parts is not None and parts.dtype == x.dtype else None
 
 
 def _native(x: torch.Tensor, parts: Parts) -> bool:
@@ -179,92 +133,129 @@ def _transposed(parts, xt: torch.Tensor) -> torch.Tensor:
     return out_t
 
 
-def linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """module(x) [M, N]."""
-    parts = fast_parts(module, x)
-    if parts is None:
-        return module(x)
-    if _native(x, parts):
-        out = torch.empty(x.shape[0], parts.base.out_features, dtype=x.dtype)
-        return _native_into(out, x, parts, accumulate=False)
-    return _transposed(parts, x.t()).t().contiguous()
-
-
-def linears(modules: tuple[nn.Module, ...], x: torch.Tensor) -> list[torch.Tensor]:
-    """[m(x) for m in modules] (a layer's q, k, v projections); natively as one call when all of
-    them qualify, each module's LoRA terms then added to its own output."""
-    parts = [fast_parts(m, x) for m in modules]
-    if not all(p is not None and _native(x, p) for p in parts):
-        return [linear(m, x) for m in modules]
-    biases = [None if p.base.bias is None else p.base.bias.contiguous() for p in parts]
-    outs = cpu_ops.linear_many(x, [p.base.weight for p in parts], biases)
-    for out, p in zip(outs, parts):
-        _add_lora_(out, x, p)
-    return outs
-
-
-def linear_add_(into: torch.Tensor, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """into += module(x), in place (into [M, N] fp32 rows, e.g. the residual stream)."""
-    parts = fast_parts(module, x)
-    if parts is not None and _native(x, parts) and into.dtype == x.dtype and into.stride(1) == 1:
-        return _native_into(into, x, parts, accumulate=True)
-    return into.add_(linear(module, x))
-
-
-def lm_head(module: nn.Module, x: torch.Tensor, rows_per_chunk: int = 4096) -> torch.Tensor:
-    """Logits [M, V] fp32. On the transposed path the [V, M] product is made a vocabulary chunk
-    at a time and each chunk transposed into place while it is still in cache (one transposing
-    copy of the whole [V, M] product reads it with a stride of M floats)."""
-    parts = fast_parts(module, x)
-    if parts is None or parts.terms or _native(x, parts):
-        return linear(module, x).float()
-    base = parts.base
-    xt = x.t()  # [H, M]
-    vocab = base.weight.shape[0]
-    out = torch.empty(x.shape[0], vocab, dtype=x.dtype, device=x.device)  # [M, V]
-    for s in range(0, vocab, rows_per_chunk):
-        e = min(s + rows_per_chunk, vocab)
-        chunk = torch.mm(base.weight[s:e], xt)  # [C, M]
-        if base.bias is not None:
-            chunk += base.bias[s:e].unsqueeze(1)
-        out[:, s:e] = chunk.t()
-    return out.float()
-
-
-def _gated_parts(mlp: nn.Module, x: torch.Tensor):
-    if type(mlp).__name__ not in GATED_MLPS or not unhooked(mlp):
-        return None
-    parts = [fast_parts(m, x) for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)]
-    return None if any(p is None for p in parts) else parts
-
-
-def _fused_silu_gate(mlp: nn.Module, x: torch.Tensor, gate, up) -> bool:
+def _fused_silu_gate(mlp: nn.Module, x: torch.Tensor, gate: Parts, up: Parts) -> bool:
     """Whether silu(gate(x)) * up(x) may be one native pass: SiLU activation, no bias, no adapter."""
     plain = all(p.base.bias is None and not p.terms for p in (gate, up))
     act = mlp.act_fn
-    return plain and type(act).__name__ in SILU_ACTS and unhooked(act) and _native(x, gate) and _native(x, up)
+    return plain and type(act).__name__ in SILU_ACTIVATIONS and unhooked(act) and _native(x, gate) and _native(x, up)
 
 
-def _gated_inner(mlp: nn.Module, x: torch.Tensor, gate, up) -> torch.Tensor:
-    """act(gate(x)) * up(x) [M, I] on the native kernels."""
-    if _fused_silu_gate(mlp, x, gate, up):
-        return cpu_ops.silu_mul_linear(x, gate.base.weight, up.base.weight)
-    return mlp.act_fn(linear(mlp.gate_proj, x)).mul_(linear(mlp.up_proj, x))
+class FastPaths:
+    """The module-dependent fast paths, with a memo of each module's path facts (type, hooks,
+    active adapters, weight layout). Within ``scope()`` they are checked once per module and
+    remembered: the checks were the bulk of a decode step's Python time (~10 per layer, each a
+    few attribute lookups through nn.Module). A sampler's generate call is one scope: nothing
+    toggles adapters or swaps weights in the middle of it; weight values are still read at call
+    time. Outside a scope nothing is remembered."""
 
+    def __init__(self):
+        # (id(module), what) -> (module, value) within a scope; None outside one.
+        self._memo: dict[tuple[int, str], tuple[nn.Module, object]] | None = None
 
-def gated_mlp_add_(into: torch.Tensor, mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """into += mlp(x), in place. The known gated MLPs are unrolled so their projections take the
-    fast paths; on the transposed path the whole MLP runs transposed (act(G x^T) * (U x^T) is
-    [I, M], contiguous, and is already the x^T the down projection wants)."""
-    parts = _gated_parts(mlp, x)
-    if parts is None:
-        return into.add_(mlp(x))
-    gate, up, down = parts
-    if _native(x, gate) and _native(x, up):
-        return linear_add_(into, mlp.down_proj, _gated_inner(mlp, x, gate, up))
-    xt = x.t()  # [H, M]
-    inner_t = mlp.act_fn(_transposed(gate, xt)).mul_(_transposed(up, xt))  # [I, M]
-    return into.add_(_transposed(down, inner_t).t())
+    @contextmanager
+    def scope(self):
+        outer, self._memo = self._memo, {}
+        try:
+            yield self
+        finally:
+            self._memo = outer
+
+    def memoized(self, module: nn.Module, what: str, compute):
+        """compute(), remembered for `module` until the current scope ends (not at all outside one)."""
+        if self._memo is None:
+            return compute()
+        key = (id(module), what)
+        hit = self._memo.get(key)
+        if hit is not None and hit[0] is module:
+            return hit[1]
+        value = compute()
+        self._memo[key] = (module, value)
+        return value
+
+    def parts(self, module: nn.Module) -> Parts | None:
+        """How `module` is computed on a fast path (whatever x), or None: call it as a module."""
+        return self.memoized(module, "parts", lambda: _compute_parts(module))
+
+    def fast_parts(self, module: nn.Module, x: torch.Tensor) -> Parts | None:
+        """How module(x) may take a CPU fast path, else None."""
+        if x.device.type != "cpu" or x.dim() != 2 or x.shape[0] > SMALL_M:
+            return None
+        parts = self.parts(module)
+        return parts if parts is not None and parts.dtype == x.dtype else None
+
+    def linear(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """module(x) [M, N]."""
+        parts = self.fast_parts(module, x)
+        if parts is None:
+            return module(x)
+        if _native(x, parts):
+            out = torch.empty(x.shape[0], parts.base.out_features, dtype=x.dtype)
+            return _native_into(out, x, parts, accumulate=False)
+        return _transposed(parts, x.t()).t().contiguous()
+
+    def linears(self, modules: tuple[nn.Module, ...], x: torch.Tensor) -> list[torch.Tensor]:
+        """[m(x) for m in modules] (a layer's q, k, v projections); natively as one call when all of
+        them qualify, each module's LoRA terms then added to its own output."""
+        parts = [self.fast_parts(m, x) for m in modules]
+        if not all(p is not None and _native(x, p) for p in parts):
+            return [self.linear(m, x) for m in modules]
+        biases = [None if p.base.bias is None else p.base.bias.contiguous() for p in parts]
+        outs = cpu_ops.linear_many(x, [p.base.weight for p in parts], biases)
+        for out, p in zip(outs, parts):
+            _add_lora_(out, x, p)
+        return outs
+
+    def linear_add_(self, into: torch.Tensor, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """into += module(x), in place (into [M, N] fp32 rows, e.g. the residual stream)."""
+        parts = self.fast_parts(module, x)
+        if parts is not None and _native(x, parts) and into.dtype == x.dtype and into.stride(1) == 1:
+            return _native_into(into, x, parts, accumulate=True)
+        return into.add_(self.linear(module, x))
+
+    def lm_head(self, module: nn.Module, x: torch.Tensor, rows_per_chunk: int = 4096) -> torch.Tensor:
+        """Logits [M, V] fp32. On the transposed path the [V, M] product is made a vocabulary chunk
+        at a time and each chunk transposed into place while it is still in cache (one transposing
+        copy of the whole [V, M] product reads it with a stride of M floats)."""
+        parts = self.fast_parts(module, x)
+        if parts is None or parts.terms or _native(x, parts):
+            return self.linear(module, x).float()
+        base = parts.base
+        xt = x.t()  # [H, M]
+        vocab = base.weight.shape[0]
+        out = torch.empty(x.shape[0], vocab, dtype=x.dtype, device=x.device)  # [M, V]
+        for s in range(0, vocab, rows_per_chunk):
+            e = min(s + rows_per_chunk, vocab)
+            chunk = torch.mm(base.weight[s:e], xt)  # [C, M]
+            if base.bias is not None:
+                chunk += base.bias[s:e].unsqueeze(1)
+            out[:, s:e] = chunk.t()
+        return out.float()
+
+    def gated_mlp_add_(self, into: torch.Tensor, mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """into += mlp(x), in place. The known gated MLPs are unrolled so their projections take the
+        fast paths; on the transposed path the whole MLP runs transposed (act(G x^T) * (U x^T) is
+        [I, M], contiguous, and is already the x^T the down projection wants)."""
+        parts = self._gated_parts(mlp, x)
+        if parts is None:
+            return into.add_(mlp(x))
+        gate, up, down = parts
+        if _native(x, gate) and _native(x, up):
+            return self.linear_add_(into, mlp.down_proj, self._gated_inner(mlp, x, gate, up))
+        xt = x.t()  # [H, M]
+        inner_t = mlp.act_fn(_transposed(gate, xt)).mul_(_transposed(up, xt))  # [I, M]
+        return into.add_(_transposed(down, inner_t).t())
+
+    def _gated_parts(self, mlp: nn.Module, x: torch.Tensor):
+        if type(mlp).__name__ not in GATED_MLPS or not unhooked(mlp):
+            return None
+        parts = [self.fast_parts(m, x) for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)]
+        return None if any(p is None for p in parts) else parts
+
+    def _gated_inner(self, mlp: nn.Module, x: torch.Tensor, gate: Parts, up: Parts) -> torch.Tensor:
+        """act(gate(x)) * up(x) [M, I] on the native kernels."""
+        if _fused_silu_gate(mlp, x, gate, up):
+            return cpu_ops.silu_mul_linear(x, gate.base.weight, up.base.weight)
+        return mlp.act_fn(self.linear(mlp.gate_proj, x)).mul_(self.linear(mlp.up_proj, x))
 
 
 def native_norm(norm: nn.Module) -> tuple[torch.Tensor, float] | None:

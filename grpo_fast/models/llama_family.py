@@ -22,18 +22,13 @@ from typing import Callable
 import torch
 from torch import nn
 
-from grpo_fast.models import decode_fast_paths as fast
+from grpo_fast.models.causal_lm import unwrap_causal_lm
+from grpo_fast.models.decode_fast_paths import FastPaths, Rotary, rms_norm
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 
 # attend(layer_idx, q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, D]) -> [T, Hq, D]
 AttendFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def unwrap_causal_lm(model: nn.Module) -> nn.Module:
-    """The ``*ForCausalLM`` module inside a peft wrapper (``model.base_model.model``), or the model."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
 
 
 @dataclass(frozen=True)
@@ -48,9 +43,12 @@ class AttentionShape:
 
 
 class LlamaFamily:
-    """Flat-token forward of a Llama-family causal LM with pluggable attention."""
+    """Flat-token forward of a Llama-family causal LM with pluggable attention. ``fast``: its
+    decode fast paths with their memo (the model runner opens one ``fast.scope()`` per generate
+    call)."""
 
     def __init__(self, model: nn.Module):
+        self.fast = FastPaths()
         lm = unwrap_causal_lm(model)
         config = getattr(lm, "config", None)
         model_type = getattr(config, "model_type", None)
@@ -102,33 +100,33 @@ class LlamaFamily:
         d = self.shape.head_dim
         for idx, layer in enumerate(self.layers):
             attn = layer.self_attn
-            x = fast.rms_norm(layer.input_layernorm, hidden)
-            q, k, v = fast.linears((attn.q_proj, attn.k_proj, attn.v_proj), x)
+            x = rms_norm(layer.input_layernorm, hidden)
+            q, k, v = self.fast.linears((attn.q_proj, attn.k_proj, attn.v_proj), x)
             q = q.view(num_tokens, -1, d)  # [T, Hq, D]
             k = k.view(num_tokens, -1, d)  # [T, Hkv, D]
             v = v.view(num_tokens, -1, d)  # [T, Hkv, D]
             if hasattr(attn, "q_norm"):  # Qwen3: RMSNorm over each head, before RoPE
-                q = fast.rms_norm(attn.q_norm, q)
-                k = fast.rms_norm(attn.k_norm, k)
+                q = rms_norm(attn.q_norm, q)
+                k = rms_norm(attn.k_norm, k)
             q, k = rotary(q, k)
             out = attend(idx, q, k.contiguous(), v.contiguous())  # [T, Hq, D]
             # The residual stream is this call's own tensor (a fresh embedding lookup): added to in place.
-            fast.linear_add_(hidden, attn.o_proj, out.reshape(num_tokens, -1))
-            fast.gated_mlp_add_(hidden, layer.mlp, fast.rms_norm(layer.post_attention_layernorm, hidden))
+            self.fast.linear_add_(hidden, attn.o_proj, out.reshape(num_tokens, -1))
+            self.fast.gated_mlp_add_(hidden, layer.mlp, rms_norm(layer.post_attention_layernorm, hidden))
         return self.logits(hidden, logits_index)
 
-    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, fast.Rotary]:
+    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, Rotary]:
         """(hidden [T, H], the RoPE of these positions): the input of the first layer."""
         hidden = self.decoder.embed_tokens(input_ids)  # [T, H]
         # The rotary module wants a batch dim: cos/sin [1, T, D].
         cos, sin = self.decoder.rotary_emb(hidden, positions.unsqueeze(0))
-        return hidden, fast.Rotary(cos[0], sin[0])
+        return hidden, Rotary(cos[0], sin[0])
 
     def logits(self, hidden: torch.Tensor, logits_index: torch.Tensor | None = None) -> torch.Tensor:
         """Final norm and lm_head over the rows at logits_index (all if None): fp32 [S, V]."""
         if logits_index is not None:
             hidden = hidden.index_select(0, logits_index)
-        return fast.lm_head(self.lm_head, fast.rms_norm(self.decoder.norm, hidden))  # [S, V]
+        return self.fast.lm_head(self.lm_head, rms_norm(self.decoder.norm, hidden))  # [S, V]
 
 
 def active_sliding_window(config) -> int | None:

@@ -21,6 +21,7 @@ import torch
 from grpo_fast.kv.decode_step import DecodeStep
 from grpo_fast.models import cpu_ops
 from grpo_fast.models import decode_fast_paths as fast
+from grpo_fast.models.causal_lm import GATED_MLPS, SILU_ACTIVATIONS
 from grpo_fast.models.llama_family import LlamaFamily
 
 
@@ -39,15 +40,15 @@ class NativeLayers:
 
 
 def native_layers(family: LlamaFamily) -> NativeLayers | None:
-    """The layers' pointers when all of them qualify, else None; checked once per memo scope (a
-    generate call) as the weights may be swapped or wrapped between calls."""
+    """The layers' pointers when all of them qualify, else None; checked once per fast-path scope
+    (a generate call) as the weights may be swapped or wrapped between calls."""
     if os.environ.get("GRPO_FAST_NO_NATIVE_LAYER") == "1":
         return None
-    return fast.memoized(family.decoder, "native_layers", lambda: _build(family))
+    return family.fast.memoized(family.decoder, "native_layers", lambda: _build(family))
 
 
-def _plain_parts(module) -> fast.Parts | None:
-    parts = fast.module_parts(module)
+def _plain_parts(family: LlamaFamily, module) -> fast.Parts | None:
+    parts = family.fast.parts(module)
     ok = parts is not None and not parts.terms and parts.dtype == torch.float32 and parts.contiguous
     return parts if ok else None
 
@@ -58,14 +59,14 @@ def _build(family: LlamaFamily) -> NativeLayers | None:
     pointers, eps, keep, inter = [], [], [], None
     for layer in family.layers:
         attn, mlp = layer.self_attn, layer.mlp
-        if hasattr(attn, "q_norm") or type(mlp).__name__ not in fast.GATED_MLPS or not fast.unhooked(mlp):
+        if hasattr(attn, "q_norm") or type(mlp).__name__ not in GATED_MLPS or not fast.unhooked(mlp):
             return None
         act = mlp.act_fn
-        if type(act).__name__ not in fast.SILU_ACTS or not fast.unhooked(act):
+        if type(act).__name__ not in SILU_ACTIVATIONS or not fast.unhooked(act):
             return None
         norms = [fast.native_norm(layer.input_layernorm), fast.native_norm(layer.post_attention_layernorm)]
-        projs = [_plain_parts(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)]
-        mlps = [_plain_parts(m) for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)]
+        projs = [_plain_parts(family, m) for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)]
+        mlps = [_plain_parts(family, m) for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)]
         if any(p is None for p in norms + projs + mlps) or any(p.base.bias is not None for p in mlps):
             return None
         ptrs = [norms[0][0].data_ptr()]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+from grpo_fast.intmath import ceil_div
+
 _UNITS = {
     "": 1, "b": 1,
     "kb": 10**3, "mb": 10**6, "gb": 10**9,
@@ -36,7 +38,7 @@ def num_blocks_for_budget(kv_budget, *, bytes_per_block: int, block_size: int, d
         match = _PATTERN.match(kv_budget)
         unit = match.group(2).lower() if match else None
         if unit in ("tokens", "token", "tok"):
-            blocks = -(-int(float(match.group(1))) // block_size)
+            blocks = ceil_div(int(float(match.group(1))), block_size)
             if blocks < 1:
                 raise ValueError(f"kv_budget {kv_budget!r} holds no KV block")
             return blocks

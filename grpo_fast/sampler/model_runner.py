@@ -16,6 +16,8 @@ attention reads and writes the per-layer block caches ``[num_blocks, block_size,
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from grpo_fast import kv
@@ -39,6 +41,17 @@ class ModelRunner:
         self.dtype = self.family.dtype
         self._kv_cache: torch.Tensor | None = None  # allocated on first use, see release()
         self.graphs = DecodeGraphs(self) if cuda_graphs else None
+
+    @contextmanager
+    def generate_call(self):
+        """What lasts one generate call: the decode fast paths remember each module's path facts
+        (adapters may be toggled between calls), and recorded CUDA graphs end with it."""
+        try:
+            with self.family.fast.scope():
+                yield
+        finally:
+            if self.graphs is not None:
+                self.graphs.clear()
 
     @property
     def kv_cache(self) -> torch.Tensor:
@@ -95,7 +108,7 @@ class ModelRunner:
             cu_q.append(cu_q[-1] + len(tokens) - start)
             cu_k.append(cu_k[-1] + len(tokens))
             if start > 0:
-                prefix_hits.append((i, torch.as_tensor(bm.slot_mapping(seq_id, 0, len(tokens))).to(dev, torch.int64)))
+                prefix_hits.append((i, torch.as_tensor(bm.slot_mapping(seq_id, 0, len(tokens))).to(dev, torch.int32)))
         input_ids = torch.tensor(ids, dtype=torch.int64, device=dev)  # [T]
         positions = torch.tensor(pos, dtype=torch.int64, device=dev)  # [T]
         slot_mapping = torch.cat(slots).to(dev)  # [T] int32
@@ -112,8 +125,7 @@ class ModelRunner:
                 # Keys of a prompt with a cached head = its whole sequence, read back from the blocks.
                 k_parts, v_parts = list(k.split(_diff(cu_q))), list(v.split(_diff(cu_q)))
                 for i, seq_slots in prefix_hits:
-                    k_parts[i] = key_cache.flatten(0, 1)[seq_slots]  # [L_i, Hkv, D]
-                    v_parts[i] = value_cache.flatten(0, 1)[seq_slots]
+                    k_parts[i], v_parts[i] = kv.gather_kv(key_cache, value_cache, seq_slots)  # [L_i, Hkv, D]
                 k, v = torch.cat(k_parts), torch.cat(v_parts)  # [Tk, Hkv, D]
             if _flash_varlen is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
                 cu_k = cu_seqlens if cu_seqlens_k is None else cu_seqlens_k

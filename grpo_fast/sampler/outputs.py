@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 
 
 @dataclass
@@ -37,7 +37,6 @@ class SamplerStats:
     peak_blocks_saved_by_sharing: int = 0
     preemptions: int = 0
     steps: int = 0
-    extra: dict = field(default_factory=dict)
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -52,11 +51,5 @@ class SamplerStats:
         return self.generated_tokens / self.wall_seconds if self.wall_seconds else 0.0
 
     def as_dict(self) -> dict:
-        out = {k: v for k, v in self.__dict__.items() if k != "extra"}
-        out.update(
-            prefill_tokens_per_s=self.prefill_tokens_per_s,
-            decode_tokens_per_s=self.decode_tokens_per_s,
-            generated_tokens_per_s=self.generated_tokens_per_s,
-        )
-        out.update(self.extra)
-        return out
+        return dict(asdict(self), prefill_tokens_per_s=self.prefill_tokens_per_s,
+                    decode_tokens_per_s=self.decode_tokens_per_s, generated_tokens_per_s=self.generated_tokens_per_s)

@@ -53,7 +53,3 @@ class SamplingParams:
             raise ValueError("stop must not contain empty strings")
         if self.seed is not None and not isinstance(self.seed, int):
             raise ValueError(f"seed must be an int or None, got {self.seed!r}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0

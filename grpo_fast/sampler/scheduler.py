@@ -13,24 +13,13 @@ from __future__ import annotations
 
 from collections import deque
 
-from grpo_fast.sampler.sequence import (
-    Group,
-    PrefillItem,
-    Sequence,
-    SeqStatus,
-    prefill_seq_id,
-    prefill_tokens,
-)
-
-
-def blocks_for(num_tokens: int, block_size: int) -> int:
-    return -(-num_tokens // block_size)
+from grpo_fast.sampler.block_manager import BlockManager
+from grpo_fast.sampler.sequence import Group, PrefillItem, Sequence, SeqStatus, prefill_tokens
 
 
 class Scheduler:
-    def __init__(self, block_manager, block_size: int, max_prefill_tokens: int):
+    def __init__(self, block_manager: BlockManager, max_prefill_tokens: int):
         self.bm = block_manager
-        self.block_size = block_size
         self.max_prefill_tokens = max_prefill_tokens
         self.waiting: deque[PrefillItem] = deque()
         self.running: list[Sequence] = []  # in admission order: preemption takes from the end
@@ -58,14 +47,14 @@ class Scheduler:
             new_seqs = len(item.children) if isinstance(item, Group) else 1
             if admitted and batch_tokens + len(tokens) > self.max_prefill_tokens:
                 break
-            need = blocks_for(len(tokens), self.block_size) + headroom + new_seqs
+            need = self.bm.blocks_for(len(tokens)) + headroom + new_seqs
             nothing_live = not self.running and not admitted
-            if not self.bm.can_allocate(len(tokens)):
+            if not self.bm.can_allocate(item):
                 break
             if self.bm.num_free_blocks < need and not nothing_live:
                 break
             self.waiting.popleft()
-            num_cached = self.bm.allocate(prefill_seq_id(item), tokens)
+            num_cached = self.bm.allocate(item)
             admitted.append((item, num_cached))
             batch_tokens += len(tokens)
             headroom += new_seqs
@@ -85,20 +74,20 @@ class Scheduler:
         copies: list[tuple[int, int]] = []
         while queue:
             seq = queue.popleft()
-            while not self.bm.can_append(seq.seq_id):
+            while not self.bm.can_append(seq):
                 if queue:
                     self.preempt(queue.pop())
                 else:
                     self.preempt(seq)
                     break
             else:
-                copies.extend(self.bm.append_token(seq.seq_id, seq.last_token))
+                copies.extend(self.bm.append(seq))
                 scheduled.append(seq)
         self.running = scheduled
         return list(scheduled), copies  # a copy: finish() edits self.running
 
     def preempt(self, seq: Sequence) -> None:
-        self.bm.free(seq.seq_id)
+        self.bm.free(seq)
         seq.status = SeqStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
@@ -107,5 +96,5 @@ class Scheduler:
         """Retire a sequence (RUNNING or just forked): free its blocks now."""
         seq.status = SeqStatus.FINISHED
         seq.finish_reason = reason
-        self.bm.free(seq.seq_id)
+        self.bm.free(seq)
         self.running = [s for s in self.running if s is not seq]

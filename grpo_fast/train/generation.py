@@ -10,24 +10,13 @@ sampled token, before top-k/top-p filtering) and `.finish_reason` ("eos" | "stop
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 
 import torch
 
+from grpo_fast.sampler import Completion, GroupOutput, Sampler, SamplingParams
+from grpo_fast.sampler.sampler import eos_token_ids
+
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Completion:
-    token_ids: list[int]
-    logprobs: list[float]
-    finish_reason: str
-
-
-@dataclass
-class GroupOutput:
-    prompt_token_ids: list[int]
-    completions: list[Completion] = field(default_factory=list)
 
 
 class Generator:
@@ -43,8 +32,6 @@ class Generator:
         self.requested = backend
         if backend in ("auto", "sampler"):
             try:
-                from grpo_fast.sampler import Sampler
-
                 self.sampler = Sampler(model, tokenizer, kv_budget=kv_budget)
                 self.backend = "sampler"
             except Exception as exc:  # unsupported architecture, or the sampler is unavailable
@@ -54,11 +41,9 @@ class Generator:
 
     def generate(self, prompt_ids: list[list[int]], *, n: int, temperature: float, max_tokens: int,
                  top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, stop: list[str] | None = None,
-                 seed: int | None = None) -> list:
+                 seed: int | None = None) -> list[GroupOutput]:
         """n completions per prompt; temperature 0 = greedy."""
         if self.sampler is not None:
-            from grpo_fast.sampler import SamplingParams
-
             params = SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                                     max_tokens=max_tokens, stop=tuple(stop or ()), seed=seed)
             try:
@@ -118,10 +103,8 @@ def hf_generate(model, tokenizer, prompt_ids: list[list[int]], *, n: int, temper
     logits = torch.stack(out.logits, dim=1).float().cpu()  # [P*n, C, V]
     scale = 1.0 if greedy else temperature
     logp = torch.log_softmax(logits / scale, dim=-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)  # [P*n, C]
-    from grpo_fast.sampler.engine.sampler import eos_token_ids
-
     eos = eos_token_ids(model, tokenizer)  # the same stop rule as the paged sampler
-    groups = [GroupOutput(list(p)) for p in prompt_ids]
+    groups = [GroupOutput(list(p), []) for p in prompt_ids]
     for row in range(new.shape[0]):
         toks, lps, reason = [], [], "length"
         for t in range(new.shape[1]):

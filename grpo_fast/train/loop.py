@@ -14,10 +14,9 @@ dropout, torch / python / numpy RNGs), so `--resume` continues bit-exactly on CP
 
 from __future__ import annotations
 
-import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,30 +24,17 @@ import torch
 
 from grpo_fast.config import Config
 from grpo_fast.data import PromptStream, encode_prompts, load_splits
+from grpo_fast.loss import compute_advantages
 from grpo_fast.rewards import build_rewards, compute_rewards
 from grpo_fast.train import checkpoint as ckpt
 from grpo_fast.train.evaluate import evaluate
 from grpo_fast.train.generation import Generator
 from grpo_fast.train.memory import release_free_memory
 from grpo_fast.train.metrics import MetricsLogger, plot_run
-from grpo_fast.train.model import (build_optimizer, build_scheduler, load_policy, save_merged,
-                                   trainable_parameters)
-from grpo_fast.train.policy_loss import (SequenceBatch, compute_advantages, make_batch, policy_loss,
-                                         score_logprobs)
-
-
-@dataclass
-class Rollout:
-    """One step's experience, N = B × G rows (G consecutive rows per prompt)."""
-
-    batch: SequenceBatch  # [N, P + C] sequences, [N, C] targets / mask
-    advantages: torch.Tensor  # [N]
-    rewards: torch.Tensor  # [N, F] per function, NaN = abstain
-    total_reward: torch.Tensor  # [N] weighted sum
-    prompts: list[str]  # [N]
-    texts: list[str]  # [N] decoded completions
-    finish_reasons: list[str]  # [N]
-    stats: dict = field(default_factory=dict)
+from grpo_fast.train.model import (PolicyModules, build_optimizer, build_scheduler, load_policy,
+                                   policy_modules, save_merged, trainable_parameters)
+from grpo_fast.train.policy_loss import policy_loss, score_logprobs
+from grpo_fast.train.rollout_batch import Rollout, make_batch
 
 
 @dataclass
@@ -143,12 +129,13 @@ def train(cfg: Config, *, echo=print) -> RunResult:
 
         n_seq = len(rollout.batch)
         n_tok = float(rollout.batch.mask.sum())
-        old = score_logprobs(model, rollout.batch, temperature=s.temperature,
+        policy = policy_modules(model)
+        old = score_logprobs(policy, rollout.batch, temperature=s.temperature,
                              micro_batch_size=t.micro_batch_size) if lc.num_iterations > 1 else None
-        ref = score_logprobs(model, rollout.batch, temperature=s.temperature, reference=True,
+        ref = score_logprobs(policy, rollout.batch, temperature=s.temperature, reference=True,
                              micro_batch_size=t.micro_batch_size) if lc.beta > 0 else None
         for _ in range(lc.num_iterations):
-            loss_metrics = optimizer_update(model, optimizer, scheduler, params, rollout, old, ref, cfg,
+            loss_metrics = optimizer_update(policy, optimizer, scheduler, params, rollout, old, ref, cfg,
                                             num_items=n_tok, num_seqs=n_seq)
         t_step = time.perf_counter() - t0
         step_seconds.append(t_step)
@@ -159,7 +146,8 @@ def train(cfg: Config, *, echo=print) -> RunResult:
         metrics = {
             "reward": float(rollout.total_reward.mean()),
             "reward_std": float(rollout.total_reward.std()) if n_seq > 1 else 0.0,
-            **{f"rewards/{name}": _nanmean(rollout.rewards[:, j]) for j, name in enumerate(rewards.names)},
+            **{f"rewards/{name}": float(torch.nanmean(rollout.rewards[:, j].float()))
+               for j, name in enumerate(rewards.names)},
             **loss_metrics,
             **rollout.stats,
             "lr": scheduler.get_last_lr()[0],
@@ -240,7 +228,8 @@ def collect_rollout(model, tokenizer, generator, stream, rewards, cfg: Config, s
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     batch = make_batch(prompt_ids, completion_ids, pad, keep)
     reward_matrix = torch.cat([g["rewards"] for g in kept], 0)  # [N, F]
-    advantages = compute_advantages(reward_matrix, G, cfg.loss.scale_rewards, rewards.weight_tensor)
+    advantages = compute_advantages(reward_matrix, G, scale_rewards=cfg.loss.scale_rewards,
+                                    reward_weights=rewards.weight_tensor)
     lengths = [len(c) for c in completion_ids]
     stats.update(completion_tokens=sum(lengths), completion_length=sum(lengths) / len(lengths),
                  truncated_fraction=sum(r == "length" for r in reasons) / len(reasons))
@@ -281,7 +270,7 @@ def _score_groups(prompts, groups, tokenizer, rewards, stats) -> list[dict]:
     return out
 
 
-def optimizer_update(model, optimizer, scheduler, params, rollout: Rollout, old, ref, cfg: Config, *,
+def optimizer_update(policy: PolicyModules, optimizer, scheduler, params, rollout: Rollout, old, ref, cfg: Config, *,
                      num_items: float, num_seqs: int) -> dict:
     """One optimizer step over the rollout, in micro-batches. Each micro-batch loss is normalized
     by the whole step's token / sequence counts, so the summed gradient is the whole-batch one."""
@@ -294,7 +283,7 @@ def optimizer_update(model, optimizer, scheduler, params, rollout: Rollout, old,
         rows = slice(start, start + size)
         part = rollout.batch.select(rows)
         loss, metrics = policy_loss(
-            model, part, rollout.advantages[rows], None if old is None else old[rows],
+            policy, part, rollout.advantages[rows], None if old is None else old[rows],
             None if ref is None else ref[rows], loss_cfg=lc, temperature=cfg.sampling.temperature,
             max_completion_length=cfg.sampling.max_completion_length, num_items_in_batch=num_items,
             num_sequences_in_batch=n)
@@ -320,11 +309,6 @@ def _kv_tokens(train_enc, eval_enc, cfg: Config) -> str:
     longest = max(len(e.ids) for e in train_enc + eval_enc) + cfg.sampling.max_completion_length
     rows = max(cfg.train.prompts_per_step * cfg.sampling.num_generations, min(64, len(eval_enc)))
     return f"{rows * longest + 64} tokens"
-
-
-def _nanmean(x: torch.Tensor) -> float:
-    v = torch.nanmean(x.float())
-    return float(v) if not math.isnan(float(v)) else float("nan")
 
 
 def _progress(t, start: int):

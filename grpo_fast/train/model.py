@@ -9,8 +9,11 @@ from __future__ import annotations
 import contextlib
 import math
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
+
+from grpo_fast.models.causal_lm import decoder_and_head
 
 
 def resolve_device(cfg) -> torch.device:
@@ -134,10 +137,17 @@ def load_policy(model_cfg, lora_cfg, *, seed: int = 0):
     return model, tokenizer, device
 
 
-def backbone_and_head(model):
-    """(decoder stack returning hidden states, LM head Linear) of a peft or plain causal LM."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.get_decoder(), base.get_output_embeddings()
+class PolicyModules(NamedTuple):
+    """The policy as the loss sees it, looked up once per step: the (peft) model, for switching
+    its adapters off, its decoder stack (hidden states) and its LM head."""
+
+    model: torch.nn.Module
+    decoder: torch.nn.Module
+    head: torch.nn.Module
+
+
+def policy_modules(model) -> PolicyModules:
+    return PolicyModules(model, *decoder_and_head(model))
 
 
 @contextlib.contextmanager

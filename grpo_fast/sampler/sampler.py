@@ -15,13 +15,14 @@ import time
 
 import torch
 
-from grpo_fast import kv
-from grpo_fast.models import decode_fast_paths
+from grpo_fast.intmath import ceil_div
+from grpo_fast.sampler.block_manager import BlockManager
 from grpo_fast.sampler.kv_budget import num_blocks_for_budget
 from grpo_fast.sampler.model_runner import ModelRunner
 from grpo_fast.sampler.outputs import Completion, GroupOutput, SamplerStats
+from grpo_fast.sampler.sampling_op import sample
 from grpo_fast.sampler.sampling_params import SamplingParams
-from grpo_fast.sampler.scheduler import Scheduler, blocks_for
+from grpo_fast.sampler.scheduler import Scheduler
 from grpo_fast.sampler.sequence import Group, Sequence, prefill_seq_id, prefill_tokens
 
 _SEED_MASK = (1 << 63) - 1
@@ -73,11 +74,9 @@ class Sampler:
         was_training = [m.training for m in self.model.modules()]
         self.model.eval()  # no LoRA / attention dropout while sampling
         try:
-            with torch.inference_mode(), decode_fast_paths.memo_scope():
+            with torch.inference_mode(), self.runner.generate_call():
                 return self._generate(prompt_token_ids, params)
         finally:
-            if self.runner.graphs is not None:  # recorded for this call's modules only
-                self.runner.graphs.clear()
             for m, flag in zip(self.model.modules(), was_training):
                 m.training = flag
 
@@ -86,8 +85,8 @@ class Sampler:
         stats = self.stats = SamplerStats(
             num_blocks=self.num_blocks, block_size=self.block_size, kv_bytes=self.runner.kv_bytes
         )
-        bm = kv.BlockManager(self.num_blocks, block_size=self.block_size, enable_prefix_cache=True)
-        sched = Scheduler(bm, self.block_size, self.max_prefill_tokens)
+        bm = BlockManager(self.num_blocks, self.block_size)
+        sched = Scheduler(bm, self.max_prefill_tokens)
         base_seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
         ids = itertools.count()
         groups = []
@@ -115,7 +114,7 @@ class Sampler:
             self._record_blocks(bm, seqs, stats)
             t = time.perf_counter()
             self.runner.copy_blocks(copies)
-            logits = self.runner.decode(bm, [s.seq_id for s in seqs], [s.last_token for s in seqs])  # [S, V]
+            logits = self.runner.decode(bm.pool, [s.seq_id for s in seqs], [s.last_token for s in seqs])  # [S, V]
             self._sample_and_advance(logits, seqs, sched, params)
             stats.decode_seconds += time.perf_counter() - t
             stats.decode_tokens += len(seqs)
@@ -138,18 +137,17 @@ class Sampler:
             tokens = prefill_tokens(item)
             items.append((prefill_seq_id(item), tokens, num_cached))
             stats.prefill_tokens += len(tokens) - min(num_cached, len(tokens) - 1)
-        logits = self.runner.prefill(bm, items)  # [B, V]
+        logits = self.runner.prefill(bm.pool, items)  # [B, V]
         rows, seqs = [], []
         for b, (item, _) in enumerate(admitted):
             if isinstance(item, Group):
                 children = item.children
-                bm.fork(item.prefill_id, [c.seq_id for c in children])
-                bm.free(item.prefill_id)
+                bm.fork(item)
             else:
                 children = [item]
             rows.extend([b] * len(children))
             seqs.extend(children)
-        stats.peak_blocks_used = max(stats.peak_blocks_used, self.num_blocks - bm.num_free_blocks)
+        stats.peak_blocks_used = max(stats.peak_blocks_used, bm.num_used_blocks)
         sched.start_running(seqs)
         index = torch.tensor(rows, dtype=torch.int64, device=logits.device)
         self._sample_and_advance(logits.index_select(0, index), seqs, sched, params)
@@ -165,7 +163,7 @@ class Sampler:
         min_p = torch.full((num,), float(params.min_p), dtype=torch.float32, device=dev)
         seeds = torch.tensor([s.seed for s in seqs], dtype=torch.int64, device=dev)
         steps = torch.tensor([s.num_completion_tokens for s in seqs], dtype=torch.int64, device=dev)
-        tokens, logprobs = kv.sample(logits.contiguous(), temperature, top_k, top_p, min_p, seeds, steps)
+        tokens, logprobs = sample(logits.contiguous(), temperature, top_k, top_p, min_p, seeds, steps)
         for seq, token, logprob in zip(seqs, tokens.tolist(), logprobs.tolist()):
             seq.token_ids.append(token)
             seq.logprobs.append(logprob)
@@ -191,11 +189,9 @@ class Sampler:
         text = self.tokenizer.decode(tail, skip_special_tokens=False)
         return any(s in text for s in stop)
 
-    def _record_blocks(self, bm, seqs: list[Sequence], stats: SamplerStats) -> None:
-        used = self.num_blocks - bm.num_free_blocks
-        unshared = sum(blocks_for(bm.num_tokens(s.seq_id), self.block_size) for s in seqs)
-        stats.peak_blocks_used = max(stats.peak_blocks_used, used)
-        stats.peak_blocks_saved_by_sharing = max(stats.peak_blocks_saved_by_sharing, unshared - used)
+    def _record_blocks(self, bm: BlockManager, seqs: list[Sequence], stats: SamplerStats) -> None:
+        stats.peak_blocks_used = max(stats.peak_blocks_used, bm.num_used_blocks)
+        stats.peak_blocks_saved_by_sharing = max(stats.peak_blocks_saved_by_sharing, bm.blocks_saved_by_sharing(seqs))
 
     def _validate(self, prompts, params: SamplingParams) -> None:
         if not isinstance(params, SamplingParams):
@@ -211,7 +207,7 @@ class Sampler:
             if not prompt or not all(isinstance(t, int) and 0 <= t < vocab for t in prompt):
                 raise ValueError(f"prompt_token_ids[{i}] must be a non-empty list of ints in [0, {vocab})")
             total = len(prompt) + params.max_tokens
-            if blocks_for(total, self.block_size) > self.num_blocks:
+            if ceil_div(total, self.block_size) > self.num_blocks:
                 raise ValueError(
                     f"kv_budget: prompt_token_ids[{i}] ({len(prompt)} tokens) + max_tokens "
                     f"({params.max_tokens}) needs {total} tokens of KV, the pool holds {capacity}"

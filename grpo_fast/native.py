@@ -1,8 +1,11 @@
-"""Finds the native kernels in grpo_fast._C for a tensor's device (None: use the reference).
+"""The native core (grpo_fast._C) seen from Python: which build is there, and which kernels run
+for a tensor's device.
 
 CPU tensors use the `cpu_*` functions (OpenMP), CUDA tensors the `cuda_*` ones, which take the
-current stream's handle as their last argument. Set GRPO_FAST_KV_REFERENCE=1 to force the
-plain-PyTorch reference everywhere (debugging).
+current stream's handle as their last argument. ``native_for(t, op)`` is None when only the
+plain-PyTorch reference can run `op` on t's device: no native build (a source checkout), a
+device the core does not serve, or GRPO_FAST_KV_REFERENCE=1 (debugging: the reference
+everywhere).
 """
 from __future__ import annotations
 
@@ -15,14 +18,16 @@ try:
 except ImportError:  # source checkout without a build
     _C = None
 
-_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # csrc/common.h: DType
 
 
 def dtype_code(t: torch.Tensor) -> int:
     return _DTYPE_CODES[t.dtype]
 
 
-class _Backend:
+class Backend:
+    """The `cpu_*` or `cuda_*` functions of _C: ``backend.append_kv(...)`` calls ``_C.cuda_append_kv``."""
+
     def __init__(self, prefix: str):
         self.prefix = prefix
         self.cuda = prefix == "cuda_"
@@ -31,22 +36,22 @@ class _Backend:
         return getattr(_C, self.prefix + name)
 
     def stream_args(self, t: torch.Tensor) -> tuple:
+        """The trailing stream argument of a CUDA launch (none on the CPU)."""
         if self.cuda:
             return (torch.cuda.current_stream(t.device).cuda_stream,)
         return ()
 
-    def sample_workspace(self, logits: torch.Tensor):
-        if self.cuda:  # per-row fp32 probabilities, reused by the filter passes
-            return torch.empty_like(logits)
-        return None
+
+_CPU, _CUDA = Backend("cpu_"), Backend("cuda_")
 
 
-_CPU, _CUDA = _Backend("cpu_"), _Backend("cuda_")
+def _reference_forced() -> bool:
+    return _C is None or os.environ.get("GRPO_FAST_KV_REFERENCE") == "1"
 
 
-def native_for(t: torch.Tensor, op: str):
+def native_for(t: torch.Tensor, op: str) -> Backend | None:
     """The backend that runs `op` on t's device, or None when only the reference can."""
-    if _C is None or os.environ.get("GRPO_FAST_KV_REFERENCE") == "1":
+    if _reference_forced():
         return None
     b = _CUDA if t.device.type == "cuda" else _CPU if t.device.type == "cpu" else None
     if b is None or not hasattr(_C, b.prefix + op):
@@ -56,6 +61,6 @@ def native_for(t: torch.Tensor, op: str):
 
 def has_native(op: str, device: str = "cpu") -> bool:
     """Whether `op` runs native code for tensors on `device` ("cpu" or "cuda")."""
-    if _C is None or os.environ.get("GRPO_FAST_KV_REFERENCE") == "1":
+    if _reference_forced():
         return False
     return hasattr(_C, ("cuda_" if device.startswith("cuda") else "cpu_") + op)

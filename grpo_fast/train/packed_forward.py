@@ -1,0 +1,149 @@
+"""The training forward: hidden states that predict each completion token, with each group's
+prompt run once.
+
+A group's G rows share their prompt. Rather than N · (P + C) tokens (every row in full, padded),
+the prompt runs once per group and the completions over it, with no padding: packed into one
+sequence with a block mask (SDPA / eager attention), or with the prompt's K/V cached and repeated
+(flash-attention, which takes no custom mask). `completion_hidden` picks the layout; the plain
+pass is the oracle the tests hold both to.
+
+    batch.input_ids  [N, P + C]  ->  hidden [N, C, H]  (position P - 1 + t predicts token t)
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+
+from grpo_fast.models.llama_family import active_sliding_window
+from grpo_fast.train.rollout_batch import SequenceBatch
+
+
+def completion_hidden(decoder, batch: SequenceBatch, *, share_prompts: bool = True, layout: str = "auto") -> torch.Tensor:
+    """Final-norm hidden states that predict each completion token: [N, C, H]. decoder: the
+    causal LM's decoder stack (grpo_fast.models.causal_lm.decoder_and_head).
+
+    share_prompts=True runs each prompt once for all the rows that repeat it (a group's G
+    completions), with no padding, in one of two layouts (the same math either way):
+
+    - packed (SDPA / eager attention): each run of rows with one prompt becomes a single sequence
+      [prompt | c_1[:-1] | c_2[:-1] | ... ] with a block mask: prompt tokens are causal among
+      themselves, completion i sees the whole prompt and its own earlier tokens only, and its
+      positions continue from the prompt's. B·P + N·(C-1) tokens instead of N·(P + C), in larger
+      GEMMs, with one K/V per group, and it works under gradient checkpointing.
+    - cached (flash-attention, whose kernels take no custom mask): the prompt runs once with a
+      cache, its K/V is repeated along the batch for its rows, then the completions run over it
+      (HF's flash path unpads the rows itself: varlen). Falls back to the plain pass under
+      gradient checkpointing, where HF drops caches.
+
+    Gradients reach the prompt positions from every completion that attends to them, as in the
+    plain pass. Positions past a row's completion (right padding) come back as zeros. A model with
+    a sliding window gets the plain pass when a row is longer than the window (the block mask has
+    no window; shorter rows never reach it).
+    layout: "auto" (packed unless the model attends with flash-attention), "packed" or "cached".
+    """
+    if layout not in ("auto", "packed", "cached"):
+        raise ValueError(f"layout must be auto, packed or cached, got {layout!r}")
+    P = batch.prompt_width
+    runs = prompt_runs(batch.input_ids[:, :P]) if share_prompts else None
+    config = getattr(decoder, "config", None)
+    window = active_sliding_window(config)
+    if runs is not None and window is not None and int(batch.attention_mask.sum(1).max()) > window:
+        runs = None  # a row longer than the sliding window: HF's own masks (plain pass) apply it
+    attn = getattr(config, "_attn_implementation", "sdpa") or "sdpa"
+    if runs is not None and (layout == "packed" or (layout == "auto" and not attn.startswith("flash"))):
+        return _packed_forward(decoder, batch, runs)
+    checkpointed = decoder.training and any(getattr(m, "gradient_checkpointing", False) for m in decoder.modules())
+    if runs is None or len(runs) == len(batch) or checkpointed:
+        return _plain_forward(decoder, batch)
+    return _cached_prompt_forward(decoder, batch, runs)
+
+
+def _plain_forward(decoder, batch: SequenceBatch) -> torch.Tensor:
+    """Every row in full, [N, P + C] -> [N, C, H]."""
+    P, C = batch.prompt_width, batch.targets.shape[1]
+    out = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                  position_ids=batch.position_ids, use_cache=False)
+    return out.last_hidden_state[:, P - 1:P - 1 + C]
+
+
+def _packed_forward(decoder, batch: SequenceBatch, runs: list[int]) -> torch.Tensor:
+    """One packed sequence per run of rows sharing a prompt (see completion_hidden)."""
+    P, C = batch.prompt_width, batch.targets.shape[1]
+    device = batch.input_ids.device
+    real = batch.attention_mask.sum(1).tolist()  # [N] prompt + completion tokens of each row
+    prompt_lens = batch.attention_mask[:, :P].sum(1).tolist()  # [N]
+    rows_ids = batch.input_ids.tolist()
+    seqs, segs, poss = [], [], []  # per run: token ids, segment ids, positions
+    where = []  # per row: C packed indices (run, t) of the hidden states predicting its targets
+    row = 0
+    for r, count in enumerate(runs):
+        lp = prompt_lens[row]
+        tokens, seg, pos = rows_ids[row][P - lp:P], [-1] * lp, list(range(lp))
+        for i in range(row, row + count):
+            lc = real[i] - lp  # completion length; its last token predicts nothing
+            inputs = max(lc - 1, 0)
+            where.append([(r, lp - 1)] + [(r, len(tokens) + t) for t in range(inputs)] + [(r, -1)] * (C - 1 - inputs))
+            tokens += rows_ids[i][P:P + inputs]
+            seg += [i] * inputs
+            pos += range(lp, lp + inputs)  # positions continue from the prompt's
+        seqs.append(tokens)
+        segs.append(seg)
+        poss.append(pos)
+        row += count
+    T = max(len(s) for s in seqs)
+    ids = torch.zeros((len(runs), T), dtype=torch.long)  # [R, T]
+    seg_ids = torch.full((len(runs), T), -2, dtype=torch.long)  # -2 padding, -1 prompt, i = row i
+    positions = torch.zeros((len(runs), T), dtype=torch.long)
+    for r, (s, g, q) in enumerate(zip(seqs, segs, poss)):
+        ids[r, :len(s)] = torch.tensor(s, dtype=torch.long)
+        seg_ids[r, :len(g)] = torch.tensor(g, dtype=torch.long)
+        positions[r, :len(q)] = torch.tensor(q, dtype=torch.long)
+    # [R, 1, T, T] additive mask: causal in packed order; a completion token sees the prompt and
+    # its own segment; padding sees only padding (never an empty row, which would give NaN).
+    sq, sk = seg_ids[:, :, None], seg_ids[:, None, :]
+    allowed = torch.ones(T, T, dtype=torch.bool).tril() & ((sk == sq) | ((sk == -1) & (sq != -2)))
+    dtype = decoder.get_input_embeddings().weight.dtype
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+    out = decoder(input_ids=ids.to(device), attention_mask=mask[:, None].to(device),
+                  position_ids=positions.to(device), use_cache=False).last_hidden_state  # [R, T, H]
+    flat = torch.cat([out.reshape(-1, out.shape[-1]), out.new_zeros(1, out.shape[-1])])  # [R*T + 1, H]
+    zero = flat.shape[0] - 1  # padding targets read the zero row
+    index = torch.tensor([[r * T + t if t >= 0 else zero for r, t in w] for w in where], device=device)  # [N, C]
+    return flat[index]  # [N, C, H]
+
+
+def _cached_prompt_forward(decoder, batch: SequenceBatch, runs: list[int]) -> torch.Tensor:
+    """Prompt once with a cache, its K/V repeated for its rows, completions over it (see completion_hidden)."""
+    P, C = batch.prompt_width, batch.targets.shape[1]
+    counts = torch.tensor(runs, device=batch.input_ids.device)  # [B'] rows per distinct prompt
+    firsts = counts.cumsum(0) - counts  # [B'] first row of each run
+    cache = DynamicCache(config=getattr(decoder, "config", None))
+    prompt_out = decoder(input_ids=batch.input_ids[firsts, :P], attention_mask=batch.attention_mask[firsts, :P],
+                         position_ids=batch.position_ids[firsts, :P], past_key_values=cache, use_cache=True)
+    for layer in cache.layers:  # [B', Hkv, P, D] -> [N, Hkv, P, D], still differentiable
+        layer.keys = layer.keys.repeat_interleave(counts, dim=0)
+        layer.values = layer.values.repeat_interleave(counts, dim=0)
+    last_prompt = prompt_out.last_hidden_state[:, -1:].repeat_interleave(counts, dim=0)  # [N, 1, H]
+    if C == 1:
+        return last_prompt
+    # Completion tokens 0..C-2 (the last one predicts nothing), over the shared prompt K/V.
+    out = decoder(input_ids=batch.input_ids[:, P:P + C - 1], attention_mask=batch.attention_mask[:, :P + C - 1],
+                  position_ids=batch.position_ids[:, P:P + C - 1], past_key_values=cache, use_cache=True)
+    return torch.cat([last_prompt, out.last_hidden_state], dim=1)  # [N, C, H]
+
+
+def prompt_runs(prompts: torch.Tensor) -> list[int] | None:
+    """Lengths of the runs of equal consecutive rows of prompts [N, P] (a group's G rows)."""
+    if prompts.shape[0] == 0:
+        return None
+    same = (prompts[1:] == prompts[:-1]).all(dim=1).tolist()  # [N-1]
+    runs, length = [], 1
+    for eq in same:
+        if eq:
+            length += 1
+        else:
+            runs.append(length)
+            length = 1
+    runs.append(length)
+    return runs
