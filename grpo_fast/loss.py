@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from grpo_fast import checks
 from grpo_fast.loss_types import IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES, LossConfig, PolicyInputs, grpo_objective
 
 __all__ = ["compute_advantages", "reference_grpo_loss", "make_loss_config"]
@@ -106,49 +107,25 @@ def compute_advantages(
 # ---------------------------------------------------------------- argument checks
 
 
-def _check_float(name: str, t: Tensor) -> None:
-    if not isinstance(t, Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if not t.is_floating_point():
-        raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
-
-
 def check_loss_args(hidden, weight, targets, mask, advantages, old_logprobs, ref_logprobs, bias) -> None:
     """Shapes, dtypes and devices of the loss arguments; ValueError naming the argument."""
-    _check_float("hidden", hidden)
-    if hidden.dim() != 3:
-        raise ValueError(f"hidden must be [B, T, H], got shape {tuple(hidden.shape)}")
+    checks.tensor("hidden", hidden, ndim=3, floating=True, contiguous=False)
     B, T, H = hidden.shape
-    _check_float("weight", weight)
-    if weight.dim() != 2 or weight.shape[1] != H:
-        raise ValueError(f"weight must be [V, H={H}], got shape {tuple(weight.shape)}")
+    dev = hidden.device
+    checks.tensor("weight", weight, device=dev, shape=("V", H), contiguous=False)
     if weight.dtype != hidden.dtype:
         raise ValueError(f"weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}")
     V = weight.shape[0]
     if bias is not None:
-        _check_float("bias", bias)
-        if bias.shape != (V,) or bias.dtype != weight.dtype:
-            raise ValueError(f"bias must be [V={V}] of weight's dtype {weight.dtype}, "
-                             f"got {tuple(bias.shape)} {bias.dtype}")
-    for name, t in (("targets", targets), ("mask", mask)):
-        if not isinstance(t, Tensor) or t.shape != (B, T):
-            shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-            raise ValueError(f"{name} must be a [B={B}, T={T}] tensor, got {shape}")
+        checks.tensor("bias", bias, dtypes=(weight.dtype,), device=dev, shape=(V,), contiguous=False)
+    checks.tensor("targets", targets, device=dev, shape=(B, T), contiguous=False)
+    checks.tensor("mask", mask, device=dev, shape=(B, T), contiguous=False)
     if targets.is_floating_point() or targets.dtype == torch.bool or targets.is_complex():
         raise ValueError(f"targets must be an integer tensor, got {targets.dtype}")
-    _check_float("advantages", advantages)
-    if advantages.shape != (B,):
-        raise ValueError(f"advantages must be [B={B}], got shape {tuple(advantages.shape)}")
+    checks.tensor("advantages", advantages, floating=True, device=dev, shape=(B,), contiguous=False)
     for name, t in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)):
         if t is not None:
-            _check_float(name, t)
-            if t.shape != (B, T):
-                raise ValueError(f"{name} must be [B={B}, T={T}], got shape {tuple(t.shape)}")
-    named = [("weight", weight), ("targets", targets), ("mask", mask), ("advantages", advantages),
-             ("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs), ("bias", bias)]
-    for name, t in named:
-        if t is not None and t.device != hidden.device:
-            raise ValueError(f"{name} is on {t.device}, hidden is on {hidden.device}")
+            checks.tensor(name, t, floating=True, device=dev, shape=(B, T), contiguous=False)
     valid = mask != 0
     if valid.any():
         picked = targets[valid]

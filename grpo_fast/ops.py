@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from grpo_fast import checks
 from grpo_fast.logprob_function import BACKENDS, get_backend, selective_logprob
 from grpo_fast.loss import check_loss_args, make_loss_config, policy_inputs
 from grpo_fast.loss_types import grpo_objective
@@ -105,26 +106,24 @@ def selective_logprobs(
     positions with mask != 0 are computed; the others are 0. `return_entropy=True` also returns
     the entropy of each position's distribution (same shape).
     """
-    if not isinstance(hidden, Tensor) or not hidden.is_floating_point() or hidden.dim() not in (2, 3):
-        raise ValueError("hidden must be a floating-point [B, T, H] or [N, H] tensor")
-    H = hidden.shape[-1]
-    if not isinstance(weight, Tensor) or weight.dim() != 2 or weight.shape[1] != H:
-        raise ValueError(f"weight must be [V, H={H}], got {getattr(weight, 'shape', type(weight))}")
+    checks.tensor("hidden", hidden, floating=True, contiguous=False)
+    if hidden.dim() not in (2, 3):
+        raise ValueError(f"hidden must be a [B, T, H] or [N, H] tensor, got shape {tuple(hidden.shape)}")
+    H, dev = hidden.shape[-1], hidden.device
+    checks.tensor("weight", weight, device=dev, shape=("V", H), contiguous=False)
     if weight.dtype != hidden.dtype:
         raise ValueError(f"weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}")
     V = weight.shape[0]
-    lead = hidden.shape[:-1]
-    if not isinstance(targets, Tensor) or targets.shape != lead or targets.is_floating_point():
-        raise ValueError(f"targets must be an integer tensor of shape {tuple(lead)}")
-    if bias is not None and (not isinstance(bias, Tensor) or bias.shape != (V,) or bias.dtype != weight.dtype):
-        raise ValueError(f"bias must be [V={V}] of weight's dtype {weight.dtype}")
-    if mask is not None and (not isinstance(mask, Tensor) or mask.shape != lead):
-        raise ValueError(f"mask must have shape {tuple(lead)}")
+    lead = tuple(hidden.shape[:-1])
+    checks.tensor("targets", targets, device=dev, shape=lead, contiguous=False)
+    if targets.is_floating_point():
+        raise ValueError(f"targets must be an integer tensor, got {targets.dtype}")
+    if bias is not None:
+        checks.tensor("bias", bias, dtypes=(weight.dtype,), device=dev, shape=(V,), contiguous=False)
+    if mask is not None:
+        checks.tensor("mask", mask, device=dev, shape=lead, contiguous=False)
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
-    for arg, t in (("weight", weight), ("targets", targets), ("bias", bias), ("mask", mask)):
-        if t is not None and t.device != hidden.device:
-            raise ValueError(f"{arg} is on {t.device}, hidden is on {hidden.device}")
     name = _resolve_backend(backend, hidden)
 
     flat_h = hidden.reshape(-1, H)  # [M, H]

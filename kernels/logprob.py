@@ -26,6 +26,8 @@ import os
 import torch
 import triton
 
+from grpo_fast import checks
+
 from ._config import INTERPRET_CONFIG, TileConfig, num_v_splits, select_config
 from .logprob_bwd import logprob_bwd_dh_kernel, logprob_bwd_dw_kernel
 from .logprob_fwd import logprob_fwd_kernel
@@ -74,36 +76,23 @@ def _split_range(n_v: int, block_v: int, splits: int) -> tuple:
     return triton.cdiv(n_v, v_per_split), v_per_split
 
 
-def _check_tensor(name, t, ndim, dtypes=None, device=None):
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != ndim:
-        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
-    if dtypes is not None and t.dtype not in dtypes:
-        raise ValueError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
-    if device is not None and t.device != device:
-        raise ValueError(f"{name} is on {t.device}, expected {device} (the device of hidden)")
-    if not t.is_contiguous():
-        raise ValueError(f"{name} must be contiguous")
-
-
 def _validate_common(hidden, weight, bias, targets, temperature):
-    _check_tensor("hidden", hidden, 2, _DTYPES)
+    checks.tensor("hidden", hidden, ndim=2, dtypes=_DTYPES)
     dev = hidden.device
     if dev.type != "cuda" and not interpreting():
         raise ValueError(f"hidden is on {dev}: the Triton kernels need CUDA tensors "
                          "(or TRITON_INTERPRET=1); use grpo_fast.ops for the CPU path")
-    _check_tensor("weight", weight, 2, (hidden.dtype,), dev)
+    checks.tensor("weight", weight, ndim=2, dtypes=(hidden.dtype,), device=dev)
     n, h = hidden.shape
     if weight.shape[1] != h or weight.shape[0] == 0:
         raise ValueError(f"weight must be [V >= 1, H={h}], got {tuple(weight.shape)}")
     if h == 0:
         raise ValueError("hidden must have H >= 1 columns")
     if bias is not None:
-        _check_tensor("bias", bias, 1, (weight.dtype,), dev)
+        checks.tensor("bias", bias, ndim=1, dtypes=(weight.dtype,), device=dev)
         if bias.shape[0] != weight.shape[0]:
             raise ValueError(f"bias must be [V={weight.shape[0]}], got {tuple(bias.shape)}")
-    _check_tensor("targets", targets, 1, (torch.int64,), dev)
+    checks.tensor("targets", targets, ndim=1, dtypes=(torch.int64,), device=dev)
     if targets.shape[0] != n:
         raise ValueError(f"targets must be [N={n}], got {tuple(targets.shape)}")
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
@@ -219,7 +208,7 @@ def logprob_backward(hidden, weight, bias, targets, lse, grad_logp, temperature:
     n_v = weight.shape[0]
     dev = hidden.device
     for name, t in (("lse", lse), ("grad_logp", grad_logp)):
-        _check_tensor(name, t, 1, (torch.float32,), dev)
+        checks.tensor(name, t, ndim=1, dtypes=(torch.float32,), device=dev)
         if t.shape[0] != n:
             raise ValueError(f"{name} must be [N={n}], got {tuple(t.shape)}")
     if need_grad_bias and bias is None:

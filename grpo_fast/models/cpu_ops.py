@@ -27,13 +27,11 @@ import os
 
 import torch
 
-try:
-    from grpo_fast import _C
-except ImportError:  # source checkout without a build
-    _C = None
-
+from grpo_fast import checks
+from grpo_fast.native import _C
 
 _BUILT_AND_SUPPORTED = _C is not None and hasattr(_C, "cpu_linear") and bool(_C.cpu_linear_available())
+_F32 = (torch.float32,)
 
 
 def available() -> bool:
@@ -42,21 +40,19 @@ def available() -> bool:
 
 
 def _check_rows(name: str, t: torch.Tensor) -> None:
-    if t.device.type != "cpu" or t.dtype != torch.float32 or t.dim() != 2 or t.stride(1) != 1:
-        raise ValueError(f"{name}: need a 2-D fp32 CPU tensor with unit column stride, got "
-                         f"{t.dtype} {tuple(t.shape)} strides {t.stride()} on {t.device}")
+    """[M, K] fp32 rows, each dense (a column slice of a wider matrix is fine)."""
+    checks.tensor(name, t, ndim=2, dtypes=_F32, device="cpu", contiguous=False, unit_stride=True)
 
 
 def _check_weight(name: str, w: torch.Tensor, k: int) -> None:
-    if w.device.type != "cpu" or w.dtype != torch.float32 or w.dim() != 2 or not w.is_contiguous():
-        raise ValueError(f"{name}: need a contiguous 2-D fp32 CPU tensor, got {w.dtype} {tuple(w.shape)}")
+    checks.tensor(name, w, ndim=2, dtypes=_F32, device="cpu")
     if w.shape[1] != k:
         raise ValueError(f"{name}: has {w.shape[1]} input features, x has {k}")
 
 
 def _check_bias(name: str, b: torch.Tensor | None, n: int) -> None:
-    if b is not None and (b.dtype != torch.float32 or b.shape != (n,) or not b.is_contiguous()):
-        raise ValueError(f"{name}: need a contiguous fp32 [{n}] tensor, got {b.dtype} {tuple(b.shape)}")
+    if b is not None:
+        checks.tensor(name, b, dtypes=_F32, shape=(n,))
 
 
 def linear_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -118,11 +114,11 @@ def silu_mul_linear(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor) -
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """weight * x / sqrt(mean(x^2 over the last dim) + eps), fp32, any leading shape."""
-    if x.device.type != "cpu" or x.dtype != torch.float32 or not x.is_contiguous() or x.dim() < 1:
-        raise ValueError(f"x: need a contiguous fp32 CPU tensor, got {x.dtype} {tuple(x.shape)} on {x.device}")
+    checks.tensor("x", x, dtypes=_F32, device="cpu")
+    if x.dim() < 1:
+        raise ValueError("x: need at least one dim")
     dim = x.shape[-1]
-    if weight.dtype != torch.float32 or weight.shape != (dim,) or not weight.is_contiguous():
-        raise ValueError(f"weight: need a contiguous fp32 [{dim}] tensor, got {weight.dtype} {tuple(weight.shape)}")
+    checks.tensor("weight", weight, dtypes=_F32, shape=(dim,))
     out = torch.empty_like(x)
     if x.numel():
         _C.cpu_rms_norm(out.data_ptr(), x.data_ptr(), weight.data_ptr(), x.numel() // dim, dim, float(eps))
@@ -134,8 +130,7 @@ def rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
     """(q, k) * cos + rotate_half((q, k)) * sin, rotate_half(x) = cat(-x2, x1) over the halves of
     the head dim; q [T, Hq, D], k [T, Hkv, D], cos/sin [T, D], all contiguous fp32."""
     for name, t in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):
-        if t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous():
-            raise ValueError(f"{name}: need a contiguous fp32 CPU tensor, got {t.dtype} {tuple(t.shape)} on {t.device}")
+        checks.tensor(name, t, dtypes=_F32, device="cpu")
     if q.dim() != 3 or k.dim() != 3 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2] or q.shape[2] % 2:
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)}: need [T, H, D] with the same T and an even D")
     t, d = q.shape[0], q.shape[2]
@@ -155,11 +150,10 @@ def decode_layer(hidden: torch.Tensor, intermediate: int, num_q_heads: int, num_
     """One Llama-family decoder layer of a decode step on hidden [M, H] in place (see
     csrc/decode_layer_cpu.h for the pointer list); step: a kv.decode_step.DecodeStep over fp32
     caches of num_blocks x block_size slots (the caller's pointers into them)."""
-    if hidden.dtype != torch.float32 or hidden.dim() != 2 or not hidden.is_contiguous() or hidden.device.type != "cpu":
-        raise ValueError(f"hidden: need a contiguous 2-D fp32 CPU tensor, got {hidden.dtype} {tuple(hidden.shape)}")
+    checks.tensor("hidden", hidden, ndim=2, dtypes=_F32, device="cpu")
     m = hidden.shape[0]
-    if cos.shape != (m, head_dim) or sin.shape != (m, head_dim) or not (cos.is_contiguous() and sin.is_contiguous()):
-        raise ValueError(f"cos/sin: need contiguous [{m}, {head_dim}], got {tuple(cos.shape)} / {tuple(sin.shape)}")
+    checks.tensor("cos", cos, dtypes=_F32, shape=(m, head_dim))
+    checks.tensor("sin", sin, dtypes=_F32, shape=(m, head_dim))
     if step.dtype != torch.float32 or step.q_shape != (m, num_q_heads, head_dim):
         raise ValueError(f"step: built for {step.q_shape} {step.dtype} queries, this layer has "
                          f"({m}, {num_q_heads}, {head_dim}) float32")
