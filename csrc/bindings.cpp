@@ -4,8 +4,9 @@
 namespace py = pybind11;
 
 namespace grpo_fast {
-void register_kv(py::module_& m);      // kv_bindings.cpp
-void register_decode(py::module_& m);  // decode_bindings.cpp
+void register_kv(py::module_& m);        // kv_bindings.cpp
+void register_sampling(py::module_& m);  // sampling_bindings.cpp
+void register_decode(py::module_& m);    // decode_bindings.cpp
 }
 
 static bool built_with_cuda() {
@@ -17,8 +18,9 @@ static bool built_with_cuda() {
 }
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "grpo_fast native core: paged KV-cache block manager and CPU/CUDA kernels";
+  m.doc() = "grpo_fast native core: paged KV-cache block manager, sampler and CPU/CUDA kernels";
   m.def("built_with_cuda", &built_with_cuda, "True when the CUDA kernels were compiled in.");
   grpo_fast::register_kv(m);
+  grpo_fast::register_sampling(m);
   grpo_fast::register_decode(m);
 }

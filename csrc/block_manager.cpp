@@ -4,7 +4,7 @@
 #include <string>
 #include <unordered_set>
 
-#include "kv_common.h"
+#include "common.h"
 
 namespace grpo_fast {
 

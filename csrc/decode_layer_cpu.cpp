@@ -8,7 +8,7 @@
 #include <stdexcept>
 #include <string>
 
-#include "kv_common.h"
+#include "common.h"
 #include "kv_cpu.h"
 #include "linear_cpu.h"
 #include "rms_norm_cpu.h"

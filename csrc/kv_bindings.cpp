@@ -1,4 +1,5 @@
-// pybind11 registrations of the KV-cache core: BlockManager and the cpu_* / cuda_* kernels.
+// pybind11 registrations of the KV-cache core: BlockManager, block_hash and the cpu_* / cuda_*
+// KV kernels (append, copy, decode and prefill attention). Sampling: sampling_bindings.cpp.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -85,13 +86,11 @@ void register_kv(py::module_& m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("cpu_prefill_attention", &cpu_prefill_attention,
         py::call_guard<py::gil_scoped_release>());
-  m.def("cpu_sample", &cpu_sample, py::call_guard<py::gil_scoped_release>());
 #ifdef GRPO_FAST_WITH_CUDA
   m.def("cuda_append_kv", &cuda_append_kv);
   m.def("cuda_copy_blocks", &cuda_copy_blocks);
   m.def("cuda_paged_decode_attention", &cuda_paged_decode_attention);
   m.def("cuda_prefill_attention", &cuda_prefill_attention);
-  m.def("cuda_sample", &cuda_sample);
 #endif
 }
 

@@ -16,8 +16,8 @@
 #include <string>
 #include <vector>
 
+#include "common.h"
 #include "cpu_common.h"
-#include "kv_common.h"
 
 
 namespace grpo_fast {

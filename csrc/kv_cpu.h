@@ -31,9 +31,4 @@ void cpu_prefill_attention(uintptr_t out, uintptr_t query, uintptr_t key, uintpt
                            int64_t num_tokens, int num_q_heads, int num_kv_heads, int head_dim,
                            float scale, int dtype);
 
-// Sampling (see grpo_fast/kv/ops.py: sample): tokens int64 [S], logprobs fp32 [S].
-void cpu_sample(uintptr_t tokens, uintptr_t logprobs, uintptr_t logits, uintptr_t temperature,
-                uintptr_t top_k, uintptr_t top_p, uintptr_t min_p, uintptr_t seeds,
-                uintptr_t steps, int64_t num_rows, int64_t vocab);
-
 }  // namespace grpo_fast

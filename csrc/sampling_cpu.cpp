@@ -7,16 +7,17 @@
 //              cumulative mass reaches top_p * (their total mass).
 // The draw walks the survivors in vocabulary order until the running mass exceeds u * total, so
 // it does not depend on how a sort breaks ties. Probabilities are float64 here (as in the
-// reference, grpo_fast/kv/reference.py; their exps fp32, see exp_fill), the logprob is fp32 of
-// log softmax(logits / T)[token] over the full vocabulary.
+// reference, grpo_fast/sampler/sampling_reference.py; their exps fp32, see exp_fill), the
+// logprob is fp32 of log softmax(logits / T)[token] over the full vocabulary.
+#include "sampling_cpu.h"
+
 #include <algorithm>
 #include <cmath>
 #include <functional>
 #include <vector>
 
+#include "common.h"
 #include "cpu_common.h"
-#include "kv_common.h"
-#include "kv_cpu.h"
 
 namespace grpo_fast {
 namespace {

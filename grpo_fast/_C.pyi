@@ -1,6 +1,8 @@
 """grpo_fast._C: the native core (C++17 + pybind11, no libtorch).
 
-Pointers are integers from `tensor.data_ptr()`; the validated wrappers live in `grpo_fast.kv`.
+Pointers are integers from `tensor.data_ptr()`; the validated wrappers live in `grpo_fast.kv`
+(block manager and KV kernels: csrc/kv_bindings.cpp) and `grpo_fast.sampler.sampling_op` (the
+token sampler: csrc/sampling_bindings.cpp).
 dtype codes: 0 = float32, 1 = bfloat16, 2 = float16 (CUDA only). CUDA functions take the
 stream handle (`torch.cuda.current_stream().cuda_stream`) last and exist only when
 `built_with_cuda()`.
@@ -51,8 +53,6 @@ def cpu_paged_decode_attention(out: int, query: int, key_cache: int, value_cache
 def cpu_prefill_attention(out: int, query: int, key: int, value: int, cu_seqlens: int,
                           cu_seqlens_k: int, batch: int, num_tokens: int, num_q_heads: int,
                           num_kv_heads: int, head_dim: int, scale: float, dtype: int) -> None: ...
-def cpu_sample(tokens: int, logprobs: int, logits: int, temperature: int, top_k: int, top_p: int,
-               min_p: int, seeds: int, steps: int, num_rows: int, vocab: int) -> None: ...
 
 def cuda_append_kv(key_cache: int, value_cache: int, key: int, value: int, slot_mapping: int,
                    num_tokens: int, num_slots: int, num_kv_heads: int, head_dim: int, dtype: int,
@@ -68,6 +68,11 @@ def cuda_prefill_attention(out: int, query: int, key: int, value: int, cu_seqlen
                            cu_seqlens_k: int, batch: int, num_tokens: int, num_q_heads: int,
                            num_kv_heads: int, head_dim: int, scale: float, dtype: int,
                            stream: int) -> None: ...
+
+# Token sampler (csrc/sampling_cpu.h, csrc/cuda/sampling_cuda.h): tokens int64 [S], logprobs
+# fp32 [S]; cuda_sample's workspace is fp32 [num_rows, vocab] scratch.
+def cpu_sample(tokens: int, logprobs: int, logits: int, temperature: int, top_k: int, top_p: int,
+               min_p: int, seeds: int, steps: int, num_rows: int, vocab: int) -> None: ...
 def cuda_sample(tokens: int, logprobs: int, logits: int, temperature: int, top_k: int, top_p: int,
                 min_p: int, seeds: int, steps: int, num_rows: int, vocab: int, workspace: int,
                 stream: int) -> None: ...

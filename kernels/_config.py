@@ -11,6 +11,8 @@ timed on one. They are the knobs to tune with benchmarks/bench_loss.py on a real
 """
 from dataclasses import dataclass
 
+from grpo_fast.intmath import ceil_div
+
 KINDS = ("fwd", "fwd_grad", "bwd_dh", "bwd_dw")
 
 # Opt-in shared memory per block (bytes): the CUDA programming guide's compute capability table.
@@ -97,5 +99,5 @@ def num_v_splits(n_row_blocks: int, n_v_tiles: int, num_sms: int, max_splits: in
     Each extra split costs one [N] partial per statistic (forward) or one [N, H] fp32 partial
     (backward dh), so stop at the occupancy target rather than splitting further.
     """
-    want = -(-2 * num_sms // max(n_row_blocks, 1))
+    want = ceil_div(2 * num_sms, max(n_row_blocks, 1))
     return max(1, min(want, n_v_tiles, max_splits))

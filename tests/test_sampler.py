@@ -354,7 +354,7 @@ def test_gated_mlp_and_lm_head_fast_paths_are_the_module_math(fast_path):
         mlp.act_fn(mlp.gate_proj.base_layer(x)) * mlp.up_proj.base_layer(x)), atol=1e-4)
 
 
-def test_memo_scope_remembers_paths_for_one_call_only():
+def test_fast_path_scope_remembers_paths_for_one_call_only():
     """FastPaths.scope: inside, a module's path facts are computed once (the memo holds it) and
     outputs still equal the module's; the memo ends with the scope, so an adapter disabled
     between two generate calls is seen by the second. Each FastPaths owns its memo."""

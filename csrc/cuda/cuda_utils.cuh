@@ -1,4 +1,4 @@
-// Small CUDA helpers shared by the KV kernels: dtype conversion, warp/block reductions, errors.
+// Small CUDA helpers shared by the CUDA kernels: dtype conversion, warp/block reductions, errors.
 #pragma once
 
 #include <cuda_bf16.h>

@@ -1,5 +1,5 @@
 // CUDA KV-cache kernels: append_kv, copy_blocks, paged decode attention, prefill attention.
-// Same contracts and math as csrc/kv_cpu.cpp (the oracle); index arithmetic from kv_common.h.
+// Same contracts and math as csrc/kv_cpu.cpp (the oracle); index arithmetic from common.h.
 //
 // Attention: one thread block per (query item, kv head, chunk of <= kRepMax query heads of that
 // GQA group). Its kWarps warps split the keys (warp w takes keys [wU, wU + U), then the same
@@ -12,7 +12,7 @@
 // bounds checks. K/V rows are read once per GQA group, not once per query head.
 #include <algorithm>
 
-#include "../kv_common.h"
+#include "../common.h"
 #include "cuda_utils.cuh"
 #include "kv_cuda.h"
 

@@ -28,10 +28,4 @@ void cuda_prefill_attention(uintptr_t out, uintptr_t query, uintptr_t key, uintp
                             int64_t num_tokens, int num_q_heads, int num_kv_heads, int head_dim,
                             float scale, int dtype, uintptr_t stream);
 
-// workspace: fp32 [num_rows, vocab] scratch for the probabilities.
-void cuda_sample(uintptr_t tokens, uintptr_t logprobs, uintptr_t logits, uintptr_t temperature,
-                 uintptr_t top_k, uintptr_t top_p, uintptr_t min_p, uintptr_t seeds,
-                 uintptr_t steps, int64_t num_rows, int64_t vocab, uintptr_t workspace,
-                 uintptr_t stream);
-
 }  // namespace grpo_fast

@@ -11,9 +11,10 @@
 // exclusive scan of chunk masses finds the chunk holding u * kept mass), matching the CPU order.
 // Probabilities are fp32 here (fp64 sums); the CPU computes them in fp64, so the two agree
 // except when u falls within float rounding of a token boundary.
-#include "../kv_common.h"
+#include "sampling_cuda.h"
+
+#include "../common.h"
 #include "cuda_utils.cuh"
-#include "kv_cuda.h"
 
 namespace grpo_fast {
 namespace {

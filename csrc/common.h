@@ -1,6 +1,7 @@
-// Shared by the CPU (csrc/*.cpp) and CUDA (csrc/cuda/*.cu) KV kernels: dtype codes, the cache
-// index arithmetic and the counter-based RNG, as __host__ __device__ inline functions so both
-// implementations compute the same slots and the same random numbers.
+// The header shared by all CPU (csrc/*.cpp) and CUDA (csrc/cuda/*.cu) kernels of csrc/: dtype
+// codes, the KV-cache index arithmetic, the counter-based RNG (sampling, the prefix-cache block
+// hash) and host bf16 conversions. The arithmetic and the RNG are __host__ __device__ inline
+// functions, so the CPU and CUDA implementations compute the same slots and random numbers.
 #pragma once
 
 #include <cstdint>
@@ -13,7 +14,7 @@
 
 namespace grpo_fast {
 
-// dtype codes passed from Python (grpo_fast/kv/_native.py)
+// dtype codes passed from Python (grpo_fast/native.py: dtype_code)
 enum DType : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
 
 // ---- cache layout: [num_blocks, block_size, num_kv_heads, head_dim] -------------------------
