@@ -1,20 +1,41 @@
 """`grpo-fast` command line.
 
-    grpo-fast train [--config cfg.yaml] [--key value ...] [--resume] [--merge]
+    grpo-fast train [--config cfg.yaml] [--key value ...] [--resume | --overwrite] [--merge]
     grpo-fast eval  [--config cfg.yaml] [--adapter DIR] [--key value ...]
     grpo-fast sample [--config cfg.yaml] [--adapter DIR] --prompt "What is 12 + 7?" [--n 4]
+    grpo-fast --version
 
 With no arguments, `train` runs the default job: SmolLM2-135M-Instruct + LoRA on the built-in
 `arithmetic` task on the CPU, printing eval accuracy before and after (last line).
-Overrides are `--section.field value` or `--field value` when the name is unique.
+Overrides are `--section.field value` or `--field value` when the name is unique (every field:
+grpo_fast/config.py). A mistake in what you gave (config, data, model, reward function, run
+folder) is one line naming it; `--debug` adds the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 
 from grpo_fast.config import DEFAULT_JOB, load_config
+from grpo_fast.errors import TrainingStopped, UserError
+
+TRAIN_EPILOG = """\
+config overrides (any field, see grpo_fast/config.py or examples/cpu_default.yaml):
+  --section.field VALUE      e.g. --train.max_steps 200 --loss.beta 0.04
+  --field VALUE              when the name is unique: --learning_rate 1e-4 --num_generations 8
+
+run folder (train.output_dir):
+  --resume                   continue from the newest complete checkpoint (options that define the
+                             weights or data must not change; learning rate, schedule, max_steps and
+                             logging may, and are applied)
+  --overwrite                start afresh in a folder that holds a run (removes its run files)
+  --merge                    also save the merged model (adapter folded in) at the end
+
+Ctrl-C (or SIGTERM) finishes the current step, saves a checkpoint and the adapter, and exits;
+a second Ctrl-C exits at once.
+"""
 
 
 def _split(argv: list[str], own: set[str]) -> tuple[list[str], list[str]]:
@@ -42,7 +63,8 @@ def _load(args, overrides: list[str]):
 
 
 def cmd_train(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="grpo-fast train", description="GRPO fine-tuning with LoRA")
+    p = argparse.ArgumentParser(prog="grpo-fast train", description="GRPO fine-tuning with LoRA",
+                                epilog=TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML config (default: the built-in CPU default job)")
     mine, overrides = _split(argv, {"--config", "-h", "--help"})
     args = p.parse_args(mine)
@@ -117,8 +139,15 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample}
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__.strip())
+        return 0
+    if argv and argv[0] == "--version":
+        from importlib.metadata import version
+
+        print(f"grpo-fast {version('grpo-fast')}")
         return 0
     if not argv or argv[0].startswith("--"):
         argv = ["train", *argv]  # `grpo-fast` alone runs the default training job
@@ -127,9 +156,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return COMMANDS[argv[0]](argv[1:])
-    except ValueError as exc:  # config / data errors: one clear line, no traceback
-        print(f"error: {exc}", file=sys.stderr)
+    except TrainingStopped as exc:  # an interrupt or a non-finite stop: saved, and says how to go on
+        _report(exc, debug)
+        return exc.exit_code
+    except (UserError, ValueError, OSError) as exc:  # what the user gave: one clear line
+        _report(exc, debug)
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside training
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _report(exc: BaseException, debug: bool) -> None:
+    if debug:
+        traceback.print_exception(exc)
+    message = str(exc) if not isinstance(exc, OSError) or not exc.filename else f"{exc.strerror}: {exc.filename}"
+    print(f"error: {message}" + ("" if debug else "  (--debug shows the traceback)"), file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -18,12 +18,14 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
+from grpo_fast.errors import ConfigError
+
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
 
 
 def _check(cond: bool, name: str, msg: str) -> None:
     if not cond:
-        raise ValueError(f"{name}: {msg}")
+        raise ConfigError(f"{name}: {msg}")
 
 
 def _choice(value: Any, name: str, choices: tuple) -> None:
@@ -86,6 +88,10 @@ class SamplingConfig:
         _check(self.max_completion_length > 0, "sampling.max_completion_length",
                f"must be > 0, got {self.max_completion_length}")
         _choice(self.backend, "sampling.backend", ("auto", "sampler", "hf"))
+        if self.kv_budget is not None:
+            from grpo_fast.sampler.kv_budget import check_kv_budget
+
+            check_kv_budget(self.kv_budget)
 
 
 @dataclass
@@ -138,8 +144,10 @@ class TrainConfig:
     max_dynamic_rounds: int = 4  # extra sampling rounds per step at most
     num_threads: int = 0  # torch CPU threads; 0 = leave torch's default
     progress: bool = True
-    resume: bool = False
+    resume: bool = False  # continue from the newest complete checkpoint in output_dir/checkpoints
+    overwrite: bool = False  # start afresh in an output_dir that holds a run (its run files are removed)
     merge: bool = False  # also save a merged (adapter folded in) model at the end
+    max_nonfinite_steps: int = 3  # stop after this many consecutive updates with a NaN / inf loss or gradient
 
     def __post_init__(self) -> None:
         _check(self.max_steps >= 0, "train.max_steps", f"must be >= 0, got {self.max_steps}")
@@ -157,6 +165,8 @@ class TrainConfig:
         _check(self.logging_steps >= 1, "train.logging_steps", f"must be >= 1, got {self.logging_steps}")
         _check(self.time_budget_s >= 0, "train.time_budget_s", f"must be >= 0 (0 = off), got {self.time_budget_s}")
         _check(self.max_dynamic_rounds >= 0, "train.max_dynamic_rounds", f"must be >= 0, got {self.max_dynamic_rounds}")
+        _check(self.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", f"must be >= 1, got {self.max_nonfinite_steps}")
+        _check(not (self.resume and self.overwrite), "train.overwrite", "and train.resume exclude each other")
 
 
 @dataclass
@@ -172,6 +182,7 @@ class DataConfig:
     use_chat_template: bool = True
     train_size: int = 2000  # built-in tasks: number of training problems
     eval_size: int = 100  # eval problems (built-in tasks; a cap for files)
+    eval_fraction: float = 0.1  # a file without eval_path: at most this share of its rows is held out (<= 0.5)
     task_seed: int = 1234
     difficulty: str = "easy"  # built-in tasks: easy | medium | hard
     on_long_prompt: str = "error"  # error | skip (counted); never truncated
@@ -184,6 +195,7 @@ class DataConfig:
         _choice(self.difficulty, "data.difficulty", ("easy", "medium", "hard"))
         _check(self.train_size >= 1, "data.train_size", f"must be >= 1, got {self.train_size}")
         _check(self.eval_size >= 0, "data.eval_size", f"must be >= 0, got {self.eval_size}")
+        _check(0.0 <= self.eval_fraction <= 0.5, "data.eval_fraction", f"must be in [0, 0.5], got {self.eval_fraction}")
         _check("{prompt}" in self.prompt_template, "data.prompt_template", "must contain {prompt}")
         if self.path is None and self.task is not None:
             from grpo_fast.tasks import TASKS
@@ -202,6 +214,7 @@ class RewardsConfig:
     overlong_penalty: float = 1.0
     judge_model: str | None = None  # a local HF folder for the `judge` reward
     judge_rubric: str | None = None  # None = rewards.DEFAULT_RUBRIC
+    timeout_s: float = 600.0  # a reward call that takes longer fails (handled as on_reward_error says)
 
     def __post_init__(self) -> None:
         _check(len(self.funcs) >= 1, "rewards.funcs", "needs at least one reward function")
@@ -211,6 +224,7 @@ class RewardsConfig:
                    f"has {len(self.weights)} values for {len(self.funcs)} funcs")
             _check(all(math.isfinite(w) for w in self.weights), "rewards.weights", "must be finite numbers")
         _check(self.overlong_buffer >= 0, "rewards.overlong_buffer", f"must be >= 0, got {self.overlong_buffer}")
+        _check(self.timeout_s > 0, "rewards.timeout_s", f"must be > 0, got {self.timeout_s}")
         if "judge" in self.funcs:
             _check(self.judge_model is not None, "rewards.judge_model", "the judge reward needs a local model folder")
         for name in self.funcs:
@@ -238,6 +252,19 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rewards: RewardsConfig = field(default_factory=RewardsConfig)
+
+    def __post_init__(self) -> None:
+        # Non-finite numbers are refused everywhere (an inf beta trains NaNs into the adapter).
+        for name, section in self.sections().items():
+            for f in fields(section):
+                value = getattr(section, f.name)
+                values = value if isinstance(value, list) else [value]
+                for v in values:
+                    _check(not isinstance(v, float) or math.isfinite(v), f"{name}.{f.name}",
+                           f"must be a finite number, got {value!r}")
+
+    def sections(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in SECTIONS}
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -291,7 +318,10 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
         if base is float:
             if isinstance(value, bool):
                 raise TypeError
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):
+                raise ConfigError(f"{name}: must be a finite number, got {value!r}")
+            return number
         if base is str:
             if not isinstance(value, (str, int, float)) or isinstance(value, bool):
                 raise TypeError
@@ -303,8 +333,10 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
             if not isinstance(value, (list, tuple)):
                 raise TypeError
             return [_coerce(v, elem, name) for v in value]
+    except ConfigError:
+        raise
     except (TypeError, ValueError):
-        raise ValueError(f"{name}: expected {getattr(hint, '__name__', hint)}, got {value!r}") from None
+        raise ConfigError(f"{name}: expected {getattr(hint, '__name__', hint)}, got {value!r}") from None
     return value
 
 
@@ -335,11 +367,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
     """
     raw: dict = {k: dict(v) for k, v in (base or {}).items()}
     if path is not None:
-        import yaml
-
-        text = Path(path).read_text()
-        raw = yaml.safe_load(text) or {}
-        _check(isinstance(raw, dict), str(path), "the config file must be a mapping of sections")
+        raw = read_yaml(path)
     raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
     for key, value in _parse_overrides(overrides).items():
         section, name = _resolve_key(key)
@@ -348,6 +376,30 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
             raw[section] = {}
         raw[section][name] = value
     return Config.from_dict(raw)
+
+
+def read_yaml(path: str | Path) -> dict:
+    """A config file's sections; ConfigError naming the file (and line) when it cannot be read."""
+    import yaml
+
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"--config: no such file {str(path)!r}")
+    if path.is_dir():
+        raise ConfigError(f"--config: {str(path)!r} is a folder, not a YAML file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--config: cannot read {str(path)!r}: {exc}") from None
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"--config: {path}{where} is not valid YAML: {problem}") from None
+    _check(isinstance(raw, dict), str(path), "the config file must be a mapping of sections")
+    return raw
 
 
 def _parse_overrides(overrides: list[str] | dict | None) -> dict:
@@ -360,7 +412,7 @@ def _parse_overrides(overrides: list[str] | dict | None) -> dict:
     while i < len(overrides):
         token = overrides[i]
         if not token.startswith("--"):
-            raise ValueError(f"{token}: expected --key value")
+            raise ConfigError(f"{token}: expected --key value")
         key = token[2:]
         if "=" in key:
             key, value = key.split("=", 1)

@@ -117,7 +117,9 @@ def sapo_surrogate(coef_1: Tensor, logp: Tensor, adv: Tensor, cfg: LossConfig) -
 
 
 def _num_sequences(mask: Tensor, cfg: LossConfig):
-    return mask.shape[0] if cfg.num_sequences_in_batch is None else cfg.num_sequences_in_batch
+    """S, at least 1: an empty batch (B = 0) sums to 0 and must give a loss of 0, not 0 / 0."""
+    n = mask.shape[0] if cfg.num_sequences_in_batch is None else cfg.num_sequences_in_batch
+    return n.clamp(min=1) if isinstance(n, Tensor) else max(n, 1)
 
 
 def sequence_mean(ptl: Tensor, mask: Tensor, cfg: LossConfig) -> Tensor:
@@ -136,7 +138,7 @@ def token_sum_over_items(ptl: Tensor, mask: Tensor, cfg: LossConfig) -> Tensor:
 def token_sum_over_constant(ptl: Tensor, mask: Tensor, cfg: LossConfig) -> Tensor:
     """Σ_bt m ℓ / (S · L_max): a constant normalizer, no length bias (dr_grpo)."""
     length = mask.shape[1] if cfg.max_completion_length is None else cfg.max_completion_length
-    return (ptl * mask).sum() / (_num_sequences(mask, cfg) * length)
+    return (ptl * mask).sum() / (_num_sequences(mask, cfg) * max(length, 1))
 
 
 class LossType(NamedTuple):

@@ -21,12 +21,17 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
 import re
+import sys
+import threading
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, Callable
 
 import torch
+
+from grpo_fast.errors import ConfigError, UserError
 
 DEFAULT_FORMAT_PATTERN = r"^\s*<think>.*?</think>\s*<answer>.*?</answer>\s*$"
 DEFAULT_RUBRIC = (
@@ -38,8 +43,12 @@ DEFAULT_RUBRIC = (
 RewardFn = Callable[..., list]
 
 
-class RewardError(RuntimeError):
+class RewardError(UserError, RuntimeError):
     """A reward function failed; the message names the function and the sample."""
+
+
+class RewardTimeout(Exception):
+    """A reward call ran past rewards.timeout_s (handled like any error of the function)."""
 
 
 # ---------------------------------------------------------------- answer parsing (accuracy)
@@ -214,17 +223,25 @@ def make_judge_reward(model_path: str, rubric: str | None = None, *, max_new_tok
 
 
 def load_user_function(spec: str) -> RewardFn:
-    """'package.module:function' -> the function."""
+    """'package.module:function' -> the function. The working directory is searched first, so a
+    my_rewards.py beside the config needs no PYTHONPATH."""
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
-        raise ValueError(f"rewards.funcs: {spec!r} is not module:function")
+        raise ConfigError(f"rewards.funcs: {spec!r} is not module:function")
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ValueError(f"rewards.funcs: cannot import {module_name!r} for {spec!r}: {exc}") from exc
+        raise ConfigError(f"rewards.funcs: cannot import {module_name!r} for {spec!r} (looked in {cwd} and on "
+                          f"PYTHONPATH): {exc}") from exc
+    except Exception as exc:  # the module itself raised while importing
+        raise ConfigError(f"rewards.funcs: importing {module_name!r} for {spec!r} raised "
+                          f"{type(exc).__name__}: {exc}") from exc
     fn = getattr(module, attr, None)
     if not callable(fn):
-        raise ValueError(f"rewards.funcs: {module_name} has no function {attr!r}")
+        raise ConfigError(f"rewards.funcs: {module_name} has no function {attr!r}")
     return fn
 
 
@@ -236,6 +253,7 @@ class RewardSet:
     funcs: list[RewardFn]
     weights: list[float]
     on_error: str = "raise"
+    timeout_s: float | None = None  # per call of a function; None = no limit
 
     @property
     def weight_tensor(self) -> torch.Tensor:
@@ -257,7 +275,7 @@ def build_rewards(cfg, max_completion_length: int) -> RewardSet:
         else:
             funcs.append(load_user_function(name))
     weights = list(cfg.weights) if cfg.weights is not None else [1.0] * len(funcs)
-    return RewardSet(list(cfg.funcs), funcs, weights, cfg.on_reward_error)
+    return RewardSet(list(cfg.funcs), funcs, weights, cfg.on_reward_error, cfg.timeout_s)
 
 
 # ---------------------------------------------------------------- the guarded call
@@ -303,7 +321,15 @@ def compute_rewards(rs: RewardSet, prompts: list[str], completions: list[str], c
     out = torch.full((n, len(rs.funcs)), float("nan"), dtype=torch.float32)
     errors: dict[str, int] = {}
     for j, (name, fn) in enumerate(zip(rs.names, rs.funcs)):
-        values = _call_batch(name, fn, prompts, completions, columns, rs.on_error)
+        fn = _with_time_limit(fn, rs.timeout_s)
+        try:
+            values = _call_batch(name, fn, prompts, completions, columns, rs.on_error)
+        except RewardTimeout:
+            # One sample at a time would wait up to n timeouts: the whole batch counts as failed.
+            if rs.on_error == "raise":
+                raise RewardError(f"reward function {name!r} did not return within rewards.timeout_s="
+                                  f"{rs.timeout_s:g} s on a batch of {n} completions") from None
+            values = [_handle(name, None, i, prompts, completions, rs.on_error, errors) for i in range(n)]
         if values is None:  # the batch call failed: go sample by sample to find / isolate failures
             values = [_call_one(name, fn, i, prompts, completions, columns, rs.on_error, errors) for i in range(n)]
         else:
@@ -317,9 +343,38 @@ def compute_rewards(rs: RewardSet, prompts: list[str], completions: list[str], c
     return RewardResult(out, errors)
 
 
+def _with_time_limit(fn: RewardFn, timeout_s: float | None) -> RewardFn:
+    """fn, run in a worker thread and abandoned (RewardTimeout) after timeout_s. Python cannot
+    stop a thread: a hung call keeps its (daemon) thread, but the run goes on."""
+    if timeout_s is None:
+        return fn
+
+    def limited(*args, **kwargs):
+        box: dict = {}
+
+        def target():
+            try:
+                box["value"] = fn(*args, **kwargs)
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller below
+                box["error"] = exc
+
+        worker = threading.Thread(target=target, daemon=True, name="reward-call")
+        worker.start()
+        worker.join(timeout_s)
+        if worker.is_alive():
+            raise RewardTimeout
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
+
+    return limited
+
+
 def _call_batch(name, fn, prompts, completions, columns, on_error) -> list | None:
     try:
         values = fn(prompts, completions, **columns)
+    except RewardTimeout:
+        raise
     except Exception:
         return None  # find the failing sample(s) one by one
     if values is None or not hasattr(values, "__len__") or len(values) != len(completions):
@@ -334,6 +389,11 @@ def _call_one(name, fn, i, prompts, completions, columns, on_error, errors):
     one = {k: v[i : i + 1] for k, v in columns.items()}
     try:
         values = fn(prompts[i : i + 1], completions[i : i + 1], **one)
+    except RewardTimeout:
+        if on_error == "raise":
+            raise RewardError(f"reward function {name!r} did not return within rewards.timeout_s on "
+                              f"{_describe(i, prompts, completions)}") from None
+        return _handle(name, None, i, prompts, completions, on_error, errors)
     except Exception as exc:
         if on_error == "raise":
             raise RewardError(f"reward function {name!r} raised {type(exc).__name__}: {exc} on "

@@ -45,7 +45,7 @@ def _write(tmp_path, fmt):
 @pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet"])
 def test_file_formats_and_columns(tmp_path, fmt):
     path = _write(tmp_path, fmt)
-    cfg = DataConfig(path=str(path), prompt_column="q", answer_column="a", eval_size=3, task_seed=5)
+    cfg = DataConfig(path=str(path), prompt_column="q", answer_column="a", eval_size=3, eval_fraction=0.3, task_seed=5)
     train, evals = load_splits(cfg)
     assert len(train) == 7 and len(evals) == 3
     assert {r["prompt"] for r in train}.isdisjoint({r["prompt"] for r in evals})

@@ -11,6 +11,7 @@ weights as they were during this call, and the policy changes between GRPO steps
 from __future__ import annotations
 
 import itertools
+import operator
 import time
 
 import torch
@@ -69,7 +70,9 @@ class Sampler:
         self.runner.release()
 
     def generate(self, prompt_token_ids: list[list[int]], params: SamplingParams) -> list[GroupOutput]:
-        """G = params.n completions for each prompt, in prompt order."""
+        """G = params.n completions for each prompt, in prompt order. Prompts are lists of token
+        ids (Python or numpy ints), 1-D tensors / arrays, or one 2-D tensor of equal-length rows."""
+        prompt_token_ids = _token_lists(prompt_token_ids)
         self._validate(prompt_token_ids, params)
         was_training = [m.training for m in self.model.modules()]
         self.model.eval()  # no LoRA / attention dropout while sampling
@@ -217,6 +220,28 @@ class Sampler:
                     f"max_tokens: prompt_token_ids[{i}] + max_tokens = {total} tokens exceeds the model's "
                     f"sliding window ({window}); the paged kernels attend over the full context"
                 )
+
+
+def _token_lists(prompts) -> list[list[int]]:
+    """Prompts as lists of Python ints; ValueError naming the prompt that is not token ids."""
+    if hasattr(prompts, "tolist") and not isinstance(prompts, (list, tuple)):  # a tensor / array
+        prompts = prompts.tolist()
+    if not isinstance(prompts, (list, tuple)):
+        raise ValueError(f"prompt_token_ids must be a list of token-id lists, got {type(prompts).__name__}")
+    out = []
+    for i, prompt in enumerate(prompts):
+        if hasattr(prompt, "tolist") and not isinstance(prompt, (list, tuple)):
+            prompt = prompt.tolist()
+        if isinstance(prompt, (str, bytes)) or not isinstance(prompt, (list, tuple)):
+            raise ValueError(f"prompt_token_ids[{i}] must be a list of token ids, got {type(prompt).__name__} "
+                             f"(tokenize text first)")
+        try:
+            out.append([operator.index(t) for t in prompt])
+        except TypeError:
+            bad = next(t for t in prompt if not hasattr(t, "__index__"))
+            raise ValueError(f"prompt_token_ids[{i}] holds {bad!r} ({type(bad).__name__}), not an integer "
+                             f"token id") from None
+    return out
 
 
 def _mix_seed(base: int, group_idx: int, child_idx: int) -> int:

@@ -1,26 +1,38 @@
-"""Checkpoints: atomic on disk, exact on resume.
+"""Checkpoints: atomic on disk, verified before use, exact on resume.
 
 A checkpoint folder `checkpoint-<step>/` holds the adapter (peft save_pretrained), the optimizer
 and scheduler states, every RNG state (python, numpy, torch CPU and CUDA), the prompt stream's
-position and the trainer's own state (step, metric history, eval before). It is written into a
-temp folder beside it, each file fsynced, then renamed into place, and only then does the `latest`
-pointer (itself replaced atomically) name it: a kill -9 at any moment leaves the previous
-checkpoint intact and the pointer naming a complete one.
+position, the trainer's own state (step, metric history, eval before), the run's config
+(config.json, for the resume checks) and a manifest of every file's size and SHA-256. It is
+written into a temp folder beside it, each file fsynced, then renamed into place, and only then
+does the `latest` pointer (itself replaced atomically) name it: a kill -9 at any moment leaves
+the previous checkpoint intact and the pointer naming a complete one.
+
+Resume (`find_resumable`) trusts nothing: it takes the newest checkpoint whose files match its
+manifest, falling back past incomplete or corrupt ones and saying which it skipped and why.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from grpo_fast.errors import ResumeError
+
 LATEST = "latest"
+MANIFEST = "manifest.json"
+_NAME = re.compile(r"^checkpoint-(\d+)(?:-r(\d+))?$")
+_REQUIRED = ("adapter/adapter_model.safetensors", "state.pt", "trainer_state.json")
 
 
 def rng_state() -> dict:
@@ -36,6 +48,19 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _manifest(folder: Path) -> dict:
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    return {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -59,8 +84,25 @@ def _write_pointer(root: Path, name: str) -> None:
     os.replace(tmp, root / LATEST)
 
 
+def checkpoint_step(path: Path) -> int | None:
+    """The step a checkpoint folder's name says (checkpoint-17, checkpoint-17-r1), else None."""
+    m = _NAME.match(path.name)
+    return int(m.group(1)) if m else None
+
+
+def remove_stray_temps(root: str | Path) -> list[Path]:
+    """Delete temp folders / pointer files a killed save left behind; returns what was removed."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    stray = [p for p in root.iterdir() if p.name.startswith((".tmp-checkpoint-", ".latest-"))]
+    for p in stray:
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    return stray
+
+
 def save_checkpoint(root: str | Path, step: int, *, model, optimizer, scheduler, stream, trainer_state: dict,
-                    keep: int = 2) -> Path:
+                    config: dict | None = None, keep: int = 2) -> Path:
     """Write checkpoint-<step> atomically and point `latest` at it; keep the newest `keep`."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -75,6 +117,9 @@ def save_checkpoint(root: str | Path, step: int, *, model, optimizer, scheduler,
             "stream": stream.state_dict(),
         }, tmp / "state.pt")
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state}))
+        if config is not None:
+            (tmp / "config.json").write_text(json.dumps(config, indent=1))
+        (tmp / MANIFEST).write_text(json.dumps(_manifest(tmp), indent=1))
         _fsync_tree(tmp)
         # A re-save of a step (resuming a finished run) never touches the folder `latest` may
         # name: it gets a fresh name, and the old one goes with the cleanup below.
@@ -87,14 +132,47 @@ def save_checkpoint(root: str | Path, step: int, *, model, optimizer, scheduler,
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     _write_pointer(root, final.name)
-    old = sorted((p for p in root.glob("checkpoint-*") if p.is_dir()), key=lambda p: (p.stat().st_mtime_ns, p.name))
+    old = sorted(checkpoints(root), key=lambda p: (p.stat().st_mtime_ns, p.name))
     for path in old[:-keep] if keep > 0 else []:
         if path != final:
             shutil.rmtree(path, ignore_errors=True)
     return final
 
 
+def checkpoints(root: str | Path) -> list[Path]:
+    """Every checkpoint folder under root, complete or not."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return [p for p in root.iterdir() if p.is_dir() and checkpoint_step(p) is not None]
+
+
+def verify(path: Path) -> str | None:
+    """None when the checkpoint's files are all there and match its manifest, else what is wrong."""
+    for rel in _REQUIRED:
+        if not (path / rel).is_file():
+            return f"{rel} is missing"
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        return None  # written before manifests existed: the loader is the check
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError) as exc:
+        return f"{MANIFEST} is unreadable ({exc})"
+    for rel, want in manifest.items():
+        f = path / rel
+        if not f.is_file():
+            return f"{rel} is missing"
+        size = f.stat().st_size
+        if size != want["size"]:
+            return f"{rel} has {size} bytes, the manifest says {want['size']} (truncated or replaced)"
+        if _sha256(f) != want["sha256"]:
+            return f"{rel} does not match its checksum (corrupt)"
+    return None
+
+
 def latest_checkpoint(root: str | Path) -> Path | None:
+    """The checkpoint `latest` names, if it is there and complete (no checksum check)."""
     root = Path(root)
     pointer = root / LATEST
     if not pointer.is_file():
@@ -103,18 +181,60 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return path if (path / "trainer_state.json").is_file() else None
 
 
+@dataclass
+class Resumable:
+    path: Path
+    step: int
+    skipped: list[str]  # "checkpoint-17: state.pt has 12 bytes, ..." for each newer one passed over
+
+
+def find_resumable(root: str | Path) -> Resumable | None:
+    """The newest checkpoint that verifies, falling back past broken ones (newest first: the one
+    `latest` names, then by step). None when root has no checkpoint folder at all; ResumeError
+    when it has some and none verifies (starting fresh over them is the user's call)."""
+    root = Path(root)
+    found = checkpoints(root)
+    if not found:
+        return None
+    pointed = latest_checkpoint(root)
+    order = sorted(found, key=lambda p: (p == pointed, checkpoint_step(p), p.stat().st_mtime_ns), reverse=True)
+    skipped = []
+    for path in order:
+        problem = verify(path)
+        if problem is None:
+            return Resumable(path, checkpoint_step(path), skipped)
+        skipped.append(f"{path.name}: {problem}")
+    raise ResumeError(f"--resume: no usable checkpoint in {root} ({'; '.join(skipped)}); start afresh with "
+                      f"--overwrite")
+
+
+def read_config(path: Path) -> dict | None:
+    """The run config a checkpoint was saved with (None for checkpoints older than that record)."""
+    f = Path(path) / "config.json"
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
 def load_checkpoint(path: str | Path, *, model, optimizer, scheduler, stream) -> dict:
-    """Restore everything saved by save_checkpoint; returns the trainer state (with `step`)."""
+    """Restore everything saved by save_checkpoint; returns the trainer state (with `step`).
+    ResumeError naming the file when one cannot be loaded into this model / optimizer."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
     path = Path(path)
-    adapter = path / "adapter"
-    weights = adapter / "adapter_model.safetensors"
-    set_peft_model_state_dict(model, load_file(str(weights)))
-    state = torch.load(path / "state.pt", weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    stream.load_state_dict(state["stream"])
-    set_rng_state(state["rng"])
-    return json.loads((path / "trainer_state.json").read_text())
+    weights = path / "adapter" / "adapter_model.safetensors"
+    current = weights
+    try:
+        adapter = load_file(str(weights))
+        set_peft_model_state_dict(model, adapter)
+        current = path / "state.pt"
+        state = torch.load(current, weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        stream.load_state_dict(state["stream"])
+        set_rng_state(state["rng"])
+        current = path / "trainer_state.json"
+        return json.loads(current.read_text())
+    except ResumeError:
+        raise
+    except Exception as exc:  # safetensors, torch.load, shape mismatches: one line naming the file
+        raise ResumeError(f"--resume: cannot load {current} ({type(exc).__name__}: {str(exc).splitlines()[0]})") from exc

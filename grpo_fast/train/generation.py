@@ -13,6 +13,7 @@ import logging
 
 import torch
 
+from grpo_fast.errors import ConfigError
 from grpo_fast.sampler import Completion, GroupOutput, Sampler, SamplingParams
 from grpo_fast.sampler.sampler import eos_token_ids
 
@@ -30,14 +31,28 @@ class Generator:
         self.sampler = None
         self.last_stats: dict = {}
         self.requested = backend
+        self._notices: list[str] = []
         if backend in ("auto", "sampler"):
             try:
                 self.sampler = Sampler(model, tokenizer, kv_budget=kv_budget)
                 self.backend = "sampler"
+            except ConfigError:
+                raise  # a bad sampling.kv_budget is the user's to fix, not a reason to go slow
             except Exception as exc:  # unsupported architecture, or the sampler is unavailable
                 if backend == "sampler":
-                    raise ValueError(f"sampling.backend: the paged sampler refused this model: {exc}") from exc
-                log.info("paged sampler unavailable (%s); using HF generate", exc)
+                    raise ConfigError(f"sampling.backend: the paged sampler refused this model: {exc}") from exc
+                self._notice(f"sampling: the paged sampler refused this model ({exc}); using HF generate, "
+                             f"which is slower (sampling.backend=hf silences this)")
+
+    def _notice(self, message: str) -> None:
+        log.warning(message)
+        self._notices.append(message)
+
+    def take_notices(self) -> list[str]:
+        """What the user should hear about the generation path since the last call (the trainer
+        prints it): a fallback to the slower HF generate, and why."""
+        out, self._notices = self._notices, []
+        return out
 
     def generate(self, prompt_ids: list[list[int]], *, n: int, temperature: float, max_tokens: int,
                  top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, stop: list[str] | None = None,
@@ -53,7 +68,8 @@ class Generator:
                     raise
                 # backend="auto": a sampler failure must not cost the user the run; say so once
                 # and continue on HF generate (same outputs contract, slower).
-                log.warning("paged sampler failed (%s: %s); falling back to HF generate", type(exc).__name__, exc)
+                self._notice(f"sampling: the paged sampler failed ({type(exc).__name__}: {exc}); "
+                             f"continuing on HF generate, which is slower")
                 self.sampler, self.backend = None, "hf"
             else:
                 self.last_stats = self.sampler.stats.as_dict()

@@ -9,7 +9,11 @@ from pathlib import Path
 
 
 class MetricsLogger:
-    def __init__(self, out_dir: str | Path, *, tensorboard: bool = True, append: bool = False):
+    """append: continue the files of a resumed run; purge_step: TensorBoard drops the events of
+    this step and later that an interrupted run wrote after its last checkpoint."""
+
+    def __init__(self, out_dir: str | Path, *, tensorboard: bool = True, append: bool = False,
+                 purge_step: int | None = None):
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         mode = "a" if append else "w"
@@ -20,13 +24,15 @@ class MetricsLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(str(self.out_dir / "tensorboard"))
+                self._tb = SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=purge_step)
             except Exception:  # tensorboard missing: JSONL still has everything
                 self._tb = None
 
     def log(self, step: int, metrics: dict) -> None:
         clean = {k: (float(v) if isinstance(v, (int, float)) else v) for k, v in metrics.items()}
-        self._jsonl.write(json.dumps({"step": step, **clean}) + "\n")
+        # JSON has no NaN / Infinity: a non-finite value is written as null (strict parsers choke on NaN).
+        rows = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in clean.items()}
+        self._jsonl.write(json.dumps({"step": step, **rows}, allow_nan=False) + "\n")
         self._jsonl.flush()
         if self._tb is not None:
             for k, v in clean.items():

@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 import torch
 
+from grpo_fast.errors import ConfigError, ModelError
 from grpo_fast.models.causal_lm import decoder_and_head
 
 
@@ -20,7 +21,7 @@ def resolve_device(cfg) -> torch.device:
     if cfg.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"model.device: {cfg.device} requested but CUDA is not available")
+        raise ConfigError(f"model.device: {cfg.device} requested but CUDA is not available")
     return torch.device(cfg.device)
 
 
@@ -31,7 +32,8 @@ def resolve_dtype(cfg, device: torch.device) -> torch.dtype:
 
 
 def _source(cfg) -> tuple[str, str | None]:
-    """(folder, gguf_file or None) to hand to from_pretrained."""
+    """(folder, gguf_file or None) to hand to from_pretrained; ModelError when it is not there
+    (nothing is downloaded: a name that is not a local folder is not looked up on the Hub)."""
     if cfg.name_or_path is None and cfg.gguf_file is None:
         from grpo_fast.models import default_model_dir
 
@@ -39,10 +41,22 @@ def _source(cfg) -> tuple[str, str | None]:
     if cfg.gguf_file is not None:
         gguf = Path(cfg.gguf_file)
         folder = Path(cfg.name_or_path) if cfg.name_or_path else gguf.parent
+        if not (folder / gguf.name).is_file():
+            raise ModelError(f"model.gguf_file: no GGUF file {gguf.name!r} in {str(folder)!r}")
         return str(folder), gguf.name
     path = Path(cfg.name_or_path)
     if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"model.name_or_path: no such GGUF file {str(path)!r}")
         return str(path.parent), path.name
+    if not path.is_dir():
+        raise ModelError(f"model.name_or_path: {str(path)!r} is not a local model folder (models are read "
+                         f"from disk, not downloaded)")
+    if not (path / "config.json").is_file():
+        ggufs = sorted(q.name for q in path.glob("*.gguf"))
+        hint = f"; it holds {ggufs[0]!r}: set model.gguf_file" if ggufs else ""
+        raise ModelError(f"model.name_or_path: {str(path)!r} has no config.json, so it is not a "
+                         f"transformers model folder{hint}")
     return str(path), None
 
 
@@ -109,7 +123,7 @@ def lora_targets(model) -> list[str]:
         if is_linear and ".layers." in f".{name}":
             names.add(name.rsplit(".", 1)[-1])
     if not names:
-        raise ValueError("lora.target_modules: found no linear layers inside the model's blocks; set them explicitly")
+        raise ConfigError("lora.target_modules: found no linear layers inside the model's blocks; set them explicitly")
     return sorted(names)
 
 
@@ -173,7 +187,7 @@ def build_optimizer(params, train_cfg, device: torch.device):
                   weight_decay=train_cfg.weight_decay)
     if optim in ("adamw_8bit", "paged_adamw_8bit"):
         if device.type != "cuda":
-            raise ValueError(f"train.optim: {optim} needs CUDA; use adamw on {device.type}")
+            raise ConfigError(f"train.optim: {optim} needs CUDA; use adamw on {device.type}")
         import bitsandbytes as bnb
 
         klass = bnb.optim.PagedAdamW8bit if optim == "paged_adamw_8bit" else bnb.optim.AdamW8bit
