@@ -18,6 +18,11 @@ CUDA.
 
     python benchmarks/bench_loss.py                      # all configs, all implementations
     python benchmarks/bench_loss.py --configs 2048x576x49152 --impls naive,ours --reps 2
+    python benchmarks/bench_loss.py --configs 8192x576x49152,8192x1536x151936 --impls naive,ours,liger \
+        --out gpu.json                                   # the GPU check's run (bf16 on CUDA)
+
+--out PATH writes the JSON there instead of benchmarks/results/, rewritten after every run so a
+time limit still leaves the runs that finished.
 """
 from __future__ import annotations
 
@@ -122,6 +127,7 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: fp32 on CPU, bf16 on CUDA)")
     p.add_argument("--timeout", type=float, default=3600)
+    p.add_argument("--out", default=None, help="write the results JSON here (after every run)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--impl", help=argparse.SUPPRESS)
     p.add_argument("--config", help=argparse.SUPPRESS)
@@ -133,6 +139,9 @@ def main() -> None:
 
     device = torch.device(args.device)
     runs = []
+    payload = {"env": bu.environment(device), "command": " ".join([Path(sys.executable).name] + sys.argv),
+               "dtype": args.dtype, "loss": LOSS, "seq_len": SEQ_LEN, "reps": args.reps, "warmup": args.warmup,
+               "runs": runs}
     for config in args.configs.split(","):
         for impl in args.impls.split(","):
             load_before = bu.load_average()
@@ -147,6 +156,8 @@ def main() -> None:
                   f"{res['median_s']:.2f} s (CPU {res['median_cpu_s']:.2f} s), {res['peak_bytes'] / 2**20:.0f} MiB, "
                   f"loss {res['loss']:.6f}, "
                   f"load {load_before[0]:.1f}->{res['load_after'][0]:.1f}"), flush=True)
+            if args.out:
+                _write_json(args.out, payload)
 
     rows, checks = [], []
     for config in args.configs.split(","):
@@ -165,17 +176,24 @@ def main() -> None:
             checks.append((config, "time <= 1.1x naive", ours["median_s"] <= 1.1 * naive["median_s"]))
         if ours and liger:
             checks.append((config, "time <= 0.8x liger", ours["median_s"] <= 0.8 * liger["median_s"]))
-    env = bu.environment(device)
+    env = payload["env"]
     print(f"\nFused GRPO loss fwd+bwd, frozen head, {args.dtype}, {env['device']}")
     print(bu.format_table(["N x H x V", "impl", "median s", "min s", "time/naive", "CPU s", "CPU/naive",
                            "peak MiB", "mem/naive", "loss", "load"], rows))
     for config, what, ok in checks:
         print(f"  {config}: {what}: {'yes' if ok else 'NO'}")
-    path = bu.write_results("bench_loss", {
-        "env": env, "command": " ".join([Path(sys.executable).name] + sys.argv), "dtype": args.dtype,
-        "loss": LOSS, "seq_len": SEQ_LEN, "reps": args.reps, "warmup": args.warmup, "runs": runs,
-        "checks": [{"config": c, "check": w, "ok": ok} for c, w, ok in checks]})
+    payload.update(checks=[{"config": c, "check": w, "ok": ok} for c, w, ok in checks], complete=True)
+    path = _write_json(args.out, payload) if args.out else bu.write_results("bench_loss", payload)
     print(f"results: {path}")
+
+
+def _write_json(out: str, payload: dict) -> Path:
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    tmp.replace(path)
+    return path
 
 
 if __name__ == "__main__":
