@@ -69,9 +69,9 @@ def cmd_train(argv: list[str]) -> int:
     mine, overrides = _split(argv, {"--config", "-h", "--help"})
     args = p.parse_args(mine)
     cfg = _load(args, overrides)
-    from grpo_fast.train.loop import train
+    from grpo_fast.trainer import GRPOTrainer
 
-    train(cfg)
+    GRPOTrainer(args=cfg).train()
     return 0
 
 
@@ -89,25 +89,52 @@ def _policy(cfg, adapter: str | None):
 
 
 def cmd_eval(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="grpo-fast eval", description="Greedy accuracy on the eval split")
+    p = argparse.ArgumentParser(prog="grpo-fast eval", description="Evaluate on the eval split: each eval reward's "
+                                "mean and pass@k over eval.num_generations completions per prompt (1 = greedy)")
     p.add_argument("--config")
     p.add_argument("--adapter", help="a LoRA adapter folder (e.g. runs/default/adapter); omit for the base model")
-    mine, overrides = _split(argv, {"--config", "--adapter", "-h", "--help"})
+    p.add_argument("--show", type=int, default=3, help="completions to print")
+    mine, overrides = _split(argv, {"--config", "--adapter", "--show", "-h", "--help"})
     args = p.parse_args(mine)
     cfg = _load(args, overrides)
     from grpo_fast.data import encode_prompts, load_splits
+    from grpo_fast.rewards import build_rewards
     from grpo_fast.train.evaluate import evaluate
     from grpo_fast.train.generation import Generator
 
     model, tokenizer = _policy(cfg, args.adapter)
     _, eval_rows = load_splits(cfg.data)
+    if not eval_rows:
+        raise ValueError("data: no eval rows (set data.eval_path, or data.eval_size / data.eval_fraction)")
     enc, _ = encode_prompts(eval_rows, tokenizer, cfg.data, cfg.sampling.max_prompt_length, "eval")
+    names = cfg.eval.reward_funcs or (["accuracy"] if any(r.get("answer") for r in eval_rows) else cfg.rewards.funcs)
+    rewards = build_rewards(cfg.rewards, cfg.sampling.max_completion_length, funcs=list(names))
+    rewards.weights = [1.0] * len(names)
     result = evaluate(Generator(model, tokenizer, backend=cfg.sampling.backend, kv_budget=cfg.sampling.kv_budget),
-                      tokenizer, enc, max_tokens=cfg.sampling.max_completion_length, stop=cfg.sampling.stop)
-    for s in result.samples:
-        print(f"[{'ok' if s['correct'] else 'x '}] {s['prompt']!r} -> {s['completion']!r}")
-    print(f"eval accuracy: {100 * result.accuracy:.1f}% ({result.num_prompts} prompts)")
+                      tokenizer, enc, rewards, max_tokens=cfg.eval.max_completion_length or cfg.sampling.max_completion_length,
+                      num_generations=cfg.eval.num_generations, temperature=cfg.eval.temperature,
+                      stop=cfg.sampling.stop, success_threshold=cfg.eval.success_threshold, seed=cfg.train.seed,
+                      num_samples=args.show)
+    for sample in result.samples:
+        print(f"{sample['prompt']!r} -> {sample['completion']!r}")
+    print(eval_table(result.metrics, list(names)))
+    if "eval/accuracy/mean" in result.metrics:
+        print(f"eval accuracy: {100 * result.metrics['eval/accuracy/mean']:.1f}% ({result.num_prompts} prompts)")
     return 0
+
+
+def eval_table(metrics: dict, names: list[str]) -> str:
+    """One row per reward function: mean and every pass@k measured."""
+    ks = sorted({int(k.rsplit("@", 1)[1]) for k in metrics if "/pass@" in k})
+    header = ["reward", "mean"] + [f"pass@{k}" for k in ks]
+    rows = [[name, _num(metrics.get(f"eval/{name}/mean"))] + [_num(metrics.get(f"eval/{name}/pass@{k}")) for k in ks]
+            for name in names]
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in [header] + rows)
+
+
+def _num(v) -> str:
+    return "-" if v is None else f"{v:.3f}"
 
 
 def cmd_sample(argv: list[str]) -> int:

@@ -122,10 +122,11 @@ class LossConfig:
 class TrainConfig:
     output_dir: str = "runs/default"
     max_steps: int = 100
+    num_train_epochs: float = 0.0  # > 0: the run's length, max_steps = ceil(epochs * train prompts / prompts_per_step)
     prompts_per_step: int = 8  # B: prompts per step; the step trains on B × G completions
     micro_batch_size: int = 0  # completions per forward/backward; 0 = the whole step at once
     learning_rate: float = 1e-5
-    lr_scheduler_type: str = "cosine"  # cosine | constant
+    lr_scheduler_type: str = "cosine"  # cosine | linear | constant (after the warmup)
     warmup_ratio: float = 0.0
     warmup_steps: int = 0  # overrides warmup_ratio when > 0
     weight_decay: float = 0.0
@@ -148,6 +149,13 @@ class TrainConfig:
     overwrite: bool = False  # start afresh in an output_dir that holds a run (its run files are removed)
     merge: bool = False  # also save a merged (adapter folded in) model at the end
     max_nonfinite_steps: int = 3  # stop after this many consecutive updates with a NaN / inf loss or gradient
+    save_total_limit: int = 2  # checkpoints kept (the newest)
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])  # + jsonl always; wandb | trackio | none
+    run_name: str | None = None  # trackers' run name (default: the output_dir's name)
+    project: str | None = None  # trackers' project (W&B / trackio)
+    push_to_hub: bool = False  # upload the adapter and its model card at the end
+    hub_model_id: str | None = None  # repo for push_to_hub (default: the output_dir's name)
+    hub_private_repo: bool | None = None
 
     def __post_init__(self) -> None:
         _check(self.max_steps >= 0, "train.max_steps", f"must be >= 0, got {self.max_steps}")
@@ -155,7 +163,7 @@ class TrainConfig:
         _check(self.micro_batch_size >= 0, "train.micro_batch_size", f"must be >= 0, got {self.micro_batch_size}")
         _check(self.learning_rate > 0 and math.isfinite(self.learning_rate), "train.learning_rate",
                f"must be a positive number, got {self.learning_rate}")
-        _choice(self.lr_scheduler_type, "train.lr_scheduler_type", ("cosine", "constant"))
+        _choice(self.lr_scheduler_type, "train.lr_scheduler_type", ("cosine", "linear", "constant"))
         _check(0.0 <= self.warmup_ratio < 1.0, "train.warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
         _check(self.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         _check(self.max_grad_norm >= 0, "train.max_grad_norm", f"must be >= 0 (0 = no clipping), got {self.max_grad_norm}")
@@ -167,6 +175,28 @@ class TrainConfig:
         _check(self.max_dynamic_rounds >= 0, "train.max_dynamic_rounds", f"must be >= 0, got {self.max_dynamic_rounds}")
         _check(self.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", f"must be >= 1, got {self.max_nonfinite_steps}")
         _check(not (self.resume and self.overwrite), "train.overwrite", "and train.resume exclude each other")
+        _check(self.num_train_epochs >= 0, "train.num_train_epochs", f"must be >= 0, got {self.num_train_epochs}")
+        _check(self.save_total_limit >= 1, "train.save_total_limit", f"must be >= 1, got {self.save_total_limit}")
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation on the held-out split (before and after training, and every train.eval_steps):
+    `num_generations` completions per prompt (1 = greedy), scored by `reward_funcs`; logged as
+    eval/<func>/mean, and eval/<func>/pass@k for k = 1, 2, 4, ... <= num_generations (a sample
+    passes when its reward >= success_threshold)."""
+
+    num_generations: int = 1  # TRL's num_generations_eval; 1 = one greedy completion per prompt
+    temperature: float = 1.0  # with num_generations > 1 (greedy otherwise)
+    reward_funcs: list[str] | None = None  # None: accuracy (when the data has answers) else the run's rewards
+    success_threshold: float = 1.0
+    max_completion_length: int | None = None  # None = sampling.max_completion_length
+
+    def __post_init__(self) -> None:
+        _check(self.num_generations >= 1, "eval.num_generations", f"must be >= 1, got {self.num_generations}")
+        _check(self.temperature > 0, "eval.temperature", f"must be > 0, got {self.temperature}")
+        _check(self.max_completion_length is None or self.max_completion_length > 0, "eval.max_completion_length",
+               f"must be > 0, got {self.max_completion_length}")
 
 
 @dataclass
@@ -180,6 +210,7 @@ class DataConfig:
     system_prompt: str | None = None
     prompt_template: str = "{prompt}"  # applied to the prompt column before the chat template
     use_chat_template: bool = True
+    chat_template_kwargs: dict | None = None  # extra chat-template variables, e.g. {enable_thinking: false}
     train_size: int = 2000  # built-in tasks: number of training problems
     eval_size: int = 100  # eval problems (built-in tasks; a cap for files)
     eval_fraction: float = 0.1  # a file without eval_path: at most this share of its rows is held out (<= 0.5)
@@ -240,7 +271,13 @@ SECTIONS = {
     "train": TrainConfig,
     "data": DataConfig,
     "rewards": RewardsConfig,
+    "eval": EvalConfig,
 }
+
+
+# Sections whose fields repeat a primary section's names (eval.temperature beside sampling.temperature):
+# a bare --name means the primary one; these are always written --eval.name.
+SECONDARY = ("eval",)
 
 
 @dataclass
@@ -252,6 +289,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rewards: RewardsConfig = field(default_factory=RewardsConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
         # Non-finite numbers are refused everywhere (an inf beta trains NaNs into the adapter).
@@ -326,6 +364,14 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
             if not isinstance(value, (str, int, float)) or isinstance(value, bool):
                 raise TypeError
             return str(value)
+        if base is dict:
+            if isinstance(value, str):  # from the command line: JSON, e.g. '{"enable_thinking": false}'
+                import json
+
+                value = json.loads(value)
+            if not isinstance(value, dict):
+                raise TypeError
+            return dict(value)
         if base is list:
             (elem,) = get_args(hint)
             if isinstance(value, str):
@@ -434,5 +480,7 @@ def _resolve_key(key: str) -> tuple[str, str]:
         return section, name
     owners = [s for s, k in SECTIONS.items() if key in {f.name for f in fields(k)}]
     _check(len(owners) > 0, key, "unknown option")
+    if len(owners) > 1 and len([s for s in owners if s not in SECONDARY]) == 1:
+        owners = [s for s in owners if s not in SECONDARY]  # --temperature is sampling's, --eval.temperature eval's
     _check(len(owners) == 1, key, f"ambiguous; write one of {', '.join(f'{s}.{key}' for s in owners)}")
     return owners[0], key

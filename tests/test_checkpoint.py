@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from grpo_fast.train import checkpoint as ckpt
-from grpo_fast.train import loop
+from grpo_fast.train import loop, rollout
 from test_train_loop import make_tiny_model, tiny_config, tiny_rewards  # noqa: F401 (fixture)
 
 
@@ -39,18 +39,18 @@ def test_resume_is_bit_exact(tiny, tmp_path, monkeypatch, extra):
     full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
     loop.train(tiny_config(tiny, full_dir, **settings), echo=lambda *_: None)
 
-    real = loop.collect_rollout
+    real = rollout.collect_rollout
 
     def interrupted(*args, **kwargs):
-        if args[-1] == 2:  # step index 2: checkpoint-2 has just been written
+        if args[6] == 2:  # step index 2: checkpoint-2 has just been written
             raise Interrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "collect_rollout", interrupted)
+    monkeypatch.setattr(rollout, "collect_rollout", interrupted)
     with pytest.raises(Interrupt):
         loop.train(tiny_config(tiny, cut_dir, **settings), echo=lambda *_: None)
     assert ckpt.latest_checkpoint(cut_dir / "checkpoints").name == "checkpoint-2"
-    monkeypatch.setattr(loop, "collect_rollout", real)
+    monkeypatch.setattr(rollout, "collect_rollout", real)
     lines = []
     loop.train(tiny_config(tiny, cut_dir, **settings, **{"train.resume": True}), echo=lines.append)
     assert any("resumed from" in x and "step 2" in x for x in lines)
@@ -62,7 +62,7 @@ def test_resume_is_bit_exact(tiny, tmp_path, monkeypatch, extra):
         assert torch.equal(a[k], b[k]), k
     full, cut = _steps(full_dir), _steps(cut_dir)
     for step in (3, 4):
-        for key in ("reward", "loss", "grad_norm", "completion_length", "lr"):
+        for key in ("reward", "loss", "grad_norm", "completions/mean_length", "learning_rate"):
             assert full[step][key] == cut[step][key], (step, key)
 
 

@@ -119,8 +119,9 @@ def test_resume_applies_a_new_learning_rate_and_refuses_a_new_lora_shape(tiny, t
     run(tiny, tmp_path, echo=lines.append,
         **{"train.max_steps": 3, "train.resume": True, "train.learning_rate": 0.5, "train.lr_scheduler_type": "constant"})
     assert any("applied on resume: train.learning_rate: 0.001 -> 0.5" in x for x in lines)
-    rows = {r["step"]: r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "lr" in r}
-    assert rows[2]["lr"] == pytest.approx(1e-3) and rows[3]["lr"] == pytest.approx(0.5)
+    rows = {r["step"]: r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
+            if "learning_rate" in r}
+    assert rows[2]["learning_rate"] == pytest.approx(1e-3) and rows[3]["learning_rate"] == pytest.approx(0.5)
     assert load_config(tmp_path / "config.yaml").train.learning_rate == 0.5
 
 
@@ -131,7 +132,7 @@ def test_unsavable_checkpoint_still_leaves_the_adapter(tiny, tmp_path, monkeypat
     def disk_full(*a, **k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(loop.ckpt, "save_checkpoint", disk_full)
+    monkeypatch.setattr(ckpt, "save_checkpoint", disk_full)
     with pytest.raises(OSError):
         run(tiny, tmp_path, **{"train.max_steps": 1})
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()  # written first
@@ -261,8 +262,10 @@ def test_non_finite_numbers_are_refused_in_configs():
 
 
 def test_non_finite_losses_skip_the_update_then_stop_the_run(tiny, tmp_path, monkeypatch):
-    real = loop.policy_loss
-    monkeypatch.setattr(loop, "policy_loss", lambda *a, **k: (lambda out: (out[0] * float("nan"), out[1]))(real(*a, **k)))
+    from grpo_fast.train import update
+
+    real = update.policy_loss
+    monkeypatch.setattr(update, "policy_loss", lambda *a, **k: (lambda out: (out[0] * float("nan"), out[1]))(real(*a, **k)))
     lines = []
     with pytest.raises(TrainingStopped, match=r"steps 1-2 all had a non-finite loss"):
         run(tiny, tmp_path, echo=lines.append, **{"train.max_steps": 5, "train.max_nonfinite_steps": 2})

@@ -74,7 +74,7 @@ def test_columns_reach_the_function():
         return [0.0] * len(completions)
 
     compute_rewards(_rs(fn), PROMPTS, COMPS, {"answer": ["1", "2", "3"], "completion_lengths": [1, 2, 3], "task": [None] * 3})
-    assert seen == {"answer": ["1", "2", "3"], "lengths": [1, 2, 3], "rest": ["task"]}
+    assert seen == {"answer": ["1", "2", "3"], "lengths": [1, 2, 3], "rest": ["task", "trainer_state"]}  # as TRL passes it
 
 
 def raising(prompts, completions, **_):

@@ -1,36 +1,105 @@
-"""Eval accuracy: greedy completions on the held-out split, scored by the `accuracy` reward."""
+"""Evaluation on held-out prompts: n completions per prompt (one greedy completion when n = 1,
+else n sampled at the eval temperature), scored by any reward functions.
+
+Per reward function f, over the prompts where f scored at least one completion:
+    eval/f/mean      mean reward (mean@n: each prompt's mean over its n completions, averaged)
+    eval/f/pass@k    for k = 1, 2, 4, ... and n (k <= n): the unbiased estimator
+                     pass@k = 1 - C(n - c, k) / C(n, k), c = completions with reward >= threshold,
+                     averaged over prompts (Chen et al., 2021)
+and eval/completions/mean_length.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
-from grpo_fast.rewards import accuracy
+import torch
+
+from grpo_fast.rewards import RewardSet, as_completions, compute_rewards
 
 
 @dataclass
 class EvalResult:
-    accuracy: float  # fraction of scorable eval prompts answered correctly
+    metrics: dict[str, float]
     num_prompts: int
-    samples: list[dict]  # a few (prompt, completion, correct) for the logs
+    samples: list[dict] = field(default_factory=list)  # a few (prompt, completion, rewards) for the logs
+
+    @property
+    def accuracy(self) -> float | None:
+        """eval/accuracy/mean, when accuracy was evaluated."""
+        return self.metrics.get("eval/accuracy/mean")
 
 
-def evaluate(generator, tokenizer, encoded: list, *, max_tokens: int, stop=None, batch_size: int = 64,
-             num_samples: int = 3) -> EvalResult:
-    """Greedy (temperature 0) completion per prompt; accuracy over the rows with an answer."""
-    correct, scored, samples = 0.0, 0, []
-    for start in range(0, len(encoded), batch_size):
-        chunk = encoded[start:start + batch_size]
-        groups = generator.generate([e.ids for e in chunk], n=1, temperature=0.0, max_tokens=max_tokens, stop=stop)
-        texts = [tokenizer.decode(g.completions[0].token_ids, skip_special_tokens=True) for g in groups]
-        rows = [e.row for e in chunk]
-        scores = accuracy([r["prompt"] for r in rows], texts, [r.get("answer") for r in rows],
-                          task=[r.get("task") for r in rows])
-        for row, text, s in zip(rows, texts, scores):
-            if s is None:
-                continue
-            correct += s
-            scored += 1
-            if len(samples) < num_samples:
-                samples.append({"prompt": row["prompt"], "completion": text, "answer": row.get("answer"),
-                                "correct": bool(s)})
-    return EvalResult(correct / scored if scored else 0.0, scored, samples)
+def ks_for(n: int) -> list[int]:
+    """k = 1, 2, 4, ... below n, and n."""
+    ks, k = [], 1
+    while k < n:
+        ks.append(k)
+        k *= 2
+    return ks + [n]
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Probability that at least one of k completions drawn without replacement from n, c of
+    them correct, is correct."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def evaluate(generator, tokenizer, encoded: list, rewards: RewardSet, *, max_tokens: int, num_generations: int = 1,
+             temperature: float = 1.0, stop=None, success_threshold: float = 1.0, seed: int = 0, batch_size: int = 64,
+             num_samples: int = 3, trainer_state=None) -> EvalResult:
+    """Evaluate `encoded` prompts (EncodedPrompt list) with `rewards` (see the module docstring)."""
+    n = num_generations
+    per_func: list[list[list[float]]] = [[] for _ in rewards.names]  # [F][prompt][scored completion]
+    lengths: list[int] = []
+    samples: list[dict] = []
+    per_batch = max(1, batch_size // n)
+    for start in range(0, len(encoded), per_batch):
+        chunk = encoded[start:start + per_batch]
+        groups = generator.generate([e.ids for e in chunk], n=n, temperature=0.0 if n == 1 else temperature,
+                                    max_tokens=max_tokens, stop=stop, seed=seed + start)
+        prompts, texts, columns = [], [], {k: [] for e in chunk for k in e.row if k != "prompt"}
+        comp_ids, reasons = [], []
+        for e, g in zip(chunk, groups):
+            for c in g.completions:
+                prompts.append(e.row["prompt"])
+                texts.append(tokenizer.decode(c.token_ids, skip_special_tokens=True))
+                comp_ids.append(list(c.token_ids))
+                reasons.append(c.finish_reason)
+                lengths.append(len(c.token_ids))
+                for k in columns:
+                    columns[k].append(e.row.get(k))
+        columns.update(completion_ids=comp_ids, completion_lengths=[len(c) for c in comp_ids], finish_reasons=reasons)
+        result = compute_rewards(rewards, prompts, as_completions(texts, prompts), columns, trainer_state=trainer_state)
+        values = result.rewards.view(len(chunk), n, len(rewards.names))  # [P, n, F]
+        for j in range(len(rewards.names)):
+            for p in range(len(chunk)):
+                scored = values[p, :, j][~torch.isnan(values[p, :, j])].tolist()
+                if scored:
+                    per_func[j].append(scored)
+        for p in range(min(len(chunk), num_samples - len(samples))):
+            samples.append({"prompt": chunk[p].row["prompt"], "completion": texts[p * n],
+                            "answer": chunk[p].row.get("answer"),
+                            **{f"rewards/{name}": _value(values[p, 0, j]) for j, name in enumerate(rewards.names)}})
+    metrics: dict[str, float] = {}
+    for j, name in enumerate(rewards.names):
+        prompts_scored = per_func[j]
+        if not prompts_scored:
+            continue
+        metrics[f"eval/{name}/mean"] = sum(sum(v) / len(v) for v in prompts_scored) / len(prompts_scored)
+        for k in ks_for(n):
+            rows = [v for v in prompts_scored if len(v) >= k]
+            if rows:
+                metrics[f"eval/{name}/pass@{k}"] = sum(
+                    pass_at_k(len(v), sum(x >= success_threshold for x in v), k) for v in rows) / len(rows)
+    if lengths:
+        metrics["eval/completions/mean_length"] = sum(lengths) / len(lengths)
+    return EvalResult(metrics, len(encoded), samples)
+
+
+def _value(x: torch.Tensor) -> float | None:
+    v = float(x)
+    return None if math.isnan(v) else v

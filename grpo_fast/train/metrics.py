@@ -1,58 +1,26 @@
-"""Run metrics: one JSON line per step (metrics.jsonl), TensorBoard scalars, sampled completions
-(completions.jsonl + TensorBoard text), and an end-of-run PNG plot of reward, eval accuracy and KL."""
+"""Run metrics: the loop's logger (the JSONL files and TensorBoard, through trackers.py), reading
+metrics.jsonl back, and an end-of-run PNG plot of reward, eval accuracy and KL."""
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
+from grpo_fast.train.trackers import Trackers, installed, make_trackers
 
-class MetricsLogger:
-    """append: continue the files of a resumed run; purge_step: TensorBoard drops the events of
-    this step and later that an interrupted run wrote after its last checkpoint."""
+__all__ = ["MetricsLogger", "Trackers", "make_trackers", "read_metrics", "plot_run"]
+
+
+class MetricsLogger(Trackers):
+    """metrics.jsonl + completions.jsonl, and TensorBoard when `tensorboard` and installed (as
+    before report_to: a missing tensorboard package is skipped, not an error). append: continue the
+    files of a resumed run; purge_step: TensorBoard drops the events of this step and later that an
+    interrupted run wrote after its last checkpoint. New code: make_trackers(report_to, ...)."""
 
     def __init__(self, out_dir: str | Path, *, tensorboard: bool = True, append: bool = False,
                  purge_step: int | None = None):
-        self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        mode = "a" if append else "w"
-        self._jsonl = (self.out_dir / "metrics.jsonl").open(mode)
-        self._samples = (self.out_dir / "completions.jsonl").open(mode)
-        self._tb = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self._tb = SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=purge_step)
-            except Exception:  # tensorboard missing: JSONL still has everything
-                self._tb = None
-
-    def log(self, step: int, metrics: dict) -> None:
-        clean = {k: (float(v) if isinstance(v, (int, float)) else v) for k, v in metrics.items()}
-        # JSON has no NaN / Infinity: a non-finite value is written as null (strict parsers choke on NaN).
-        rows = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in clean.items()}
-        self._jsonl.write(json.dumps({"step": step, **rows}, allow_nan=False) + "\n")
-        self._jsonl.flush()
-        if self._tb is not None:
-            for k, v in clean.items():
-                if isinstance(v, float) and math.isfinite(v):
-                    self._tb.add_scalar(k, v, step)
-
-    def log_completions(self, step: int, samples: list[dict]) -> None:
-        for s in samples:
-            self._samples.write(json.dumps({"step": step, **s}) + "\n")
-        self._samples.flush()
-        if self._tb is not None and samples:
-            text = "\n\n".join(f"**prompt** {s['prompt']}\n\n**completion** {s['completion']}\n\n"
-                               f"**reward** {s['reward']:.3f}" for s in samples)
-            self._tb.add_text("completions", text, step)
-
-    def close(self) -> None:
-        self._jsonl.close()
-        self._samples.close()
-        if self._tb is not None:
-            self._tb.close()
+        report_to = ["tensorboard"] if tensorboard and installed("tensorboard") else []
+        super().__init__(out_dir, report_to, append=append, purge_step=purge_step)
 
 
 def read_metrics(out_dir: str | Path) -> list[dict]:
@@ -72,10 +40,12 @@ def plot_run(out_dir: str | Path, filename: str = "training.png") -> Path | None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("reward", "reward (mean)"), ("eval/accuracy", "eval accuracy"), ("kl", "KL to reference")]
+    # eval/accuracy: runs logged before eval metrics were per reward function (eval/accuracy/mean)
+    panels = [(("reward",), "reward (mean)"), (("eval/accuracy/mean", "eval/accuracy"), "eval accuracy"),
+              (("kl",), "KL to reference")]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for ax, (key, title) in zip(axes, panels):
-        pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+    for ax, (keys, title) in zip(axes, panels):
+        pts = [(r["step"], r[k]) for r in rows for k in keys if isinstance(r.get(k), (int, float))]
         if pts:
             xs, ys = zip(*pts)
             ax.plot(xs, ys, marker="o" if len(pts) < 30 else None, ms=3)

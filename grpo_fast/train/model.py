@@ -127,28 +127,67 @@ def lora_targets(model) -> list[str]:
     return sorted(names)
 
 
-def load_policy(model_cfg, lora_cfg, *, seed: int = 0):
-    """Base model + fresh LoRA adapters (seeded init) -> (peft model, tokenizer, device). The
-    gated MLPs run through grpo_fast.swiglu (leaner backward, same math)."""
-    from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model
+def load_policy(model_cfg, lora_cfg, *, seed: int = 0, model=None, peft_config=None, tokenizer=None, echo=None):
+    """The policy to train -> (peft model, tokenizer, device).
 
-    device = resolve_device(model_cfg)
-    tokenizer = load_tokenizer(model_cfg)
-    base = load_base_model(model_cfg, device)
+    model: None (load model_cfg's: a local folder, a GGUF file or the built-in default, 4-bit when
+    asked) or an already loaded transformers causal LM, peft-wrapped (trained as it is) or not.
+    An unwrapped model gets fresh LoRA adapters (seeded init) from peft_config (a peft
+    LoraConfig) or else lora_cfg; grpo-fast trains adapters only (echo says so when the user gave
+    no peft_config). The gated MLPs run through grpo_fast.swiglu (leaner backward, same math).
+    """
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import PeftModel, get_peft_model
+
     from grpo_fast.swiglu import use_lean_swiglu
 
+    if model is None:
+        device = resolve_device(model_cfg)
+        tokenizer = tokenizer or load_tokenizer(model_cfg)
+        base = load_base_model(model_cfg, device)
+    else:
+        if not isinstance(model, torch.nn.Module) or not hasattr(model, "get_output_embeddings"):
+            raise ModelError(f"model: expected a local path or a loaded transformers causal LM, got {type(model).__name__}")
+        device = next(model.parameters()).device
+        tokenizer = tokenizer or _tokenizer_of(model)
+        if isinstance(model, PeftModel):
+            if model_cfg.gradient_checkpointing:
+                model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                model.enable_input_require_grads()
+            use_lean_swiglu(model.get_base_model())
+            return model, tokenizer, device
+        base = model
+        for p in base.parameters():
+            p.requires_grad_(False)
+        if peft_config is None and echo is not None:
+            echo(f"model: training LoRA adapters (r={lora_cfg.r}, alpha={lora_cfg.lora_alpha}, the lora section); "
+                 f"grpo-fast has no full fine-tuning, pass peft_config to choose the adapters")
     use_lean_swiglu(base)  # same math; one [T, I] activation per layer fewer kept for the backward
     if model_cfg.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.enable_input_require_grads()
-    targets = lora_cfg.target_modules or lora_targets(base)
-    peft_cfg = PeftLoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.lora_alpha, lora_dropout=lora_cfg.lora_dropout,
-                              target_modules=targets, task_type="CAUSAL_LM")
+    if peft_config is None:
+        targets = lora_cfg.target_modules or lora_targets(base)
+        peft_config = PeftLoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.lora_alpha, lora_dropout=lora_cfg.lora_dropout,
+                                     target_modules=targets, task_type="CAUSAL_LM")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = get_peft_model(base, peft_cfg)
-    return model, tokenizer, device
+        policy = get_peft_model(base, peft_config)
+    return policy, tokenizer, device
+
+
+def _tokenizer_of(model):
+    """The tokenizer saved beside a loaded model (processing_class when it is not there)."""
+    from transformers import AutoTokenizer
+
+    source = getattr(getattr(model, "config", None), "_name_or_path", None)
+    if not source or not Path(source).is_dir():
+        raise ModelError("processing_class: pass the tokenizer; the model was not loaded from a local folder "
+                         "holding one")
+    tok = AutoTokenizer.from_pretrained(source)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
 
 
 class PolicyModules(NamedTuple):
@@ -196,7 +235,7 @@ def build_optimizer(params, train_cfg, device: torch.device):
 
 
 def build_scheduler(optimizer, train_cfg, total_updates: int):
-    """Linear warmup to the peak lr, then cosine decay to 0 at the last update (or constant)."""
+    """Linear warmup to the peak lr, then cosine or linear decay to 0 at the last update (or constant)."""
     warmup = train_cfg.warmup_steps or int(round(train_cfg.warmup_ratio * total_updates))
 
     def factor(i: int) -> float:
@@ -204,8 +243,10 @@ def build_scheduler(optimizer, train_cfg, total_updates: int):
             return (i + 1) / (warmup + 1)
         if train_cfg.lr_scheduler_type == "constant":
             return 1.0
-        progress = (i - warmup) / max(1, total_updates - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        progress = min(1.0, (i - warmup) / max(1, total_updates - warmup))
+        if train_cfg.lr_scheduler_type == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from grpo_fast.errors import RunFolderError
 
-RUN_FILES = ("config.yaml", "metrics.jsonl", "completions.jsonl", "tensorboard", "checkpoints", "adapter",
+RUN_FILES = ("config.yaml", "metrics.jsonl", "completions.jsonl", "tensorboard", "wandb", "checkpoints", "adapter",
              "merged", "training.png")
 
 

@@ -1,0 +1,125 @@
+"""One step's experience: B prompts × G completions, sampled, scored and turned into advantages,
+with the step's sampling and reward metrics under TRL's names.
+
+With dynamic sampling (DAPO), groups whose rewards are all equal carry no signal: they are
+dropped and more prompts drawn (up to train.max_dynamic_rounds extra rounds) until B informative
+groups are kept.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from grpo_fast.loss import compute_advantages
+from grpo_fast.rewards import as_completions, compute_rewards
+from grpo_fast.train.rollout_batch import Rollout, make_batch
+
+
+def step_seed(seed: int, step: int, round_: int) -> int:
+    """Sampling seed of a step: a function of (seed, step), not of RNG history, so a resumed run
+    samples exactly what the uninterrupted one would have."""
+    return (seed * 1_000_003 + step * 7919 + round_ * 104_729) % (2**31 - 1)
+
+
+def collect_rollout(model, tokenizer, generator, stream, rewards, cfg, step: int, trainer_state=None) -> Rollout:
+    """Sample, score and compute advantages for one step (see the module docstring)."""
+    t, s, G = cfg.train, cfg.sampling, cfg.sampling.num_generations
+    kept: list[dict] = []
+    dropped: list[dict] = []
+    stats = {"reward_errors": 0, "dynamic_rounds": 0, "zero_std_groups": 0}
+    for round_ in range(1 + (t.max_dynamic_rounds if t.dynamic_sampling else 0)):
+        need = t.prompts_per_step - len(kept)
+        if need <= 0:
+            break
+        prompts = stream.take(t.prompts_per_step if round_ == 0 else need)
+        groups = generator.generate([p.ids for p in prompts], n=G, temperature=s.temperature,
+                                    max_tokens=s.max_completion_length, top_p=s.top_p, top_k=s.top_k,
+                                    min_p=s.min_p, stop=s.stop, seed=step_seed(t.seed, step, round_))
+        scored = score_groups(prompts, groups, tokenizer, rewards, stats, trainer_state)
+        stats["dynamic_rounds"] = round_
+        for g in scored:
+            flat = g["total"]
+            zero_std = bool((flat.max() - flat.min()).abs() < 1e-12)
+            stats["zero_std_groups"] += int(zero_std)  # sampled this step, dropped or kept
+            (dropped if (t.dynamic_sampling and zero_std) else kept).append(g)
+    # Not enough informative groups after the last round: fill up with dropped ones (advantage 0).
+    kept = (kept + dropped)[: t.prompts_per_step]
+
+    prompt_ids = [g["prompt_ids"] for g in kept for _ in range(G)]
+    completion_ids = [ids for g in kept for ids in g["completion_ids"]]
+    reasons = [r for g in kept for r in g["finish_reasons"]]
+    keep = [r != "length" for r in reasons] if cfg.loss.mask_truncated_completions else None
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    batch = make_batch(prompt_ids, completion_ids, pad, keep)
+    reward_matrix = torch.cat([g["rewards"] for g in kept], 0)  # [N, F]
+    advantages = compute_advantages(reward_matrix, G, scale_rewards=cfg.loss.scale_rewards,
+                                    reward_weights=rewards.weight_tensor)
+    stats["completion_tokens"] = sum(len(c) for c in completion_ids)
+    stats["prompt_tokens"] = sum(len(p) for p in prompt_ids)
+    if generator.last_stats:
+        stats["sampler/decode_tokens_per_s"] = generator.last_stats.get("decode_tokens_per_s", 0.0)
+    device = next(model.parameters()).device
+    return Rollout(batch.to(device), advantages.to(device), reward_matrix,
+                   torch.cat([g["total"] for g in kept]), [g["prompt"] for g in kept for _ in range(G)],
+                   [x for g in kept for x in g["texts"]], reasons, stats)
+
+
+def score_groups(prompts, groups, tokenizer, rewards, stats, trainer_state=None) -> list[dict]:
+    """Decode the completions of every group and run the reward functions on them (one call
+    per function for the whole round), in TRL's shapes: a conversational prompt's completions
+    are assistant messages."""
+    G = len(groups[0].completions)
+    texts, comp_ids, reasons, prompt_rows = [], [], [], []
+    columns: dict[str, list] = {k: [] for p in prompts for k in p.row if k != "prompt"}
+    for p, g in zip(prompts, groups):
+        for c in g.completions:
+            comp_ids.append(list(c.token_ids))
+            texts.append(tokenizer.decode(c.token_ids, skip_special_tokens=True))
+            reasons.append(c.finish_reason)
+            prompt_rows.append(p.row["prompt"])
+            for k in columns:
+                columns[k].append(p.row.get(k))
+    columns.update(completion_ids=comp_ids, completion_lengths=[len(c) for c in comp_ids], finish_reasons=reasons)
+    result = compute_rewards(rewards, prompt_rows, as_completions(texts, prompt_rows), columns,
+                             trainer_state=trainer_state)
+    stats["reward_errors"] += sum(result.errors.values())
+    for name, count in result.errors.items():
+        stats[f"reward_errors/{name}"] = stats.get(f"reward_errors/{name}", 0) + count
+    total = result.total(rewards.weight_tensor)  # [N]
+    out = []
+    for i, p in enumerate(prompts):
+        rows = slice(i * G, (i + 1) * G)
+        out.append({"prompt": p.row["prompt"], "prompt_ids": p.ids, "completion_ids": comp_ids[rows],
+                    "texts": texts[rows], "finish_reasons": reasons[rows], "rewards": result.rewards[rows],
+                    "total": total[rows]})
+    return out
+
+
+def rollout_metrics(rollout: Rollout, reward_names: list[str], num_generations: int) -> dict[str, float]:
+    """The step's reward and completion metrics, named as TRL names them."""
+    total = rollout.total_reward.float()  # [N]
+    grouped = total.view(-1, num_generations)  # [B, G]
+    group_std = grouped.std(dim=1) if num_generations > 1 else torch.zeros(grouped.shape[0])
+    # completion tokens per row (attention, not the loss mask, which may zero truncated rows)
+    full = rollout.batch.attention_mask[:, rollout.batch.prompt_width:].sum(1).float().cpu()  # [N]
+    terminated = torch.tensor([r != "length" for r in rollout.finish_reasons])  # [N]
+    out = {
+        "reward": float(total.mean()),
+        "reward_std": float(group_std.mean()),
+        "frac_reward_zero_std": float((group_std < 1e-6).float().mean()),
+        "completions/mean_length": float(full.mean()),
+        "completions/min_length": float(full.min()),
+        "completions/max_length": float(full.max()),
+        "completions/clipped_ratio": float((~terminated).float().mean()),
+    }
+    if bool(terminated.any()):
+        done = full[terminated]
+        out.update({"completions/mean_terminated_length": float(done.mean()),
+                    "completions/min_terminated_length": float(done.min()),
+                    "completions/max_terminated_length": float(done.max())})
+    for j, name in enumerate(reward_names):
+        column = rollout.rewards[:, j].float()
+        scored = column[~torch.isnan(column)]
+        out[f"rewards/{name}/mean"] = float(scored.mean()) if scored.numel() else float("nan")
+        out[f"rewards/{name}/std"] = float(scored.std()) if scored.numel() > 1 else 0.0
+    return out

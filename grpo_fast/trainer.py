@@ -1,0 +1,541 @@
+"""`GRPOTrainer`: the recipe, with TRL's API.
+
+    trainer = GRPOTrainer(model="Qwen/...local folder", reward_funcs=[accuracy_reward, my_async_judge],
+                          args=GRPOConfig(output_dir="runs/x", learning_rate=1e-5, num_generations=8),
+                          train_dataset=dataset, peft_config=LoraConfig(r=16, ...))
+    trainer.train()          # or .train(resume_from_checkpoint=True)
+    trainer.evaluate()       # eval metrics now
+    trainer.save_model(dir)  # adapter + tokenizer + model card
+
+The recipe, top to bottom (components in grpo_fast/train/):
+    setup     policy (model + LoRA), data, rewards, generator, optimizer, schedule
+    prepare   run folder, checkpoint to resume (exact or refused), trackers, config.yaml
+    each step B prompts × G completions -> rewards -> advantages (old / ref log-probs when needed)
+              -> num_iterations optimizer updates in micro-batches -> metrics, callbacks, checkpoint
+    finish    adapter (first), checkpoint, model card, hub, merged model, eval, plot
+
+Every random draw is either seeded per step (sampling) or restored from the checkpoint (LoRA
+dropout, torch / python / numpy RNGs), so resuming continues bit-exactly on CPU. Ctrl-C /
+SIGTERM finish the step and save; non-finite updates are skipped and stop the run if repeated.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from grpo_fast.config import Config, load_config
+from grpo_fast.data import PromptStream, StreamingPrompts, encode_prompts, load_splits
+from grpo_fast.data.sources import is_streaming, normalize_row
+from grpo_fast.errors import ConfigError, ResumeError, TrainingStopped
+from grpo_fast.rewards import build_rewards
+from grpo_fast.train import checkpoint as ckpt
+from grpo_fast.train import resume, rollout, run_folder
+from grpo_fast.train.evaluate import EvalResult, evaluate
+from grpo_fast.train.generation import Generator
+from grpo_fast.train.interrupts import StopRequests
+from grpo_fast.train.memory import release_free_memory
+from grpo_fast.train.metrics import plot_run
+from grpo_fast.train.model import (build_optimizer, build_scheduler, load_policy, policy_modules, save_merged,
+                                   trainable_parameters)
+from grpo_fast.train.policy_loss import score_logprobs
+from grpo_fast.train.state import TrainerState
+from grpo_fast.train.trackers import make_trackers, resolve_report_to
+from grpo_fast.train.update import optimizer_update
+
+
+# The built-in model's Hub name, for the model card (the adapter was trained on its GGUF Q4_1
+# weights, dequantized: close to, not bitwise, the Hub's fp weights).
+DEFAULT_BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+@dataclass
+class RunResult:
+    eval_before: float | None  # eval accuracy (or the first eval reward's mean) before training
+    eval_after: float | None
+    steps: int
+    output_dir: Path
+    history: list[dict]
+    eval_metrics: dict | None = None  # every eval metric after training
+
+
+def _as_config(args) -> Config:
+    if args is None:
+        return load_config(None)
+    if isinstance(args, Config):
+        return args
+    if isinstance(args, dict):
+        from grpo_fast.grpo_config import GRPOConfig
+
+        return GRPOConfig(**args)
+    if isinstance(args, (str, Path)):
+        return load_config(args)
+    raise ConfigError(f"args: expected a GRPOConfig, a dict or a YAML path, got {type(args).__name__}")
+
+
+def _as_list(funcs) -> list | None:
+    if funcs is None:
+        return None
+    return list(funcs) if isinstance(funcs, (list, tuple)) else [funcs]
+
+
+class GRPOTrainer:
+    """GRPO fine-tuning of `model` against `reward_funcs` (see the module docstring).
+
+    model: a local folder / GGUF path, a loaded transformers causal LM (peft-wrapped or not), or
+    None for args.model's. reward_funcs: a callable with TRL's signature, a built-in name
+    ("accuracy", "format", "overlong", "judge"), "module:function", or a list of them (None: the
+    config's). args: a GRPOConfig, a dict of its fields, a YAML path, or None. train_dataset /
+    eval_dataset: datasets.Dataset, IterableDataset, DatasetDict or a list of dicts (None: the
+    config's data section). processing_class: the tokenizer. peft_config: a peft LoraConfig.
+    callbacks: objects with on_step_end(state, metrics) or callables (state, metrics); either may
+    end the run by returning True or setting state.should_stop.
+    """
+
+    def __init__(self, model=None, reward_funcs=None, args=None, train_dataset=None, eval_dataset=None,
+                 processing_class=None, peft_config=None, callbacks=None, *, echo=print):
+        self.args = cfg = _as_config(args)
+        self.echo = echo
+        self.callbacks = list(callbacks or [])
+        t, s = cfg.train, cfg.sampling
+        out = Path(t.output_dir)
+        if out.exists() and not out.is_dir():  # before a model load, not after
+            raise run_folder.RunFolderError(f"train.output_dir: {str(out)!r} is a file, not a folder")
+        if isinstance(model, (str, Path)):
+            cfg.model.name_or_path = str(model)
+            model = None
+        t.report_to = resolve_report_to(t.report_to)  # a missing tracker package fails now, not after setup
+        if t.num_threads:
+            torch.set_num_threads(t.num_threads)
+        seed_everything(t.seed)
+        self.model, self.tokenizer, self.device = load_policy(
+            cfg.model, cfg.lora, seed=t.seed, model=model, peft_config=peft_config, tokenizer=processing_class,
+            echo=echo)
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        train_rows, eval_rows = load_splits(cfg.data, echo=echo, train_dataset=train_dataset,
+                                            eval_dataset=eval_dataset)
+        self.stream, skipped = self._prompt_stream(train_rows)
+        self.eval_prompts, eval_skipped = (encode_prompts(eval_rows, self.tokenizer, cfg.data, s.max_prompt_length,
+                                                          "eval") if eval_rows else ([], 0))
+        if skipped or eval_skipped:
+            echo(f"skipped prompts longer than {s.max_prompt_length} tokens: {skipped} train, {eval_skipped} eval")
+        self.rewards = build_rewards(cfg.rewards, s.max_completion_length, funcs=_as_list(reward_funcs))
+        if reward_funcs is not None and all(isinstance(f, str) for f in _as_list(reward_funcs)):
+            cfg.rewards.funcs = list(_as_list(reward_funcs))  # config.yaml then reruns this very job
+        self.eval_rewards = self._eval_reward_set(eval_rows)
+        self.max_steps = self._max_steps()
+        self.generator = Generator(self.model, self.tokenizer, backend=s.backend,
+                                   kv_budget=s.kv_budget or self._kv_tokens())
+        _echo_all(echo, self.generator.take_notices())
+        self.params = trainable_parameters(self.model)
+        self.optimizer = build_optimizer(self.params, t, self.device)
+        self.scheduler = build_scheduler(self.optimizer, t, max(1, self.max_steps * cfg.loss.num_iterations))
+        self.state = TrainerState(max_steps=self.max_steps, skipped_prompts=skipped)
+        self.out_dir = out
+
+    # ---------------------------------------------------------------- setup pieces
+
+    def _prompt_stream(self, train_rows):
+        cfg, s = self.args, self.args.sampling
+        if is_streaming(train_rows):
+            pc, ac = cfg.data.prompt_column, cfg.data.answer_column
+            return StreamingPrompts(train_rows, cfg.train.seed, tokenizer=self.tokenizer, cfg=cfg.data,
+                                    max_prompt_length=s.max_prompt_length,
+                                    normalize=lambda row, i: normalize_row(row, i, pc, ac, "train_dataset")), 0
+        encoded, skipped = encode_prompts(train_rows, self.tokenizer, cfg.data, s.max_prompt_length, "train")
+        if len(encoded) < cfg.train.prompts_per_step:
+            self.echo(f"warning: {len(encoded)} training prompts < train.prompts_per_step={cfg.train.prompts_per_step}: "
+                      f"every step repeats prompts")
+        return PromptStream(encoded, cfg.train.seed), skipped
+
+    def _eval_reward_set(self, eval_rows):
+        """eval.reward_funcs by name (a training reward's name reuses that function); by default
+        accuracy when the eval rows have answers, else the training rewards."""
+        names = self.args.eval.reward_funcs
+        if names is None:
+            if not any(r.get("answer") not in (None, "") for r in eval_rows):
+                return self.rewards
+            names = ["accuracy"]
+        by_name = dict(zip(self.rewards.names, self.rewards.funcs))
+        funcs = [by_name.get(n, n) for n in names]
+        rs = build_rewards(self.args.rewards, self.args.sampling.max_completion_length, funcs=funcs)
+        rs.names, rs.weights = list(names), [1.0] * len(names)
+        return rs
+
+    def _max_steps(self) -> int:
+        t = self.args.train
+        if t.num_train_epochs <= 0:
+            return t.max_steps
+        if isinstance(self.stream, StreamingPrompts):
+            raise ConfigError("train.num_train_epochs: a streamed dataset has no length; set train.max_steps")
+        return max(1, math.ceil(t.num_train_epochs * len(self.stream) / t.prompts_per_step))
+
+    def _kv_tokens(self) -> str:
+        """A KV budget that holds the largest generate call of this run at once (a step's B × G
+        sequences, or an eval batch), instead of the sampler's fixed default."""
+        cfg = self.args
+        known = (list(self.stream.items) if isinstance(self.stream, PromptStream) else []) + self.eval_prompts
+        longest = max([len(e.ids) for e in known] or [cfg.sampling.max_prompt_length])
+        longest += max(cfg.sampling.max_completion_length, cfg.eval.max_completion_length or 0)
+        rows = max(cfg.train.prompts_per_step * cfg.sampling.num_generations,
+                   min(64, len(self.eval_prompts) * cfg.eval.num_generations))
+        return f"{rows * longest + 64} tokens"
+
+    # ---------------------------------------------------------------- public API
+
+    def evaluate(self) -> dict[str, float]:
+        """Eval metrics of the current policy on the eval prompts (empty without any)."""
+        result = self._evaluate()
+        return {} if result is None else result.metrics
+
+    def save_model(self, output_dir: str | Path | None = None) -> Path:
+        """The adapter (peft save_pretrained), the tokenizer and a model card into output_dir
+        (default: train.output_dir/adapter)."""
+        folder = Path(output_dir) if output_dir is not None else self.out_dir / "adapter"
+        _require_finite(self.params)
+        self.model.save_pretrained(folder)
+        self.tokenizer.save_pretrained(folder)
+        from grpo_fast.train.model_card import write_model_card
+
+        cfg = self.args
+        t = cfg.train
+        write_model_card(folder, base_model=cfg.model.name_or_path or DEFAULT_BASE_MODEL, dataset=_dataset_name(cfg),
+                         reward_funcs=list(self.rewards.names), config=cfg.to_dict(), metrics=self._card_metrics(),
+                         repo_id=(t.hub_model_id or self.out_dir.name) if t.push_to_hub else None)
+        return folder
+
+    def train(self, resume_from_checkpoint: bool | str | None = None) -> RunResult:
+        """Train to max_steps (or the epochs asked); resume_from_checkpoint: True (the newest
+        checkpoint in output_dir), a checkpoint folder, or None / False (train.resume decides)."""
+        t = self.args.train
+        resume_from_checkpoint = resume_from_checkpoint or getattr(self.args, "resume_from_checkpoint", None)
+        if resume_from_checkpoint:
+            t.resume, t.overwrite = True, False
+        out_dir = run_folder.prepare(self.out_dir, resume=t.resume, overwrite=t.overwrite)
+        ckpt_root = out_dir / "checkpoints"
+        for stray in ckpt.remove_stray_temps(ckpt_root):
+            self.echo(f"removed {stray.name}: the leftover of a save that was killed")
+        resumable = _find_resumable(out_dir, ckpt_root, t.resume, resume_from_checkpoint, self.echo)
+        start = 0
+        if resumable is not None:
+            changes = resume.check_compatible(ckpt.read_config(resumable.path), self.args.to_dict(), resumable.step)
+            saved = ckpt.load_checkpoint(resumable.path, model=self.model, optimizer=self.optimizer,
+                                         scheduler=self.scheduler, stream=self.stream)
+            self.state = TrainerState.from_dict(saved)
+            self.state.max_steps = self.max_steps
+            start = self.state.global_step
+            resume.apply_optimizer_settings(self.optimizer, self.scheduler, t)
+            dropped = resume.truncate_logs(out_dir, start)
+            self.echo(f"resumed from {resumable.path} at step {start}"
+                      + (f" (dropped {dropped} log rows of later steps that the checkpoint does not hold)"
+                         if dropped else ""))
+            _echo_all(self.echo, [f"applied on resume: {c}" for c in changes])
+        run_folder.write_config(out_dir, _yaml(self.args.to_dict()))  # only now: the setup is valid
+        t_name = t.run_name or out_dir.resolve().name
+        self.reporter = make_trackers(t.report_to, out_dir, run_name=t_name, config=self.args.to_dict(),
+                                      append=resumable is not None, project=t.project,
+                                      purge_step=start + 1 if resumable is not None else None)
+        with StopRequests(self.echo) as stops:
+            last_step, stop_reason = self._steps(start, stops)
+            self._save_adapter_and_checkpoint(last_step, took_steps=last_step > start or resumable is None)
+            if stops.requested:
+                self.reporter.close(exit_code=stops.exit_code)
+                raise TrainingStopped(
+                    f"{stops.requested}: stopped after step {last_step} of {self.max_steps}; checkpoint-{last_step} "
+                    f"and the adapter are saved in {out_dir}. Continue with the same command plus --resume",
+                    exit_code=stops.exit_code)
+            if stop_reason is not None:
+                self.reporter.close(exit_code=1)
+                raise TrainingStopped(stop_reason)
+        return self._finish(last_step)
+
+    # ---------------------------------------------------------------- the recipe
+
+    def _steps(self, start: int, stops: StopRequests) -> tuple[int, str | None]:
+        """Steps from `start` until max_steps, the time budget, a stop request, a callback or a
+        run of non-finite updates; returns (last finished step, why the run must stop or None)."""
+        t = self.args.train
+        t_start = time.perf_counter()
+        eval_seconds = 0.0
+        if t.eval_before and self.state.eval_before is None and start == 0:
+            before = self._evaluate()
+            eval_seconds = time.perf_counter() - t_start
+            if before is not None:
+                self.state.eval_before = before.metrics
+                self.echo(f"eval before training: {_headline(before.metrics)} ({len(self.eval_prompts)} prompts)")
+                self.reporter.log(0, before.metrics)
+        bar = _progress(t, start, self.max_steps)
+        last_step, step_seconds, nonfinite_run = start, [], []
+        for step in range(start, self.max_steps):
+            if stops.requested or self.state.should_stop:
+                break
+            if t.time_budget_s and step_seconds:
+                # Stop early rather than overrun: the next step (the slowest so far) plus the final eval.
+                if time.perf_counter() - t_start + max(step_seconds) + eval_seconds > t.time_budget_s:
+                    self.echo(f"time budget of {t.time_budget_s:.0f}s reached: stopping after {step} of "
+                              f"{self.max_steps} steps")
+                    break
+            t0 = time.perf_counter()
+            metrics = self._step(step)
+            step_seconds.append(time.perf_counter() - t0)
+            last_step = step + 1
+            if bar is not None:
+                bar.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics['kl']:.4f}" if "kl" in metrics else "-",
+                                tok_s=f"{metrics['tokens_per_s']:.0f}", refresh=False)
+                bar.update(1)
+            nonfinite_run = nonfinite_run + [step + 1] if metrics["nonfinite_updates"] else []
+            if nonfinite_run:
+                self.echo(f"step {step + 1}: non-finite loss or gradient: update skipped ({len(nonfinite_run)} in a "
+                          f"row; the run stops at train.max_nonfinite_steps={t.max_nonfinite_steps})")
+            if len(nonfinite_run) >= t.max_nonfinite_steps:
+                if bar is not None:
+                    bar.close()
+                return last_step, (f"stopped: steps {nonfinite_run[0]}-{nonfinite_run[-1]} all had a non-finite loss "
+                                   f"or gradient, so their updates were skipped; the saved adapter holds the weights "
+                                   f"of the last good update. Lower train.learning_rate, check the rewards, or raise "
+                                   f"train.max_nonfinite_steps")
+            self._run_callbacks(metrics)
+            if t.save_steps and (step + 1) % t.save_steps == 0 and step + 1 < self.max_steps:
+                self._save_checkpoint(step + 1)
+        if bar is not None:
+            bar.close()
+        return last_step, None
+
+    def _step(self, step: int) -> dict:
+        """One GRPO step: rollout, scoring passes, num_iterations updates; returns its metrics."""
+        cfg, t, s, lc = self.args, self.args.train, self.args.sampling, self.args.loss
+        t0 = time.perf_counter()
+        batch = rollout.collect_rollout(self.model, self.tokenizer, self.generator, self.stream, self.rewards, cfg,
+                                        step, self.state)
+        _echo_all(self.echo, self.generator.take_notices())
+        release_free_memory()  # the sampling phase's freed pages, before training needs memory
+        t_sample = time.perf_counter() - t0
+        n_seq, n_tok = len(batch.batch), float(batch.batch.mask.sum())
+        policy = policy_modules(self.model)
+        old = score_logprobs(policy, batch.batch, temperature=s.temperature,
+                             micro_batch_size=t.micro_batch_size) if lc.num_iterations > 1 else None
+        ref = score_logprobs(policy, batch.batch, temperature=s.temperature, reference=True,
+                             micro_batch_size=t.micro_batch_size) if lc.beta > 0 else None
+        skipped = 0
+        for _ in range(lc.num_iterations):
+            loss_metrics = optimizer_update(policy, self.optimizer, self.scheduler, self.params, batch, old, ref, cfg,
+                                            num_items=n_tok, num_seqs=n_seq)
+            skipped += loss_metrics.pop("skipped_update")
+        t_step = time.perf_counter() - t0
+        if ref is None:  # beta = 0: the KL was not measured (no reference pass); don't log a fake 0
+            loss_metrics.pop("kl", None)
+        state = self.state
+        state.global_step = step + 1
+        state.num_tokens += batch.stats["prompt_tokens"] + batch.stats["completion_tokens"]
+        state.epoch = self.stream.epoch + self.stream.index / max(1, len(self.stream)) \
+            if isinstance(self.stream, PromptStream) else float(self.stream.epoch)
+        metrics = {
+            **rollout.rollout_metrics(batch, self.rewards.names, s.num_generations),
+            **loss_metrics,
+            "num_tokens": state.num_tokens,
+            "nonfinite_updates": skipped,
+            "reward_errors": batch.stats["reward_errors"],
+            **{k: v for k, v in batch.stats.items() if k.startswith(("reward_errors/", "sampler/"))},
+            "dynamic_rounds": batch.stats["dynamic_rounds"],
+            "zero_std_groups": batch.stats["zero_std_groups"],
+            "learning_rate": self.scheduler.get_last_lr()[0],
+            "epoch": state.epoch,
+            "time/sample_s": t_sample,
+            "time/step_s": t_step,
+            "tokens_per_s": batch.stats["completion_tokens"] / t_step if t_step > 0 else 0.0,
+        }
+        if batch.stats["reward_errors"]:
+            failed = ", ".join(f"{k.split('/', 1)[1]!r} on {v}" for k, v in batch.stats.items()
+                               if k.startswith("reward_errors/"))
+            self.echo(f"step {step + 1}: reward functions failed ({failed} of {n_seq} completions; "
+                      f"rewards.on_reward_error={cfg.rewards.on_reward_error})")
+        if t.eval_steps and (step + 1) % t.eval_steps == 0 and step + 1 < self.max_steps:
+            evaluated = self._evaluate()
+            if evaluated is not None:
+                metrics.update(evaluated.metrics)
+        state.history.append({k: metrics[k] for k in ("reward", "kl") if k in metrics})
+        if (step + 1) % t.logging_steps == 0 or step + 1 == self.max_steps:
+            self.reporter.log(step + 1, metrics)
+            _echo_all(self.echo, self.reporter.take_notices())
+            self.reporter.log_completions(step + 1, [
+                {"prompt": batch.prompts[i], "completion": batch.texts[i], "reward": float(batch.total_reward[i]),
+                 **{f"rewards/{n}": _none_if_nan(batch.rewards[i, j]) for j, n in enumerate(self.rewards.names)},
+                 "advantage": float(batch.advantages[i])}
+                for i in range(min(t.log_completions, n_seq))])
+        return metrics
+
+    def _run_callbacks(self, metrics: dict) -> None:
+        for cb in self.callbacks:
+            hook = getattr(cb, "on_step_end", None) or cb
+            if hook(self.state, metrics) is True:
+                self.state.should_stop = True
+        if self.state.should_stop:
+            self.echo(f"a callback stopped the run after step {self.state.global_step}")
+
+    def _evaluate(self) -> EvalResult | None:
+        if not self.eval_prompts:
+            return None
+        cfg = self.args
+        return evaluate(self.generator, self.tokenizer, self.eval_prompts, self.eval_rewards,
+                        max_tokens=cfg.eval.max_completion_length or cfg.sampling.max_completion_length,
+                        num_generations=cfg.eval.num_generations, temperature=cfg.eval.temperature,
+                        stop=cfg.sampling.stop, success_threshold=cfg.eval.success_threshold, seed=cfg.train.seed,
+                        trainer_state=self.state)
+
+    # ---------------------------------------------------------------- saving and the end
+
+    def _save_checkpoint(self, step: int) -> Path:
+        _require_finite(self.params)
+        return ckpt.save_checkpoint(self.out_dir / "checkpoints", step, model=self.model, optimizer=self.optimizer,
+                                    scheduler=self.scheduler, stream=self.stream, trainer_state=self.state.to_dict(),
+                                    config=self.args.to_dict(), keep=self.args.train.save_total_limit)
+
+    def _save_adapter_and_checkpoint(self, last_step: int, took_steps: bool) -> None:
+        """The adapter first, so that nothing after it can cost the user the run; then the
+        checkpoint (a resumed run that took no step already has its own)."""
+        self.save_model()
+        if took_steps:
+            self._save_checkpoint(last_step)
+
+    def _finish(self, last_step: int) -> RunResult:
+        cfg, out_dir = self.args, self.out_dir
+        if cfg.train.merge:
+            save_merged(cfg.model, out_dir / "adapter", out_dir / "merged")
+            self.echo(f"merged model saved to {out_dir / 'merged'}")
+        after = self._evaluate()
+        if after is not None:
+            self.reporter.log(last_step, after.metrics)
+            self._after = after.metrics
+            self.save_model()  # the card with the final metrics
+        self.reporter.close()
+        if cfg.train.push_to_hub:
+            from grpo_fast.train.hub import push_to_hub
+
+            repo = cfg.train.hub_model_id or out_dir.name
+            url = push_to_hub(out_dir / "adapter", repo, private=cfg.train.hub_private_repo)
+            self.echo(f"adapter pushed to {url}")
+        plot_run(out_dir)
+        self.echo(f"adapter saved to {out_dir / 'adapter'}")
+        before = self.state.eval_before
+        if after is not None:
+            self.echo(f"eval {_headline_change(before, after.metrics)}")
+        return RunResult(_headline_value(before), _headline_value(after.metrics if after else None), last_step,
+                         out_dir, self.state.history, after.metrics if after else None)
+
+    def _card_metrics(self) -> dict:
+        out = {f"before/{k}": v for k, v in (self.state.eval_before or {}).items()}
+        out.update({f"after/{k}": v for k, v in getattr(self, "_after", {}).items()})
+        return out
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _find_resumable(out_dir: Path, ckpt_root: Path, wanted: bool, explicit, echo) -> ckpt.Resumable | None:
+    """The checkpoint to continue from (None: start fresh). An explicit folder is used as given
+    (after verification); otherwise the newest that verifies. Never starts fresh over a run that
+    has files but no usable checkpoint."""
+    if not wanted:
+        return None
+    if isinstance(explicit, (str, Path)) and not isinstance(explicit, bool):
+        path = Path(explicit)
+        problem = ckpt.verify(path) if path.is_dir() else "not a folder"
+        step = ckpt.checkpoint_step(path)
+        if problem is not None or step is None:
+            raise ResumeError(f"resume_from_checkpoint: {path} cannot be resumed from ({problem or 'not a checkpoint-N folder'})")
+        return ckpt.Resumable(path, step, [])
+    found = ckpt.find_resumable(ckpt_root)
+    if found is None:
+        present = run_folder.run_files(out_dir)
+        if present:
+            raise ResumeError(f"--resume: {out_dir} holds a run ({', '.join(present)}) but no checkpoint to continue "
+                              f"from; start afresh with --overwrite")
+        echo(f"--resume: no checkpoint in {ckpt_root}; starting fresh")
+        return None
+    for line in found.skipped:
+        echo(f"--resume: skipped {line}")
+    return found
+
+
+def _require_finite(params) -> None:
+    """Never save NaN / inf weights (they would silently replace a good adapter)."""
+    for p in params:
+        if not bool(torch.isfinite(p).all()):
+            raise TrainingStopped("stopped: the trainable weights hold NaN / inf values, so nothing was saved; the "
+                                  "last checkpoint in the run folder is intact (resume from it with a lower "
+                                  "train.learning_rate)")
+
+
+def _headline_key(metrics: dict | None) -> str | None:
+    if not metrics:
+        return None
+    if "eval/accuracy/mean" in metrics:
+        return "eval/accuracy/mean"
+    return next((k for k in metrics if k.endswith("/mean") and not k.startswith("eval/completions")), None)
+
+
+def _headline_value(metrics: dict | None) -> float | None:
+    key = _headline_key(metrics)
+    return None if key is None else metrics[key]
+
+
+def _headline(metrics: dict) -> str:
+    key = _headline_key(metrics)
+    if key is None:
+        return "no scored prompts"
+    name = key[len("eval/"):-len("/mean")]
+    return f"{name} {100 * metrics[key]:.1f}%" if name == "accuracy" else f"{name} {metrics[key]:.4f}"
+
+
+def _headline_change(before: dict | None, after: dict) -> str:
+    """'accuracy: before 24.0% -> after 69.0%' (the line the default job's test reads)."""
+    key = _headline_key(after)
+    if key is None:
+        return "after: no scored prompts"
+    name = key[len("eval/"):-len("/mean")]
+    fmt = (lambda v: f"{100 * v:.1f}%") if name == "accuracy" else (lambda v: f"{v:.4f}")
+    b = fmt(before[key]) if before and key in before else "n/a"
+    return f"{name}: before {b} -> after {fmt(after[key])}"
+
+
+def _none_if_nan(x) -> float | None:
+    v = float(x)
+    return None if math.isnan(v) else v
+
+
+def _dataset_name(cfg) -> str:
+    if cfg.data.path:
+        return cfg.data.path
+    return f"built-in task {cfg.data.task!r}" if cfg.data.task else "a datasets.Dataset passed to GRPOTrainer"
+
+
+def _echo_all(echo, lines: list[str]) -> None:
+    for line in lines:
+        echo(line)
+
+
+def _progress(t, start: int, total: int):
+    if not t.progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, desc="grpo", unit="step", dynamic_ncols=True)
+
+
+def _yaml(data: dict) -> str:
+    import yaml
+
+    return yaml.safe_dump(data, sort_keys=False)
