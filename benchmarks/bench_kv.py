@@ -15,10 +15,16 @@ finished sequences freed) and records blocks held:
 `steps` consecutive decode steps' bookkeeping: can_append + append_token for every sequence, then
 one decode_metadata over all of them. Both managers replay the same operations, step by step
 interleaved (the order alternating), and must return the same metadata.
+(4) cascade vs per-sequence paged decode attention on a real GRPO layout: B prompts of P tokens
+prefilled, forked into G sequences each (the real BlockManager), C tokens decoded, then one
+decode attention call over the B x G sequences (SmolLM2's 9/3 heads x 64, and Qwen2.5-1.5B's
+12/2 x 128), each kernel checked against the other and timed (median of --repeats); then the
+shortest prefix at which the cascade pays (the sampler's threshold, kv.cascade.CPU_MIN_PREFIX).
 
   python benchmarks/bench_kv.py            # full run, JSON to benchmarks/results/bench_kv.json
   python benchmarks/bench_kv.py --quick    # smaller shapes (smoke test)
   python benchmarks/bench_kv.py --only block_manager   # one section; JSON stamped by section
+  python benchmarks/bench_kv.py --only cascade
 """
 from __future__ import annotations
 
@@ -198,7 +204,75 @@ def block_manager_section(S, G, P, steps, repeats, bs=16):
     res["ratio_cpu_median"] = res["python"]["cpu_median_us"] / res["native"]["cpu_median_us"]
     return res
 
-SECTIONS = ("memory", "decode", "block_manager")
+def grpo_layout(B: int, G: int, P: int, C: int, hkv: int, D: int, dtype, bs=16, seed=0):
+    """Caches and the decode metadata of B x G sequences forked from B prompts of P tokens after C
+    decoded tokens, as the sampler's BlockManager lays them out (random K/V values)."""
+    gen = torch.Generator().manual_seed(seed)
+    per_seq = -(-(P + C + 1) // bs)
+    bm = kv.BlockManager(B * G * per_seq + B, bs, enable_prefix_cache=False)
+    ids = []
+    for b in range(B):
+        bm.allocate(-1 - b, [7 + b * 7919 + i for i in range(P)])
+        bm.fork(-1 - b, [b * G + g for g in range(G)])
+        bm.free(-1 - b)
+        ids += [b * G + g for g in range(G)]
+    for _ in range(C + 1):  # C decoded tokens, then the slot of the step's own token
+        for sid in ids:
+            bm.append_token(sid)
+    _, tables, lens = bm.decode_metadata(ids)
+    nb = bm.num_blocks
+    kc = torch.randn(nb, bs, hkv, D, generator=gen).to(dtype)
+    vc = torch.randn(nb, bs, hkv, D, generator=gen).to(dtype)
+    groups = kv.cascade_groups(tables, lens, [i // G for i in ids], bs, min_prefix=1)
+    return kc, vc, torch.as_tensor(tables), torch.as_tensor(lens), groups
+
+
+def cascade_section(B, G, P, C, hq, hkv, D, dtype, repeats):
+    kc, vc, tables, lens, groups = grpo_layout(B, G, P, C, hkv, D, dtype)
+    S = B * G
+    q = torch.randn(S, hq, D, generator=torch.Generator().manual_seed(1)).to(dtype)
+    scale = D ** -0.5
+    rows, starts, prefix = (torch.as_tensor(a) for a in groups)
+
+    def paged():
+        return kv.paged_decode_attention(q, kc, vc, tables, lens, scale)
+
+    def cascade():
+        return kv.cascade_decode_attention(q, kc, vc, tables, lens, scale, rows, starts, prefix)
+
+    err = (cascade().float() - paged().float()).abs().max().item()
+    (w_paged, c_paged), (w_cas, c_cas) = bench(paged, repeats), bench(cascade, repeats)
+    return {"B": B, "G": G, "P": P, "C": C, "hq": hq, "hkv": hkv, "D": D, "dtype": str(dtype).replace("torch.", ""),
+            "shared_prefix": int(prefix.max()), "paged_ms": w_paged * 1e3, "cascade_ms": w_cas * 1e3,
+            "speedup": w_paged / w_cas, "paged_cpu_ms": c_paged * 1e3, "cascade_cpu_ms": c_cas * 1e3,
+            "speedup_cpu_time": c_paged / c_cas, "max_abs_diff": err}
+
+
+def cascade_table(result, repeats, quick):
+    C = 64
+    print(f"\nCascade vs per-sequence paged decode attention: B x G sequences after {C} decoded tokens, "
+          f"median of {repeats}")
+    print(f"{'P':>6}{'B x G':>8}{'heads q/kv, D':>15}{'dtype':>10}{'paged ms':>10}{'cascade ms':>12}"
+          f"{'speedup':>9}{'| CPU-time speedup':>19}{'max |diff|':>12}")
+    shapes = [(9, 3, 64)] if quick else [(9, 3, 64), (12, 2, 128)]
+    cfgs = [(128, 4, 8), (1024, 4, 8), (1024, 2, 16), (4096, 4, 8), (4096, 2, 16), (128, 2, 16)]
+    for P, B, G in cfgs[:2] if quick else cfgs:
+        for hq, hkv, D in shapes:
+            for dtype in (torch.float32,) if quick else (torch.float32, torch.bfloat16):
+                r = cascade_section(B, G, P, C, hq, hkv, D, dtype, repeats)
+                result["cascade"].append(r)
+                print(f"{P:>6}{f'{B} x {G}':>8}{f'{hq}/{hkv}, {D}':>15}{r['dtype']:>10}{r['paged_ms']:>10.2f}"
+                      f"{r['cascade_ms']:>12.2f}{r['speedup']:>9.2f}{r['speedup_cpu_time']:>19.2f}"
+                      f"{r['max_abs_diff']:>12.2e}")
+    print("\nthreshold: the shortest shared prefix at which the cascade pays (SmolLM2 heads, fp32, 4 x 8)")
+    for P in (16, 32, 48, 64, 96, 128, 192, 256):
+        r = cascade_section(4, 8, P, C, 9, 3, 64, torch.float32, repeats)
+        result["cascade_threshold"].append(r)
+        print(f"  P = {P:>4}: paged {r['paged_ms']:.3f} ms, cascade {r['cascade_ms']:.3f} ms, "
+              f"speedup {r['speedup']:.2f} (CPU time {r['speedup_cpu_time']:.2f})")
+
+
+SECTIONS = ("memory", "decode", "block_manager", "cascade")
 
 
 def main():
@@ -216,7 +290,7 @@ def main():
     dec_cfgs = [(9, 3, 64), (32, 8, 128)]
     S, L = (8, 256) if quick else (32, 1024)
     result = {"env": bu.environment(torch.device("cpu")), "load_average_before": bu.load_average(),
-              "memory": [], "decode": [], "block_manager": []}
+              "memory": [], "decode": [], "block_manager": [], "cascade": [], "cascade_threshold": []}
 
     if "memory" in run:
         memory_table(result, mem_cfgs[:1] if quick else mem_cfgs)
@@ -225,6 +299,8 @@ def main():
     if "block_manager" in run:
         block_manager_table(result, [32] if quick else [32, 256], 16 if quick else 64,
                             3 if quick else args.repeats)
+    if "cascade" in run:
+        cascade_table(result, 3 if quick else args.repeats, quick)
     result["load_average_after"] = bu.load_average()
     if args.only is not None and not quick:
         print(f"\nwrote {bu.write_results(f'bench_kv-{args.only}', result)}")

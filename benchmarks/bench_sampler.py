@@ -10,11 +10,22 @@ its DynamicCache at the end; ours: the pool allocated and the blocks actually us
     python benchmarks/bench_sampler.py --prompts 16 --new-tokens 512   # the GPU size
     python benchmarks/bench_sampler.py --preset qwen2.5-1.5b-random --dtype bfloat16 --prompts 16 \
         --new-tokens 512 --repeats 1 --engines hf,ours,ours-graphs     # the GPU check's run
+    python benchmarks/bench_sampler.py --engines hf,ours,ours-lora,hf-lora --load none,python
+                                                            # LoRA policy, idle and under load
+    python benchmarks/bench_sampler.py --prompt-len 1024 --engines hf,ours,ours-nocascade
 
 --preset builds a random-initialized model from a config (benchmarks/gpu_models.py: no download).
 --engines: hf (HF generate), ours (our Sampler), ours-graphs (our Sampler with cuda_graphs=True,
-CUDA only). With --out the JSON is rewritten after every timed run, so a run cut short by a time
-limit still leaves the engines it finished.
+CUDA only), ours-nocascade (cascade attention off), ours-lora / hf-lora (the same model wrapped
+in peft LoRA r = --lora-r on every block linear with non-zero B, as the trainer samples it).
+--prompt-len P: each prompt gets a system message of few-shot lines that brings it to ~P tokens.
+--load: conditions run one after the other, each with all engines: none (idle) or a competing
+process (benchmarks/_busy.py: python, torch); the table gives each engine's share of its idle
+tokens/s. Every engine also gets its share of the GEMM floor: the time its linear layers' FLOPs
+(LM head and adapters included) take at the rate our native linear kernel reaches on this
+model's MLP weights, over the measured time (1.0 = nothing but GEMMs at that rate).
+With --out the JSON is rewritten after every timed run, so a run cut short by a time limit still
+leaves the engines it finished.
 """
 
 from __future__ import annotations
@@ -36,6 +47,7 @@ from grpo_fast.models import default_model_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _bench_utils as bu  # noqa: E402
+import _busy  # noqa: E402
 from grpo_fast.sampler import Sampler, SamplingParams
 
 QUESTIONS = [
@@ -103,7 +115,86 @@ def run_ours(sampler, prompts, G, C, seed):
                 kv_bytes=s.peak_blocks_used * per_block, kv_pool_bytes=s.kv_bytes, stats=s.as_dict())
 
 
-ENGINES = ("hf", "ours", "ours-graphs")
+ENGINES = ("hf", "ours", "ours-graphs", "ours-nocascade", "ours-lora", "hf-lora")
+KEYS = {"hf": "hf_generate", "ours": "grpo_fast", "ours-graphs": "grpo_fast_cuda_graphs",
+        "ours-nocascade": "grpo_fast_no_cascade", "ours-lora": "grpo_fast_lora", "hf-lora": "hf_generate_lora"}
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def lora_wrapped(args, device):
+    """A second copy of the model wrapped in peft LoRA (r = args.lora_r on every block linear,
+    random non-zero A and B: what the trainer samples from once training has moved B off 0)."""
+    from peft import LoraConfig, get_peft_model
+
+    model, _, _ = load_model(args, device)
+    torch.manual_seed(0)
+    cfg = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.05, init_lora_weights=False,
+                     target_modules=LORA_TARGETS)
+    return get_peft_model(model, cfg).eval()
+
+
+def padded_prompts(tok, questions, target: int) -> list[list[int]]:
+    """Chat prompts brought to about `target` tokens by a system message of few-shot lines (what
+    a long system prompt, few-shot examples or retrieved context look like to the sampler)."""
+    prompts = []
+    for q in questions:
+        lines, k = [], 0
+        while True:
+            msgs = [{"role": "system", "content": "Examples:\n" + "\n".join(lines)}, {"role": "user", "content": q}]
+            ids = _ids(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True))
+            if len(ids) >= target or target <= 0:
+                break
+            k += 1
+            lines.append(f"Q: what is {k * 37 % 101} + {k * 53 % 97}? A: {k * 37 % 101 + k * 53 % 97}.")
+        prompts.append(ids)
+    return prompts
+
+
+def _ids(x) -> list[int]:
+    return list(x["input_ids"] if hasattr(x, "keys") else x)
+
+
+def gemm_flops(model, prompt_lens: list[int], G: int, C: int) -> float:
+    """FLOPs of the linear layers (block linears, LoRA adapters, LM head) of one generate: each
+    prompt once, then G x C decode tokens (the LM head on the prompts' last tokens only)."""
+    from grpo_fast.models.llama_family import LlamaFamily
+
+    fam = LlamaFamily(model)
+    block = 0
+    for m in fam.decoder.layers[0].modules():
+        if isinstance(m, torch.nn.Linear):
+            block += m.weight.numel()
+    block *= len(fam.layers)
+    head = fam.lm_head.weight.numel()
+    prompt_tokens = sum(prompt_lens)
+    decode_tokens = len(prompt_lens) * G * C
+    return 2.0 * (block * (prompt_tokens + decode_tokens) + head * (len(prompt_lens) + decode_tokens))
+
+
+def gemm_rate(model, rows: int) -> float | None:
+    """FLOP/s of our native few-row linear kernel on this model's MLP weights (every layer's
+    gate/up/down in turn, so the weights stream from memory as in a decode step); None where it
+    cannot run (CUDA, no AVX2)."""
+    from grpo_fast.models import cpu_ops
+    from grpo_fast.models.llama_family import LlamaFamily
+
+    fam = LlamaFamily(model)
+    if fam.device.type != "cpu" or fam.dtype != torch.float32 or not cpu_ops.available():
+        return None
+    weights = []
+    for layer in fam.layers:
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            mod = getattr(layer.mlp, name)
+            weights.append(getattr(mod, "base_layer", mod).weight)
+    xs = {w.shape[1]: torch.randn(rows, w.shape[1]) for w in weights}
+    flops = sum(2.0 * rows * w.numel() for w in weights)
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        for w in weights:
+            cpu_ops.linear(xs[w.shape[1]], w)
+        best = min(best, time.perf_counter() - t)
+    return flops / best
 
 
 def load_model(args, device):
@@ -121,7 +212,8 @@ def load_model(args, device):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=__doc__.split("\n", 1)[1])
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--group", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=64)
@@ -132,6 +224,9 @@ def main():
     ap.add_argument("--engines", default="hf,ours", help=f"comma-separated, of {', '.join(ENGINES)}")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--prompt-len", type=int, default=0, help="bring each prompt to ~this many tokens (few-shot lines)")
+    ap.add_argument("--lora-r", type=int, default=16, help="LoRA rank of the -lora engines")
+    ap.add_argument("--load", default="none", help=f"conditions, comma-separated, of {', '.join(_busy.KINDS)}")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_sampler.json"))
     args = ap.parse_args()
 
@@ -139,59 +234,100 @@ def main():
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    loads = [x.strip() for x in args.load.split(",") if x.strip()]
     bad = [e for e in engines if e not in ENGINES]
-    if bad or "hf" not in engines:
-        ap.error(f"--engines: hf plus any of {', '.join(ENGINES)} (the ratios are against hf), got {args.engines!r}")
+    if bad or not engines:
+        ap.error(f"--engines: any of {', '.join(ENGINES)}, got {args.engines!r}")
     if "ours-graphs" in engines and device.type != "cuda":
         ap.error("--engines: ours-graphs needs CUDA")
+    if any(x not in _busy.KINDS for x in loads) or not loads:
+        ap.error(f"--load: any of {', '.join(_busy.KINDS)}, got {args.load!r}")
     model, tok, path = load_model(args, device)
+    lora_model = lora_wrapped(args, device) if any(e.endswith("-lora") for e in engines) else None
     questions = (QUESTIONS * (args.prompts // len(QUESTIONS) + 1))[: args.prompts]
-    prompts = []
-    for q in questions:
-        ids = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True)
-        prompts.append(list(ids["input_ids"] if hasattr(ids, "keys") else ids))
+    if args.prompt_len:
+        prompts = padded_prompts(tok, questions, args.prompt_len)
+    else:
+        prompts = [_ids(tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                                tokenize=True)) for q in questions]
     G, C = args.group, args.new_tokens
     kv_tokens = args.prompts * G * (max(len(p) for p in prompts) + C) + 64 * 16
-    samplers = {name: Sampler(model, tok, kv_budget=f"{kv_tokens} tokens", cuda_graphs=name == "ours-graphs")
-                for name in engines if name != "hf"}
-    keys = {"hf": "hf_generate", "ours": "grpo_fast", "ours-graphs": "grpo_fast_cuda_graphs"}
+    samplers = {}
+    for name in engines:
+        if name.startswith("ours"):
+            m = lora_model if name == "ours-lora" else model
+            samplers[name] = Sampler(m, tok, kv_budget=f"{kv_tokens} tokens", cuda_graphs=name == "ours-graphs",
+                                     cascade=name != "ours-nocascade")
 
     def run(name, prompts_, g, c, seed):
-        if name == "hf":
-            return run_hf(model, tok, prompts_, g, c, seed)
+        if name.startswith("hf"):
+            return run_hf(lora_model if name == "hf-lora" else model, tok, prompts_, g, c, seed)
         return run_ours(samplers[name], prompts_, g, c, seed)
 
     # Warm-up (allocator, thread pools, lazy inits) on a small run of each.
     for name in engines:
         run(name, prompts[:1], 2, 4, 0)
+    rate = gemm_rate(model, min(256, args.prompts * G))
+    flops = {name: gemm_flops(lora_model if name.endswith("-lora") else model, [len(p) for p in prompts], G, C)
+             for name in engines}
     load_before = os.getloadavg()
-    results = {keys[name]: [] for name in engines}
+    by_load = {cond: {KEYS[name]: [] for name in engines} for cond in loads}
+    results = by_load[loads[0]]
     record = dict(
         bench="sampler", device=torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
         cpu_count=os.cpu_count(), threads=torch.get_num_threads(), loadavg_before=load_before,
         torch=torch.__version__, transformers=transformers.__version__, commit=_commit(), model=path, dtype=args.dtype,
         prompts=args.prompts, group=G, new_tokens=C, prompt_lens=[len(p) for p in prompts], results=results,
+        lora_r=args.lora_r if lora_model is not None else None, loads={c: _busy.describe(c) for c in loads},
+        results_by_load=by_load, gemm_rate_flops=rate, gemm_flops={KEYS[n]: f for n, f in flops.items()},
     )
-    for r in range(args.repeats):
-        for name in engines:
-            results[keys[name]].append(run(name, prompts, G, C, seed=r))
-            _write(args.out, record)  # partial: what has run so far survives a time limit
+    for cond in loads:
+        with _busy.busy(cond):
+            for r in range(args.repeats):
+                for name in engines:
+                    res = run(name, prompts, G, C, seed=r)
+                    if rate:
+                        res["gemm_floor_share"] = flops[name] / rate / res["seconds"]
+                    by_load[cond][KEYS[name]].append(res)
+                    _write(args.out, record)  # partial: what has run so far survives a time limit
     load_after = os.getloadavg()
-    best = {k: max(v, key=lambda x: x["tokens_per_s"]) for k, v in results.items()}
-    ratio = best["grpo_fast"]["tokens_per_s"] / best["hf_generate"]["tokens_per_s"] if "grpo_fast" in best else None
-    ratios = {k: b["tokens_per_s"] / best["hf_generate"]["tokens_per_s"] for k, b in best.items() if k != "hf_generate"}
+    best_by = {c: {k: max(v, key=lambda x: x["tokens_per_s"]) for k, v in rs.items() if v} for c, rs in by_load.items()}
+    best = best_by[loads[0]]
+    hf_best = best.get("hf_generate")
+    ratio = best["grpo_fast"]["tokens_per_s"] / hf_best["tokens_per_s"] if "grpo_fast" in best and hf_best else None
+    ratios = {k: b["tokens_per_s"] / hf_best["tokens_per_s"] for k, b in best.items()
+              if k != "hf_generate" and hf_best}
 
     mib = 2**20
     print(f"device={device} threads={torch.get_num_threads()} prompts={args.prompts} G={G} new_tokens={C} "
-          f"prompt_lens={[len(p) for p in prompts]} loadavg before/after={load_before[0]:.1f}/{load_after[0]:.1f}")
-    print(f"{'engine':<22} {'tok/s':>8} {'runs tok/s':>18} {'peak mem MiB':>13} {'KV MiB':>8}")
-    for name, runs in results.items():
-        b = best[name]
-        print(f"{name:<22} {b['tokens_per_s']:8.1f} {str([round(x['tokens_per_s'], 1) for x in runs]):>18} "
-              f"{b['peak_mem_bytes'] / mib:13.1f} {b['kv_bytes'] / mib:8.1f}")
+          f"prompt_lens={[len(p) for p in prompts]} loadavg before/after={load_before[0]:.1f}/{load_after[0]:.1f}"
+          + (f" native GEMM rate {rate / 1e9:.1f} GFLOPS" if rate else ""))
+    for cond in loads:
+        print(f"\n[{_busy.describe(cond)}]")
+        print(f"{'engine':<24} {'tok/s':>8} {'runs tok/s':>22} {'of idle':>8} {'GEMM floor':>10} "
+              f"{'peak mem MiB':>13} {'KV MiB':>8}")
+        for name, runs in by_load[cond].items():
+            if not runs:
+                continue
+            b = best_by[cond][name]
+            idle = best_by[loads[0]].get(name)
+            share = f"{b['tokens_per_s'] / idle['tokens_per_s']:.2f}" if idle else "-"
+            floor = f"{b['gemm_floor_share']:.2f}" if "gemm_floor_share" in b else "-"
+            print(f"{name:<24} {b['tokens_per_s']:8.1f} {str([round(x['tokens_per_s'], 1) for x in runs]):>22} "
+                  f"{share:>8} {floor:>10} {b['peak_mem_bytes'] / mib:13.1f} {b['kv_bytes'] / mib:8.1f}")
     for name, r in ratios.items():
-        print(f"{name} / HF tokens/s: {r:.2f}x   (KV pool allocated: {best[name]['kv_pool_bytes'] / mib:.1f} MiB; "
-              f"blocks saved by sharing at peak: {best[name]['stats']['peak_blocks_saved_by_sharing']})")
+        extra = ""
+        if "kv_pool_bytes" in best[name]:
+            extra = (f"   (KV pool allocated: {best[name]['kv_pool_bytes'] / mib:.1f} MiB; "
+                     f"blocks saved by sharing at peak: {best[name]['stats']['peak_blocks_saved_by_sharing']})")
+        print(f"{name} / HF tokens/s: {r:.2f}x{extra}")
+    pairs = [("grpo_fast_lora", "grpo_fast", "LoRA-wrapped / plain (ours)"),
+             ("hf_generate_lora", "hf_generate", "LoRA-wrapped / plain (HF)"),
+             ("grpo_fast", "grpo_fast_no_cascade", "cascade / no cascade (ours)")]
+    for cond in loads:
+        for a, b, label in pairs:
+            if a in best_by[cond] and b in best_by[cond]:
+                print(f"[{cond}] {label}: {best_by[cond][a]['tokens_per_s'] / best_by[cond][b]['tokens_per_s']:.2f}x")
 
     record.update(loadavg_after=load_after, ratio_tokens_per_s=ratio, ratios_vs_hf=ratios, complete=True)
     _write(args.out, record)

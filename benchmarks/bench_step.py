@@ -2,13 +2,21 @@
 peak memory, on the same model, prompts, B × G, lengths, LoRA config and loss.
 
     python benchmarks/bench_step.py [--prompts 4 --generations 8 --max-completion 16 --steps 3]
+    python benchmarks/bench_step.py --max-completion 128 --forced-length --prompt-len 1024 --busy python
 
 Each implementation runs in its own subprocess (so peak RSS is its own); the first step is a
 warm-up and not counted. Both sample at T = 1 with HF-free code paths of their own: ours uses the
 trainer's generation adapter (paged Sampler when it supports the model, else HF generate), TRL
 uses its default (transformers generate). Model: the built-in SmolLM2-135M-Instruct, fp32, CPU.
 Needs the `bench` extra (trl; `pip install --no-deps trl==1.16.0 && pip install datasets`).
-Writes benchmarks/results/bench_step-gc-{on,off}.json.
+Writes benchmarks/results/bench_step-gc-{on,off}.json (other cases: the options in the name).
+
+Real GRPO lengths: --forced-length makes every completion exactly --max-completion tokens on both
+sides (ours: ignore_eos, TRL: min_new_tokens), so both train on the same number of tokens;
+--prompt-len P gives every prompt a system message of few-shot lines that brings it to ~P tokens
+(the same text on both sides); --busy runs a competing process beside both sides
+(benchmarks/_busy.py). Every step's time is printed, the warm-up included, so drift across steps
+shows.
 """
 
 from __future__ import annotations
@@ -25,6 +33,32 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import _busy  # noqa: E402
+
+
+def few_shot_system(tokenizer, question: str, target: int) -> str | None:
+    """A system message of few-shot lines that brings [system, user: question] to ~target tokens
+    under the chat template (None for target <= 0). Deterministic: both sides build the same."""
+    if target <= 0:
+        return None
+    lines = []
+    while True:
+        text = "Examples:\n" + "\n".join(lines)
+        msgs = [{"role": "system", "content": text}, {"role": "user", "content": question}]
+        ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+        ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+        if len(ids) >= target:
+            return text
+        k = len(lines) + 1
+        lines.append(f"Q: what is {k * 37 % 101} + {k * 53 % 97}? A: {k * 37 % 101 + k * 53 % 97}.")
+
+
+def _arithmetic_rows():
+    from grpo_fast.tasks import make_task
+
+    train_rows, _ = make_task("arithmetic", train_size=2000, eval_size=100, seed=1234)
+    return train_rows
 
 
 def _peak_rss_mib() -> float:
@@ -37,20 +71,39 @@ def run_ours(a) -> dict:
     from grpo_fast.train.metrics import read_metrics
 
     out = tempfile.mkdtemp(prefix="bench_ours_")
-    cfg = load_config(None, {
+    overrides = {
         "train.output_dir": out, "train.max_steps": a.steps + 1, "train.prompts_per_step": a.prompts,
         "sampling.num_generations": a.generations, "sampling.max_completion_length": a.max_completion,
         "train.eval_before": False, "data.eval_size": 0, "train.progress": False, "train.time_budget_s": 0,
         "lora.r": a.lora_r, "lora.lora_alpha": 2 * a.lora_r, "train.seed": 0, "sampling.backend": a.backend,
         "train.micro_batch_size": a.micro_batch, "model.gradient_checkpointing": a.gradient_checkpointing == "on",
-    }, base=DEFAULT_JOB)
+    }
+    if a.prompt_len:
+        from transformers import AutoTokenizer
+
+        from grpo_fast.models import default_model_dir
+
+        tok = AutoTokenizer.from_pretrained(default_model_dir())
+        overrides["data.system_prompt"] = few_shot_system(tok, _arithmetic_rows()[0]["prompt"], a.prompt_len)
+        overrides["sampling.max_prompt_length"] = a.prompt_len + 64
+    if a.forced_length:  # every completion exactly max_completion tokens (TRL: min_new_tokens)
+        import dataclasses
+
+        from grpo_fast.sampler.sampler import Sampler
+
+        real_generate = Sampler.generate
+        Sampler.generate = lambda self, prompts, params: real_generate(
+            self, prompts, dataclasses.replace(params, ignore_eos=True) if params.n > 1 else params)
+    cfg = load_config(None, overrides, base=DEFAULT_JOB)
     train(cfg, echo=lambda *_: None)
-    steps = [r for r in read_metrics(out) if "reward" in r][1:]  # drop the warm-up step
+    rows = [r for r in read_metrics(out) if "reward" in r]
+    steps = rows[1:]  # drop the warm-up step
     sample = [r["time/sample_s"] for r in steps]
     total = [r["time/step_s"] for r in steps]
     return {"sample_s": sum(sample) / len(sample), "train_s": sum(t - s for t, s in zip(total, sample)) / len(total),
             "step_s": sum(total) / len(total), "completion_tokens": sum(r["completion_tokens"] for r in steps) / len(steps),
-            "peak_rss_mib": _peak_rss_mib()}
+            "peak_rss_mib": _peak_rss_mib(), "per_step_s": [r["time/step_s"] for r in rows],
+            "per_step_sample_s": [r["time/sample_s"] for r in rows]}
 
 
 def run_trl(a) -> dict:
@@ -72,7 +125,9 @@ def run_trl(a) -> dict:
     # to train a model marked GGUF-quantized); the weights are the same fp32 ones.
     model = load_base_model(ModelConfig(), torch.device("cpu"))
     train_rows, _ = make_task("arithmetic", train_size=2000, eval_size=100, seed=1234)
-    ds = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}], "answer": r["answer"]}
+    system = few_shot_system(tok, train_rows[0]["prompt"], a.prompt_len)
+    head = [{"role": "system", "content": system}] if system else []
+    ds = Dataset.from_list([{"prompt": head + [{"role": "user", "content": r["prompt"]}], "answer": r["answer"]}
                             for r in train_rows])
 
     def reward(prompts, completions, answer, **_):
@@ -88,7 +143,9 @@ def run_trl(a) -> dict:
         num_generations=a.generations, max_completion_length=a.max_completion, max_steps=a.steps + 1,
         learning_rate=1e-3, loss_type="dapo", beta=0.0, epsilon=0.2, epsilon_high=0.28, temperature=1.0,
         logging_steps=1, report_to=[], use_cpu=True, save_strategy="no", seed=0, bf16=False,
-        dataloader_num_workers=0, disable_tqdm=True, gradient_checkpointing=a.gradient_checkpointing == "on")
+        dataloader_num_workers=0, disable_tqdm=True, gradient_checkpointing=a.gradient_checkpointing == "on",
+        **({"generation_kwargs": {"min_new_tokens": a.max_completion}} if a.forced_length else {}),
+        **({"max_prompt_length": a.prompt_len + 64} if a.prompt_len else {}))
     peft_cfg = LoraConfig(r=a.lora_r, lora_alpha=2 * a.lora_r, lora_dropout=0.0, target_modules=lora_targets(model),
                           task_type="CAUSAL_LM")
     trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=args, train_dataset=ds,
@@ -116,7 +173,8 @@ def run_trl(a) -> dict:
     trainer.train()
     gen, step = times["gen"][1:], times["step"][1:]
     return {"sample_s": sum(gen) / len(gen), "train_s": sum(s - g for s, g in zip(step, gen)) / len(step),
-            "step_s": sum(step) / len(step), "peak_rss_mib": _peak_rss_mib()}
+            "step_s": sum(step) / len(step), "peak_rss_mib": _peak_rss_mib(), "per_step_s": times["step"],
+            "per_step_sample_s": times["gen"]}
 
 
 def main() -> None:
@@ -130,23 +188,31 @@ def main() -> None:
     p.add_argument("--backend", default="auto", help="our generation backend: auto | sampler | hf")
     p.add_argument("--gradient-checkpointing", choices=["on", "off"], default="off",
                    help="both sides (off is our default, on is TRL's GRPOConfig default)")
-    p.add_argument("--impl", choices=["ours", "trl"], help=argparse.SUPPRESS)  # subprocess mode
-    p.add_argument("--only", choices=["ours", "trl"], help="run one side only")
+    p.add_argument("--forced-length", action="store_true",
+                   help="every completion exactly --max-completion tokens on both sides (ignore_eos / min_new_tokens)")
+    p.add_argument("--prompt-len", type=int, default=0, help="bring each prompt to ~this many tokens (few-shot system)")
+    p.add_argument("--busy", choices=_busy.KINDS, default="none", help="a competing process beside both sides")
+    p.add_argument("--impl", choices=["ours", "trl", "trl_fused"], help=argparse.SUPPRESS)  # subprocess mode
+    p.add_argument("--only", choices=["ours", "trl", "trl_fused"], help="run one side only")
+    p.add_argument("--trl-fused", action="store_true",
+                   help="also TRL's GRPOTrainer with grpo-fast's fused loss (grpo_fast.integrations.trl)")
     a = p.parse_args()
     if (a.prompts * a.generations) % a.micro_batch:
         p.error("--micro-batch must divide prompts x generations")
     if a.impl:
-        result = run_ours(a) if a.impl == "ours" else run_trl(a)
+        result = {"ours": run_ours, "trl": run_trl, "trl_fused": run_trl_fused}[a.impl](a)
         print("RESULT " + json.dumps(result))
         return
 
     results = {}
-    for impl in [a.only] if a.only else ["ours", "trl"]:
+    for impl in [a.only] if a.only else ["ours", "trl"] + (["trl_fused"] if a.trl_fused else []):
         cmd = [sys.executable, __file__, "--impl", impl, "--prompts", str(a.prompts), "--generations",
                str(a.generations), "--max-completion", str(a.max_completion), "--steps", str(a.steps),
                "--lora-r", str(a.lora_r), "--backend", a.backend, "--micro-batch", str(a.micro_batch),
-               "--gradient-checkpointing", a.gradient_checkpointing]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+               "--gradient-checkpointing", a.gradient_checkpointing, "--prompt-len", str(a.prompt_len)]
+        cmd += ["--forced-length"] if a.forced_length else []
+        with _busy.busy(a.busy):
+            proc = subprocess.run(cmd, capture_output=True, text=True)
         line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
         if proc.returncode or not line:
             print(f"{impl} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
@@ -154,15 +220,22 @@ def main() -> None:
         results[impl] = json.loads(line[-1][7:])
 
     print(f"\nGRPO step: B={a.prompts} x G={a.generations} (micro-batches of {a.micro_batch}), "
-          f"max_completion={a.max_completion}, LoRA r={a.lora_r}, gradient checkpointing {a.gradient_checkpointing}, "
-          f"SmolLM2-135M fp32, CPU ({os.cpu_count()} cores), mean of {a.steps} steps after 1 warm-up")
-    print(f"{'impl':<6} {'sample s':>9} {'train s':>9} {'step s':>9} {'peak RSS MiB':>13}")
+          f"max_completion={a.max_completion}{' (forced)' if a.forced_length else ''}, "
+          f"prompts ~{a.prompt_len or 'natural'} tokens, LoRA r={a.lora_r}, gradient checkpointing "
+          f"{a.gradient_checkpointing}, SmolLM2-135M fp32, CPU ({os.cpu_count()} cores), {_busy.describe(a.busy)}, "
+          f"mean of {a.steps} steps after 1 warm-up")
+    print(f"{'impl':<6} {'sample s':>9} {'train s':>9} {'step s':>9} {'peak RSS MiB':>13}  every step s (sampling s)")
     for impl, r in results.items():
-        print(f"{impl:<6} {r['sample_s']:>9.2f} {r['train_s']:>9.2f} {r['step_s']:>9.2f} {r['peak_rss_mib']:>13.0f}")
-    if len(results) == 2:
+        each = ", ".join(f"{t:.1f} ({g:.1f})" for t, g in zip(r.get("per_step_s", []), r.get("per_step_sample_s", [])))
+        print(f"{impl:<6} {r['sample_s']:>9.2f} {r['train_s']:>9.2f} {r['step_s']:>9.2f} {r['peak_rss_mib']:>13.0f}  {each}")
+    if "ours" in results and "trl" in results:
         o, t = results["ours"], results["trl"]
         print(f"ratio TRL/ours: step {t['step_s'] / o['step_s']:.2f}x, sampling {t['sample_s'] / o['sample_s']:.2f}x, "
               f"training {t['train_s'] / o['train_s']:.2f}x; peak RSS ours/TRL {o['peak_rss_mib'] / t['peak_rss_mib']:.2f}")
+    if "trl" in results and "trl_fused" in results:
+        t, f = results["trl"], results["trl_fused"]
+        print(f"TRL with grpo-fast's fused loss / stock TRL: training {f['train_s'] / t['train_s']:.2f}x, "
+              f"step {f['step_s'] / t['step_s']:.2f}x, peak RSS {f['peak_rss_mib'] / t['peak_rss_mib']:.2f}")
     import torch
 
     try:
@@ -175,12 +248,30 @@ def main() -> None:
             versions[mod] = __import__(mod).__version__
         except ImportError:
             pass
-    out = HERE / "results" / f"bench_step-gc-{a.gradient_checkpointing}.json"
+    case = "".join([f"-c{a.max_completion}" if a.max_completion != 16 or a.forced_length else "",
+                    "-forced" if a.forced_length else "", f"-p{a.prompt_len}" if a.prompt_len else "",
+                    f"-busy-{a.busy}" if a.busy != "none" else "", "-trl-fused" if a.trl_fused else ""])
+    out = HERE / "results" / f"bench_step-gc-{a.gradient_checkpointing}{case}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(a), "results": results, "device": f"cpu x{os.cpu_count()}",
                                "platform": platform.platform(), "versions": versions, "commit": commit,
-                               "load_avg": os.getloadavg()}, indent=2))
+                               "load_avg": os.getloadavg(), "beside": _busy.describe(a.busy)}, indent=2))
     print(f"wrote {out}")
+
+
+def run_trl_fused(a) -> dict:
+    """run_trl with grpo_fast.integrations.trl.FusedGRPOTrainer: TRL's GRPOTrainer, its loss computed by
+    our fused op and everything else TRL's, so the difference to run_trl is the loss alone."""
+    import trl
+
+    from grpo_fast.integrations.trl import FusedGRPOTrainer
+
+    stock = trl.GRPOTrainer
+    trl.GRPOTrainer = FusedGRPOTrainer  # run_trl imports GRPOTrainer from trl when it runs
+    try:
+        return run_trl(a)
+    finally:
+        trl.GRPOTrainer = stock
 
 
 if __name__ == "__main__":

@@ -84,12 +84,16 @@ void register_kv(py::module_& m) {
   m.def("cpu_copy_blocks", &cpu_copy_blocks);
   m.def("cpu_paged_decode_attention", &cpu_paged_decode_attention,
         py::call_guard<py::gil_scoped_release>());
+  m.def("cpu_cascade_decode_attention", &cpu_cascade_decode_attention,
+        py::call_guard<py::gil_scoped_release>());
   m.def("cpu_prefill_attention", &cpu_prefill_attention,
         py::call_guard<py::gil_scoped_release>());
 #ifdef GRPO_FAST_WITH_CUDA
   m.def("cuda_append_kv", &cuda_append_kv);
   m.def("cuda_copy_blocks", &cuda_copy_blocks);
   m.def("cuda_paged_decode_attention", &cuda_paged_decode_attention);
+  m.def("cuda_cascade_decode_attention", &cuda_cascade_decode_attention);
+  m.def("cuda_cascade_workspace_floats", &cascade_workspace_floats);
   m.def("cuda_prefill_attention", &cuda_prefill_attention);
 #endif
 }

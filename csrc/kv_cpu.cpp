@@ -18,6 +18,7 @@
 
 #include "common.h"
 #include "cpu_common.h"
+#include "parallel.h"
 
 
 namespace grpo_fast {
@@ -40,12 +41,31 @@ GF_INLINE float dot(const float* q, const T* k, int D) {
   return a;
 }
 
+// The end of an online-softmax pass over `rc` query heads: the normalized output (out, n == 0
+// gives zeros), or with `partial` the unnormalized state [rc][D + 2] = (acc[D], m, l) for a
+// later exact merge with other key ranges (cascade attention).
+template <typename T>
+GF_INLINE void finish(T* out, float* partial, const float* acc, const float* m, const float* l,
+                      int rc, int D) {
+  for (int r = 0; r < rc; ++r) {
+    if (partial != nullptr) {
+      float* pr = partial + r * (D + 2);
+      for (int d = 0; d < D; ++d) pr[d] = acc[r * D + d];
+      pr[D] = m[r];
+      pr[D + 1] = l[r];
+      continue;
+    }
+    const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;  // n == 0: zeros
+    for (int d = 0; d < D; ++d) store(out, r * D + d, acc[r * D + d] * inv);
+  }
+}
+
 // Attend `rc` consecutive query heads (q, out: [rc, D]) over n keys whose element offsets in the
 // caches are row(j). Scores use q pre-multiplied by scale. DC: head_dim known at compile time
 // (64, 128) or 0 (runtime D).
 template <int DC, typename T, typename RowFn>
 GF_INLINE void attend(T* out, const T* q, const T* kc, const T* vc, RowFn row, int64_t n, int Dr,
-                      int rc, float scale) {
+                      int rc, float scale, float* partial) {
   const int D = DC ? DC : Dr;
   alignas(64) float qs[kMaxRep * 256];  // D <= 256 (checked by the callers)
   alignas(64) float acc[kMaxRep * 256];
@@ -94,10 +114,7 @@ GF_INLINE void attend(T* out, const T* q, const T* kc, const T* vc, RowFn row, i
       }
     }
   }
-  for (int r = 0; r < rc; ++r) {
-    const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;  // n == 0: zeros
-    for (int d = 0; d < D; ++d) store(out, r * D + d, acc[r * D + d] * inv);
-  }
+  finish(out, partial, acc, m, l, rc, D);
 }
 
 #ifdef GF_X86_DISPATCH
@@ -144,7 +161,7 @@ GF_AVX2 inline void pv_panel(float* acc, float corr, const float* p, const T* vc
 
 template <typename T, typename RowFn>
 GF_AVX2 inline void attend_avx2(T* out, const T* q, const T* kc, const T* vc, RowFn row,
-                                int64_t n, int D, int rc, float scale) {
+                                int64_t n, int D, int rc, float scale, float* partial) {
   alignas(64) float qs[kMaxRep * 256];
   alignas(64) float acc[kMaxRep * 256];
   alignas(64) float s[kMaxRep][kChunk];
@@ -203,10 +220,7 @@ GF_AVX2 inline void attend_avx2(T* out, const T* q, const T* kc, const T* vc, Ro
       for (; d0 + 8 <= D; d0 += 8) pv_panel<1>(a + d0, corr[r], s[r], vc, off, cn, d0);
     }
   }
-  for (int r = 0; r < rc; ++r) {
-    const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;  // n == 0: zeros
-    for (int d = 0; d < D; ++d) store(out, r * D + d, acc[r * D + d] * inv);
-  }
+  finish(out, partial, acc, m, l, rc, D);
 }
 #endif
 
@@ -214,18 +228,18 @@ GF_AVX2 inline void attend_avx2(T* out, const T* q, const T* kc, const T* vc, Ro
 // 64 / 128 unrolled at compile time, any other D at run time.
 template <bool AVX2, typename T, typename RowFn>
 GF_INLINE void attend_any(T* out, const T* q, const T* kc, const T* vc, RowFn row, int64_t n,
-                          int D, int rc, float scale) {
+                          int D, int rc, float scale, float* partial = nullptr) {
 #ifdef GF_X86_DISPATCH
   if constexpr (AVX2) {
-    if (D % 8 == 0) return attend_avx2(out, q, kc, vc, row, n, D, rc, scale);
+    if (D % 8 == 0) return attend_avx2(out, q, kc, vc, row, n, D, rc, scale, partial);
   }
 #endif
   if (D == 64)
-    attend<64>(out, q, kc, vc, row, n, D, rc, scale);
+    attend<64>(out, q, kc, vc, row, n, D, rc, scale, partial);
   else if (D == 128)
-    attend<128>(out, q, kc, vc, row, n, D, rc, scale);
+    attend<128>(out, q, kc, vc, row, n, D, rc, scale, partial);
   else
-    attend<0>(out, q, kc, vc, row, n, D, rc, scale);
+    attend<0>(out, q, kc, vc, row, n, D, rc, scale, partial);
 }
 
 // ---- decode: one work item = (sequence s, kv head g, query-head chunk) ------------------------
@@ -237,22 +251,25 @@ struct DecodeArgs {
   float scale;
 };
 
+// Keys [j0, lens[s]) of sequence s (j0 = 0: all of them; cascade attention passes the end of
+// the group's shared prefix, and a `partial` state to merge).
 template <bool AVX2, typename T>
 GF_INLINE void decode_item(T* out, const T* q, const T* kc, const T* vc, const DecodeArgs& a,
-                           int64_t s, int g, int h0, int rc) {
+                           int64_t s, int g, int h0, int rc, int64_t j0, float* partial) {
   const int32_t* table = a.tables + s * a.max_blocks;
   const int bs = a.bs, hkv = a.hkv, D = a.D;
   // A power-of-two block size (the usual 16) maps a token to its slot with a shift and a mask
   // instead of an integer division per key.
   const bool pow2 = (bs & (bs - 1)) == 0;
   const int shift = __builtin_ctz(static_cast<unsigned>(bs));
-  auto row = [=](int64_t j) {
+  auto row = [=](int64_t i) {
+    const int64_t j = j0 + i;
     const int64_t slot = pow2 ? static_cast<int64_t>(table[j >> shift]) * bs + (j & (bs - 1))
                               : token_slot(table, j, bs);
     return kv_offset(slot, g, hkv, D);
   };
   const int64_t qo = (s * a.hq + h0) * static_cast<int64_t>(a.D);
-  attend_any<AVX2>(out + qo, q + qo, kc, vc, row, a.lens[s], a.D, rc, a.scale);
+  attend_any<AVX2>(out + qo, q + qo, kc, vc, row, a.lens[s] - j0, a.D, rc, a.scale, partial);
 }
 
 // Instantiates `name` (baseline) and `name##_avx2` for one element type.
@@ -263,11 +280,245 @@ GF_INLINE void decode_item(T* out, const T* q, const T* kc, const T* vc, const D
   GF_AVX2 void name##_avx2(T* out, const T* q, const T* k, const T* v, __VA_ARGS__) { \
     impl<true>(out, q, k, v, ARGS_OF_##impl);                            \
   }
-#define ARGS_OF_decode_item a, s, g, h0, rc
+#define ARGS_OF_decode_item a, s, g, h0, rc, j0, partial
 GF_VARIANTS(decode_item_f32, decode_item, float, const DecodeArgs& a, int64_t s, int g, int h0,
-            int rc)
+            int rc, int64_t j0, float* partial)
 GF_VARIANTS(decode_item_bf16, decode_item, uint16_t, const DecodeArgs& a, int64_t s, int g,
-            int h0, int rc)
+            int h0, int rc, int64_t j0, float* partial)
+
+
+// Decode item dispatch: the dtype's kernel, AVX2 where the CPU has it.
+void run_decode_item(int dtype, bool avx2, uintptr_t out, uintptr_t q, uintptr_t kc, uintptr_t vc,
+                     const DecodeArgs& a, int64_t s, int g, int h0, int rc, int64_t j0,
+                     float* partial) {
+  if (dtype == kF32) {
+    auto f = avx2 ? decode_item_f32_avx2 : decode_item_f32;
+    f(reinterpret_cast<float*>(out), reinterpret_cast<const float*>(q),
+      reinterpret_cast<const float*>(kc), reinterpret_cast<const float*>(vc), a, s, g, h0, rc, j0,
+      partial);
+  } else {
+    auto f = avx2 ? decode_item_bf16_avx2 : decode_item_bf16;
+    f(reinterpret_cast<uint16_t*>(out), reinterpret_cast<const uint16_t*>(q),
+      reinterpret_cast<const uint16_t*>(kc), reinterpret_cast<const uint16_t*>(vc), a, s, g, h0,
+      rc, j0, partial);
+  }
+}
+
+// ---- cascade: a group's queries together against its shared prefix ---------------------------
+// One work item = (group, kv head, range of prefix keys). The nq = G * rep queries of the group
+// for that kv head form one block Q [nq, D]; for each chunk of 32 prefix keys, read once from
+// the group's first sequence's blocks (K packed transposed [D][32], fp32), the scores are a
+// small GEMM Q K^T (3 queries x 32 keys = 12 accumulators per micro-tile), then an online
+// softmax per query, then P V (3 queries x 32 dims of the output per micro-tile). The per-
+// sequence kernel reads those keys G times, once per sequence, and does a matrix-vector pass
+// per query head; here K/V traffic is divided by G and the arithmetic is register-blocked.
+// Output: the unnormalized (acc, m, l) of every query, merged later with the sequence's own
+// keys (and the other prefix ranges).
+constexpr int kCascadeKeys = 32;         // prefix keys per online-softmax step
+constexpr int64_t kPrefixSplit = 256;    // prefix keys per work item
+
+struct CascadeArgs {
+  DecodeArgs a;
+  const int32_t* rows;    // rows of the step ordered by group
+  const int32_t* starts;  // [groups + 1] into rows
+  const int32_t* prefix;  // [groups] shared prefix length
+};
+
+// Per-thread buffers of a prefix item (grown on demand, never shrunk).
+struct PrefixScratch {
+  std::vector<float> q, acc, s, kt, v, m, l, corr;
+  void reserve(int64_t nq, int D) {
+    auto grow = [](std::vector<float>& b, int64_t n) { if (static_cast<int64_t>(b.size()) < n) b.resize(n); };
+    grow(q, nq * D);
+    grow(acc, nq * D);
+    grow(s, nq * kCascadeKeys);
+    grow(kt, static_cast<int64_t>(D) * kCascadeKeys);
+    grow(v, static_cast<int64_t>(kCascadeKeys) * D);
+    grow(m, nq);
+    grow(l, nq);
+    grow(corr, nq);
+  }
+};
+
+#ifdef GF_X86_DISPATCH
+// s[r][0:32] = sum_d q_r[d] * kt[d][0:32] for r < NR (q rows D apart).
+template <int NR>
+GF_AVX2 inline void score_tile(float* s, const float* q, const float* kt, int D) {
+  __m256 acc[NR][4];
+  for (int r = 0; r < NR; ++r)
+    for (int v = 0; v < 4; ++v) acc[r][v] = _mm256_setzero_ps();
+  for (int d = 0; d < D; ++d) {
+    const float* k = kt + d * kCascadeKeys;
+    const __m256 k0 = _mm256_loadu_ps(k), k1 = _mm256_loadu_ps(k + 8),
+                 k2 = _mm256_loadu_ps(k + 16), k3 = _mm256_loadu_ps(k + 24);
+    for (int r = 0; r < NR; ++r) {
+      const __m256 b = _mm256_broadcast_ss(q + r * D + d);
+      acc[r][0] = _mm256_fmadd_ps(b, k0, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(b, k1, acc[r][1]);
+      acc[r][2] = _mm256_fmadd_ps(b, k2, acc[r][2]);
+      acc[r][3] = _mm256_fmadd_ps(b, k3, acc[r][3]);
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int v = 0; v < 4; ++v) _mm256_storeu_ps(s + r * kCascadeKeys + 8 * v, acc[r][v]);
+}
+
+// acc_r[0:8*NV] = acc_r * corr[r] + sum_{t < cn} p_r[t] * v_t[0:8*NV] for r < NR (acc rows D
+// apart, p rows 32 apart, v rows D apart).
+template <int NR, int NV>
+GF_AVX2 inline void pv_tile(float* acc, const float* corr, const float* p, const float* v,
+                            int cn, int D) {
+  __m256 a[NR][NV];
+  for (int r = 0; r < NR; ++r) {
+    const __m256 c = _mm256_set1_ps(corr[r]);
+    for (int i = 0; i < NV; ++i) a[r][i] = _mm256_mul_ps(_mm256_loadu_ps(acc + r * D + 8 * i), c);
+  }
+  for (int t = 0; t < cn; ++t) {
+    __m256 vt[NV];
+    for (int i = 0; i < NV; ++i) vt[i] = _mm256_loadu_ps(v + t * D + 8 * i);
+    for (int r = 0; r < NR; ++r) {
+      const __m256 pt = _mm256_set1_ps(p[r * kCascadeKeys + t]);
+      for (int i = 0; i < NV; ++i) a[r][i] = _mm256_fmadd_ps(pt, vt[i], a[r][i]);
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int i = 0; i < NV; ++i) _mm256_storeu_ps(acc + r * D + 8 * i, a[r][i]);
+}
+
+template <int NR>
+GF_AVX2 inline void pv_rows(float* acc, const float* corr, const float* p, const float* v, int cn,
+                            int D) {
+  int d0 = 0;
+  for (; d0 + 32 <= D; d0 += 32) pv_tile<NR, 4>(acc + d0, corr, p, v + d0, cn, D);
+  for (; d0 + 8 <= D; d0 += 8) pv_tile<NR, 1>(acc + d0, corr, p, v + d0, cn, D);
+}
+
+// The prefix item on the AVX2 path (D % 8 == 0).
+template <typename T>
+GF_AVX2 void prefix_item_avx2(const T* q, const T* kc, const T* vc, const CascadeArgs& c,
+                              int64_t g, int h, int64_t k0, int64_t k1, float* part,
+                              int64_t part_stride) {
+  const DecodeArgs& a = c.a;
+  const int D = a.D, rep = a.hq / a.hkv;
+  const int64_t first = c.starts[g], G = c.starts[g + 1] - first;
+  const int64_t nq = G * rep;
+  thread_local PrefixScratch sc;
+  sc.reserve(nq, D);
+  float *qs = sc.q.data(), *acc = sc.acc.data(), *sb = sc.s.data(), *kt = sc.kt.data();
+  float *vb = sc.v.data(), *m = sc.m.data(), *l = sc.l.data(), *corr = sc.corr.data();
+  for (int64_t i = 0; i < G; ++i)
+    for (int r = 0; r < rep; ++r) {
+      const T* qr = q + (static_cast<int64_t>(c.rows[first + i]) * a.hq + h * rep + r) * D;
+      float* dst = qs + (i * rep + r) * D;
+      for (int d = 0; d < D; ++d) dst[d] = load(qr, d) * a.scale;
+    }
+  std::fill(acc, acc + nq * D, 0.f);
+  std::fill(m, m + nq, -std::numeric_limits<float>::infinity());
+  std::fill(l, l + nq, 0.f);
+  const int32_t* table = a.tables + static_cast<int64_t>(c.rows[first]) * a.max_blocks;
+  for (int64_t j0 = k0; j0 < k1; j0 += kCascadeKeys) {
+    const int cn = static_cast<int>(std::min<int64_t>(kCascadeKeys, k1 - j0));
+    // K^T [D][32] and V [32][D] of this chunk in fp32 (zeros past cn)
+    for (int t = 0; t < kCascadeKeys; ++t) {
+      if (t < cn) {
+        const int64_t off = kv_offset(token_slot(table, j0 + t, a.bs), h, a.hkv, D);
+        for (int d = 0; d < D; ++d) {
+          kt[d * kCascadeKeys + t] = load(kc + off, d);
+          vb[t * D + d] = load(vc + off, d);
+        }
+      } else {
+        for (int d = 0; d < D; ++d) kt[d * kCascadeKeys + t] = 0.f;
+      }
+    }
+    int64_t r = 0;
+    for (; r + 3 <= nq; r += 3) score_tile<3>(sb + r * kCascadeKeys, qs + r * D, kt, D);
+    for (; r < nq; ++r) score_tile<1>(sb + r * kCascadeKeys, qs + r * D, kt, D);
+    for (int64_t qi = 0; qi < nq; ++qi) {
+      float* sr = sb + qi * kCascadeKeys;
+      float mb = m[qi];
+      for (int t = 0; t < cn; ++t) mb = std::max(mb, sr[t]);
+      corr[qi] = std::exp(m[qi] - mb);  // exp(-inf) = 0 on the first chunk
+      float lsum = 0.f;
+#pragma omp simd reduction(+ : lsum)
+      for (int t = 0; t < cn; ++t) {
+        sr[t] = exp_nonpos(sr[t] - mb);
+        lsum += sr[t];
+      }
+      l[qi] = l[qi] * corr[qi] + lsum;
+      m[qi] = mb;
+    }
+    r = 0;
+    for (; r + 3 <= nq; r += 3)
+      pv_rows<3>(acc + r * D, corr + r, sb + r * kCascadeKeys, vb, cn, D);
+    for (; r < nq; ++r) pv_rows<1>(acc + r * D, corr + r, sb + r * kCascadeKeys, vb, cn, D);
+  }
+  for (int64_t i = 0; i < G; ++i) {
+    float* dst = part + i * part_stride + static_cast<int64_t>(h) * rep * (D + 2);
+    finish(static_cast<T*>(nullptr), dst, acc + i * rep * D, m + i * rep, l + i * rep, rep, D);
+  }
+}
+#endif
+
+// The prefix item without AVX2 (or D % 8 != 0): each query over the same shared keys with the
+// per-sequence pass (correct, not faster).
+template <typename T>
+void prefix_item_base(const T* q, const T* kc, const T* vc, const CascadeArgs& c, int64_t g,
+                      int h, int64_t k0, int64_t k1, float* part, int64_t part_stride) {
+  const DecodeArgs& a = c.a;
+  const int D = a.D, rep = a.hq / a.hkv;
+  const int64_t first = c.starts[g], G = c.starts[g + 1] - first;
+  const int32_t* table = a.tables + static_cast<int64_t>(c.rows[first]) * a.max_blocks;
+  auto row = [=](int64_t i) { return kv_offset(token_slot(table, k0 + i, a.bs), h, a.hkv, D); };
+  for (int64_t i = 0; i < G; ++i)
+    for (int r0 = 0; r0 < rep; r0 += kMaxRep) {
+      const int rc = std::min(kMaxRep, rep - r0);
+      const int64_t qo = (static_cast<int64_t>(c.rows[first + i]) * a.hq + h * rep + r0) * D;
+      float* dst = part + i * part_stride + (static_cast<int64_t>(h) * rep + r0) * (D + 2);
+      attend_any<false>(static_cast<T*>(nullptr), q + qo, kc, vc, row, k1 - k0, D, rc, a.scale,
+                        dst);
+    }
+}
+
+void run_prefix_item(int dtype, bool avx2, uintptr_t q, uintptr_t kc, uintptr_t vc,
+                     const CascadeArgs& c, int64_t g, int h, int64_t k0, int64_t k1, float* part,
+                     int64_t part_stride) {
+#ifdef GF_X86_DISPATCH
+  if (avx2 && c.a.D % 8 == 0) {
+    if (dtype == kF32)
+      return prefix_item_avx2(reinterpret_cast<const float*>(q), reinterpret_cast<const float*>(kc),
+                              reinterpret_cast<const float*>(vc), c, g, h, k0, k1, part,
+                              part_stride);
+    return prefix_item_avx2(reinterpret_cast<const uint16_t*>(q),
+                            reinterpret_cast<const uint16_t*>(kc),
+                            reinterpret_cast<const uint16_t*>(vc), c, g, h, k0, k1, part,
+                            part_stride);
+  }
+#endif
+  if (dtype == kF32)
+    return prefix_item_base(reinterpret_cast<const float*>(q), reinterpret_cast<const float*>(kc),
+                            reinterpret_cast<const float*>(vc), c, g, h, k0, k1, part,
+                            part_stride);
+  prefix_item_base(reinterpret_cast<const uint16_t*>(q), reinterpret_cast<const uint16_t*>(kc),
+                   reinterpret_cast<const uint16_t*>(vc), c, g, h, k0, k1, part, part_stride);
+}
+
+// out = the exact softmax merge of n partial states (acc, m, l), each [D + 2], `stride` apart.
+template <typename T>
+void merge_partials(T* out, const float* parts, int64_t stride, int n, int D) {
+  float M = -std::numeric_limits<float>::infinity();
+  for (int i = 0; i < n; ++i)
+    if (parts[i * stride + D + 1] > 0.f) M = std::max(M, parts[i * stride + D]);
+  float L = 0.f, o[256] = {};  // D <= 256 (checked)
+  for (int i = 0; i < n; ++i) {
+    const float* pi = parts + i * stride;
+    if (!(pi[D + 1] > 0.f)) continue;  // a range with no keys
+    const float w = std::exp(pi[D] - M);
+    L += pi[D + 1] * w;
+    for (int d = 0; d < D; ++d) o[d] += pi[d] * w;
+  }
+  const float inv = L > 0.f ? 1.f / L : 0.f;  // no keys at all: zeros
+  for (int d = 0; d < D; ++d) store(out, d, o[d] * inv);
+}
 
 // ---- prefill: one work item = (query token t, kv head g, query-head chunk) --------------------
 struct PrefillArgs {
@@ -308,6 +559,54 @@ void check_attention_dims(int hq, int hkv, int D, int dtype) {
     throw std::invalid_argument("CPU attention supports float32 and bfloat16 only");
 }
 
+// Every block a sequence reads must exist.
+void check_decode_tables(const DecodeArgs& a, int64_t num_seqs, int64_t num_blocks) {
+  for (int64_t s = 0; s < num_seqs; ++s) {
+    const int64_t n = a.lens[s];
+    if (n < 0 || n > a.max_blocks * a.bs)
+      throw std::invalid_argument("context_lens[" + std::to_string(s) + "] out of range");
+    for (int64_t i = 0; i < (n + a.bs - 1) / a.bs; ++i) {
+      const int32_t b = a.tables[s * a.max_blocks + i];
+      if (b < 0 || b >= num_blocks)
+        throw std::invalid_argument("block_tables[" + std::to_string(s) + ", " +
+                                    std::to_string(i) + "] = " + std::to_string(b) +
+                                    " is not a block of the cache");
+    }
+  }
+}
+
+// Groups of a cascade step: group_starts rises from 0 to S, group_rows is a permutation of the
+// rows, and each group's prefix lies in blocks that every row of the group shares.
+void check_cascade_groups(const CascadeArgs& c, int64_t num_seqs, int64_t num_groups) {
+  if (num_groups < 0 || c.starts[0] != 0 || c.starts[num_groups] != num_seqs)
+    throw std::invalid_argument("group_starts must rise from 0 to the number of sequences");
+  std::vector<char> seen(num_seqs, 0);
+  for (int64_t g = 0; g < num_groups; ++g) {
+    const int64_t b = c.starts[g], e = c.starts[g + 1];
+    if (e < b) throw std::invalid_argument("group_starts must not decrease");
+    for (int64_t i = b; i < e; ++i) {
+      const int32_t r = c.rows[i];
+      if (r < 0 || r >= num_seqs || seen[r])
+        throw std::invalid_argument("group_rows must be a permutation of the sequences");
+      seen[r] = 1;
+    }
+    const int64_t p = c.prefix[g];
+    if (p == 0) continue;
+    if (p < 0 || e == b) throw std::invalid_argument("prefix_lens[" + std::to_string(g) + "] < 0, or an empty group");
+    const int32_t* t0 = c.a.tables + static_cast<int64_t>(c.rows[b]) * c.a.max_blocks;
+    for (int64_t i = b; i < e; ++i) {
+      const int32_t r = c.rows[i];
+      if (c.a.lens[r] < p)
+        throw std::invalid_argument("prefix_lens[" + std::to_string(g) + "] exceeds the context of row " + std::to_string(r));
+      const int32_t* t = c.a.tables + static_cast<int64_t>(r) * c.a.max_blocks;
+      for (int64_t k = 0; k < (p + c.a.bs - 1) / c.a.bs; ++k)
+        if (t[k] != t0[k])
+          throw std::invalid_argument("group " + std::to_string(g) + ": row " + std::to_string(r) +
+                                      " does not share the prefix's block " + std::to_string(k));
+    }
+  }
+}
+
 size_t elem_size(int dtype) {
   if (dtype == kF32) return 4;
   if (dtype == kBF16 || dtype == kF16) return 2;
@@ -329,13 +628,18 @@ void cpu_append_kv(uintptr_t key_cache, uintptr_t value_cache, uintptr_t key, ui
   char* vc = reinterpret_cast<char*>(value_cache);
   const char* k = reinterpret_cast<const char*>(key);
   const char* v = reinterpret_cast<const char*>(value);
-#pragma omp parallel for schedule(static) if (num_tokens * row > (1 << 16))
-  for (int64_t t = 0; t < num_tokens; ++t) {
-    const int64_t s = slots[t];
-    if (s < 0) continue;  // padding
-    std::memcpy(kc + s * row, k + t * row, row);
-    std::memcpy(vc + s * row, v + t * row, row);
-  }
+  // a decode step's few rows: one thread; a prefill's thousands: chunks of ~256 KiB
+  const int64_t per = std::max<int64_t>(1, (int64_t{1} << 18) / static_cast<int64_t>(row));
+  const int64_t chunks = chunk_count(num_tokens, parallel_threads(), per);
+  parallel_for(chunks, [&](int64_t c) {
+    const auto [t0, t1] = chunk_range(c, chunks, num_tokens);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t s = slots[t];
+      if (s < 0) continue;  // padding
+      std::memcpy(kc + s * row, k + t * row, row);
+      std::memcpy(vc + s * row, v + t * row, row);
+    }
+  }, num_tokens * static_cast<int64_t>(row) > (1 << 16) ? 0 : 1);
 }
 
 void cpu_copy_blocks(uintptr_t key_cache, uintptr_t value_cache, uintptr_t block_mapping,
@@ -347,12 +651,11 @@ void cpu_copy_blocks(uintptr_t key_cache, uintptr_t value_cache, uintptr_t block
       throw std::invalid_argument("block_mapping entry " + std::to_string(map[i]) +
                                   " outside [0, num_blocks)");
   char* caches[2] = {reinterpret_cast<char*>(key_cache), reinterpret_cast<char*>(value_cache)};
-#pragma omp parallel for schedule(static) if (num_pairs * bytes > (1 << 16))
-  for (int64_t i = 0; i < 2 * num_pairs; ++i) {
+  parallel_for(2 * num_pairs, [&](int64_t i) {
     char* c = caches[i & 1];
     const int64_t p = i >> 1;
     std::memcpy(c + map[2 * p + 1] * bytes, c + map[2 * p] * bytes, bytes);
-  }
+  }, num_pairs * static_cast<int64_t>(bytes) > (1 << 16) ? 0 : 1);
 }
 
 void cpu_paged_decode_attention(uintptr_t out, uintptr_t query, uintptr_t key_cache,
@@ -364,41 +667,97 @@ void cpu_paged_decode_attention(uintptr_t out, uintptr_t query, uintptr_t key_ca
   DecodeArgs a{reinterpret_cast<const int32_t*>(block_tables),
                reinterpret_cast<const int32_t*>(context_lens), max_blocks, num_q_heads,
                num_kv_heads, head_dim, block_size, scale};
-  for (int64_t s = 0; s < num_seqs; ++s) {  // every block a sequence reads must exist
-    const int64_t n = a.lens[s];
-    if (n < 0 || n > max_blocks * block_size)
-      throw std::invalid_argument("context_lens[" + std::to_string(s) + "] out of range");
-    for (int64_t i = 0; i < (n + block_size - 1) / block_size; ++i) {
-      const int32_t b = a.tables[s * max_blocks + i];
-      if (b < 0 || b >= num_blocks)
-        throw std::invalid_argument("block_tables[" + std::to_string(s) + ", " +
-                                    std::to_string(i) + "] = " + std::to_string(b) +
-                                    " is not a block of the cache");
-    }
-  }
+  check_decode_tables(a, num_seqs, num_blocks);
   const int rep = num_q_heads / num_kv_heads;
   const int chunks = (rep + kMaxRep - 1) / kMaxRep;
   const int64_t items = num_seqs * num_kv_heads * chunks;
   const bool avx2 = use_avx2();
-#pragma omp parallel for schedule(dynamic, 1)
-  for (int64_t it = 0; it < items; ++it) {
+  parallel_for(items, [&](int64_t it) {
     const int c = static_cast<int>(it % chunks);
     const int g = static_cast<int>((it / chunks) % num_kv_heads);
     const int64_t s = it / (static_cast<int64_t>(chunks) * num_kv_heads);
-    const int h0 = g * rep + c * kMaxRep;
-    const int rc = std::min(kMaxRep, rep - c * kMaxRep);
-    if (dtype == kF32) {
-      auto f = avx2 ? decode_item_f32_avx2 : decode_item_f32;
-      f(reinterpret_cast<float*>(out), reinterpret_cast<const float*>(query),
-        reinterpret_cast<const float*>(key_cache), reinterpret_cast<const float*>(value_cache), a,
-        s, g, h0, rc);
-    } else {
-      auto f = avx2 ? decode_item_bf16_avx2 : decode_item_bf16;
-      f(reinterpret_cast<uint16_t*>(out), reinterpret_cast<const uint16_t*>(query),
-        reinterpret_cast<const uint16_t*>(key_cache),
-        reinterpret_cast<const uint16_t*>(value_cache), a, s, g, h0, rc);
+    run_decode_item(dtype, avx2, out, query, key_cache, value_cache, a, s, g, g * rep + c * kMaxRep,
+                    std::min(kMaxRep, rep - c * kMaxRep), 0, nullptr);
+  });
+}
+
+void cpu_cascade_decode_attention(uintptr_t out, uintptr_t query, uintptr_t key_cache,
+                                  uintptr_t value_cache, uintptr_t block_tables,
+                                  uintptr_t context_lens, int64_t num_seqs, int num_q_heads,
+                                  int num_kv_heads, int head_dim, int block_size,
+                                  int64_t max_blocks, int64_t num_blocks, float scale, int dtype,
+                                  uintptr_t group_rows, uintptr_t group_starts,
+                                  uintptr_t prefix_lens, int64_t num_groups) {
+  check_attention_dims(num_q_heads, num_kv_heads, head_dim, dtype);
+  CascadeArgs c{{reinterpret_cast<const int32_t*>(block_tables),
+                 reinterpret_cast<const int32_t*>(context_lens), max_blocks, num_q_heads,
+                 num_kv_heads, head_dim, block_size, scale},
+                reinterpret_cast<const int32_t*>(group_rows),
+                reinterpret_cast<const int32_t*>(group_starts),
+                reinterpret_cast<const int32_t*>(prefix_lens)};
+  const DecodeArgs& a = c.a;
+  check_decode_tables(a, num_seqs, num_blocks);
+  check_cascade_groups(c, num_seqs, num_groups);
+  const int D = head_dim, hq = num_q_heads, rep = hq / num_kv_heads;
+  const int chunks = (rep + kMaxRep - 1) / kMaxRep;
+  // Partial states: per group [1 + splits][G][hq][D + 2], part 0 = the rows' own keys.
+  std::vector<int64_t> base(num_groups + 1, 0), splits(num_groups);
+  std::vector<int32_t> group_of(num_seqs), index_in(num_seqs);
+  const int64_t row_stride = static_cast<int64_t>(hq) * (D + 2);
+  for (int64_t g = 0; g < num_groups; ++g) {
+    const int64_t G = c.starts[g + 1] - c.starts[g];
+    splits[g] = (c.prefix[g] + kPrefixSplit - 1) / kPrefixSplit;
+    base[g + 1] = base[g] + (1 + splits[g]) * G * row_stride;
+    for (int64_t i = 0; i < G; ++i) {
+      group_of[c.rows[c.starts[g] + i]] = static_cast<int32_t>(g);
+      index_in[c.rows[c.starts[g] + i]] = static_cast<int32_t>(i);
     }
   }
+  thread_local std::vector<float> parts;
+  if (static_cast<int64_t>(parts.size()) < base[num_groups]) parts.resize(base[num_groups]);
+  float* pp = parts.data();
+  // Work items: prefix items (g, kv head, split) first (the large ones), then the rows' own keys.
+  struct Item { int64_t g, s; int h, c; };
+  std::vector<Item> work;
+  for (int64_t g = 0; g < num_groups; ++g)
+    for (int h = 0; h < num_kv_heads; ++h)
+      for (int64_t j = 0; j < splits[g]; ++j) work.push_back({g, -1 - j, h, 0});
+  for (int64_t s = 0; s < num_seqs; ++s)
+    for (int h = 0; h < num_kv_heads; ++h)
+      for (int ch = 0; ch < chunks; ++ch) work.push_back({group_of[s], s, h, ch});
+  const bool avx2 = use_avx2();
+  parallel_for(static_cast<int64_t>(work.size()), [&](int64_t it) {
+    const Item& w = work[it];
+    const int64_t G = c.starts[w.g + 1] - c.starts[w.g];
+    const int64_t stride = G * row_stride;  // between parts of one (row, head)
+    if (w.s < 0) {  // prefix keys [j * split, (j + 1) * split) of group g
+      const int64_t j = -1 - w.s, k0 = j * kPrefixSplit;
+      const int64_t k1 = std::min<int64_t>(c.prefix[w.g], k0 + kPrefixSplit);
+      run_prefix_item(dtype, avx2, query, key_cache, value_cache, c, w.g, w.h, k0, k1,
+                      pp + base[w.g] + (1 + j) * stride, row_stride);
+      return;
+    }
+    const int h0 = w.h * rep + w.c * kMaxRep;
+    float* dst = pp + base[w.g] + index_in[w.s] * row_stride + static_cast<int64_t>(h0) * (D + 2);
+    run_decode_item(dtype, avx2, out, query, key_cache, value_cache, a, w.s, w.h, h0,
+                    std::min(kMaxRep, rep - w.c * kMaxRep), c.prefix[w.g], dst);
+  });
+  // merge: out[s, h] from its 1 + splits partial states
+  const int64_t merges = num_seqs * hq;
+  const int64_t mchunks = chunk_count(merges, parallel_threads(), 64);
+  parallel_for(mchunks, [&](int64_t mc) {
+    const auto [m0, m1] = chunk_range(mc, mchunks, merges);
+    for (int64_t it = m0; it < m1; ++it) {
+      const int64_t s = it / hq, h = it % hq, g = group_of[s];
+      const int64_t G = c.starts[g + 1] - c.starts[g];
+      const float* src = pp + base[g] + index_in[s] * row_stride + h * (D + 2);
+      const int n = static_cast<int>(1 + splits[g]);
+      if (dtype == kF32)
+        merge_partials(reinterpret_cast<float*>(out) + it * D, src, G * row_stride, n, D);
+      else
+        merge_partials(reinterpret_cast<uint16_t*>(out) + it * D, src, G * row_stride, n, D);
+    }
+  });
 }
 
 void cpu_prefill_attention(uintptr_t out, uintptr_t query, uintptr_t key, uintptr_t value,
@@ -418,25 +777,29 @@ void cpu_prefill_attention(uintptr_t out, uintptr_t query, uintptr_t key, uintpt
   const int chunks = (rep + kMaxRep - 1) / kMaxRep;
   const int64_t items = num_tokens * num_kv_heads * chunks;
   const bool avx2 = use_avx2();
-#pragma omp parallel for schedule(dynamic, 4)
-  for (int64_t it = 0; it < items; ++it) {
-    const int c = static_cast<int>(it % chunks);
-    const int g = static_cast<int>((it / chunks) % num_kv_heads);
-    const int64_t t = it / (static_cast<int64_t>(chunks) * num_kv_heads);
-    const int h0 = g * rep + c * kMaxRep;
-    const int rc = std::min(kMaxRep, rep - c * kMaxRep);
-    if (dtype == kF32) {
-      auto f = avx2 ? prefill_item_f32_avx2 : prefill_item_f32;
-      f(reinterpret_cast<float*>(out), reinterpret_cast<const float*>(query),
-        reinterpret_cast<const float*>(key), reinterpret_cast<const float*>(value), a, t, g, h0,
-        rc);
-    } else {
-      auto f = avx2 ? prefill_item_bf16_avx2 : prefill_item_bf16;
-      f(reinterpret_cast<uint16_t*>(out), reinterpret_cast<const uint16_t*>(query),
-        reinterpret_cast<const uint16_t*>(key), reinterpret_cast<const uint16_t*>(value), a, t, g,
-        h0, rc);
+  // chunks of consecutive items (a query token's heads, then the next token's)
+  const int64_t nchunks = chunk_count(items, parallel_threads(), 8);
+  parallel_for(nchunks, [&](int64_t ci) {
+    const auto [i0, i1] = chunk_range(ci, nchunks, items);
+    for (int64_t it = i0; it < i1; ++it) {
+      const int c = static_cast<int>(it % chunks);
+      const int g = static_cast<int>((it / chunks) % num_kv_heads);
+      const int64_t t = it / (static_cast<int64_t>(chunks) * num_kv_heads);
+      const int h0 = g * rep + c * kMaxRep;
+      const int rc = std::min(kMaxRep, rep - c * kMaxRep);
+      if (dtype == kF32) {
+        auto f = avx2 ? prefill_item_f32_avx2 : prefill_item_f32;
+        f(reinterpret_cast<float*>(out), reinterpret_cast<const float*>(query),
+          reinterpret_cast<const float*>(key), reinterpret_cast<const float*>(value), a, t, g, h0,
+          rc);
+      } else {
+        auto f = avx2 ? prefill_item_bf16_avx2 : prefill_item_bf16;
+        f(reinterpret_cast<uint16_t*>(out), reinterpret_cast<const uint16_t*>(query),
+          reinterpret_cast<const uint16_t*>(key), reinterpret_cast<const uint16_t*>(value), a, t,
+          g, h0, rc);
+      }
     }
-  }
+  });
 }
 
 }  // namespace grpo_fast

@@ -9,9 +9,15 @@
 // Layout: x is packed once per call into x^T tiles [K][32] (zero padded past M), so one k step
 // is 4 ymm loads of x and one broadcast per weight row; the micro-tile is 3 weight rows x 32 x
 // rows = 12 accumulators. The weight is read in place, row-major [N, K], no copy. Work is split
-// over blocks of 3 weight rows (OpenMP, static, so each thread streams one contiguous slice).
-// The sum over k runs in registers kKBlock steps at a time and is added into the tile's partial
-// sums between blocks, which keeps the rounding error of long K close to a blocked GEMM's.
+// over chunks of consecutive 3-row weight blocks (~30 µs each) that the threads claim
+// (parallel.h). The sum over k runs in registers kKBlock steps at a time and is added into the
+// tile's partial sums between blocks, which keeps the rounding error of long K close to a
+// blocked GEMM's.
+//
+// LoRA (peft's base(x) + s * B(A(x)), read from the live adapter weights): the packed input
+// gets r more rows per adapter, (s * x A^T)^T, computed right after the packing; then B is one
+// more micro-tile pass over those rows, added to the base tile before the epilogue (bias, SiLU,
+// residual accumulation). So an adapter costs its own FLOPs and no extra pass over the output.
 #include "linear_cpu.h"
 
 #include <algorithm>
@@ -20,6 +26,7 @@
 #include <vector>
 
 #include "cpu_common.h"
+#include "parallel.h"
 
 namespace grpo_fast {
 namespace {
@@ -29,10 +36,10 @@ constexpr int kCols = 32;      // x rows per micro-tile (4 ymm)
 constexpr int kKBlock = 128;   // k steps summed in registers before joining the partial sums
 
 #ifdef GF_X86_DISPATCH
-// tile[r][0:8*MV] = sum_k w_r[k] * xt[k][0:8*MV] for r < NR.
+// tile[r][0:8*MV] (+ if add) = sum_k w_r[k] * xt[k][0:8*MV] for r < NR.
 template <int MV, int NR>
 GF_AVX2 GF_INLINE void micro_tile(float* tile, const float* xt, const float* w, int64_t ldw,
-                                  int64_t K) {
+                                  int64_t K, bool add) {
   for (int64_t k0 = 0; k0 < K; k0 += kKBlock) {
     const int64_t k1 = std::min<int64_t>(K, k0 + kKBlock);
     __m256 acc[NR][MV];
@@ -49,28 +56,30 @@ GF_AVX2 GF_INLINE void micro_tile(float* tile, const float* xt, const float* w, 
     for (int r = 0; r < NR; ++r)
       for (int v = 0; v < MV; ++v) {
         float* t = tile + r * kCols + 8 * v;
-        _mm256_storeu_ps(t, k0 == 0 ? acc[r][v] : _mm256_add_ps(_mm256_loadu_ps(t), acc[r][v]));
+        _mm256_storeu_ps(t, k0 == 0 && !add ? acc[r][v]
+                                            : _mm256_add_ps(_mm256_loadu_ps(t), acc[r][v]));
       }
   }
 }
 
 template <int NR>
 GF_AVX2 void micro_tile_cols(int mv, float* tile, const float* xt, const float* w, int64_t ldw,
-                             int64_t K) {
+                             int64_t K, bool add) {
   switch (mv) {
-    case 4: return micro_tile<4, NR>(tile, xt, w, ldw, K);
-    case 3: return micro_tile<3, NR>(tile, xt, w, ldw, K);
-    case 2: return micro_tile<2, NR>(tile, xt, w, ldw, K);
-    default: return micro_tile<1, NR>(tile, xt, w, ldw, K);
+    case 4: return micro_tile<4, NR>(tile, xt, w, ldw, K, add);
+    case 3: return micro_tile<3, NR>(tile, xt, w, ldw, K, add);
+    case 2: return micro_tile<2, NR>(tile, xt, w, ldw, K, add);
+    default: return micro_tile<1, NR>(tile, xt, w, ldw, K, add);
   }
 }
 
-// tile [nr][32] for weight rows w[0:nr] against the x^T tile xt [K][32] (mv ymm of it valid).
+// tile [nr][32] (+ if add) for weight rows w[0:nr] against the x^T tile xt [K][32] (mv ymm
+// of it valid).
 GF_AVX2 void weight_tile(int nr, int mv, float* tile, const float* xt, const float* w,
-                         int64_t ldw, int64_t K) {
-  if (nr == 3) return micro_tile_cols<3>(mv, tile, xt, w, ldw, K);
-  if (nr == 2) return micro_tile_cols<2>(mv, tile, xt, w, ldw, K);
-  return micro_tile_cols<1>(mv, tile, xt, w, ldw, K);
+                         int64_t ldw, int64_t K, bool add) {
+  if (nr == 3) return micro_tile_cols<3>(mv, tile, xt, w, ldw, K, add);
+  if (nr == 2) return micro_tile_cols<2>(mv, tile, xt, w, ldw, K, add);
+  return micro_tile_cols<1>(mv, tile, xt, w, ldw, K, add);
 }
 
 // silu(g) * u = g * u / (1 + exp(-g)), with exp of a non-positive argument only.
@@ -90,20 +99,6 @@ struct Problem {
   int64_t m_tiles() const { return (M + kCols - 1) / kCols; }
 };
 
-// x^T tiles [m_tiles][K][32], rows past M zero; each thread packs a slice of k.
-void pack_xt(float* xt, const Problem& p) {
-  const int64_t tiles = p.m_tiles();
-#pragma omp for schedule(static)
-  for (int64_t k = 0; k < p.K; ++k)
-    for (int64_t t = 0; t < tiles; ++t) {
-      float* dst = xt + (t * p.K + k) * kCols;
-      for (int c = 0; c < kCols; ++c) {
-        const int64_t m = t * kCols + c;
-        dst[c] = m < p.M ? p.x[m * p.ldx + k] : 0.f;
-      }
-    }
-}
-
 void check(const Problem& p, int64_t N, int64_t ldo) {
   if (p.M < 0 || N < 0 || p.K < 1)
     throw std::invalid_argument("cpu_linear: need M >= 0, N >= 0, K >= 1");
@@ -112,47 +107,142 @@ void check(const Problem& p, int64_t N, int64_t ldo) {
   if (!use_avx2()) throw std::invalid_argument("cpu_linear: this CPU has no AVX2+FMA");
 }
 
-// One weight of a (possibly multi-weight) linear call: out [M, n] (rows ldo apart) from w [n, K].
+// One weight of a (possibly multi-weight) linear call: out [M, n] (rows ldo apart) from w [n, K],
+// plus its LoRA adapters.
 struct Segment {
   const float* w;
   const float* bias;
   float* out;
   int64_t n, ldo;
+  std::vector<LoraTerm> lora;
 };
 
-// The loop both linear kernels share: x packed once into x^T tiles, then the `blocks` 3-row
-// weight blocks split over the threads (static: each streams one contiguous slice), and per block
-// and x tile fn(block, xt_tile, m0, mr) with the tile's first row m0 and valid rows mr.
-template <typename BlockFn>
-void for_each_block_tile(const Problem& p, int64_t blocks, BlockFn fn) {
-  const int64_t tiles = p.m_tiles();
-  std::vector<float> xt(tiles * p.K * kCols);
-#pragma omp parallel
-  {
-    pack_xt(xt.data(), p);  // ends in the implicit barrier of its omp for
-#pragma omp for schedule(static)
-    for (int64_t b = 0; b < blocks; ++b)
-      for (int64_t t = 0; t < tiles; ++t)
-        fn(b, xt.data() + t * p.K * kCols, t * kCols,
-           static_cast<int>(std::min<int64_t>(kCols, p.M - t * kCols)));
-  }
+// About 30 µs of one thread's work per chunk (see parallel.h): ~1 MFLOP.
+int64_t blocks_per_chunk(const Problem& p) {
+  const int64_t flops = 2 * kRows * p.K * p.m_tiles() * kCols;
+  return std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(1, flops));
 }
 
-// out_i (+)= alpha * x @ w_i^T + bias_i for every segment: the weight rows of all segments are
-// one list of 3-row blocks.
-void run_linear(const Problem& p, const std::vector<Segment>& segs, float alpha, bool accumulate) {
+// x packed as x^T tiles [tiles][kx][32] (rows past M zero), and below each tile's K rows, the
+// LoRA rows: for adapter l of a segment, rows [K + off_l, K + off_l + r_l) hold
+// (scale_l * x A_l^T)^T. So B_l is one more micro-tile pass over those rows, added to the base
+// tile before any epilogue (bias, SiLU, accumulation).
+struct Packed {
+  const Problem& p;
+  int64_t kx;
+  std::vector<std::vector<int64_t>> offsets;  // [segment][adapter] -> row offset below K
+  float* xt;
+  const float* tile(int64_t t) const { return xt + t * kx * kCols; }
+};
+
+// Thread-local scratch that only grows: a decode step would otherwise allocate (and, past the
+// mmap threshold, page-fault in) a fresh buffer in every call.
+float* scratch(size_t floats) {
+  thread_local std::vector<float> buf;
+  if (buf.size() < floats) buf.resize(floats);
+  return buf.data();
+}
+
 #ifdef GF_X86_DISPATCH
+// Everything the blocks of the main pass need from the packed input: rows [0, K) for the base
+// weight, then each adapter's B over its LoRA rows (added into the same tile).
+GF_AVX2 void segment_tile(int nr, int mv, float* tile, const Packed& pk, int64_t t,
+                          const Segment& sg, size_t si, int64_t n0) {
+  const int64_t K = pk.p.K;
+  const float* xt = pk.tile(t);
+  weight_tile(nr, mv, tile, xt, sg.w + n0 * K, K, K, false);
+  for (size_t l = 0; l < sg.lora.size(); ++l) {
+    const LoraTerm& lt = sg.lora[l];
+    weight_tile(nr, mv, tile, xt + (K + pk.offsets[si][l]) * kCols, lt.b + n0 * lt.r, lt.r, lt.r,
+                true);
+  }
+}
+#endif
+
+// Packs x and computes the LoRA rows; returns the packed input (valid until the next call on
+// this thread).
+Packed pack(const Problem& p, const std::vector<Segment*>& segs) {
+  std::vector<std::vector<int64_t>> offsets;
+  int64_t rank = 0;
+  struct ABlock { const LoraTerm* lt; int64_t row, j0; };  // 3 rows of A, written at `row`
+  std::vector<ABlock> ablocks;
+  for (const Segment* sg : segs) {
+    offsets.emplace_back();
+    for (const LoraTerm& lt : sg->lora) {
+      offsets.back().push_back(rank);
+      for (int64_t j = 0; j < lt.r; j += kRows) ablocks.push_back({&lt, p.K + rank + j, j});
+      rank += lt.r;
+    }
+  }
+  const int64_t tiles = p.m_tiles(), kx = p.K + rank;
+  Packed pk{p, kx, std::move(offsets), scratch(tiles * kx * kCols)};
+  // x^T: chunks of k (each writes its rows of every tile)
+  const int threads = parallel_threads();
+  const int64_t kchunks = p.K * tiles * kCols < (1 << 15) ? 1 : chunk_count(p.K, threads, 64);
+  parallel_for(kchunks, [&](int64_t c) {
+    const auto [k0, k1] = chunk_range(c, kchunks, p.K);
+    for (int64_t t = 0; t < tiles; ++t)
+      for (int64_t k = k0; k < k1; ++k) {
+        float* dst = pk.xt + (t * kx + k) * kCols;
+        for (int c2 = 0; c2 < kCols; ++c2) {
+          const int64_t m = t * kCols + c2;
+          dst[c2] = m < p.M ? p.x[m * p.ldx + k] : 0.f;
+        }
+      }
+  });
+#ifdef GF_X86_DISPATCH
+  // LoRA rows: tile rows of scale * A x^T, straight into the packed layout
+  // (an adapter's few rows: one thread unless there are many of them)
+  const int64_t items = static_cast<int64_t>(ablocks.size()) * tiles;
+  const int64_t achunks = items < 16 ? std::min<int64_t>(items, 1) : chunk_count(items, threads, 8);
+  parallel_for(achunks, [&](int64_t c) {
+    const auto [b0, b1] = chunk_range(c, achunks, items);
+    for (int64_t it = b0; it < b1; ++it) {
+      const ABlock& ab = ablocks[it / tiles];
+      const int64_t t = it % tiles;
+      const int nr = static_cast<int>(std::min<int64_t>(kRows, ab.lt->r - ab.j0));
+      alignas(32) float tile[kRows * kCols];
+      weight_tile(nr, kCols / 8, tile, pk.tile(t), ab.lt->a + ab.j0 * p.K, p.K, p.K, false);
+      float* dst = pk.xt + (t * kx + ab.row) * kCols;
+      for (int r = 0; r < nr * kCols; ++r) dst[r] = ab.lt->scale * tile[r];
+    }
+  });
+#endif
+  return pk;
+}
+
+// The main pass's 3-row weight blocks over all segments, cut into chunks over the threads;
+// fn(segment index, first weight row n0, rows nr, x tile t, first x row m0, x rows mr).
+template <typename BlockFn>
+void for_each_block(const Problem& p, const std::vector<Segment*>& segs, BlockFn fn) {
   std::vector<int64_t> first{0};  // first global block of each segment
-  for (const Segment& sg : segs) first.push_back(first.back() + (sg.n + kRows - 1) / kRows);
-  const int64_t K = p.K;
-  for_each_block_tile(p, first.back(), [&](int64_t gb, const float* xt, int64_t m0, int mr) {
+  for (const Segment* sg : segs) first.push_back(first.back() + (sg->n + kRows - 1) / kRows);
+  const int64_t blocks = first.back(), tiles = p.m_tiles();
+  const int64_t chunks = chunk_count(blocks, parallel_threads(), blocks_per_chunk(p));
+  parallel_for(chunks, [&](int64_t c) {
+    const auto [b0, b1] = chunk_range(c, chunks, blocks);
     size_t si = 0;
-    while (gb >= first[si + 1]) ++si;
+    for (int64_t gb = b0; gb < b1; ++gb) {
+      while (gb >= first[si + 1]) ++si;
+      const Segment& sg = *segs[si];
+      const int64_t n0 = (gb - first[si]) * kRows;
+      const int nr = static_cast<int>(std::min<int64_t>(kRows, sg.n - n0));
+      for (int64_t t = 0; t < tiles; ++t)
+        fn(si, n0, nr, t, t * kCols, static_cast<int>(std::min<int64_t>(kCols, p.M - t * kCols)));
+    }
+  });
+}
+
+// out_i (+)= alpha * (x @ w_i^T + LoRA_i(x)) + bias_i for every segment.
+void run_linear(const Problem& p, std::vector<Segment>& segs, float alpha, bool accumulate) {
+#ifdef GF_X86_DISPATCH
+  std::vector<Segment*> ptrs;
+  for (Segment& sg : segs) ptrs.push_back(&sg);
+  const Packed pk = pack(p, ptrs);
+  for_each_block(p, ptrs, [&](size_t si, int64_t n0, int nr, int64_t t, int64_t m0, int mr) {
     const Segment& sg = segs[si];
-    const int64_t n0 = (gb - first[si]) * kRows;
-    const int nr = static_cast<int>(std::min<int64_t>(kRows, sg.n - n0));
     alignas(32) float tile[kRows * kCols];
-    weight_tile(nr, (mr + 7) / 8, tile, xt, sg.w + n0 * K, K, K);
+    segment_tile(nr, (mr + 7) / 8, tile, pk, t, sg, si, n0);
     for (int r = 0; r < nr; ++r) {
       const float add = sg.bias ? sg.bias[n0 + r] : 0.f;
       for (int m = 0; m < mr; ++m) {
@@ -165,58 +255,67 @@ void run_linear(const Problem& p, const std::vector<Segment>& segs, float alpha,
 #endif
 }
 
+// out = silu(x Wg^T + LoRA_g(x)) * (x Wu^T + LoRA_u(x)); gate and up have the same shape.
+void run_silu_mul(const Problem& p, Segment gate, Segment up) {
+#ifdef GF_X86_DISPATCH
+  std::vector<Segment*> ptrs{&gate, &up};
+  const Packed pk = pack(p, ptrs);
+  std::vector<Segment*> rows{&gate};  // the blocks run over gate's rows, up's alongside
+  for_each_block(p, rows, [&](size_t, int64_t n0, int nr, int64_t t, int64_t m0, int mr) {
+    alignas(32) float g[kRows * kCols], u[kRows * kCols];
+    segment_tile(nr, (mr + 7) / 8, g, pk, t, gate, 0, n0);
+    segment_tile(nr, (mr + 7) / 8, u, pk, t, up, 1, n0);
+    silu_mul_tile(g, u, nr * kCols);
+    for (int r = 0; r < nr; ++r)
+      for (int m = 0; m < mr; ++m) gate.out[(m0 + m) * gate.ldo + n0 + r] = g[r * kCols + m];
+  });
+#endif
+}
+
 }  // namespace
 
 bool cpu_linear_available() { return use_avx2(); }
 
 void cpu_linear(uintptr_t out, uintptr_t x, uintptr_t weight, uintptr_t bias, int64_t M,
-                int64_t N, int64_t K, int64_t ldx, int64_t ldo, float alpha, bool accumulate) {
+                int64_t N, int64_t K, int64_t ldx, int64_t ldo, float alpha, bool accumulate,
+                const std::vector<LoraTerm>& lora) {
   const Problem p{reinterpret_cast<const float*>(x), M, K, ldx};
   check(p, N, ldo);
-  run_linear(p,
-             {{reinterpret_cast<const float*>(weight), reinterpret_cast<const float*>(bias),
-               reinterpret_cast<float*>(out), N, ldo}},
-             alpha, accumulate);
+  std::vector<Segment> segs{{reinterpret_cast<const float*>(weight),
+                             reinterpret_cast<const float*>(bias), reinterpret_cast<float*>(out),
+                             N, ldo, lora}};
+  run_linear(p, segs, alpha, accumulate);
 }
 
 void cpu_linear_many(const std::vector<uintptr_t>& outs, uintptr_t x,
                      const std::vector<uintptr_t>& weights, const std::vector<uintptr_t>& biases,
                      const std::vector<int64_t>& ns, const std::vector<int64_t>& ldos, int64_t M,
-                     int64_t K, int64_t ldx) {
+                     int64_t K, int64_t ldx, const std::vector<std::vector<LoraTerm>>& lora) {
   const size_t count = weights.size();
   if (outs.size() != count || biases.size() != count || ns.size() != count || ldos.size() != count)
     throw std::invalid_argument("cpu_linear_many: outs, weights, biases, ns, ldos differ in length");
+  if (!lora.empty() && lora.size() != count)
+    throw std::invalid_argument("cpu_linear_many: one LoRA list per weight (or none at all)");
   const Problem p{reinterpret_cast<const float*>(x), M, K, ldx};
   std::vector<Segment> segs;
   for (size_t i = 0; i < count; ++i) {
     check(p, ns[i], ldos[i]);
     segs.push_back({reinterpret_cast<const float*>(weights[i]),
                     reinterpret_cast<const float*>(biases[i]), reinterpret_cast<float*>(outs[i]),
-                    ns[i], ldos[i]});
+                    ns[i], ldos[i], lora.empty() ? std::vector<LoraTerm>{} : lora[i]});
   }
   run_linear(p, segs, 1.f, false);
 }
 
 void cpu_silu_mul_linear(uintptr_t out, uintptr_t x, uintptr_t w_gate, uintptr_t w_up, int64_t M,
-                         int64_t N, int64_t K, int64_t ldx, int64_t ldo) {
+                         int64_t N, int64_t K, int64_t ldx, int64_t ldo,
+                         const std::vector<LoraTerm>& lora_gate,
+                         const std::vector<LoraTerm>& lora_up) {
   const Problem p{reinterpret_cast<const float*>(x), M, K, ldx};
   check(p, N, ldo);
-#ifdef GF_X86_DISPATCH
   auto* o = reinterpret_cast<float*>(out);
-  const auto* wg = reinterpret_cast<const float*>(w_gate);
-  const auto* wu = reinterpret_cast<const float*>(w_up);
-  const int64_t blocks = (N + kRows - 1) / kRows;
-  for_each_block_tile(p, blocks, [&](int64_t b, const float* xt, int64_t m0, int mr) {
-    const int64_t n0 = b * kRows;
-    const int nr = static_cast<int>(std::min<int64_t>(kRows, N - n0));
-    alignas(32) float gate[kRows * kCols], up[kRows * kCols];
-    weight_tile(nr, (mr + 7) / 8, gate, xt, wg + n0 * K, K, K);
-    weight_tile(nr, (mr + 7) / 8, up, xt, wu + n0 * K, K, K);
-    silu_mul_tile(gate, up, nr * kCols);
-    for (int r = 0; r < nr; ++r)
-      for (int m = 0; m < mr; ++m) o[(m0 + m) * ldo + n0 + r] = gate[r * kCols + m];
-  });
-#endif
+  run_silu_mul(p, {reinterpret_cast<const float*>(w_gate), nullptr, o, N, ldo, lora_gate},
+               {reinterpret_cast<const float*>(w_up), nullptr, nullptr, N, ldo, lora_up});
 }
 
 }  // namespace grpo_fast

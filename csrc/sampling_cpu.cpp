@@ -18,6 +18,7 @@
 
 #include "common.h"
 #include "cpu_common.h"
+#include "parallel.h"
 
 namespace grpo_fast {
 namespace {
@@ -186,14 +187,11 @@ void cpu_sample(uintptr_t tokens, uintptr_t logprobs, uintptr_t logits, uintptr_
   const auto* mp = reinterpret_cast<const float*>(min_p);
   const auto* sd = reinterpret_cast<const int64_t*>(seeds);
   const auto* st = reinterpret_cast<const int64_t*>(steps);
-#pragma omp parallel
-  {
-    std::vector<double> p, buf;  // per-thread scratch
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t s = 0; s < num_rows; ++s)
-      sample_row(tok + s, lp + s, x + s * vocab, vocab, temp[s], tk[s], tp[s], mp[s], sd[s], st[s],
-                 p, buf);
-  }
+  parallel_for(num_rows, [&](int64_t s) {
+    thread_local std::vector<double> p, buf;  // per-thread scratch, kept between calls
+    sample_row(tok + s, lp + s, x + s * vocab, vocab, temp[s], tk[s], tp[s], mp[s], sd[s], st[s],
+               p, buf);
+  });
 }
 
 }  // namespace grpo_fast

@@ -3,6 +3,7 @@
     grpo-fast train [--config cfg.yaml] [--key value ...] [--resume | --overwrite] [--merge]
     grpo-fast eval  [--config cfg.yaml] [--adapter DIR] [--key value ...]
     grpo-fast sample [--config cfg.yaml] [--adapter DIR] --prompt "What is 12 + 7?" [--n 4]
+    grpo-fast plan  [--config cfg.yaml] [--device-memory 24GiB]
     grpo-fast --version
 
 With no arguments, `train` runs the default job: SmolLM2-135M-Instruct + LoRA on the built-in
@@ -161,7 +162,27 @@ def cmd_sample(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample}
+def cmd_plan(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="grpo-fast plan", description="The run's memory plan: predicted peak per phase "
+                                "and component, from the configs alone (no weights loaded)")
+    p.add_argument("--config")
+    p.add_argument("--device-memory", help="e.g. 24GiB: say whether the run fits and the largest settings that do")
+    mine, overrides = _split(argv, {"--config", "--device-memory", "-h", "--help"})
+    args = p.parse_args(mine)
+    cfg = _load(args, overrides)
+    from grpo_fast import memory
+
+    size = memory.parse_size(args.device_memory) if args.device_memory else None
+    shape = memory.read_shape(cfg.model)
+    print(memory.plan(cfg, size, shape=shape).table())
+    if size is not None:
+        print(f"\nlargest values that fit in {args.device_memory} (one at a time, the others as configured):")
+        for knob, value in memory.fit(cfg, size, shape=shape).items():
+            print(f"  {knob:<32} {'nothing fits' if value is None else value}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "plan": cmd_plan}
 
 
 def main(argv: list[str] | None = None) -> int:

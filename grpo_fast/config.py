@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 from grpo_fast.errors import ConfigError
-
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
+from grpo_fast.loss.options import (IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPE_NAMES, MULTI_OBJECTIVE_AGGREGATIONS,
+                                    OLD_LOGPROBS_SOURCES, SAMPLING_CORRECTIONS, SCALE_REWARDS, option_warnings)
 
 
 def _check(cond: bool, name: str, msg: str) -> None:
@@ -75,7 +75,7 @@ class SamplingConfig:
     max_completion_length: int = 256
     stop: list[str] | None = None
     backend: str = "auto"  # auto = our paged Sampler when it supports the model, else HF generate
-    kv_budget: str | None = None  # e.g. "2GiB" or "65536 tokens"; None = the sampler's default
+    kv_budget: str | None = None  # "2GiB", "65536 tokens", auto (device memory minus the plan's training peak); None = a step's worth
 
     def __post_init__(self) -> None:
         _check(self.num_generations >= 2, "sampling.num_generations",
@@ -88,7 +88,7 @@ class SamplingConfig:
         _check(self.max_completion_length > 0, "sampling.max_completion_length",
                f"must be > 0, got {self.max_completion_length}")
         _choice(self.backend, "sampling.backend", ("auto", "sampler", "hf"))
-        if self.kv_budget is not None:
+        if self.kv_budget is not None and self.kv_budget != "auto":
             from grpo_fast.sampler.kv_budget import check_kv_budget
 
             check_kv_budget(self.kv_budget)
@@ -96,26 +96,83 @@ class SamplingConfig:
 
 @dataclass
 class LossConfig:
-    loss_type: str = "dapo"
-    beta: float = 0.0  # k3 KL coefficient; > 0 needs reference log-probs (adapters disabled)
+    """The loss (grpo_fast/loss/objective.py has the math of every option). Names and meanings are
+    TRL 1.16's; defaults too, except where noted."""
+
+    loss_type: str = "dapo"  # grpo | bnpo | dr_grpo | dapo | cispo | sapo | luspo | vespo
+    beta: float = 0.0  # KL coefficient; > 0 needs reference log-probs (adapters disabled)
+    use_bias_correction_kl: bool = True  # KL × the ratio: the unbiased reverse-KL gradient (DeepSeek-V3.2)
     epsilon: float = 0.2
-    epsilon_high: float | None = None  # None = epsilon
+    epsilon_high: float | None = None  # None = epsilon (cispo: its weight clip; TRL recommends ~5)
     delta: float | None = None  # two-sided clipping bound (INTELLECT-2); None = off
     importance_sampling_level: str = "token"  # "sequence" = GSPO
+    sapo_temperature_pos: float = 1.0
+    sapo_temperature_neg: float = 1.05
+    vespo_k_pos: float = 2.0
+    vespo_lambda_pos: float = 3.0
+    vespo_k_neg: float = 3.0
+    vespo_lambda_neg: float = 2.0
     scale_rewards: str = "group"  # group | batch | none
+    multi_objective_aggregation: str = "sum_then_normalize"  # or normalize_then_sum (GDPO)
     num_iterations: int = 1  # μ: policy updates per generation batch
     mask_truncated_completions: bool = False
+    top_entropy_quantile: float = 1.0  # ρ: loss on the top-ρ tokens by entropy (the step's quantile); 1 = all
+    entropy_coef: float = 0.0  # entropy bonus (mean entropy of the loss's tokens); the initial one when adaptive
+    use_adaptive_entropy: bool = False  # Skywork-OR1's controller of entropy_coef
+    entropy_coef_min: float = 0.0
+    entropy_coef_max: float = 1.0
+    entropy_coef_delta: float = 0.005
+    entropy_target: float = 0.2
+    off_policy_mask_threshold: float | None = None  # drop A < 0 sequences whose sampler-vs-current log-ratio > δ
+    # The sampler's log-probs vs the trainer's: always measured and logged (sampling/*); corrected by
+    # an importance ratio (TRL's vllm_importance_sampling_*; ours: off by default, the sampler runs the
+    # training modules themselves) with token_truncate | token_mask | sequence_truncate | sequence_mask.
+    sampling_correction: str = "none"
+    sampling_correction_clip_min: float | None = None
+    sampling_correction_clip_max: float | None = 3.0
+    # num_iterations > 1: old log-probs from a scoring pass (rescore) or from the sampler (saves the
+    # pass) while each step's measured mean |sampler - trainer| stays within old_logprobs_tolerance.
+    old_logprobs: str = "rescore"
+    old_logprobs_tolerance: float = 1e-3  # nats
 
     def __post_init__(self) -> None:
-        _choice(self.loss_type, "loss.loss_type", LOSS_TYPES)
+        _choice(self.loss_type, "loss.loss_type", LOSS_TYPE_NAMES)
         _check(self.beta >= 0, "loss.beta", f"must be >= 0, got {self.beta}")
         _check(self.epsilon >= 0, "loss.epsilon", f"must be >= 0, got {self.epsilon}")
         _check(self.epsilon_high is None or self.epsilon_high >= 0, "loss.epsilon_high",
                f"must be >= 0, got {self.epsilon_high}")
         _check(self.delta is None or self.delta > 1.0, "loss.delta", f"must be > 1 when set, got {self.delta}")
-        _choice(self.importance_sampling_level, "loss.importance_sampling_level", ("token", "sequence"))
-        _choice(self.scale_rewards, "loss.scale_rewards", ("group", "batch", "none"))
+        _choice(self.importance_sampling_level, "loss.importance_sampling_level", IMPORTANCE_SAMPLING_LEVELS)
+        for name in ("sapo_temperature_pos", "sapo_temperature_neg"):
+            _check(getattr(self, name) > 0, f"loss.{name}", f"must be > 0, got {getattr(self, name)}")
+        for name in ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"):
+            _check(getattr(self, name) >= 0, f"loss.{name}", f"must be >= 0, got {getattr(self, name)}")
+        _choice(self.scale_rewards, "loss.scale_rewards", SCALE_REWARDS)
+        _choice(self.multi_objective_aggregation, "loss.multi_objective_aggregation", MULTI_OBJECTIVE_AGGREGATIONS)
         _check(self.num_iterations >= 1, "loss.num_iterations", f"must be >= 1, got {self.num_iterations}")
+        _check(0.0 <= self.top_entropy_quantile <= 1.0, "loss.top_entropy_quantile",
+               f"must be in [0, 1], got {self.top_entropy_quantile}")
+        _check(self.entropy_coef_min <= self.entropy_coef_max, "loss.entropy_coef_min",
+               f"({self.entropy_coef_min}) must be <= loss.entropy_coef_max ({self.entropy_coef_max})")
+        _check(self.entropy_coef_delta >= 0, "loss.entropy_coef_delta", f"must be >= 0, got {self.entropy_coef_delta}")
+        _choice(self.sampling_correction, "loss.sampling_correction", SAMPLING_CORRECTIONS)
+        lo, hi = self.sampling_correction_clip_min, self.sampling_correction_clip_max
+        _check(lo is None or lo >= 0, "loss.sampling_correction_clip_min", f"must be >= 0, got {lo}")
+        _check(hi is None or hi > 0, "loss.sampling_correction_clip_max", f"must be > 0, got {hi}")
+        _check(lo is None or hi is None or lo < hi, "loss.sampling_correction_clip_min",
+               f"({lo}) must be < loss.sampling_correction_clip_max ({hi})")
+        _check(not (self.sampling_correction.endswith("truncate") and lo is None and hi is None),
+               "loss.sampling_correction_clip_max", "a *_truncate correction needs a clip bound")
+        _check(self.loss_type != "vespo" or self.sampling_correction in ("none", "token_truncate", "token_mask"),
+               "loss.sampling_correction", f"loss_type vespo takes none, token_truncate or token_mask, got "
+                                           f"{self.sampling_correction!r}")
+        _choice(self.old_logprobs, "loss.old_logprobs", OLD_LOGPROBS_SOURCES)
+        _check(self.old_logprobs_tolerance >= 0, "loss.old_logprobs_tolerance",
+               f"must be >= 0, got {self.old_logprobs_tolerance}")
+
+    def warnings(self) -> list[str]:
+        """What TRL warns about in this combination (the trainer prints it once)."""
+        return option_warnings(self.loss_type, self.importance_sampling_level, self.epsilon_high)
 
 
 @dataclass
@@ -125,6 +182,9 @@ class TrainConfig:
     num_train_epochs: float = 0.0  # > 0: the run's length, max_steps = ceil(epochs * train prompts / prompts_per_step)
     prompts_per_step: int = 8  # B: prompts per step; the step trains on B × G completions
     micro_batch_size: int = 0  # completions per forward/backward; 0 = the whole step at once
+    # packed tokens per forward/backward instead (overrides micro_batch_size): an int, or auto = the
+    # largest budget the memory plan fits on the device (grpo_fast.memory)
+    micro_batch_tokens: str | None = None
     learning_rate: float = 1e-5
     lr_scheduler_type: str = "cosine"  # cosine | linear | constant (after the warmup)
     warmup_ratio: float = 0.0
@@ -161,6 +221,9 @@ class TrainConfig:
         _check(self.max_steps >= 0, "train.max_steps", f"must be >= 0, got {self.max_steps}")
         _check(self.prompts_per_step >= 1, "train.prompts_per_step", f"must be >= 1, got {self.prompts_per_step}")
         _check(self.micro_batch_size >= 0, "train.micro_batch_size", f"must be >= 0, got {self.micro_batch_size}")
+        mbt = self.micro_batch_tokens
+        _check(mbt is None or mbt == "auto" or (str(mbt).isdigit() and int(mbt) > 0), "train.micro_batch_tokens",
+               f"must be a positive number of tokens or auto, got {mbt!r}")
         _check(self.learning_rate > 0 and math.isfinite(self.learning_rate), "train.learning_rate",
                f"must be a positive number, got {self.learning_rate}")
         _choice(self.lr_scheduler_type, "train.lr_scheduler_type", ("cosine", "linear", "constant"))

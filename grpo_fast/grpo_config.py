@@ -79,6 +79,22 @@ TRL_FIELDS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "scale_rewards": ("loss.scale_rewards", _scale_rewards),
     "num_iterations": ("loss.num_iterations", int),
     "mask_truncated_completions": ("loss.mask_truncated_completions", bool),
+    "use_bias_correction_kl": ("loss.use_bias_correction_kl", bool),
+    "sapo_temperature_pos": ("loss.sapo_temperature_pos", float),
+    "sapo_temperature_neg": ("loss.sapo_temperature_neg", float),
+    "vespo_k_pos": ("loss.vespo_k_pos", float),
+    "vespo_lambda_pos": ("loss.vespo_lambda_pos", float),
+    "vespo_k_neg": ("loss.vespo_k_neg", float),
+    "vespo_lambda_neg": ("loss.vespo_lambda_neg", float),
+    "multi_objective_aggregation": ("loss.multi_objective_aggregation", str),
+    "top_entropy_quantile": ("loss.top_entropy_quantile", float),
+    "entropy_coef": ("loss.entropy_coef", float),
+    "use_adaptive_entropy": ("loss.use_adaptive_entropy", bool),
+    "entropy_coef_min": ("loss.entropy_coef_min", float),
+    "entropy_coef_max": ("loss.entropy_coef_max", float),
+    "entropy_coef_delta": ("loss.entropy_coef_delta", float),
+    "entropy_target": ("loss.entropy_target", float),
+    "off_policy_mask_threshold": ("loss.off_policy_mask_threshold", float),
     "reward_weights": ("rewards.weights", lambda v: None if v is None else [float(x) for x in v]),
     "chat_template_kwargs": ("data.chat_template_kwargs", lambda v: None if v is None else dict(v)),
     "gradient_checkpointing": ("model.gradient_checkpointing", bool),
@@ -89,7 +105,9 @@ TRL_FIELDS: dict[str, tuple[str, Callable[[Any], Any]]] = {
 # Converted from several TRL fields at once (see _batch_sizes, _precision, _strategies).
 COMBINED = ("per_device_train_batch_size", "gradient_accumulation_steps", "generation_batch_size",
             "steps_per_generation", "bf16", "fp16", "use_cpu", "eval_strategy", "save_strategy", "log_completions",
-            "gradient_checkpointing_kwargs", "resume_from_checkpoint")
+            "gradient_checkpointing_kwargs", "resume_from_checkpoint", "vllm_importance_sampling_correction",
+            "vllm_importance_sampling_mode", "vllm_importance_sampling_clip_min", "vllm_importance_sampling_clip_max",
+            "vllm_importance_sampling_cap")
 
 
 class GRPOConfig(Config):
@@ -103,9 +121,6 @@ class GRPOConfig(Config):
                 raw[name] = dataclasses.asdict(section) if dataclasses.is_dataclass(section) else dict(section or {})
         self.resume_from_checkpoint = kwargs.pop("resume_from_checkpoint", None)
         combined = {k: kwargs.pop(k) for k in list(kwargs) if k in COMBINED}
-        if kwargs.get("use_bias_correction_kl") and float(kwargs.get("beta") or 0.0) > 0:
-            raise ConfigError("use_bias_correction_kl: grpo-fast's KL penalty is plain k3, without TRL's bias "
-                              "correction; pass use_bias_correction_kl=False to train with beta > 0")
         overrides: dict[str, Any] = {}
         for name, value in kwargs.items():
             overrides.update(_field(name, value))
@@ -114,6 +129,7 @@ class GRPOConfig(Config):
         overrides.update(_batch_sizes(combined, raw, overrides))
         overrides.update(_precision(combined))
         overrides.update(_strategies(combined, overrides))
+        overrides.update(_sampling_correction(combined))
         cfg = load_config(None, overrides, base=raw)
         for f in dataclasses.fields(Config):
             object.__setattr__(self, f.name, getattr(cfg, f.name))
@@ -174,10 +190,6 @@ def _hint(name: str) -> str:
         return ": grpo-fast samples with its own paged sampler on the training model itself, no vLLM"
     if name in ("deepspeed", "fsdp", "fsdp_config", "ddp_backend"):
         return ": grpo-fast runs on one device"
-    if name in ("loss_type", "use_bias_correction_kl", "top_entropy_quantile", "entropy_coef", "use_adaptive_entropy",
-                "multi_objective_aggregation", "off_policy_mask_threshold", "vespo_k_pos", "vespo_k_neg",
-                "vespo_lambda_pos", "vespo_lambda_neg", "sapo_temperature_pos", "sapo_temperature_neg"):
-        return " yet"
     return ""
 
 
@@ -239,3 +251,21 @@ def _strategies(combined: dict, overrides: dict) -> dict[str, Any]:
     if "log_completions" in combined and not combined["log_completions"] and "train.log_completions" not in overrides:
         out["train.log_completions"] = 0
     return out
+
+
+def _sampling_correction(combined: dict) -> dict[str, Any]:
+    """TRL's vllm_importance_sampling_* (the correction for the sampler's log-probs differing from
+    the trainer's) -> loss.sampling_correction*. Given at all, TRL's defaults fill the rest:
+    correction on, sequence_mask, clip_max 3."""
+    keys = ("vllm_importance_sampling_correction", "vllm_importance_sampling_mode",
+            "vllm_importance_sampling_clip_min", "vllm_importance_sampling_clip_max", "vllm_importance_sampling_cap")
+    if not any(k in combined for k in keys):
+        return {}
+    if not combined.get("vllm_importance_sampling_correction", True):
+        return {"loss.sampling_correction": "none"}
+    clip_max = combined.get("vllm_importance_sampling_clip_max", combined.get("vllm_importance_sampling_cap", 3.0))
+    if combined.get("vllm_importance_sampling_cap") is not None:
+        clip_max = combined["vllm_importance_sampling_cap"]  # TRL's deprecated name wins, as in TRL
+    return {"loss.sampling_correction": str(combined.get("vllm_importance_sampling_mode", "sequence_mask")),
+            "loss.sampling_correction_clip_min": combined.get("vllm_importance_sampling_clip_min"),
+            "loss.sampling_correction_clip_max": clip_max}

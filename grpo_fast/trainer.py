@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from grpo_fast import memory
 from grpo_fast.config import Config, load_config
 from grpo_fast.data import PromptStream, StreamingPrompts, encode_prompts, load_splits
 from grpo_fast.data.sources import is_streaming, normalize_row
@@ -44,10 +45,9 @@ from grpo_fast.train.memory import release_free_memory
 from grpo_fast.train.metrics import plot_run
 from grpo_fast.train.model import (build_optimizer, build_scheduler, load_policy, policy_modules, save_merged,
                                    trainable_parameters)
-from grpo_fast.train.policy_loss import score_logprobs
 from grpo_fast.train.state import TrainerState
 from grpo_fast.train.trackers import make_trackers, resolve_report_to
-from grpo_fast.train.update import optimizer_update
+from grpo_fast.train.update import update_policy
 
 
 # The built-in model's Hub name, for the model card (the adapter was trained on its GGUF Q4_1
@@ -102,6 +102,7 @@ class GRPOTrainer:
                  processing_class=None, peft_config=None, callbacks=None, *, echo=print):
         self.args = cfg = _as_config(args)
         self.echo = echo
+        _echo_all(echo, [f"warning: {w}" for w in cfg.loss.warnings()])  # TRL's, for these loss options
         self.callbacks = list(callbacks or [])
         t, s = cfg.train, cfg.sampling
         out = Path(t.output_dir)
@@ -113,6 +114,12 @@ class GRPOTrainer:
         t.report_to = resolve_report_to(t.report_to)  # a missing tracker package fails now, not after setup
         if t.num_threads:
             torch.set_num_threads(t.num_threads)
+        # The memory plan, before the weights load: a run the device cannot hold stops now, with
+        # settings that fit (grpo_fast.memory). Capacity unknown (a CPU without limits): no check.
+        shape = memory.ModelShape.from_config(model.config) if model is not None else memory.read_shape(cfg.model)
+        self.capacity = memory.device_capacity(memory.plan_device(cfg))
+        self.plan = memory.check_fits(cfg, shape, self.capacity)
+        self._shape = shape
         seed_everything(t.seed)
         self.model, self.tokenizer, self.device = load_policy(
             cfg.model, cfg.lora, seed=t.seed, model=model, peft_config=peft_config, tokenizer=processing_class,
@@ -131,14 +138,15 @@ class GRPOTrainer:
             cfg.rewards.funcs = list(_as_list(reward_funcs))  # config.yaml then reruns this very job
         self.eval_rewards = self._eval_reward_set(eval_rows)
         self.max_steps = self._max_steps()
-        self.generator = Generator(self.model, self.tokenizer, backend=s.backend,
-                                   kv_budget=s.kv_budget or self._kv_tokens())
+        self.micro_batch_tokens = self._micro_batch_tokens()
+        self.generator = Generator(self.model, self.tokenizer, backend=s.backend, kv_budget=self._kv_budget())
         _echo_all(echo, self.generator.take_notices())
         self.params = trainable_parameters(self.model)
         self.optimizer = build_optimizer(self.params, t, self.device)
         self.scheduler = build_scheduler(self.optimizer, t, max(1, self.max_steps * cfg.loss.num_iterations))
         self.state = TrainerState(max_steps=self.max_steps, skipped_prompts=skipped)
         self.out_dir = out
+        self._phase, self._last_saved = "setup", 0
 
     # ---------------------------------------------------------------- setup pieces
 
@@ -176,6 +184,37 @@ class GRPOTrainer:
         if isinstance(self.stream, StreamingPrompts):
             raise ConfigError("train.num_train_epochs: a streamed dataset has no length; set train.max_steps")
         return max(1, math.ceil(t.num_train_epochs * len(self.stream) / t.prompts_per_step))
+
+    def _micro_batch_tokens(self) -> int | None:
+        """train.micro_batch_tokens as a number (auto: from the plan and the device)."""
+        value = self.args.train.micro_batch_tokens
+        if value is None:
+            return None
+        if value == "auto":
+            longest = self._longest_prompt()
+            return memory.token_budget(self.args, self.capacity, shape=self._shape, prompt_tokens=longest)
+        return int(value)
+
+    def _longest_prompt(self) -> int | None:
+        known = (list(self.stream.items) if isinstance(self.stream, PromptStream) else []) + self.eval_prompts
+        return max((len(e.ids) for e in known), default=None)
+
+    def _kv_budget(self):
+        """sampling.kv_budget as given; auto: the device's memory minus the plan's training peak
+        (the sampler and the trainer share one device), at most what a step needs."""
+        budget = self.args.sampling.kv_budget
+        if budget is None:
+            return self._kv_tokens()
+        if budget != "auto":
+            return budget
+        if self.capacity is None:
+            return self._kv_tokens()
+        spare = self.capacity - self.plan.phases["training"] - self.plan.overhead_bytes
+        needed = int(self._kv_tokens().split()[0]) * memory.kv_bytes_per_token(self._shape, self.args)
+        if spare < needed:
+            self.echo(f"sampling.kv_budget auto: {memory._fmt(max(spare, 0))} left for KV of the "
+                      f"{memory._fmt(needed)} a step could use: the sampler will preempt and recompute")
+        return max(int(min(spare, needed)), 1)
 
     def _kv_tokens(self) -> str:
         """A KV budget that holds the largest generate call of this run at once (a step's B × G
@@ -230,7 +269,7 @@ class GRPOTrainer:
                                          scheduler=self.scheduler, stream=self.stream)
             self.state = TrainerState.from_dict(saved)
             self.state.max_steps = self.max_steps
-            start = self.state.global_step
+            start = self._last_saved = self.state.global_step
             resume.apply_optimizer_settings(self.optimizer, self.scheduler, t)
             dropped = resume.truncate_logs(out_dir, start)
             self.echo(f"resumed from {resumable.path} at step {start}"
@@ -283,7 +322,12 @@ class GRPOTrainer:
                               f"{self.max_steps} steps")
                     break
             t0 = time.perf_counter()
-            metrics = self._step(step)
+            try:
+                metrics = self._step(step)
+            except (MemoryError, RuntimeError) as exc:  # torch.cuda.OutOfMemoryError is a RuntimeError
+                if not memory.is_out_of_memory(exc):
+                    raise
+                raise memory.out_of_memory(exc, self._phase, self.args, self.plan, step + 1, self._last_saved) from exc
             step_seconds.append(time.perf_counter() - t0)
             last_step = step + 1
             if bar is not None:
@@ -312,25 +356,21 @@ class GRPOTrainer:
         """One GRPO step: rollout, scoring passes, num_iterations updates; returns its metrics."""
         cfg, t, s, lc = self.args, self.args.train, self.args.sampling, self.args.loss
         t0 = time.perf_counter()
+        self._phase = "sampling"
         batch = rollout.collect_rollout(self.model, self.tokenizer, self.generator, self.stream, self.rewards, cfg,
                                         step, self.state)
         _echo_all(self.echo, self.generator.take_notices())
         release_free_memory()  # the sampling phase's freed pages, before training needs memory
         t_sample = time.perf_counter() - t0
-        n_seq, n_tok = len(batch.batch), float(batch.batch.mask.sum())
-        policy = policy_modules(self.model)
-        old = score_logprobs(policy, batch.batch, temperature=s.temperature,
-                             micro_batch_size=t.micro_batch_size) if lc.num_iterations > 1 else None
-        ref = score_logprobs(policy, batch.batch, temperature=s.temperature, reference=True,
-                             micro_batch_size=t.micro_batch_size) if lc.beta > 0 else None
-        skipped = 0
-        for _ in range(lc.num_iterations):
-            loss_metrics = optimizer_update(policy, self.optimizer, self.scheduler, self.params, batch, old, ref, cfg,
-                                            num_items=n_tok, num_seqs=n_seq)
-            skipped += loss_metrics.pop("skipped_update")
+        n_seq = len(batch.batch)
+        # scoring passes (old / ref log-probs, the step's entropies) and num_iterations updates;
+        # also the sampler-vs-trainer log-prob metrics (sampling/*)
+        self._phase = "training"  # its scoring passes included
+        loss_metrics = update_policy(policy_modules(self.model), self.optimizer, self.scheduler, self.params, batch,
+                                     cfg, self.state.loss_state, echo=self.echo,
+                                     micro_batch_tokens=self.micro_batch_tokens)
+        skipped = loss_metrics.pop("skipped_update")
         t_step = time.perf_counter() - t0
-        if ref is None:  # beta = 0: the KL was not measured (no reference pass); don't log a fake 0
-            loss_metrics.pop("kl", None)
         state = self.state
         state.global_step = step + 1
         state.num_tokens += batch.stats["prompt_tokens"] + batch.stats["completion_tokens"]
@@ -340,6 +380,7 @@ class GRPOTrainer:
             **rollout.rollout_metrics(batch, self.rewards.names, s.num_generations),
             **loss_metrics,
             "num_tokens": state.num_tokens,
+            "completion_tokens": batch.stats["completion_tokens"],  # generated this step
             "nonfinite_updates": skipped,
             "reward_errors": batch.stats["reward_errors"],
             **{k: v for k, v in batch.stats.items() if k.startswith(("reward_errors/", "sampler/"))},
@@ -393,6 +434,7 @@ class GRPOTrainer:
 
     def _save_checkpoint(self, step: int) -> Path:
         _require_finite(self.params)
+        self._last_saved = step
         return ckpt.save_checkpoint(self.out_dir / "checkpoints", step, model=self.model, optimizer=self.optimizer,
                                     scheduler=self.scheduler, stream=self.stream, trainer_state=self.state.to_dict(),
                                     config=self.args.to_dict(), keep=self.args.train.save_total_limit)

@@ -1,5 +1,6 @@
 """TRL 1.16's GRPOConfig fields that grpo-fast does not map, with TRL's defaults (read off
-trl 1.16.0's dataclass). Passing one at its default asks for nothing and is accepted; any other
+trl 1.16.0's dataclass; the loss options, vllm_importance_sampling_* included, are all mapped:
+grpo_fast.grpo_config.TRL_FIELDS). Passing one at its default asks for nothing and is accepted; any other
 value is an error naming the field (grpo_fast.grpo_config). Regenerate when TRL adds fields.
 """
 
@@ -109,35 +110,14 @@ TRL_DEFAULTS = {
     'vllm_gpu_memory_utilization': 0.3,
     'vllm_max_model_length': None,
     'vllm_tensor_parallel_size': 1,
-    'sapo_temperature_neg': 1.05,
-    'sapo_temperature_pos': 1.0,
-    'vespo_k_pos': 2.0,
-    'vespo_lambda_pos': 3.0,
-    'vespo_k_neg': 3.0,
-    'vespo_lambda_neg': 2.0,
-    'multi_objective_aggregation': 'sum_then_normalize',
     'sync_ref_model': False,
     'ref_model_mixup_alpha': 0.6,
     'ref_model_sync_steps': 512,
-    'top_entropy_quantile': 1.0,
-    'entropy_coef': 0.0,
-    'use_adaptive_entropy': False,
-    'entropy_coef_min': 0.0,
-    'entropy_coef_max': 1.0,
-    'entropy_coef_delta': 0.005,
-    'entropy_target': 0.2,
     'max_tool_calling_iterations': None,
-    'vllm_importance_sampling_correction': True,
-    'vllm_importance_sampling_mode': 'sequence_mask',
-    'vllm_importance_sampling_clip_max': 3.0,
-    'vllm_importance_sampling_clip_min': None,
-    'off_policy_mask_threshold': None,
-    'use_bias_correction_kl': True,
     'log_multimodal': True,
     'log_unique_prompts': False,
     'log_completions_hub_repo': None,
     'use_transformers_continuous_batching': False,
     'transformers_continuous_batching_config': None,
     'use_transformers_paged': False,
-    'vllm_importance_sampling_cap': None,
 }

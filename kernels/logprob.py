@@ -1,10 +1,13 @@
-"""Host launchers of the fused log-prob kernels: z = (h @ W.T + b) / T, never as [N, V].
+"""Host launchers of the fused log-prob kernels: z = transform(h @ W.T + b), never as [N, V].
+
+The transform (grpo_fast.loss.head) is z = s y / T, or z = c tanh(s y / c) / T with a soft cap c.
 
     logprob_forward  -> logp[t] = z[t, y_t] - lse[t],  lse[t] = logsumexp_v z[t, v],
                         entropy[t] = lse[t] - sum_v softmax(z_t)_v z[t, v]
-    logprob_backward -> grad_hidden = dz @ W, grad_weight = dz^T @ h, grad_bias = sum_t dz[t],
-                        dz[t, v] = grad_logp[t] * (1[v == y_t] - softmax(z_t)_v) / T
-    logprob_forward_input_grad -> the forward plus D = d logp / d hidden = (W[y] - p @ W) / T
+    logprob_backward -> grad_hidden = dy @ W, grad_weight = dy^T @ h, grad_bias = sum_t dy[t],
+                        dy = d(sum_t grad_logp[t] logp[t] + grad_entropy[t] entropy[t]) / dy
+    logprob_forward_input_grad -> the forward plus D = d logp / d hidden = (s/T)(W[y] - p @ W)
+                        (no soft cap; the entropy gradient takes the logprob_backward path)
 
 Tensors are CUDA tensors, or CPU tensors when TRITON_INTERPRET=1 (tests). All statistics are
 fp32 whatever the input dtype. The kernels live in logprob_fwd.py / logprob_bwd.py (see their
@@ -16,7 +19,9 @@ backward 4 (dh: recomputed logits + dz @ W; dW: recomputed logits + dz^T @ h; th
 recomputes rather than share dz through memory or atomics, see logprob_bwd.py). A frozen head
 (need_grad_weight=False) launches no dW kernel and allocates no [V, H] buffer: 1 + 2 with
 logprob_backward, or 2 in total with logprob_forward_input_grad, whose backward is elementwise
-(grpo_fast.logprob_function uses it when only hidden needs a gradient). Which is faster on a
+(grpo_fast.loss.logprob_function uses it when only hidden needs a gradient, there is no soft cap
+and the entropy needs no gradient; with the entropy bonus a frozen head costs 1 + 2 here, as many
+matmuls as a fused D' = d entropy / d hidden would). Which is faster on a
 given GPU is for benchmarks/bench_loss.py to show; no GPU was available when this was written.
 """
 import contextlib
@@ -76,6 +81,16 @@ def _split_range(n_v: int, block_v: int, splits: int) -> tuple:
     return triton.cdiv(n_v, v_per_split), v_per_split
 
 
+def _transform_args(temperature: float, logit_scale: float, softcap):
+    """(pre, post) of the kernels' transform (see _logprob_tiles)."""
+    for name, v in (("logit_scale", logit_scale),) + ((("softcap", softcap),) if softcap is not None else ()):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise ValueError(f"{name} must be a finite float > 0, got {v!r}")
+    if softcap is None:
+        return float(logit_scale) / float(temperature), 1.0
+    return float(logit_scale) / float(softcap), float(softcap) / float(temperature)
+
+
 def _validate_common(hidden, weight, bias, targets, temperature):
     checks.tensor("hidden", hidden, ndim=2, dtypes=_DTYPES)
     dev = hidden.device
@@ -101,8 +116,9 @@ def _validate_common(hidden, weight, bias, targets, temperature):
 
 
 def logprob_forward(hidden, weight, bias, targets, temperature: float, compute_entropy: bool,
-                    *, config: TileConfig = None, v_splits: int = None):
-    """Log-prob of `targets` under softmax((hidden @ weight.T + bias) / temperature).
+                    *, logit_scale: float = 1.0, softcap: float = None, config: TileConfig = None,
+                    v_splits: int = None):
+    """Log-prob of `targets` under softmax(transform(hidden @ weight.T + bias)).
 
     hidden [N, H], weight [V, H] (same dtype: fp32/bf16/fp16), bias [V] or None, targets [N]
     int64. Returns (logp [N], lse [N], entropy [N] or None), all fp32. A target outside
@@ -110,24 +126,25 @@ def logprob_forward(hidden, weight, bias, targets, temperature: float, compute_e
     the launcher's choice (tests, tuning).
     """
     return _forward(hidden, weight, bias, targets, temperature, compute_entropy, False,
-                    config, v_splits)[:3]
+                    config, v_splits, logit_scale, softcap)[:3]
 
 
 def logprob_forward_input_grad(hidden, weight, bias, targets, temperature: float,
-                               compute_entropy: bool, *, config: TileConfig = None,
-                               v_splits: int = None):
-    """logprob_forward plus D = d logp / d hidden = (W[y] - softmax(z) @ W) / T, [N, H] fp32.
+                               compute_entropy: bool, *, logit_scale: float = 1.0,
+                               config: TileConfig = None, v_splits: int = None):
+    """logprob_forward plus D = d logp / d hidden = (s/T)(W[y] - softmax(z) @ W), [N, H] fp32.
 
     For a frozen head: the backward is then grad_hidden = grad_logp[:, None] * D, and the
     whole step costs two matmuls of N*V*H instead of three. Rows with a bad target get NaN.
     """
     return _forward(hidden, weight, bias, targets, temperature, compute_entropy, True,
-                    config, v_splits)
+                    config, v_splits, logit_scale, None)
 
 
 def _forward(hidden, weight, bias, targets, temperature, compute_entropy, input_grad, config,
-             v_splits):
+             v_splits, logit_scale, softcap):
     _validate_common(hidden, weight, bias, targets, temperature)
+    pre, post = _transform_args(temperature, logit_scale, softcap)
     n, h = hidden.shape
     n_v = weight.shape[0]
     dev = hidden.device
@@ -149,9 +166,9 @@ def _forward(hidden, weight, bias, targets, temperature, compute_entropy, input_
     with _on_device(dev):
         logprob_fwd_kernel[(row_blocks, splits)](
             hidden, weight, bias if bias is not None else hidden, targets, part, e_part,
-            n, n_v, h, v_per_split, 1.0 / float(temperature),
-            HAS_BIAS=bias is not None, COMPUTE_ENTROPY=bool(compute_entropy),
-            INPUT_GRAD=bool(input_grad),
+            n, n_v, h, v_per_split, pre, post,
+            HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
+            COMPUTE_ENTROPY=bool(compute_entropy), INPUT_GRAD=bool(input_grad),
             UPCAST_DOT=interpreting(), DOT_PRECISION=_dot_precision(hidden.dtype),
             BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -164,7 +181,7 @@ def _forward(hidden, weight, bias, targets, temperature, compute_entropy, input_
         w = torch.exp(part[0] - part[0].max(dim=0).values)  # [S, N]
         expected = (w[:, :, None] * e_part).sum(dim=0) / (w * part[1]).sum(dim=0)[:, None]  # [N, H]
         w_y = weight[targets.clamp(0, n_v - 1)].float()  # [N, H]
-        grad = (w_y - expected) * (1.0 / float(temperature))
+        grad = (w_y - expected) * pre  # pre = s / T without a soft cap
         grad = torch.where(bad[:, None], torch.full_like(grad, float("nan")), grad)
     return logp, lse, entropy, grad
 
@@ -195,25 +212,33 @@ def combine_partials(part: torch.Tensor, compute_entropy: bool):
 
 
 def logprob_backward(hidden, weight, bias, targets, lse, grad_logp, temperature: float,
-                     need_grad_weight: bool, need_grad_bias: bool,
-                     *, config_dh: TileConfig = None, config_dw: TileConfig = None,
+                     need_grad_weight: bool, need_grad_bias: bool, *, logit_scale: float = 1.0,
+                     softcap: float = None, entropy=None, grad_entropy=None,
+                     config_dh: TileConfig = None, config_dw: TileConfig = None,
                      v_splits: int = None):
-    """Gradients of sum_t grad_logp[t] * logp[t] with `lse` [N] fp32 from the forward.
+    """Gradients of sum_t grad_logp[t] * logp[t] (+ grad_entropy[t] * entropy[t] when given,
+    with `entropy` [N] fp32 from the forward), with `lse` [N] fp32 from the forward.
 
     Returns (grad_hidden [N, H] in hidden.dtype, grad_weight [V, H] fp32 or None,
-    grad_bias [V] fp32 or None). Rows with grad_logp == 0 cost (almost) nothing.
+    grad_bias [V] fp32 or None). Rows whose gradients are all 0 cost (almost) nothing.
     """
     _validate_common(hidden, weight, bias, targets, temperature)
+    pre, post = _transform_args(temperature, logit_scale, softcap)
     n, h = hidden.shape
     n_v = weight.shape[0]
     dev = hidden.device
-    for name, t in (("lse", lse), ("grad_logp", grad_logp)):
+    entropy_grad = grad_entropy is not None
+    named = [("lse", lse), ("grad_logp", grad_logp)]
+    if entropy_grad:
+        if entropy is None:
+            raise ValueError("grad_entropy needs the forward's entropy")
+        named += [("entropy", entropy), ("grad_entropy", grad_entropy)]
+    for name, t in named:
         checks.tensor(name, t, ndim=1, dtypes=(torch.float32,), device=dev)
         if t.shape[0] != n:
             raise ValueError(f"{name} must be [N={n}], got {tuple(t.shape)}")
     if need_grad_bias and bias is None:
         raise ValueError("need_grad_bias=True but bias is None")
-    inv_temp = 1.0 / float(temperature)
     upcast, precision = interpreting(), _dot_precision(hidden.dtype)
     grad_weight = torch.zeros(n_v, h, device=dev, dtype=torch.float32) if need_grad_weight else None
     grad_bias = torch.empty(n_v, device=dev, dtype=torch.float32) if need_grad_bias else None
@@ -222,6 +247,10 @@ def logprob_backward(hidden, weight, bias, targets, lse, grad_logp, temperature:
             grad_bias.zero_()
         return torch.empty_like(hidden), grad_weight, grad_bias
     b_arg = bias if bias is not None else hidden
+    ent_arg = entropy if entropy_grad else grad_logp
+    gent_arg = grad_entropy if entropy_grad else grad_logp
+    flags = dict(HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, ENTROPY_GRAD=entropy_grad,
+                 UPCAST_DOT=upcast, DOT_PRECISION=precision)
 
     cfg = _config("bwd_dh", dev, hidden.dtype, n, config_dh)
     row_blocks = triton.cdiv(n, cfg.block_n)
@@ -232,9 +261,8 @@ def logprob_backward(hidden, weight, bias, targets, lse, grad_logp, temperature:
     dh_part = torch.zeros(splits, n, h, device=dev, dtype=torch.float32)  # [S, N, H]
     with _on_device(dev):
         logprob_bwd_dh_kernel[(row_blocks, splits)](
-            hidden, weight, b_arg, targets, lse, grad_logp, dh_part, n, n_v, h, v_per_split,
-            inv_temp,
-            HAS_BIAS=bias is not None, UPCAST_DOT=upcast, DOT_PRECISION=precision,
+            hidden, weight, b_arg, targets, lse, grad_logp, ent_arg, gent_arg, dh_part, n, n_v, h,
+            v_per_split, pre, post, **flags,
             BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     grad_hidden = dh_part[0] if splits == 1 else dh_part.sum(dim=0)  # [N, H] fp32
@@ -244,12 +272,10 @@ def logprob_backward(hidden, weight, bias, targets, lse, grad_logp, temperature:
         cfg = _config("bwd_dw", dev, hidden.dtype, n, config_dw)
         with _on_device(dev):
             logprob_bwd_dw_kernel[(triton.cdiv(n_v, cfg.block_v),)](
-                hidden, weight, b_arg, targets, lse, grad_logp,
+                hidden, weight, b_arg, targets, lse, grad_logp, ent_arg, gent_arg,
                 grad_weight if need_grad_weight else dh_part,
-                grad_bias if need_grad_bias else dh_part, n, n_v, h, inv_temp,
-                HAS_BIAS=bias is not None, NEED_DW=bool(need_grad_weight),
-                NEED_DB=bool(need_grad_bias), UPCAST_DOT=upcast, DOT_PRECISION=precision,
+                grad_bias if need_grad_bias else dh_part, n, n_v, h, pre, post, **flags,
+                NEED_DW=bool(need_grad_weight), NEED_DB=bool(need_grad_bias),
                 BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return grad_hidden, grad_weight, grad_bias
-

@@ -11,7 +11,8 @@ and writes (m, s, zy, a) to part[4, S, N]. Splitting V keeps the GPU full when N
 (one row block per 64 tokens would leave most SMs idle for a few hundred tokens); the host
 combines the S partials (`combine_partials`), which is O(S*N) work next to O(N*V*H).
 
-INPUT_GRAD (frozen head: only hidden needs a gradient) also accumulates, in the same sweep,
+The logits are z = transform(h @ W.T + b) (_logprob_tiles: a scale, or a tanh soft cap).
+INPUT_GRAD (frozen head: only hidden needs a gradient; never with a soft cap) also accumulates, in the same sweep,
 E[s, t, :] = sum_v exp(z_tv - m_t) W[v] into a global fp32 buffer [S, N, H] the program owns,
 rescaled by alpha whenever m grows. The host then forms d logp_t / d h_t = (W[y_t] - E_t / s_t) / T,
 so a frozen-head step costs two matmuls of N*V*H (logits, e @ W) in one sweep and its backward
@@ -25,14 +26,14 @@ so the first tile gives alpha = 0 and s * (m - m') = 0 * finite = 0, never 0 * i
 import triton
 import triton.language as tl
 
-from ._logprob_tiles import logits_tile
+from ._logprob_tiles import accumulate_product, logits_tile
 
 
 @triton.jit
 def logprob_fwd_kernel(h_ptr, w_ptr, b_ptr, y_ptr, part_ptr, e_ptr, N, V, H, v_per_split,
-                       inv_temp,
-                       HAS_BIAS: tl.constexpr, COMPUTE_ENTROPY: tl.constexpr,
-                       INPUT_GRAD: tl.constexpr,
+                       pre, post,
+                       HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                       COMPUTE_ENTROPY: tl.constexpr, INPUT_GRAD: tl.constexpr,
                        UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_n = tl.program_id(0)
@@ -53,8 +54,9 @@ def logprob_fwd_kernel(h_ptr, w_ptr, b_ptr, y_ptr, part_ptr, e_ptr, N, V, H, v_p
     for v0 in range(v_begin, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)  # [BV]
         col_mask = cols < V  # a tile never crosses a split boundary, only the end of V
-        z = logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, H, inv_temp,
-                        HAS_BIAS, UPCAST_DOT, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_K)  # [BN, BV]
+        z = logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, row_mask, col_mask, H, pre, post,
+                        HAS_BIAS, HAS_SOFTCAP, UPCAST_DOT, DOT_PRECISION,
+                        BLOCK_N, BLOCK_V, BLOCK_K)  # [BN, BV]
         z = tl.where(col_mask[None, :], z, -1.0e30)  # finite, so e * (z - m) is 0, not 0 * inf
         m_new = tl.maximum(m, tl.max(z, axis=1))  # a real logit: every tile has a valid column
         alpha = tl.exp(m - m_new)
@@ -70,18 +72,8 @@ def logprob_fwd_kernel(h_ptr, w_ptr, b_ptr, y_ptr, part_ptr, e_ptr, N, V, H, v_p
             ec = e
             if not UPCAST_DOT:
                 ec = e.to(w_ptr.dtype.element_ty)  # e in [0, 1]: bf16 operand, fp32 accumulate
-            w_rows = w_ptr + cols.to(tl.int64)[:, None] * H  # [BV, 1]
-            for k0 in range(0, H, BLOCK_K):
-                ks = k0 + tl.arange(0, BLOCK_K)
-                k_mask = ks < H
-                wb = tl.load(w_rows + ks[None, :], mask=col_mask[:, None] & k_mask[None, :],
-                             other=0.0)  # [BV, BK]
-                if UPCAST_DOT:
-                    wb = wb.to(tl.float32)
-                out_mask = row_mask[:, None] & k_mask[None, :]
-                acc = tl.load(e_rows + ks[None, :], mask=out_mask, other=0.0)  # [BN, BK] fp32
-                acc = tl.dot(ec, wb, acc * alpha[:, None], input_precision=DOT_PRECISION)
-                tl.store(e_rows + ks[None, :], acc, mask=out_mask)
+            accumulate_product(e_rows, row_mask, ec, w_ptr + cols.to(tl.int64)[:, None] * H, col_mask, H,
+                               alpha, True, UPCAST_DOT, DOT_PRECISION, BLOCK_K)
 
     out = part_ptr + split * N + rows  # part[k, split, row]
     plane = n_splits * N

@@ -21,16 +21,17 @@ def _signature(kind: str, dt: str) -> dict:
     if kind in ("fwd", "fwd_grad"):
         args = [("h_ptr", ptr), ("w_ptr", ptr), ("b_ptr", ptr), ("y_ptr", "*i64"),
                 ("part_ptr", "*fp32"), ("e_ptr", "*fp32"), ("N", "i32"), ("V", "i32"), ("H", "i32"),
-                ("v_per_split", "i32"), ("inv_temp", "fp32")]
+                ("v_per_split", "i32"), ("pre", "fp32"), ("post", "fp32")]
     elif kind == "bwd_dh":
         args = [("h_ptr", ptr), ("w_ptr", ptr), ("b_ptr", ptr), ("y_ptr", "*i64"),
-                ("lse_ptr", "*fp32"), ("g_ptr", "*fp32"), ("dh_ptr", "*fp32"), ("N", "i32"),
-                ("V", "i32"), ("H", "i32"), ("v_per_split", "i32"), ("inv_temp", "fp32")]
+                ("lse_ptr", "*fp32"), ("g_ptr", "*fp32"), ("ent_ptr", "*fp32"), ("gent_ptr", "*fp32"),
+                ("dh_ptr", "*fp32"), ("N", "i32"), ("V", "i32"), ("H", "i32"), ("v_per_split", "i32"),
+                ("pre", "fp32"), ("post", "fp32")]
     else:
         args = [("h_ptr", ptr), ("w_ptr", ptr), ("b_ptr", ptr), ("y_ptr", "*i64"),
-                ("lse_ptr", "*fp32"), ("g_ptr", "*fp32"), ("dw_ptr", "*fp32"),
-                ("db_ptr", "*fp32"), ("N", "i32"), ("V", "i32"), ("H", "i32"),
-                ("inv_temp", "fp32")]
+                ("lse_ptr", "*fp32"), ("g_ptr", "*fp32"), ("ent_ptr", "*fp32"), ("gent_ptr", "*fp32"),
+                ("dw_ptr", "*fp32"), ("db_ptr", "*fp32"), ("N", "i32"), ("V", "i32"), ("H", "i32"),
+                ("pre", "fp32"), ("post", "fp32")]
     return dict(args)
 
 
@@ -43,19 +44,23 @@ def _launch_attrs(fn, signature: dict) -> dict:
 
 
 def _flag_sets(kind: str):
-    """The boolean constexpr combinations the launcher can pass (all of them)."""
-    if kind in ("fwd", "fwd_grad"):
-        names = ("HAS_BIAS", "COMPUTE_ENTROPY")
+    """The boolean constexpr combinations the launcher can pass (all of them), heaviest last."""
+    if kind == "fwd":
+        names = ("HAS_BIAS", "HAS_SOFTCAP", "COMPUTE_ENTROPY")
+    elif kind == "fwd_grad":
+        names = ("HAS_BIAS", "COMPUTE_ENTROPY")  # never with a soft cap
     elif kind == "bwd_dh":
-        names = ("HAS_BIAS",)
+        names = ("HAS_BIAS", "HAS_SOFTCAP", "ENTROPY_GRAD")
     else:
-        names = ("HAS_BIAS", "NEED_DW", "NEED_DB")
+        names = ("HAS_BIAS", "HAS_SOFTCAP", "ENTROPY_GRAD", "NEED_DW", "NEED_DB")
     for values in itertools.product((False, True), repeat=len(names)):
         flags = dict(zip(names, values))
         if kind == "bwd_dw" and not (flags["NEED_DW"] or flags["NEED_DB"]):
             continue  # not launched
         if kind == "bwd_dw" and flags["NEED_DB"] and not flags["HAS_BIAS"]:
             continue  # rejected by the launcher
+        if kind == "fwd_grad":
+            flags["HAS_SOFTCAP"] = False
         yield flags
 
 
@@ -63,8 +68,8 @@ def iter_specs(cap: int, full: bool = False):
     """Yield dicts(name, fn, signature, constexprs, attrs, options) for compute capability `cap`.
 
     Every (kernel, config, operand size, dot precision) the launcher can pick for `cap` is
-    covered. By default each is built once, with the heaviest flags (bias, entropy, dW and db
-    on: the most registers and shared memory) and bf16 standing for fp16 (same sizes, same
+    covered. By default each is built once, with the heaviest flags (bias, soft cap, entropy and
+    its gradient, dW and db on: the most registers and shared memory) and bf16 standing for fp16 (same sizes, same
     code path); full=True builds every dtype x flag combination too (about 4x slower).
     """
     for kind in KINDS:

@@ -3,12 +3,16 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from grpo_fast import logprob_cpu
-from grpo_fast.loss import policy_inputs, reference_grpo_loss
-from grpo_fast.loss_types import LOSS_TYPES, LossConfig, grpo_objective
+from grpo_fast.loss import LOSS_TYPE_NAMES, logprob_cpu, reference_grpo_loss
+from grpo_fast.loss.arguments import loss_params, policy_inputs
+from grpo_fast.loss.head import LogitTransform
+from grpo_fast.loss.logprob_function import RowGrads, selective_logprob
+from grpo_fast.loss.objective import entropy_threshold, grpo_objective
 from grpo_fast.ops import fused_grpo_loss, selective_logprobs
 
-LOSS_NAMES = sorted(LOSS_TYPES)
+LOSS_NAMES = list(LOSS_TYPE_NAMES)
+# TRL's warnings for some option combinations (tested in test_loss_reference.py)
+pytestmark = pytest.mark.filterwarnings("ignore:.*(luspo|vespo|weighs each sequence|epsilon_high)")
 
 
 @pytest.fixture(autouse=True)
@@ -18,7 +22,7 @@ def small_chunks(monkeypatch):
 
 
 def make_case(B=3, T=5, H=16, V=1031, dtype=torch.float32, seed=0, old=True, ref=True, bias=True,
-              empty_row=True, train_head=True):
+              empty_row=True, train_head=True, sampling=False):
     """Inputs with logits of spread ~2 and old/ref log-probs near the policy's (ratios near 1)."""
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(B, T, H, generator=g)
@@ -41,6 +45,9 @@ def make_case(B=3, T=5, H=16, V=1031, dtype=torch.float32, seed=0, old=True, ref
         old_logprobs=(lp + 0.3 * torch.randn(B, T, generator=g)) if old else None,
         ref_logprobs=(lp + 0.3 * torch.randn(B, T, generator=g)) if ref else None,
     )
+    if sampling:  # the sampler's log-probs: near the old ones (or the policy's when on-policy)
+        base = case["old_logprobs"] if old else lp
+        case["sampling_logprobs"] = base + 0.1 * torch.randn(B, T, generator=g)
     return case
 
 
@@ -126,24 +133,33 @@ def test_masked_positions_get_zero_hidden_grad():
 
 def torch_bf16_loss(hidden, weight, targets, mask, advantages, old_logprobs, ref_logprobs, bias, **kw):
     """What plain torch does in bf16: bf16 matmul (logits rounded to bf16), then fp32."""
-    temperature = kw.pop("temperature", 1.0)
+    head = LogitTransform(kw.pop("temperature", 1.0), kw.pop("logit_scale", 1.0), kw.pop("final_logit_softcapping", None))
     z = hidden @ weight.T
     if bias is not None:
         z = z + bias
-    logp_all = torch.log_softmax(z.float() / temperature, -1)
+    logp_all = torch.log_softmax(head.apply(z.float()), -1)
     safe = torch.where(mask != 0, targets, 0)
     logp = logp_all.gather(-1, safe.unsqueeze(-1)).squeeze(-1) * (mask != 0)
-    entropy = -(logp_all.exp() * logp_all).sum(-1).detach()
-    inputs = policy_inputs(logp, mask, advantages, old_logprobs, ref_logprobs, entropy)
-    return grpo_objective(inputs, LossConfig(epsilon_high=kw.pop("epsilon_high", 0.2), **kw))
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    if not kw.get("entropy_coef"):
+        entropy = entropy.detach()
+    inputs = policy_inputs(logp, mask, advantages, old_logprobs, ref_logprobs, entropy, kw.pop("sampling_logprobs", None))
+    return grpo_objective(inputs, loss_params(**kw))
 
 
-@pytest.mark.parametrize("loss_type, level", [("grpo", "token"), ("dapo", "sequence"), ("cispo", "token")])
-def test_bf16_as_close_as_torch_bf16(loss_type, level):
+BF16_CASES = [dict(loss_type="grpo"), dict(loss_type="dapo", importance_sampling_level="sequence"),
+              dict(loss_type="cispo"), dict(loss_type="dapo", entropy_coef=0.2),  # the entropy bonus's gradient
+              dict(loss_type="vespo"), dict(loss_type="luspo", importance_sampling_level="sequence"),
+              dict(loss_type="sapo", sampling_correction="token_truncate", sampling_correction_clip_max=1.05)]
+
+
+@pytest.mark.filterwarnings("ignore:.*(luspo|vespo|weighs each sequence)")
+@pytest.mark.parametrize("options", BF16_CASES, ids=lambda o: "-".join(f"{v}" for v in o.values()))
+def test_bf16_as_close_as_torch_bf16(options):
     """bf16 inputs: the distance to the fp32 reference (same bf16-rounded inputs) must be within
     2x torch's own bf16 computation's distance (plus a small floor for exact ties)."""
-    case = make_case(dtype=torch.bfloat16, seed=3)
-    kw = dict(loss_type=loss_type, importance_sampling_level=level, beta=0.05, temperature=0.9)
+    case = make_case(dtype=torch.bfloat16, seed=3, sampling=True)
+    kw = dict(options, beta=0.05, temperature=0.9)
     exact = run(reference_grpo_loss, case, **kw)
     ours = run(fused_grpo_loss, case, backend="cpu", **kw)
     torch_bf16 = run(torch_bf16_loss, case, **kw)
@@ -194,7 +210,9 @@ def test_backend_contract_forward_and_backward():
         torch.testing.assert_close(bgb, gb, rtol=1e-4, atol=1e-5)
         assert logprob_cpu.logprob_backward(hidden, weight, bias, targets, out[1], grad_logp, T, False, False)[1:] \
             == (None, None)
-        *_, dlogp_dh = logprob_cpu.logprob_forward_input_grad(hidden, weight, bias, targets, T, True)
+        _, _, _, dlogp_dh, dent_dh, logp_rows, ent_rows = logprob_cpu.logprob_forward_input_grad(
+            hidden, weight, bias, targets, T, True)
+        assert dent_dh is None and logp_rows is None and ent_rows is None
         torch.testing.assert_close(grad_logp[:, None] * dlogp_dh, gh, rtol=1e-4, atol=1e-5)
 
 
@@ -268,3 +286,142 @@ def test_selective_logprobs_errors(change, match):
 def test_fused_loss_rejects_unknown_backend():
     with pytest.raises(ValueError, match="backend"):
         fused_grpo_loss(**make_case(), loss_type="grpo", backend="cuda")
+
+
+# ---------------------------------------------------------------- the options of issue 18
+
+
+OPTION_CASES = {
+    "luspo": dict(loss_type="luspo", importance_sampling_level="sequence"),
+    "vespo": dict(loss_type="vespo", vespo_k_pos=1.5, vespo_lambda_neg=2.5),
+    "no_bias_correction": dict(loss_type="dapo", use_bias_correction_kl=False),
+    "off_policy_mask": dict(loss_type="grpo", off_policy_mask_threshold=0.02),
+    "token_truncate": dict(loss_type="dapo", sampling_correction="token_truncate", sampling_correction_clip_max=1.05),
+    "sequence_mask": dict(loss_type="sapo", sampling_correction="sequence_mask", sampling_correction_clip_max=1.3),
+    "vespo_token_mask": dict(loss_type="vespo", sampling_correction="token_mask", sampling_correction_clip_min=0.95,
+                             sampling_correction_clip_max=1.05),
+    "top_entropy": dict(loss_type="dapo", top_entropy_quantile=0.3),
+    "top_entropy_given": dict(loss_type="dapo", top_entropy_quantile=0.3, entropy_threshold=5.5),
+    "entropy_bonus": dict(loss_type="dapo", entropy_coef=0.3),
+    "entropy_bonus_masked": dict(loss_type="bnpo", entropy_coef=0.3, top_entropy_quantile=0.5),
+    "scale": dict(loss_type="dapo", logit_scale=0.7),
+    "softcap": dict(loss_type="grpo", final_logit_softcapping=2.0, logit_scale=1.5),
+    "softcap_entropy": dict(loss_type="dapo", final_logit_softcapping=3.0, entropy_coef=0.2, top_entropy_quantile=0.6),
+}
+
+
+@pytest.mark.parametrize("train_head", [False, True])
+@pytest.mark.parametrize("name", sorted(OPTION_CASES))
+def test_every_option_matches_reference(name, train_head):
+    """Loss, metrics and every gradient (the entropy bonus's included), frozen head (the
+    gradient-ready forward: d logp / dh and d entropy / dh in the forward) and trainable head (the
+    recomputing backward), against the materialized reference."""
+    case = make_case(seed=3 + sorted(OPTION_CASES).index(name), sampling=True, train_head=train_head)
+    kw = dict(OPTION_CASES[name], beta=0.05, temperature=0.8)
+    assert_same(run(reference_grpo_loss, case, **kw), run(fused_grpo_loss, case, backend="cpu", **kw))
+
+
+@pytest.mark.parametrize("beta, level", [(0.0, "token"), (0.05, "token"), (0.0, "sequence")])
+def test_step_threshold_skips_cold_rows(beta, level, monkeypatch):
+    """With the step's threshold given, the gradient-ready forward computes d/dh only for the rows
+    the loss can reach: the high-entropy ones, unless the KL term or a sequence-level ratio reaches
+    every row. The result equals the reference either way."""
+    case = make_case(B=4, T=9, seed=21, train_head=False, bias=False, empty_row=False)
+    with torch.no_grad():
+        _, ent = selective_logprobs(case["hidden"], case["weight"], case["targets"], temperature=0.8,
+                                    return_entropy=True)
+    # Between two tokens' entropies: a threshold equal to one (a quantile often is) could flip with
+    # the ~1e-6 difference between the chunked and the materialized entropy.
+    ranked = ent[case["mask"] != 0].sort().values
+    k = int(0.75 * len(ranked))
+    thr = float((ranked[k] + ranked[k + 1]) / 2)
+    kw = dict(loss_type="dapo", beta=beta, importance_sampling_level=level, temperature=0.8, top_entropy_quantile=0.25,
+              entropy_threshold=thr, entropy_coef=0.1)
+    calls = []
+    real = logprob_cpu.logprob_forward_input_grad
+    monkeypatch.setattr(logprob_cpu, "logprob_forward_input_grad",
+                        lambda *a, **k: calls.append(k["plan"]) or real(*a, **k))
+    assert_same(run(reference_grpo_loss, case, **kw), run(fused_grpo_loss, case, backend="cpu", **kw))
+    (plan,) = calls
+    assert plan.entropy and plan.hot_threshold == thr
+    assert plan.cold_logp == (beta != 0 or level == "sequence")
+
+
+def test_a_wrong_row_plan_is_refused():
+    """A gradient reaching a row the plan said needs none is an error, never a silent zero."""
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(6, 8, generator=g, requires_grad=True)
+    weight = torch.randn(50, 8, generator=g)
+    targets = torch.randint(0, 50, (6,), generator=g)
+    plan = RowGrads(entropy=False, hot_threshold=1e9, cold_logp=False)  # no row is hot
+    logp, _ = selective_logprob(hidden, weight, None, targets, LogitTransform(), "cpu", plan=plan)
+    with pytest.raises(RuntimeError, match="RowGrads"):
+        logp.sum().backward()
+
+
+def test_backend_contract_entropy_gradient_and_softcap():
+    """logprob_backward with grad_entropy and a soft cap, and the gradient-ready forward's D and D'
+    (all rows, and the hot rows of a plan), against autograd through materialized logits."""
+    g = torch.Generator().manual_seed(9)
+    N, H, V, T, s, c = 13, 16, 1031, 0.7, 1.3, 2.5
+    hidden = torch.randn(N, H, generator=g, requires_grad=True)
+    weight = (torch.randn(V, H, generator=g) / 2).requires_grad_()
+    bias = torch.randn(V, generator=g).requires_grad_()
+    targets = torch.randint(0, V, (N,), generator=g)
+    g_logp, g_ent = torch.randn(N, generator=g), torch.randn(N, generator=g)
+    for softcap in (None, c):
+        head = LogitTransform(T, s, softcap)
+        z = head.apply(hidden @ weight.T + bias)
+        logp_all = torch.log_softmax(z, -1)
+        logp = logp_all.gather(1, targets[:, None])[:, 0]
+        ent = -(logp_all.exp() * logp_all).sum(-1)
+        want = torch.autograd.grad((logp * g_logp + ent * g_ent).sum(), (hidden, weight, bias))
+        with torch.no_grad():
+            out = logprob_cpu.logprob_forward(hidden, weight, bias, targets, T, True, logit_scale=s, softcap=softcap)
+            torch.testing.assert_close(out[0], logp.detach(), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(out[2], ent.detach(), rtol=1e-5, atol=1e-5)
+            got = logprob_cpu.logprob_backward(hidden, weight, bias, targets, out[1], g_logp, T, True, True,
+                                               logit_scale=s, softcap=softcap, entropy=out[2], grad_entropy=g_ent)
+            for a, b in zip(got, want):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():  # D and D' (no soft cap)
+        head = LogitTransform(T, s)
+        z = head.apply(hidden @ weight.T + bias)
+        ent = -(torch.softmax(z, -1) * torch.log_softmax(z, -1)).sum(-1)
+        ranked = ent.sort().values
+        thr = float((ranked[6] + ranked[7]) / 2)  # between two rows' entropies: no tie to break
+        for plan in (RowGrads(entropy=True), RowGrads(entropy=True, hot_threshold=thr, cold_logp=False),
+                     RowGrads(entropy=True, hot_threshold=thr, cold_logp=True)):
+            _, _, e, d_logp, d_ent, logp_rows, ent_rows = logprob_cpu.logprob_forward_input_grad(
+                hidden, weight, bias, targets, T, True, logit_scale=s, plan=plan)
+            torch.testing.assert_close(e, ent, rtol=1e-5, atol=1e-5)
+            hot = ent >= thr if plan.hot_threshold is not None else torch.ones(N, dtype=torch.bool)
+            rows = hot if not plan.cold_logp else torch.ones(N, dtype=torch.bool)
+            assert torch.equal(ent_rows, hot)
+            assert logp_rows is None if plan.cold_logp else torch.equal(logp_rows, hot)
+            with torch.enable_grad():
+                h = hidden.detach().requires_grad_()
+                zz = head.apply(h @ weight.detach().T + bias.detach())
+                lp_all = torch.log_softmax(zz, -1)
+                (gl,) = torch.autograd.grad((lp_all.gather(1, targets[:, None])[:, 0] * g_logp).sum(), h, retain_graph=True)
+                (ge,) = torch.autograd.grad((-(lp_all.exp() * lp_all).sum(-1) * g_ent).sum(), h)
+            torch.testing.assert_close(g_logp[rows, None] * d_logp[rows], gl[rows], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(g_ent[hot, None] * d_ent[hot], ge[hot], rtol=1e-4, atol=1e-5)
+            assert not d_logp[~rows].any() and not d_ent[~hot].any()
+
+
+@pytest.mark.parametrize("name", ["entropy_bonus", "softcap", "vespo"])  # no per-call quantile: its mask flips with rounding
+def test_options_bf16_as_close_as_torch_bf16(name):
+    case = make_case(dtype=torch.bfloat16, seed=5, sampling=True)
+    kw = dict(OPTION_CASES[name], beta=0.05, temperature=0.9)
+    exact, ours, torch_bf16 = (run(f, case, **kw) for f in (reference_grpo_loss,
+                                                             lambda **a: fused_grpo_loss(backend="cpu", **a),
+                                                             torch_bf16_loss))
+
+    def dist(x, y):
+        return (x.float() - y.float()).abs().max().item()
+
+    pairs = [("loss", exact[0], ours[0], torch_bf16[0])]
+    pairs += [(f"grad {k}", exact[2][k], ours[2][k], torch_bf16[2][k]) for k in exact[2]]
+    for label, e, o, t in pairs:
+        assert dist(o, e) <= 2 * dist(t, e) + 1e-3 * e.float().abs().max().item() + 1e-6, label

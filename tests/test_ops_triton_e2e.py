@@ -15,10 +15,9 @@ if SKIP is None and not torch.cuda.is_available() and os.environ.get("TRITON_INT
     SKIP = "no CUDA device and TRITON_INTERPRET is not 1: the Triton kernels cannot run"
 pytestmark = pytest.mark.skipif(SKIP is not None, reason=SKIP or "")
 
-from grpo_fast.loss import reference_grpo_loss  # noqa: E402
-from grpo_fast.loss_types import LOSS_TYPES  # noqa: E402
+from grpo_fast.loss import LOSS_TYPE_NAMES, reference_grpo_loss  # noqa: E402
 from grpo_fast.ops import fused_grpo_loss, selective_logprobs  # noqa: E402
-from test_ops_cpu import assert_same, make_case, naive_forward, run, torch_bf16_loss  # noqa: E402
+from test_ops_cpu import OPTION_CASES, assert_same, make_case, naive_forward, run, torch_bf16_loss  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -38,10 +37,11 @@ def fused_triton(**kw):
     return fused_grpo_loss(backend="triton", **kw)
 
 
+@pytest.mark.filterwarnings("ignore:.*(luspo|vespo|weighs each sequence)")
 @pytest.mark.parametrize("level", ["token", "sequence"])
-@pytest.mark.parametrize("loss_type", sorted(LOSS_TYPES))
+@pytest.mark.parametrize("loss_type", LOSS_TYPE_NAMES)
 def test_every_loss_type_matches_reference(loss_type, level):
-    case = on_device(make_case(B=3, T=3, H=16, V=67, seed=sorted(LOSS_TYPES).index(loss_type)))
+    case = on_device(make_case(B=3, T=3, H=16, V=67, seed=LOSS_TYPE_NAMES.index(loss_type)))
     kw = dict(loss_type=loss_type, beta=0.05, temperature=0.7, importance_sampling_level=level,
               epsilon_high=2.0 if loss_type == "cispo" else 0.28)
     assert_same(run(reference_grpo_loss, case, **kw), run(fused_triton, case, **kw))
@@ -67,16 +67,22 @@ def test_fully_masked_batch():
     assert loss.item() == 0.0 and torch.equal(grads["hidden"], torch.zeros_like(grads["hidden"]))
 
 
-def test_bf16_as_close_as_torch_bf16():
-    case = on_device(make_case(B=3, T=3, H=16, V=67, dtype=torch.bfloat16, seed=3))
-    kw = dict(loss_type="grpo", beta=0.05, temperature=0.9)
+@pytest.mark.parametrize("options", [dict(loss_type="grpo"), dict(loss_type="dapo", entropy_coef=0.2),
+                                     dict(loss_type="vespo", final_logit_softcapping=3.0)],
+                         ids=["grpo", "entropy_bonus", "vespo_softcap"])
+@pytest.mark.parametrize("train_head", [False, True])
+def test_bf16_as_close_as_torch_bf16(options, train_head):
+    """bf16 through the kernels (the entropy bonus's gradient included), frozen and trainable head."""
+    case = on_device(make_case(B=3, T=3, H=16, V=67, dtype=torch.bfloat16, seed=3, train_head=train_head))
+    kw = dict(options, beta=0.05, temperature=0.9)
     exact, ours, torch_bf16 = (run(f, case, **kw) for f in (reference_grpo_loss, fused_triton, torch_bf16_loss))
 
     def dist(x, y):
         return (x.float() - y.float()).abs().max().item()
 
     pairs = [("loss", exact[0], ours[0], torch_bf16[0])]
-    pairs += [(f"grad {k}", exact[2][k], ours[2][k], torch_bf16[2][k]) for k in exact[2]]
+    assert [k for k in exact[2] if exact[2][k] is None] == [k for k in ours[2] if ours[2][k] is None]
+    pairs += [(f"grad {k}", exact[2][k], ours[2][k], torch_bf16[2][k]) for k in exact[2] if exact[2][k] is not None]
     for name, e, o, t in pairs:
         assert dist(o, e) <= 2 * dist(t, e) + 1e-3 * e.float().abs().max().item() + 1e-6, name
 
@@ -88,3 +94,16 @@ def test_selective_logprobs_triton():
     want_lp, _, want_ent = naive_forward(h.reshape(-1, 16), w, b, y.reshape(-1), 0.8)
     torch.testing.assert_close(lp.reshape(-1), want_lp, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ent.reshape(-1), want_ent, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("train_head", [False, True])
+@pytest.mark.parametrize("name", ["entropy_bonus_masked", "softcap_entropy", "top_entropy_given", "vespo_token_mask",
+                                  "off_policy_mask", "scale"])
+def test_options_match_reference(name, train_head):
+    """The options through the Triton kernels: the entropy bonus's gradient (the recomputing
+    backward, frozen head included), the logits' transform, masks and corrections."""
+    case = on_device(make_case(B=3, T=3, H=16, V=67, seed=30, sampling=True, train_head=train_head))
+    kw = dict(OPTION_CASES[name], beta=0.05, temperature=0.8)
+    if name == "top_entropy_given":
+        kw["entropy_threshold"] = 3.9  # ~ the median entropy of this case (V = 67: at most ln 67 = 4.2)
+    assert_same(run(reference_grpo_loss, case, **kw), run(fused_triton, case, **kw))

@@ -414,8 +414,9 @@ def test_native_decode_layers_equal_hf_and_the_module_path(kind, monkeypatch):
             torch.testing.assert_close(torch.tensor(ca.logprobs), torch.tensor(cb.logprobs), atol=1e-5, rtol=0)
 
 
-def test_native_decode_layers_only_for_plain_fp32_models():
-    """Qwen3 (per-head q/k norms), LoRA-wrapped and bf16 models keep the per-module path."""
+def test_native_decode_layers_only_for_fp32_models_it_computes_exactly():
+    """Plain and LoRA-wrapped fp32 models take the native stack (LoRA: tests/test_native_lora.py);
+    Qwen3 (per-head q/k norms) and bf16 models keep the per-module path."""
     from peft import LoraConfig, get_peft_model
 
     from grpo_fast.models.llama_family import LlamaFamily
@@ -424,5 +425,5 @@ def test_native_decode_layers_only_for_plain_fp32_models():
     assert native_layers(LlamaFamily(tiny_model("llama"))) is not None
     assert native_layers(LlamaFamily(tiny_model("qwen3"))) is None
     lora = get_peft_model(tiny_model("llama"), LoraConfig(r=4, target_modules=["v_proj"]))
-    assert native_layers(LlamaFamily(lora)) is None
+    assert native_layers(LlamaFamily(lora)).num_adapters == 2
     assert native_layers(LlamaFamily(tiny_model("llama").to(torch.bfloat16))) is None

@@ -264,3 +264,60 @@ def test_forward_input_grad_bad_target_and_empty():
     assert torch.isfinite(grad[[0, 1, 3, 4]]).all()
     logp, lse, ent, grad = K.logprob_forward_input_grad(hidden[:0], weight, b, targets[:0], 1.0, True)
     assert grad.shape == (0, 16) and ent.shape == (0,)
+
+
+def reference_with_entropy(hidden, weight, bias, targets, temperature, grad_logp, grad_entropy, scale=1.0,
+                           softcap=None, dtype=torch.float64):
+    """Materialized float64 truth of Σ g logp + g' entropy under z = transform(h W^T + b)."""
+    from grpo_fast.loss.head import LogitTransform
+
+    h = hidden.detach().to(dtype).requires_grad_()
+    w = weight.detach().to(dtype).requires_grad_()
+    b = bias.detach().to(dtype).requires_grad_() if bias is not None else None
+    z = LogitTransform(temperature, scale, softcap).apply(F.linear(h, w, b))
+    log_p = torch.log_softmax(z, dim=-1)
+    logp = log_p.gather(1, targets[:, None])[:, 0]
+    entropy = -(log_p.exp() * log_p).sum(-1)
+    (logp * grad_logp.to(dtype) + entropy * grad_entropy.to(dtype)).sum().backward()
+    return dict(logp=logp.detach(), lse=torch.logsumexp(z, -1).detach(), entropy=entropy.detach(),
+                grad_hidden=h.grad, grad_weight=w.grad, grad_bias=None if b is None else b.grad)
+
+
+@pytest.mark.parametrize("softcap, scale, need_w", [(None, 1.0, True), (2.5, 1.3, True), (1.5, 0.8, False)])
+def test_entropy_gradient_and_logit_transform_fp32(softcap, scale, need_w):
+    """The entropy's gradient through the backward kernels (frozen and trainable head) and the
+    logits' scale / tanh soft cap in every kernel, against float64 autograd."""
+    hidden, weight, b, targets, g = make_inputs(N_ODD, V_ODD, H_ODD, True, seed=12, scale=3.0)
+    g_ent = torch.randn(N_ODD, generator=torch.Generator().manual_seed(3))
+    g_ent[:16] = 0.0  # a row block with a logp gradient only
+    truth = reference_with_entropy(hidden, weight, b, targets, 0.7, g, g_ent, scale, softcap)
+    logp, lse, ent = K.logprob_forward(hidden, weight, b, targets, 0.7, True, logit_scale=scale, softcap=softcap,
+                                       config=SMALL_TILES, v_splits=3)
+    gh, gw, gb = K.logprob_backward(hidden, weight, b, targets, lse, g, 0.7, need_w, True, logit_scale=scale,
+                                    softcap=softcap, entropy=ent, grad_entropy=g_ent, config_dh=SMALL_TILES,
+                                    config_dw=SMALL_TILES, v_splits=2)
+    ours = dict(logp=logp, lse=lse, entropy=ent, grad_hidden=gh, grad_weight=gw, grad_bias=gb)
+    for name, want in truth.items():
+        if name == "grad_weight" and not need_w:
+            assert gw is None
+            continue
+        scale_ = max(want.abs().max().item(), 1.0)
+        assert max_err(ours[name], want) < 3e-5 * scale_, (name, max_err(ours[name], want))
+
+
+def test_entropy_gradient_bf16_as_close_as_torch():
+    hidden, weight, b, targets, g = make_inputs(N_ODD, V_ODD, H_ODD, True, seed=13, scale=3.0)
+    g_ent = torch.randn(N_ODD, generator=torch.Generator().manual_seed(4))
+    truth = reference_with_entropy(hidden, weight, b, targets, 0.9, g, g_ent)
+    dt = torch.bfloat16
+    hb, wb, bb = hidden.to(dt), weight.to(dt), b.to(dt)
+    logp, lse, ent = K.logprob_forward(hb, wb, bb, targets, 0.9, True)
+    gh, gw, gb = K.logprob_backward(hb, wb, bb, targets, lse, g, 0.9, True, True, entropy=ent, grad_entropy=g_ent)
+    # torch's bf16 computation: logits from a bf16 linear (rounded), then fp32
+    h2, w2, b2 = hb.clone().requires_grad_(), wb.clone().requires_grad_(), bb.clone().requires_grad_()
+    lp_all = torch.log_softmax(F.linear(h2, w2, b2).float() / 0.9, -1)
+    ((lp_all.gather(1, targets[:, None])[:, 0] * g) + (-(lp_all.exp() * lp_all).sum(-1)) * g_ent).sum().backward()
+    torch_grads = dict(grad_hidden=h2.grad, grad_weight=w2.grad, grad_bias=b2.grad)
+    ours = dict(grad_hidden=gh, grad_weight=gw, grad_bias=gb)
+    for name, x in ours.items():
+        assert max_err(x, truth[name]) <= 1.1 * max_err(torch_grads[name], truth[name]) + 1e-5, name

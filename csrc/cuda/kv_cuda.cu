@@ -60,6 +60,43 @@ struct PagedRows {  // decode: sequence `item` through its block table
     const int32_t b = table[j / bs];
     return (b < 0 || b >= num_blocks) ? -1 : token_slot(table, j, bs);
   }
+  __device__ int64_t query_row(int64_t item) const { return item; }
+};
+
+// Group g of a cascade step owning position p of group_rows: the last g with starts[g] <= p.
+__device__ __forceinline__ int64_t group_of(const int32_t* starts, int64_t groups, int64_t p) {
+  int64_t lo = 0, hi = groups - 1;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi + 1) / 2;
+    if (starts[mid] <= p) lo = mid; else hi = mid - 1;
+  }
+  return lo;
+}
+
+struct CascadeOwnRows {  // cascade: the row at position `item` of group_rows, keys [prefix, len)
+  const int32_t* tables;
+  const int32_t* lens;
+  int64_t max_blocks, num_blocks;
+  int bs;
+  const int32_t* rows;
+  const int32_t* starts;
+  const int32_t* prefix;
+  int64_t groups;
+  const int32_t* table = nullptr;
+  int64_t j0 = 0;
+  __device__ int64_t init(int64_t item) {
+    const int64_t r = rows[item];
+    table = tables + r * max_blocks;
+    j0 = prefix[group_of(starts, groups, item)];
+    const int64_t n = min(static_cast<int64_t>(lens[r]), max_blocks * bs) - j0;
+    return n < 0 ? 0 : n;
+  }
+  __device__ int64_t row(int64_t j) const {
+    j += j0;
+    const int32_t b = table[j / bs];
+    return (b < 0 || b >= num_blocks) ? -1 : token_slot(table, j, bs);
+  }
+  __device__ int64_t query_row(int64_t item) const { return rows[item]; }
 };
 
 struct PackedCausalRows {  // prefill: query token `item` over its sequence's packed keys
@@ -80,12 +117,15 @@ struct PackedCausalRows {  // prefill: query token `item` over its sequence's pa
     return n < 0 ? 0 : n;
   }
   __device__ int64_t row(int64_t j) const { return k0 + j; }
+  __device__ int64_t query_row(int64_t item) const { return item; }
 };
 
+// partial: nullptr, or the unnormalized state [items][hq][D + 2] = (acc[D], m, l) of each query
+// head for a later exact merge (cascade attention: a row's own keys), instead of `out`.
 template <typename T, int VEC, bool EXACT, typename Rows>
 __global__ void __launch_bounds__(kWarps * 32)
     attend_kernel(T* out, const T* q, const T* kc, const T* vc, Rows rows, int hq, int hkv, int D,
-                  float scale) {
+                  float scale, float* partial) {
   __shared__ float sm_m[kWarps][kRepMax], sm_l[kWarps][kRepMax];
   __shared__ float sm_acc[kWarps][kRepMax][32 * VEC];
   const int64_t item = blockIdx.x;
@@ -96,7 +136,7 @@ __global__ void __launch_bounds__(kWarps * 32)
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t n = rows.init(item);
 
-  const T* qrow = q + (item * hq + h0) * static_cast<int64_t>(D);
+  const T* qrow = q + (rows.query_row(item) * hq + h0) * static_cast<int64_t>(D);
   float qr[kRepMax][VEC], acc[kRepMax][VEC], m[kRepMax], l[kRepMax];
 #pragma unroll
   for (int r = 0; r < kRepMax; ++r) {
@@ -160,7 +200,7 @@ __global__ void __launch_bounds__(kWarps * 32)
     for (int i = 0; i < VEC; ++i) sm_acc[warp][r][lane * VEC + i] = acc[r][i];
   }
   __syncthreads();
-  T* orow = out + (item * hq + h0) * static_cast<int64_t>(D);
+  T* orow = out + (rows.query_row(item) * hq + h0) * static_cast<int64_t>(D);
   for (int e = threadIdx.x; e < rc * D; e += blockDim.x) {
     const int r = e / D, d = e % D;
     float M = -INFINITY;
@@ -173,13 +213,23 @@ __global__ void __launch_bounds__(kWarps * 32)
       L += sm_l[w][r] * sc;
       o += sm_acc[w][r][d] * sc;
     }
-    orow[r * D + d] = from_f32<T>(L > 0.f ? o / L : 0.f);  // no keys: zeros
+    if (partial != nullptr) {
+      float* pr = partial + (item * hq + h0 + r) * static_cast<int64_t>(D + 2);
+      pr[d] = o;
+      if (d == 0) {
+        pr[D] = M;
+        pr[D + 1] = L;
+      }
+    } else {
+      orow[r * D + d] = from_f32<T>(L > 0.f ? o / L : 0.f);  // no keys: zeros
+    }
   }
 }
 
 template <typename T, typename Rows>
 void launch_attend(T* out, const T* q, const T* kc, const T* vc, const Rows& rows, int64_t items,
-                   int hq, int hkv, int D, float scale, cudaStream_t stream) {
+                   int hq, int hkv, int D, float scale, cudaStream_t stream,
+                   float* partial = nullptr) {
   if (items == 0) return;
   if (hkv <= 0 || hq % hkv != 0)
     throw std::invalid_argument("num_q_heads must be a multiple of num_kv_heads");
@@ -187,11 +237,14 @@ void launch_attend(T* out, const T* q, const T* kc, const T* vc, const Rows& row
   const dim3 grid(static_cast<unsigned>(items), hkv, (rep + kRepMax - 1) / kRepMax);
   const dim3 block(kWarps * 32);
   if (D == 64)
-    attend_kernel<T, 2, true><<<grid, block, 0, stream>>>(out, q, kc, vc, rows, hq, hkv, D, scale);
+    attend_kernel<T, 2, true><<<grid, block, 0, stream>>>(out, q, kc, vc, rows, hq, hkv, D, scale,
+                                                          partial);
   else if (D == 128)
-    attend_kernel<T, 4, true><<<grid, block, 0, stream>>>(out, q, kc, vc, rows, hq, hkv, D, scale);
+    attend_kernel<T, 4, true><<<grid, block, 0, stream>>>(out, q, kc, vc, rows, hq, hkv, D, scale,
+                                                          partial);
   else if (D > 0 && D <= 256)
-    attend_kernel<T, 8, false><<<grid, block, 0, stream>>>(out, q, kc, vc, rows, hq, hkv, D, scale);
+    attend_kernel<T, 8, false><<<grid, block, 0, stream>>>(out, q, kc, vc, rows, hq, hkv, D, scale,
+                                                           partial);
   else
     throw std::invalid_argument("head_dim must lie in [1, 256]");
   cuda_check(cudaGetLastError(), "attention kernel launch");
@@ -200,27 +253,211 @@ void launch_attend(T* out, const T* q, const T* kc, const T* vc, const Rows& row
 template <typename Rows>
 void dispatch_attend(int dtype, uintptr_t out, uintptr_t q, uintptr_t k, uintptr_t v,
                      const Rows& rows, int64_t items, int hq, int hkv, int D, float scale,
-                     cudaStream_t stream) {
+                     cudaStream_t stream, float* partial = nullptr) {
   switch (dtype) {
     case kF32:
       return launch_attend(reinterpret_cast<float*>(out), reinterpret_cast<const float*>(q),
                            reinterpret_cast<const float*>(k), reinterpret_cast<const float*>(v),
-                           rows, items, hq, hkv, D, scale, stream);
+                           rows, items, hq, hkv, D, scale, stream, partial);
     case kBF16:
       return launch_attend(reinterpret_cast<__nv_bfloat16*>(out),
                            reinterpret_cast<const __nv_bfloat16*>(q),
                            reinterpret_cast<const __nv_bfloat16*>(k),
                            reinterpret_cast<const __nv_bfloat16*>(v), rows, items, hq, hkv, D,
-                           scale, stream);
+                           scale, stream, partial);
     case kF16:
       return launch_attend(reinterpret_cast<__half*>(out), reinterpret_cast<const __half*>(q),
                            reinterpret_cast<const __half*>(k), reinterpret_cast<const __half*>(v),
-                           rows, items, hq, hkv, D, scale, stream);
+                           rows, items, hq, hkv, D, scale, stream, partial);
     default:
       throw std::invalid_argument("unknown dtype code");
   }
 }
 
+
+// ---- cascade decode attention ----------------------------------------------------------------
+// Prefix pass: one thread block per (group g, kv head h, prefix split, chunk of kCasQ queries of
+// the group's G * rep). A tile of kCasTile prefix keys (K and V, read once through the group's
+// first row's table) is staged in shared memory for all the block's queries; each warp owns
+// kCasQ / kWarps queries: lane t scores key t of the tile against a query (the query from
+// shared memory), the warp runs the online softmax over the tile, then each lane accumulates its
+// VEC dims (lane, lane + 32, ...: conflict-free shared-memory reads) of P V. The per-sequence kernel reads those keys once per sequence; here once per
+// kCasQ queries. Output: the (acc, m, l) state of each query, merged after with the row's own
+// keys (attend_kernel with CascadeOwnRows) by cascade_merge_kernel. head_dim <= 128.
+constexpr int kCasTile = 32;
+constexpr int kCasQ = 16;                  // queries per block (kCasQ / kWarps per warp)
+constexpr int kCasSplit = 128;             // prefix keys per block
+constexpr int kCasMaxD = 128;
+
+struct CascadeMeta {
+  const int32_t* tables;
+  const int32_t* lens;
+  int64_t max_blocks, num_blocks;
+  int bs;
+  const int32_t* rows;
+  const int32_t* starts;
+  const int32_t* prefix;
+  int64_t groups, max_group, splits_max, qchunks_max;
+  float* own_parts;     // [S][hq][D + 2]
+  float* prefix_parts;  // [groups][splits_max][max_group][hq][D + 2]
+};
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kWarps * 32)
+    cascade_prefix_kernel(const T* q, const T* kc, const T* vc, CascadeMeta c, int hq, int hkv,
+                          int D, float scale) {
+  __shared__ float ks[kCasTile][kCasMaxD + 1];
+  __shared__ float vs[kCasTile][kCasMaxD];
+  __shared__ float qs[kCasQ][kCasMaxD];
+  __shared__ bool kok[kCasTile];  // the key's block is a block of the cache
+  const int64_t g = blockIdx.x;
+  const int h = blockIdx.y;
+  const int64_t split = blockIdx.z / c.qchunks_max, qc = blockIdx.z % c.qchunks_max;
+  const int rep = hq / hkv;
+  const int64_t first = c.starts[g], G = c.starts[g + 1] - first, nq = G * rep;
+  const int64_t P = c.prefix[g];
+  const int64_t k0 = split * kCasSplit, k1 = min(P, k0 + kCasSplit);
+  const int64_t q0 = qc * kCasQ;
+  if (k0 >= P || q0 >= nq) return;  // this group has fewer splits / queries than the grid
+  const int nqb = static_cast<int>(min(static_cast<int64_t>(kCasQ), nq - q0));
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  for (int e = threadIdx.x; e < kCasQ * D; e += blockDim.x) {
+    const int qq = e / D, d = e % D;
+    float x = 0.f;
+    if (qq < nqb) {
+      const int64_t qi = q0 + qq, row = c.rows[first + qi / rep];
+      x = to_f32(q[(row * hq + h * rep + qi % rep) * static_cast<int64_t>(D) + d]) * scale;
+    }
+    qs[qq][d] = x;
+  }
+  constexpr int QW = kCasQ / kWarps;  // queries of this warp: qs rows warp * QW + i
+  float m[QW], l[QW], acc[QW][VEC];
+#pragma unroll
+  for (int i = 0; i < QW; ++i) {
+    m[i] = -INFINITY;
+    l[i] = 0.f;
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) acc[i][v] = 0.f;
+  }
+  const int32_t* table = c.tables + static_cast<int64_t>(c.rows[first]) * c.max_blocks;
+  for (int64_t j0 = k0; j0 < k1; j0 += kCasTile) {
+    __syncthreads();  // the previous tile is consumed (and qs written, on the first one)
+    for (int e = threadIdx.x; e < kCasTile * D; e += blockDim.x) {
+      const int t = e / D, d = e % D;
+      float kx = 0.f, vx = 0.f;
+      const int32_t b = j0 + t < k1 ? table[(j0 + t) / c.bs] : -1;
+      const bool ok = b >= 0 && b < c.num_blocks;  // else skipped, never read (as PagedRows)
+      if (ok) {
+        const int64_t off = kv_offset(token_slot(table, j0 + t, c.bs), h, hkv, D);
+        kx = to_f32(kc[off + d]);
+        vx = to_f32(vc[off + d]);
+      }
+      ks[t][d] = kx;
+      vs[t][d] = vx;
+      if (d == 0) kok[t] = ok;
+    }
+    __syncthreads();
+    const bool valid = kok[lane];
+#pragma unroll
+    for (int i = 0; i < QW; ++i) {
+      const int qq = warp * QW + i;
+      if (qq >= nqb) break;  // warp-uniform
+      float sc = 0.f;
+      for (int d = 0; d < D; ++d) sc += qs[qq][d] * ks[lane][d];
+      sc = valid ? sc : -INFINITY;
+      float mx = sc;
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+      const float mn = fmaxf(m[i], mx);
+      if (mn == -INFINITY) continue;  // no valid key yet (warp-uniform)
+      const float corr = __expf(m[i] - mn);  // 0 on the first valid tile (m = -inf)
+      const float p = valid ? __expf(sc - mn) : 0.f;
+      l[i] = l[i] * corr + warp_sum(p);
+      m[i] = mn;
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) acc[i][v] *= corr;
+      for (int t = 0; t < kCasTile; ++t) {
+        const float pt = __shfl_sync(0xffffffffu, p, t);
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) {
+          const int d = v * 32 + lane;
+          if (d < D) acc[i][v] += pt * vs[t][d];
+        }
+      }
+    }
+  }
+  const int64_t row_stride = static_cast<int64_t>(hq) * (D + 2);
+#pragma unroll
+  for (int i = 0; i < QW; ++i) {
+    const int qq = warp * QW + i;
+    if (qq >= nqb) break;
+    const int64_t qi = q0 + qq;
+    float* pr = c.prefix_parts +
+                ((g * c.splits_max + split) * c.max_group + qi / rep) * row_stride +
+                static_cast<int64_t>(h * rep + qi % rep) * (D + 2);
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) {
+      const int d = v * 32 + lane;
+      if (d < D) pr[d] = acc[i][v];
+    }
+    if (lane == 0) {
+      pr[D] = m[i];
+      pr[D + 1] = l[i];
+    }
+  }
+}
+
+// out[rows[p], h] = the exact merge of position p's own-key state and its group's prefix states.
+template <typename T>
+__global__ void cascade_merge_kernel(T* out, CascadeMeta c, int hq, int D) {
+  const int64_t p = blockIdx.x;
+  const int h = blockIdx.y;
+  const int64_t g = group_of(c.starts, c.groups, p), i = p - c.starts[g];
+  const int64_t splits = (c.prefix[g] + kCasSplit - 1) / kCasSplit;
+  const int64_t row_stride = static_cast<int64_t>(hq) * (D + 2);
+  auto part = [&](int64_t k) -> const float* {  // k = 0: own keys, then the prefix splits
+    return k == 0 ? c.own_parts + p * row_stride + static_cast<int64_t>(h) * (D + 2)
+                  : c.prefix_parts + ((g * c.splits_max + (k - 1)) * c.max_group + i) * row_stride +
+                        static_cast<int64_t>(h) * (D + 2);
+  };
+  float M = -INFINITY;
+  for (int64_t k = 0; k <= splits; ++k)
+    if (part(k)[D + 1] > 0.f) M = fmaxf(M, part(k)[D]);
+  T* orow = out + (static_cast<int64_t>(c.rows[p]) * hq + h) * D;
+  for (int d = threadIdx.x; d < D; d += blockDim.x) {
+    float L = 0.f, o = 0.f;
+    for (int64_t k = 0; k <= splits; ++k) {
+      const float* pk = part(k);
+      if (!(pk[D + 1] > 0.f)) continue;  // a range with no keys
+      const float w = __expf(pk[D] - M);
+      L += pk[D + 1] * w;
+      o += pk[d] * w;
+    }
+    orow[d] = from_f32<T>(L > 0.f ? o / L : 0.f);
+  }
+}
+
+template <typename T>
+void launch_cascade(T* out, const T* q, const T* kc, const T* vc, const CascadeMeta& c,
+                    int64_t num_seqs, int hq, int hkv, int D, float scale, cudaStream_t stream) {
+  if (num_seqs == 0) return;
+  if (D > kCasMaxD) throw std::invalid_argument("cascade attention on CUDA: head_dim must be <= 128");
+  CascadeOwnRows own{c.tables, c.lens, c.max_blocks, c.num_blocks, c.bs,
+                     c.rows, c.starts, c.prefix, c.groups};
+  launch_attend(out, q, kc, vc, own, num_seqs, hq, hkv, D, scale, stream, c.own_parts);
+  if (c.splits_max > 0 && c.groups > 0 && c.qchunks_max > 0) {
+    const dim3 grid(static_cast<unsigned>(c.groups), hkv,
+                    static_cast<unsigned>(c.splits_max * c.qchunks_max));
+    if (D <= 64)
+      cascade_prefix_kernel<T, 2><<<grid, kWarps * 32, 0, stream>>>(q, kc, vc, c, hq, hkv, D, scale);
+    else
+      cascade_prefix_kernel<T, 4><<<grid, kWarps * 32, 0, stream>>>(q, kc, vc, c, hq, hkv, D, scale);
+    cuda_check(cudaGetLastError(), "cascade prefix kernel launch");
+  }
+  cascade_merge_kernel<T><<<dim3(static_cast<unsigned>(num_seqs), hq), 128, 0, stream>>>(
+      out, c, hq, D);
+  cuda_check(cudaGetLastError(), "cascade merge kernel launch");
+}
 }  // namespace
 
 void cuda_append_kv(uintptr_t key_cache, uintptr_t value_cache, uintptr_t key, uintptr_t value,
@@ -273,6 +510,68 @@ void cuda_paged_decode_attention(uintptr_t out, uintptr_t query, uintptr_t key_c
                  block_size};
   dispatch_attend(dtype, out, query, key_cache, value_cache, rows, num_seqs, num_q_heads,
                   num_kv_heads, head_dim, scale, reinterpret_cast<cudaStream_t>(stream));
+}
+
+void cuda_cascade_decode_attention(uintptr_t out, uintptr_t query, uintptr_t key_cache,
+                                   uintptr_t value_cache, uintptr_t block_tables,
+                                   uintptr_t context_lens, int64_t num_seqs, int num_q_heads,
+                                   int num_kv_heads, int head_dim, int block_size,
+                                   int64_t max_blocks, int64_t num_blocks, float scale, int dtype,
+                                   uintptr_t group_rows, uintptr_t group_starts,
+                                   uintptr_t prefix_lens, int64_t num_groups,
+                                   int64_t max_prefix, int64_t max_group, uintptr_t workspace,
+                                   int64_t workspace_floats, uintptr_t stream) {
+  if (num_kv_heads <= 0 || num_q_heads % num_kv_heads != 0)
+    throw std::invalid_argument("num_q_heads must be a multiple of num_kv_heads");
+  const int rep = num_q_heads / num_kv_heads;
+  const int64_t row_floats = static_cast<int64_t>(num_q_heads) * (head_dim + 2);
+  const int64_t splits_max = (max_prefix + kCasSplit - 1) / kCasSplit;
+  if (workspace_floats < cascade_workspace_floats(num_seqs, num_q_heads, head_dim, num_groups,
+                                                  max_prefix, max_group))
+    throw std::invalid_argument("cascade attention: workspace too small");
+  auto* ws = reinterpret_cast<float*>(workspace);
+  CascadeMeta c{reinterpret_cast<const int32_t*>(block_tables),
+                reinterpret_cast<const int32_t*>(context_lens),
+                max_blocks,
+                num_blocks,
+                block_size,
+                reinterpret_cast<const int32_t*>(group_rows),
+                reinterpret_cast<const int32_t*>(group_starts),
+                reinterpret_cast<const int32_t*>(prefix_lens),
+                num_groups,
+                max_group,
+                splits_max,
+                (max_group * rep + kCasQ - 1) / kCasQ,
+                ws,
+                ws + num_seqs * row_floats};
+  auto st = reinterpret_cast<cudaStream_t>(stream);
+  switch (dtype) {
+    case kF32:
+      return launch_cascade(reinterpret_cast<float*>(out), reinterpret_cast<const float*>(query),
+                            reinterpret_cast<const float*>(key_cache),
+                            reinterpret_cast<const float*>(value_cache), c, num_seqs,
+                            num_q_heads, num_kv_heads, head_dim, scale, st);
+    case kBF16:
+      return launch_cascade(reinterpret_cast<__nv_bfloat16*>(out),
+                            reinterpret_cast<const __nv_bfloat16*>(query),
+                            reinterpret_cast<const __nv_bfloat16*>(key_cache),
+                            reinterpret_cast<const __nv_bfloat16*>(value_cache), c, num_seqs,
+                            num_q_heads, num_kv_heads, head_dim, scale, st);
+    case kF16:
+      return launch_cascade(reinterpret_cast<__half*>(out), reinterpret_cast<const __half*>(query),
+                            reinterpret_cast<const __half*>(key_cache),
+                            reinterpret_cast<const __half*>(value_cache), c, num_seqs,
+                            num_q_heads, num_kv_heads, head_dim, scale, st);
+    default:
+      throw std::invalid_argument("unknown dtype code");
+  }
+}
+
+int64_t cascade_workspace_floats(int64_t num_seqs, int num_q_heads, int head_dim,
+                                 int64_t num_groups, int64_t max_prefix, int64_t max_group) {
+  const int64_t row_floats = static_cast<int64_t>(num_q_heads) * (head_dim + 2);
+  const int64_t splits_max = (max_prefix + kCasSplit - 1) / kCasSplit;
+  return num_seqs * row_floats + num_groups * splits_max * max_group * row_floats;
 }
 
 void cuda_prefill_attention(uintptr_t out, uintptr_t query, uintptr_t key, uintptr_t value,

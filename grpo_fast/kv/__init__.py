@@ -16,6 +16,8 @@ token slot = block * block_size + offset. One GRPO generation, per layer where i
            slot, tables, lens = bm.decode_metadata(children)
            append_kv(kc, vc, k_new, v_new, slot)          # per layer
            paged_decode_attention(q, kc, vc, tables, lens, scale)
+           (or, when the G children share a long prompt: groups = cascade_groups(tables, lens,
+            group_ids, block_size, min_prefix) and cascade_decode_attention(..., *groups))
            (the sampler then draws each sequence's next token: grpo_fast.sampler.sample)
     bm.free(child) when done; OutOfBlocksError -> preempt (free, recompute later);
     bm.reset_prefix_cache() after every weight update (cached KV is stale).
@@ -26,11 +28,14 @@ torch.ops.grpo_fast.*; `grpo_fast.kv.reference` holds the plain-PyTorch oracle v
 from . import reference
 from .block_manager import BlockManager, NativeBlockManager, PyBlockManager
 from .errors import OutOfBlocksError
-from .ops import append_kv, copy_blocks, gather_kv, paged_decode_attention, prefill_attention
+from .cascade import CascadeGroups, cascade_groups
+from .ops import (append_kv, cascade_decode_attention, copy_blocks, gather_kv, paged_decode_attention,
+                  prefill_attention)
 
 __all__ = [
     "BlockManager", "NativeBlockManager", "PyBlockManager", "OutOfBlocksError", "append_kv",
-    "copy_blocks", "gather_kv", "paged_decode_attention", "prefill_attention", "reference",
+    "cascade_decode_attention", "CascadeGroups", "cascade_groups", "copy_blocks", "gather_kv",
+    "paged_decode_attention", "prefill_attention", "reference",
 ]
 
 

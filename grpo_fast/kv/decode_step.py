@@ -10,6 +10,9 @@ eager only: under torch.compile or without a native build it runs the public ops
 
     step = DecodeStep(slot_mapping, block_tables, context_lens, scale, key_cache, num_q_heads)
     per layer:  step.append(key_cache, value_cache, k, v); out = step.attend(q, key_cache, value_cache)
+
+With ``groups`` (a kv.cascade.CascadeGroups: rows that share a prompt's blocks) attend runs cascade
+decode attention instead of the per-sequence paged kernel (same output to fp32 rounding).
 """
 
 from __future__ import annotations
@@ -24,10 +27,11 @@ from . import launch, ops
 
 class DecodeStep:
     def __init__(self, slot_mapping: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
-                 scale: float, key_cache: torch.Tensor, num_q_heads: int):
+                 scale: float, key_cache: torch.Tensor, num_q_heads: int, groups=None):
         """slot_mapping [S] int32, block_tables [S, max_blocks] int32, context_lens [S] int32 on the
         cache's device; key_cache: one layer's cache [num_blocks, block_size, Hkv, D] (every layer's
-        has this shape, dtype and device)."""
+        has this shape, dtype and device); groups: None, or the step's kv.cascade.CascadeGroups
+        (numpy, moved to the device here)."""
         self.cache_shape = tuple(key_cache.shape)
         nb, bs, hkv, d = self.cache_shape
         dev, i32 = key_cache.device, (torch.int32,)
@@ -42,6 +46,15 @@ class DecodeStep:
         self.slots, self.tables, self.lens = slot_mapping, block_tables, context_lens
         self.dtype, self.num_q_heads = key_cache.dtype, num_q_heads
         self.q_shape, self.kv_shape = (S, num_q_heads, d), (S, hkv, d)
+        self.groups = None  # (group_rows [S], group_starts [G + 1], prefix_lens [G]) int32 on the device
+        self.bounds = None  # (longest prefix, largest group): the CUDA kernel's grid, known here on the host
+        if groups is not None:
+            self.groups = tuple(torch.as_tensor(a).to(device=dev, dtype=torch.int32) for a in groups)
+            checks.tensor("group_rows", self.groups[0], shape=(S,))
+            checks.tensor("group_starts", self.groups[1], shape=(self.groups[2].shape[0] + 1,))
+            starts = [int(x) for x in groups[1]]
+            self.bounds = (max((int(x) for x in groups[2]), default=0),
+                           max((b - a for a, b in zip(starts, starts[1:])), default=0))
         self.native = None if torch.compiler.is_compiling() else native_for(key_cache, "paged_decode_attention")
         if self.native is not None and dev.type == "cpu" and S > 0:  # the check each op would repeat
             if int(context_lens.max()) > block_tables.shape[1] * bs or int(context_lens.min()) < 0:
@@ -62,10 +75,17 @@ class DecodeStep:
         launch.append_kv(self.native, key_cache, value_cache, key, value, self.slots)
 
     def attend(self, query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor) -> torch.Tensor:
-        """paged_decode_attention(query [S, Hq, D], caches, this step's tables and lengths)."""
+        """paged_decode_attention(query [S, Hq, D], caches, this step's tables and lengths), as a
+        cascade over the step's groups when it has some."""
         if self.native is None:
+            if self.groups is not None:
+                return ops.cascade_decode_attention(query, key_cache, value_cache, self.tables, self.lens, self.scale,
+                                                    *self.groups)
             return ops.paged_decode_attention(query, key_cache, value_cache, self.tables, self.lens, self.scale)
         self._check_caches(key_cache, value_cache)
         checks.exact("query", query, self.q_shape, self.dtype)
+        if self.groups is not None:
+            return launch.cascade_decode_attention(self.native, query, key_cache, value_cache, self.tables, self.lens,
+                                                   self.scale, *self.groups, bounds=self.bounds)
         return launch.paged_decode_attention(self.native, query, key_cache, value_cache, self.tables, self.lens,
                                              self.scale)

@@ -44,6 +44,32 @@ def paged_decode_attention(backend: Backend, query: torch.Tensor, key_cache: tor
     return out
 
 
+def cascade_decode_attention(backend: Backend, query: torch.Tensor, key_cache: torch.Tensor,
+                             value_cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
+                             scale: float, group_rows: torch.Tensor, group_starts: torch.Tensor,
+                             prefix_lens: torch.Tensor, bounds: tuple[int, int] | None = None) -> torch.Tensor:
+    """out [S, Hq, D]: paged decode attention with each group's shared prefix attended once.
+    bounds: (longest prefix, largest group), which the CUDA kernel sizes its grid by; read back
+    from the device (a sync) when not given."""
+    S, hq, d = query.shape
+    nb, bs, hkv, _ = key_cache.shape
+    out = torch.empty_like(query)
+    extra = ()
+    if backend.cuda:
+        if bounds is None:
+            sizes = group_starts[1:] - group_starts[:-1]
+            bounds = (int(prefix_lens.max()) if prefix_lens.numel() else 0, int(sizes.max()) if sizes.numel() else 0)
+        floats = backend.cascade_workspace_floats(S, hq, d, prefix_lens.shape[0], *bounds)
+        workspace = torch.empty(max(1, floats), dtype=torch.float32, device=query.device)
+        extra = (*bounds, workspace.data_ptr(), floats)
+    backend.cascade_decode_attention(out.data_ptr(), query.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(),
+                                     block_tables.data_ptr(), context_lens.data_ptr(), S, hq, hkv, d, bs,
+                                     block_tables.shape[1], nb, float(scale), dtype_code(query),
+                                     group_rows.data_ptr(), group_starts.data_ptr(), prefix_lens.data_ptr(),
+                                     prefix_lens.shape[0], *extra, *backend.stream_args(query))
+    return out
+
+
 def prefill_attention(backend: Backend, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       cu_seqlens: torch.Tensor, cu_seqlens_k: torch.Tensor, scale: float) -> torch.Tensor:
     """out [T, Hq, D] of causal varlen attention (bottom-right aligned)."""

@@ -144,6 +144,60 @@ def paged_decode_attention(query, key_cache, value_cache, block_tables, context_
                                    scale)
 
 
+# ---- cascade decode attention -----------------------------------------------------------------
+
+@torch.library.custom_op("grpo_fast::cascade_decode_attention", mutates_args=())
+def _cascade_decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                              block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
+                              group_rows: torch.Tensor, group_starts: torch.Tensor,
+                              prefix_lens: torch.Tensor) -> torch.Tensor:
+    n = native_for(query, "cascade_decode_attention")
+    if n is None:
+        return ref.cascade_decode_attention(query, key_cache, value_cache, block_tables, context_lens, scale,
+                                            group_rows, group_starts, prefix_lens)
+    return launch.cascade_decode_attention(n, query, key_cache, value_cache, block_tables, context_lens, scale,
+                                           group_rows, group_starts, prefix_lens)
+
+
+@_cascade_decode_attention.register_fake
+def _(query, key_cache, value_cache, block_tables, context_lens, scale, group_rows, group_starts, prefix_lens):
+    return torch.empty_like(query)
+
+
+def cascade_decode_attention(query, key_cache, value_cache, block_tables, context_lens, scale, group_rows,
+                             group_starts, prefix_lens):
+    """paged_decode_attention for sequences in groups that share a prefix (GRPO's G completions
+    of one prompt): the same output (to fp32 rounding), with each group's shared prefix attended
+    once for all its sequences (their queries as one block against each prefix key) and merged
+    exactly with each sequence's own keys through the log-sum-exp.
+
+    query, caches, block_tables, context_lens, scale: as paged_decode_attention. group_rows [S]
+    int32: the rows ordered by group, a permutation of range(S); group_starts [G + 1] int32: group
+    g is group_rows[group_starts[g]:group_starts[g + 1]]; prefix_lens [G] int32: tokens at the
+    head of every row of g that lie in the same blocks of each row's table (0: nothing shared).
+    `kv.cascade.cascade_groups` builds these from a step's tables. On the CPU the kernel checks
+    that each prefix lies in shared blocks; on CUDA that is the caller's promise (a host check
+    would synchronize).
+    """
+    nb, bs, hkv, d = cache_pair(key_cache, value_cache)
+    dev = key_cache.device
+    checks.tensor("query", query, ndim=3, dtypes=(key_cache.dtype,), device=dev, shape=(None, None, d))
+    S, hq = query.shape[0], query.shape[1]
+    if hq % hkv != 0:
+        raise ValueError(f"query has {hq} heads, not a multiple of the cache's {hkv} kv heads")
+    checks.tensor("block_tables", block_tables, ndim=2, dtypes=_I32, device=dev, shape=(S, None))
+    checks.tensor("context_lens", context_lens, ndim=1, dtypes=_I32, device=dev, shape=(S,))
+    checks.tensor("group_rows", group_rows, dtypes=_I32, device=dev, shape=(S,))
+    checks.tensor("prefix_lens", prefix_lens, ndim=1, dtypes=_I32, device=dev)
+    checks.tensor("group_starts", group_starts, dtypes=_I32, device=dev, shape=(prefix_lens.shape[0] + 1,))
+    scale = checks.positive_float("scale", scale)
+    if not torch.compiler.is_compiling() and dev.type == "cpu" and S > 0:
+        if int(context_lens.max()) > block_tables.shape[1] * bs or int(context_lens.min()) < 0:
+            raise ValueError("context_lens must lie in [0, block_tables.shape[1] * block_size]")
+    return _cascade_decode_attention(query, key_cache, value_cache, block_tables, context_lens, scale, group_rows,
+                                     group_starts, prefix_lens)
+
+
 # ---- prefill attention ------------------------------------------------------------------------
 
 @torch.library.custom_op("grpo_fast::prefill_attention", mutates_args=())

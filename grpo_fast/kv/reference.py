@@ -69,6 +69,41 @@ def paged_decode_attention(query, key_cache, value_cache, block_tables, context_
     return out
 
 
+def cascade_decode_attention(query, key_cache, value_cache, block_tables, context_lens, scale, group_rows,
+                             group_starts, prefix_lens):
+    """The same as paged_decode_attention (the grouping only says which keys may be read once
+    for several sequences), with each group's prefix part and own part computed apart and merged
+    through their log-sum-exp, as the kernels do: for query q and key ranges A (shared prefix)
+    and B (own keys), with m_X = max_j s_j, l_X = sum_j exp(s_j - m_X), o_X = sum_j exp(s_j - m_X) v_j,
+    out = (o_A e^(m_A - M) + o_B e^(m_B - M)) / (l_A e^(m_A - M) + l_B e^(m_B - M)), M = max(m_A, m_B)."""
+    out = torch.empty_like(query)
+    hq, hkv = query.shape[1], key_cache.shape[2]
+    prefix_of = {}
+    for g in range(prefix_lens.numel()):
+        for i in range(int(group_starts[g]), int(group_starts[g + 1])):
+            prefix_of[int(group_rows[i])] = int(prefix_lens[g])
+    for s in range(query.shape[0]):
+        n, p = int(context_lens[s]), prefix_of[s]
+        k, v = gather_kv(key_cache, value_cache, block_tables[s], n)  # [n, Hkv, D]
+        k = k.float().repeat_interleave(hq // hkv, dim=1)  # [n, Hq, D]
+        v = v.float().repeat_interleave(hq // hkv, dim=1)
+        scores = torch.einsum("hd,nhd->hn", query[s].float(), k) * scale  # [Hq, n]
+        num = torch.zeros(hq, query.shape[2], device=query.device)
+        den = torch.zeros(hq, device=query.device)
+        parts = [(0, p), (p, n)]
+        ms = [scores[:, a:b].amax(1) if b > a else torch.full((hq,), -torch.inf, device=query.device)
+              for a, b in parts]
+        top = torch.maximum(*ms)
+        for (a, b), m in zip(parts, ms):
+            if b > a:
+                w = torch.exp(scores[:, a:b] - m[:, None])  # [Hq, b - a]
+                scale_x = torch.exp(m - top)[:, None]
+                num += torch.einsum("hn,nhd->hd", w, v[a:b]) * scale_x
+                den += w.sum(1) * scale_x[:, 0]
+        out[s] = torch.where(den[:, None] > 0, num / den.clamp_min(1e-30)[:, None], 0.0).to(query.dtype)
+    return out
+
+
 def prefill_attention(query, key, value, cu_seqlens, scale, cu_seqlens_k=None):
     """Causal attention over packed variable-length sequences.
 

@@ -14,7 +14,14 @@ module runs seven tensor ops, each a few microseconds of dispatch on a [32, 576]
 
 ``rope_qk(q, k, cos, sin)``: HF's rotary embedding of q and k in one call (torch: ~8 ops a layer).
 
-``decode_layer``: a whole decoder layer of a decode step in one call (grpo_fast.models.native_decode).
+``DecodeModel`` / ``decode_layers``: a whole decoder stack of a decode step in one call, LoRA
+adapters included (grpo_fast.models.native_decode).
+
+LoRA: ``lora=[(A [r, K], B [N, r], scale), ...]`` on the linear kernels adds scale * (x A^T) B^T
+inside the same call (x packed once, A x as extra packed rows, B as one more pass over them into
+the same output tile), from the adapters' live weights.
+
+Threads: the kernels run on their own pool (csrc/parallel.h) sized by torch.get_num_threads().
 
 ``available()`` says whether they can run (the native build is there and the CPU has AVX2+FMA);
 callers keep a torch path for when it is False. Summation order differs from MKL's, so results
@@ -55,10 +62,26 @@ def _check_bias(name: str, b: torch.Tensor | None, n: int) -> None:
         checks.tensor(name, b, dtypes=_F32, shape=(n,))
 
 
+LoraTerms = list[tuple[torch.Tensor, torch.Tensor, float]]  # [(A [r, K], B [N, r], scaling)]
+
+
+def lora_args(name: str, lora: LoraTerms | None, k: int, n: int) -> list[tuple[int, int, int, float]]:
+    """Checked LoRA terms as the kernels take them: (A pointer, B pointer, r, scale)."""
+    out = []
+    for i, (a, b, scale) in enumerate(lora or ()):
+        checks.tensor(f"{name}[{i}] A", a, ndim=2, dtypes=_F32, device="cpu")
+        r = a.shape[0]
+        checks.tensor(f"{name}[{i}] B", b, dtypes=_F32, device="cpu", shape=(n, r))
+        if a.shape[1] != k or r < 1:
+            raise ValueError(f"{name}[{i}]: A is {tuple(a.shape)}, need [r >= 1, {k}]")
+        out.append((a.data_ptr(), b.data_ptr(), r, float(scale)))
+    return out
+
+
 def linear_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                *, alpha: float = 1.0, accumulate: bool = False) -> torch.Tensor:
-    """out = (out if accumulate else 0) + alpha * x @ weight^T + bias; x [M, K], weight [N, K],
-    out [M, N] (rows may be strided, e.g. a column slice). Returns out."""
+                *, alpha: float = 1.0, accumulate: bool = False, lora: LoraTerms | None = None) -> torch.Tensor:
+    """out = (out if accumulate else 0) + alpha * (x @ weight^T + sum_l s_l (x A_l^T) B_l^T) + bias;
+    x [M, K], weight [N, K], out [M, N] (rows may be strided, e.g. a column slice). Returns out."""
     _check_rows("x", x)
     _check_rows("out", out)
     _check_weight("weight", weight, x.shape[1])
@@ -66,49 +89,58 @@ def linear_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: 
     if tuple(out.shape) != (m, n):
         raise ValueError(f"out: expected shape {(m, n)}, got {tuple(out.shape)}")
     _check_bias("bias", bias, n)
+    terms = lora_args("lora", lora, x.shape[1], n)
     if m:
         _C.cpu_linear(out.data_ptr(), x.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(),
-                      m, n, x.shape[1], x.stride(0), out.stride(0), float(alpha), bool(accumulate))
+                      m, n, x.shape[1], x.stride(0), out.stride(0), float(alpha), bool(accumulate), terms)
     return out
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight^T + bias as a new [M, N] tensor."""
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+           lora: LoraTerms | None = None) -> torch.Tensor:
+    """x @ weight^T + LoRA(x) + bias as a new [M, N] tensor."""
     out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32)
-    return linear_into(out, x, weight, bias)
+    return linear_into(out, x, weight, bias, lora=lora)
 
 
-def linear_many(x: torch.Tensor, weights: list[torch.Tensor],
-                biases: list[torch.Tensor | None]) -> list[torch.Tensor]:
-    """[x @ w^T + b for w, b in zip(weights, biases)] in one call (x packed once, one parallel pass
-    over all the weights' rows): a layer's q, k and v projections."""
+def linear_many(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None],
+                loras: list[LoraTerms | None] | None = None) -> list[torch.Tensor]:
+    """[x @ w^T + LoRA_i(x) + b for w, b in zip(weights, biases)] in one call (x packed once, one
+    parallel pass over all the weights' rows): a layer's q, k and v projections."""
     _check_rows("x", x)
     if len(weights) != len(biases) or not weights:
         raise ValueError(f"weights ({len(weights)}) and biases ({len(biases)}): need equal, non-zero lengths")
-    outs = []
+    loras = loras if loras is not None else [None] * len(weights)
+    if len(loras) != len(weights):
+        raise ValueError(f"loras ({len(loras)}): need one (or None) per weight ({len(weights)})")
+    outs, terms = [], []
     for i, (w, b) in enumerate(zip(weights, biases)):
         _check_weight(f"weights[{i}]", w, x.shape[1])
         _check_bias(f"biases[{i}]", b, w.shape[0])
+        terms.append(lora_args(f"loras[{i}]", loras[i], x.shape[1], w.shape[0]))
         outs.append(torch.empty(x.shape[0], w.shape[0], dtype=torch.float32))
     if x.shape[0]:
         _C.cpu_linear_many([o.data_ptr() for o in outs], x.data_ptr(), [w.data_ptr() for w in weights],
                            [0 if b is None else b.data_ptr() for b in biases], [w.shape[0] for w in weights],
-                           [o.stride(0) for o in outs], x.shape[0], x.shape[1], x.stride(0))
+                           [o.stride(0) for o in outs], x.shape[0], x.shape[1], x.stride(0), terms)
     return outs
 
 
-def silu_mul_linear(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor) -> torch.Tensor:
-    """silu(x @ w_gate^T) * (x @ w_up^T), [M, N], both projections bias-free."""
+def silu_mul_linear(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, *, lora_gate: LoraTerms | None = None,
+                    lora_up: LoraTerms | None = None) -> torch.Tensor:
+    """silu(x @ w_gate^T + LoRA_g(x)) * (x @ w_up^T + LoRA_u(x)), [M, N], both projections bias-free."""
     _check_rows("x", x)
     _check_weight("w_gate", w_gate, x.shape[1])
     _check_weight("w_up", w_up, x.shape[1])
     if w_gate.shape != w_up.shape:
         raise ValueError(f"w_gate {tuple(w_gate.shape)} and w_up {tuple(w_up.shape)} differ in shape")
     m, n = x.shape[0], w_gate.shape[0]
+    gate_terms = lora_args("lora_gate", lora_gate, x.shape[1], n)
+    up_terms = lora_args("lora_up", lora_up, x.shape[1], n)
     out = torch.empty(m, n, dtype=torch.float32)
     if m:
         _C.cpu_silu_mul_linear(out.data_ptr(), x.data_ptr(), w_gate.data_ptr(), w_up.data_ptr(),
-                               m, n, x.shape[1], x.stride(0), out.stride(0))
+                               m, n, x.shape[1], x.stride(0), out.stride(0), gate_terms, up_terms)
     return out
 
 
@@ -143,21 +175,33 @@ def rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
     return q_out, k_out
 
 
-def decode_layer(hidden: torch.Tensor, intermediate: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
-                 weight_ptrs: list[int], eps: list[float], cos: torch.Tensor, sin: torch.Tensor,
-                 key_cache_ptr: int, value_cache_ptr: int, step, num_blocks: int, block_size: int,
-                 scale: float) -> None:
-    """One Llama-family decoder layer of a decode step on hidden [M, H] in place (see
-    csrc/decode_layer_cpu.h for the pointer list); step: a kv.decode_step.DecodeStep over fp32
-    caches of num_blocks x block_size slots (the caller's pointers into them)."""
+def decode_model(hidden: int, intermediate: int, num_q_heads: int, num_kv_heads: int, head_dim: int):
+    """An empty native decoder stack (_C.CpuDecodeModel); ``add_layer(pointers, eps, lora)`` appends
+    a layer: the 13 weight pointers of csrc/decode_layer_cpu.h (0 = no bias), the two norm eps,
+    and 7 lists (q, k, v, o, gate, up, down) of LoRA terms as ``lora_args`` returns them."""
+    return _C.CpuDecodeModel(hidden, intermediate, num_q_heads, num_kv_heads, head_dim)
+
+
+def decode_layers(model, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
+                  step, head_dim: int) -> None:
+    """Every layer of `model` (a decode_model) over hidden [M, H] in place; kv_cache
+    [L, 2, num_blocks, block_size, Hkv, D] fp32 contiguous; step: a kv.decode_step.DecodeStep
+    over it (its cascade groups, if any, are used)."""
     checks.tensor("hidden", hidden, ndim=2, dtypes=_F32, device="cpu")
     m = hidden.shape[0]
     checks.tensor("cos", cos, dtypes=_F32, shape=(m, head_dim))
     checks.tensor("sin", sin, dtypes=_F32, shape=(m, head_dim))
-    if step.dtype != torch.float32 or step.q_shape != (m, num_q_heads, head_dim):
-        raise ValueError(f"step: built for {step.q_shape} {step.dtype} queries, this layer has "
-                         f"({m}, {num_q_heads}, {head_dim}) float32")
-    _C.cpu_decode_layer(hidden.data_ptr(), m, hidden.shape[1], intermediate, num_q_heads, num_kv_heads, head_dim,
-                        weight_ptrs, eps, cos.data_ptr(), sin.data_ptr(), key_cache_ptr, value_cache_ptr,
-                        step.slots.data_ptr(), step.tables.data_ptr(), step.lens.data_ptr(), step.tables.shape[1],
-                        num_blocks, block_size, float(scale))
+    checks.tensor("kv_cache", kv_cache, ndim=6, dtypes=_F32, device="cpu")
+    num_layers, _, nb, bs = kv_cache.shape[:4]
+    if num_layers < model.num_layers:
+        raise ValueError(f"kv_cache: {num_layers} layers, the model has {model.num_layers}")
+    if step.dtype != torch.float32 or step.q_shape[0] != m or step.cache_shape != tuple(kv_cache.shape[2:]):
+        raise ValueError(f"step: built for {step.q_shape} {step.dtype} queries over {step.cache_shape} caches; "
+                         f"this call has {m} rows over {tuple(kv_cache.shape[2:])}")
+    layer_bytes = kv_cache[0, 0].numel() * kv_cache.element_size()
+    rows, starts, prefix = step.groups if step.groups is not None else (None, None, None)
+    _C.cpu_decode_layers(model, hidden.data_ptr(), m, cos.data_ptr(), sin.data_ptr(), kv_cache.data_ptr(),
+                         layer_bytes, step.slots.data_ptr(), step.tables.data_ptr(), step.lens.data_ptr(),
+                         step.tables.shape[1], nb, bs, float(step.scale),
+                         0 if rows is None else rows.data_ptr(), 0 if starts is None else starts.data_ptr(),
+                         0 if prefix is None else prefix.data_ptr(), 0 if prefix is None else prefix.shape[0])

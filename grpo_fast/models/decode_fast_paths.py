@@ -15,7 +15,7 @@ CPU fp32 paths, for M rows:
 
 Also fused here: ``linear_add_`` (residual: into += module(x), no [M, N] temporary on the native
 path) and the gated MLPs of the supported families, down(act(gate(x)) * up(x)), whose
-silu(gate) * up is one native pass when gate and up carry no bias or adapter; and ``rms_norm``:
+silu(gate) * up is one native pass (adapters included) when gate and up carry no bias; and ``rms_norm``:
 the families' RMSNorm modules as one native pass per row instead of seven tensor ops; and
 ``Rotary``: RoPE of q and k, one native call per layer.
 
@@ -108,18 +108,10 @@ def _native(x: torch.Tensor, parts: Parts) -> bool:
             and cpu_ops.available())
 
 
-def _add_lora_(out: torch.Tensor, x: torch.Tensor, parts: Parts) -> None:
-    """out += sum_i s_i (x A_i^T) B_i^T with the native kernel."""
-    for weight_a, weight_b, scaling in parts.terms:
-        cpu_ops.linear_into(out, cpu_ops.linear(x, weight_a), weight_b, alpha=scaling, accumulate=True)
-
-
 def _native_into(out: torch.Tensor, x: torch.Tensor, parts: Parts, accumulate: bool) -> torch.Tensor:
-    """out (+)= x W^T + b + sum_i s_i (x A_i^T) B_i^T with the native kernel."""
+    """out (+)= x W^T + b + sum_i s_i (x A_i^T) B_i^T in one native call."""
     bias = parts.base.bias.contiguous() if parts.base.bias is not None else None
-    cpu_ops.linear_into(out, x, parts.base.weight, bias, accumulate=accumulate)
-    _add_lora_(out, x, parts)
-    return out
+    return cpu_ops.linear_into(out, x, parts.base.weight, bias, accumulate=accumulate, lora=parts.terms)
 
 
 def _transposed(parts, xt: torch.Tensor) -> torch.Tensor:
@@ -134,8 +126,9 @@ def _transposed(parts, xt: torch.Tensor) -> torch.Tensor:
 
 
 def _fused_silu_gate(mlp: nn.Module, x: torch.Tensor, gate: Parts, up: Parts) -> bool:
-    """Whether silu(gate(x)) * up(x) may be one native pass: SiLU activation, no bias, no adapter."""
-    plain = all(p.base.bias is None and not p.terms for p in (gate, up))
+    """Whether silu(gate(x)) * up(x) may be one native pass: SiLU activation, no bias (adapters
+    are computed inside the pass)."""
+    plain = all(p.base.bias is None for p in (gate, up))
     act = mlp.act_fn
     return plain and type(act).__name__ in SILU_ACTIVATIONS and unhooked(act) and _native(x, gate) and _native(x, up)
 
@@ -195,15 +188,12 @@ class FastPaths:
 
     def linears(self, modules: tuple[nn.Module, ...], x: torch.Tensor) -> list[torch.Tensor]:
         """[m(x) for m in modules] (a layer's q, k, v projections); natively as one call when all of
-        them qualify, each module's LoRA terms then added to its own output."""
+        them qualify, each module's LoRA terms computed inside it."""
         parts = [self.fast_parts(m, x) for m in modules]
         if not all(p is not None and _native(x, p) for p in parts):
             return [self.linear(m, x) for m in modules]
         biases = [None if p.base.bias is None else p.base.bias.contiguous() for p in parts]
-        outs = cpu_ops.linear_many(x, [p.base.weight for p in parts], biases)
-        for out, p in zip(outs, parts):
-            _add_lora_(out, x, p)
-        return outs
+        return cpu_ops.linear_many(x, [p.base.weight for p in parts], biases, [p.terms for p in parts])
 
     def linear_add_(self, into: torch.Tensor, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """into += module(x), in place (into [M, N] fp32 rows, e.g. the residual stream)."""
@@ -254,7 +244,7 @@ class FastPaths:
     def _gated_inner(self, mlp: nn.Module, x: torch.Tensor, gate: Parts, up: Parts) -> torch.Tensor:
         """act(gate(x)) * up(x) [M, I] on the native kernels."""
         if _fused_silu_gate(mlp, x, gate, up):
-            return cpu_ops.silu_mul_linear(x, gate.base.weight, up.base.weight)
+            return cpu_ops.silu_mul_linear(x, gate.base.weight, up.base.weight, lora_gate=gate.terms, lora_up=up.terms)
         return mlp.act_fn(self.linear(mlp.gate_proj, x)).mul_(self.linear(mlp.up_proj, x))
 
 

@@ -10,18 +10,23 @@ attention reads and writes the per-layer block caches ``[num_blocks, block_size,
   back from the blocks (bottom-right-aligned causal mask).
 - decode: one token per sequence; its K/V are appended, then paged decode attention reads the
   sequence's blocks through its block table (kv.decode_step: metadata validated once per step,
-  kernels called directly). Plain fp32 CPU models run each layer of a decode step as one native
-  call (grpo_fast.models.native_decode).
+  kernels called directly). When the G sequences of a group still share a prompt of at least
+  ``cascade_min_prefix`` tokens, cascade attention reads that prefix once for the whole group
+  (kv.cascade). fp32 CPU models, plain or LoRA-wrapped, run the decoder stack of a decode step as
+  one native call (grpo_fast.models.native_decode).
 """
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 
 import torch
 
 from grpo_fast import kv
+from grpo_fast.kv.cascade import CPU_MIN_PREFIX, cascade_groups
 from grpo_fast.kv.decode_step import DecodeStep
+from grpo_fast.native import has_native
 from grpo_fast.models import native_decode
 from grpo_fast.models.llama_family import LlamaFamily
 from grpo_fast.sampler.decode_graphs import DecodeGraphs
@@ -32,8 +37,20 @@ except ImportError:
     _flash_varlen = None
 
 
+def default_cascade_min_prefix(device: torch.device) -> int | None:
+    """Shortest shared prefix (tokens) at which a group's decode attention runs as a cascade:
+    measured on the CPU (kv.cascade.CPU_MIN_PREFIX); None (never) on CUDA until a GPU run has
+    measured where it pays. GRPO_FAST_CASCADE_MIN_PREFIX=N overrides it (N < 0: never)."""
+    env = os.environ.get("GRPO_FAST_CASCADE_MIN_PREFIX")
+    if env is not None:
+        n = int(env)
+        return None if n < 0 else n
+    return CPU_MIN_PREFIX if device.type == "cpu" else None
+
+
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, *, num_blocks: int, block_size: int, cuda_graphs: bool = False):
+    def __init__(self, model: torch.nn.Module, *, num_blocks: int, block_size: int, cuda_graphs: bool = False,
+                 cascade: bool = True):
         self.family = LlamaFamily(model)
         self.block_size = block_size
         self.num_blocks = num_blocks
@@ -41,6 +58,9 @@ class ModelRunner:
         self.dtype = self.family.dtype
         self._kv_cache: torch.Tensor | None = None  # allocated on first use, see release()
         self.graphs = DecodeGraphs(self) if cuda_graphs else None
+        # None: every step runs the per-sequence paged kernel
+        ok = cascade and has_native("cascade_decode_attention", self.device.type)
+        self.cascade_min_prefix = default_cascade_min_prefix(self.device) if ok else None
 
     @contextmanager
     def generate_call(self):
@@ -135,31 +155,37 @@ class ModelRunner:
         last = torch.tensor(cu_q[1:], dtype=torch.int64, device=dev) - 1  # [B]
         return self.family.forward(input_ids, positions, attend, logits_index=last)
 
-    def decode(self, bm, seq_ids: list[int], last_tokens: list[int]) -> torch.Tensor:
+    def decode(self, bm, seq_ids: list[int], last_tokens: list[int], group_ids: list[int] | None = None
+               ) -> torch.Tensor:
         """Logits ``[S, V]`` (fp32) after feeding each sequence its pending last token, whose
-        slot the block manager has already reserved. With CUDA graphs on (see decode_graphs) a
-        captured step is replayed and the logits are a view of its static output, valid until
-        the next decode call."""
+        slot the block manager has already reserved. group_ids [S]: the prompt group of each
+        sequence (rows of a group may share their prompt's blocks: cascade attention). With CUDA
+        graphs on (see decode_graphs) a captured step is replayed and the logits are a view of its
+        static output, valid until the next decode call."""
         slot_np, tables_np, lens_np = bm.decode_metadata(seq_ids)
         if self.graphs is not None:
             logits = self.graphs.run(slot_np, tables_np, lens_np, last_tokens)
             if logits is not None:
                 return logits
+        groups = None
+        if group_ids is not None and self.cascade_min_prefix is not None:
+            groups = cascade_groups(tables_np, lens_np, group_ids, self.block_size, self.cascade_min_prefix)
         dev = self.device
         slots = torch.as_tensor(slot_np).to(device=dev, dtype=torch.int32)  # [S]
         block_tables = torch.as_tensor(tables_np).to(device=dev, dtype=torch.int32)  # [S, max_blocks]
         context_lens = torch.as_tensor(lens_np).to(device=dev, dtype=torch.int32)  # [S]
         input_ids = torch.tensor(last_tokens, dtype=torch.int64, device=dev)  # [S]
-        return self.decode_forward(input_ids, slots, block_tables, context_lens)
+        return self.decode_forward(input_ids, slots, block_tables, context_lens, groups)
 
     def decode_forward(self, input_ids: torch.Tensor, slots: torch.Tensor, block_tables: torch.Tensor,
-                       context_lens: torch.Tensor) -> torch.Tensor:
+                       context_lens: torch.Tensor, groups: kv.CascadeGroups | None = None) -> torch.Tensor:
         """The decode step on device tensors: input_ids [S] int64, slots [S], block_tables
-        [S, max_blocks], context_lens [S] int32 (a padding row: slot -1, context length 0).
-        No host synchronization on CUDA, so it can be captured in a CUDA graph."""
+        [S, max_blocks], context_lens [S] int32 (a padding row: slot -1, context length 0);
+        groups: the step's cascade groups, or None. No host synchronization on CUDA, so it can be
+        captured in a CUDA graph (without groups: the graphs replay per-sequence attention)."""
         positions = (context_lens.to(torch.int64) - 1).clamp_(min=0)  # [S]
         step = DecodeStep(slots, block_tables, context_lens, self.family.shape.scale, self._caches(0)[0],
-                          self.family.shape.num_q_heads)
+                          self.family.shape.num_q_heads, groups)
 
         layers = native_decode.native_layers(self.family)
         if layers is not None and layers.accepts(input_ids.shape[0]):

@@ -36,11 +36,13 @@ class Sampler:
     its modules are used as they are (no merge, no copy). tokenizer: gives EOS and decodes text
     for stop strings (may be None when neither is needed). kv_budget: bytes (int), a string
     ("2GiB", "65536 tokens") or None for the default (see kv_budget.py). cuda_graphs: replay
-    recorded decode steps on CUDA (see decode_graphs.py; off by default).
+    recorded decode steps on CUDA (see decode_graphs.py; off by default). cascade: attend a
+    group's shared prompt once for all its sequences where that pays (the device's measured
+    threshold, see model_runner.default_cascade_min_prefix; on by default, False: never).
     """
 
     def __init__(self, model, tokenizer=None, *, block_size: int = 16, kv_budget=None,
-                 max_prefill_tokens: int = 4096, cuda_graphs: bool = False):
+                 max_prefill_tokens: int = 4096, cuda_graphs: bool = False, cascade: bool = True):
         if not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
         if not isinstance(max_prefill_tokens, int) or max_prefill_tokens < 1:
@@ -55,8 +57,11 @@ class Sampler:
             raise ValueError(f"cuda_graphs must be a bool, got {cuda_graphs!r}")
         if cuda_graphs and device.type != "cuda":
             raise ValueError(f"cuda_graphs=True needs a model on a CUDA device; this one is on {device}")
+        if not isinstance(cascade, bool):
+            raise ValueError(f"cascade must be a bool, got {cascade!r}")
         num_blocks = num_blocks_for_budget(kv_budget, bytes_per_block=per_block, block_size=block_size, device=device)
-        self.runner = ModelRunner(model, num_blocks=num_blocks, block_size=block_size, cuda_graphs=cuda_graphs)
+        self.runner = ModelRunner(model, num_blocks=num_blocks, block_size=block_size, cuda_graphs=cuda_graphs,
+                                  cascade=cascade)
         self.eos_token_ids = eos_token_ids(model, tokenizer)
         self.stats = SamplerStats()
 
@@ -117,7 +122,8 @@ class Sampler:
             self._record_blocks(bm, seqs, stats)
             t = time.perf_counter()
             self.runner.copy_blocks(copies)
-            logits = self.runner.decode(bm.pool, [s.seq_id for s in seqs], [s.last_token for s in seqs])  # [S, V]
+            logits = self.runner.decode(bm.pool, [s.seq_id for s in seqs], [s.last_token for s in seqs],
+                                        [s.group.group_idx for s in seqs])  # [S, V]
             self._sample_and_advance(logits, seqs, sched, params)
             stats.decode_seconds += time.perf_counter() - t
             stats.decode_tokens += len(seqs)

@@ -9,11 +9,13 @@ sampled token, before top-k/top-p filtering) and `.finish_reason` ("eos" | "stop
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
 
 from grpo_fast.errors import ConfigError
+from grpo_fast.models.causal_lm import unwrap_causal_lm
 from grpo_fast.sampler import Completion, GroupOutput, Sampler, SamplingParams
 from grpo_fast.sampler.sampler import eos_token_ids
 
@@ -81,13 +83,50 @@ class Generator:
                            max_tokens=max_tokens, top_p=top_p, top_k=top_k, min_p=min_p, stop=stop, seed=seed)
 
 
+def pinned_generation_config(model, tokenizer, *, temperature: float, max_tokens: int, top_p: float = 1.0,
+                             top_k: int = 0, min_p: float = 0.0, pad: int):
+    """A GenerationConfig that samples exactly softmax(logits / T), filtered by top_k / top_p /
+    min_p as asked and by nothing else: every distribution-changing option of transformers'
+    `generate` is set here, because a checkpoint's generation_config.json (repetition_penalty,
+    top_k, min_p, suppress_tokens, ...) would otherwise fill the ones we leave unset, and the
+    trainer would then score completions drawn from another distribution."""
+    from transformers import GenerationConfig
+
+    greedy = temperature == 0
+    return GenerationConfig(
+        max_new_tokens=max_tokens, min_new_tokens=None, min_length=0, do_sample=not greedy, num_beams=1,
+        # greedy: argmax of the raw logits; the samplers' knobs stay unset (no "set but unused" warnings)
+        temperature=None if greedy else temperature, top_k=None if greedy else int(top_k or 0),
+        top_p=None if greedy else float(top_p), min_p=None if greedy or not min_p else float(min_p), typical_p=1.0,
+        epsilon_cutoff=0.0, eta_cutoff=0.0, repetition_penalty=1.0, encoder_repetition_penalty=1.0,
+        no_repeat_ngram_size=0, encoder_no_repeat_ngram_size=0, bad_words_ids=None, sequence_bias=None,
+        suppress_tokens=None, begin_suppress_tokens=None, forced_bos_token_id=None, forced_eos_token_id=None,
+        exponential_decay_length_penalty=None, guidance_scale=None, renormalize_logits=False,
+        remove_invalid_values=False, eos_token_id=sorted(eos_token_ids(model, tokenizer)), pad_token_id=pad,
+        return_dict_in_generate=True, output_logits=True)
+
+
+@contextlib.contextmanager
+def _generation_config(model, config):
+    """The model generates with `config` and nothing of its own generation_config (transformers
+    fills every option left None from it, even when a config is passed to generate)."""
+    lm = unwrap_causal_lm(model)
+    saved = lm.generation_config
+    lm.generation_config = config
+    try:
+        yield
+    finally:
+        lm.generation_config = saved
+
+
 @torch.no_grad()
 def hf_generate(model, tokenizer, prompt_ids: list[list[int]], *, n: int, temperature: float, max_tokens: int,
                 top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, stop: list[str] | None = None,
                 seed: int | None = None) -> list[GroupOutput]:
     """HF `generate` fallback with the Sampler's output contract. Prompts are left-padded and
     each repeated n times; the logged log-prob is log softmax(raw logits / T) (plain log softmax
-    when greedy)."""
+    when greedy). Every sampling option is pinned (`pinned_generation_config`): the checkpoint's
+    generation_config changes nothing."""
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     width = max(len(p) for p in prompt_ids)
@@ -98,21 +137,17 @@ def hf_generate(model, tokenizer, prompt_ids: list[list[int]], *, n: int, temper
         ids[i, width - len(p):] = torch.tensor(p)
         attn[i, width - len(p):] = 1
     greedy = temperature == 0
-    kwargs = dict(max_new_tokens=max_tokens, do_sample=not greedy,
-                  return_dict_in_generate=True, output_logits=True, pad_token_id=pad)
-    if not greedy:
-        kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k or None, min_p=min_p or None)
-    else:  # silence "temperature is set but do_sample=False" from a model's generation_config
-        kwargs.update(temperature=None, top_p=None, top_k=None)
-    if stop:
-        kwargs.update(stop_strings=list(stop), tokenizer=tokenizer)
+    config = pinned_generation_config(model, tokenizer, temperature=temperature, max_tokens=max_tokens, top_p=top_p,
+                                      top_k=top_k, min_p=min_p, pad=pad)
+    kwargs = {"stop_strings": list(stop), "tokenizer": tokenizer} if stop else {}
     was_training = model.training
     model.eval()
     try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), _generation_config(model, config):
             if seed is not None:
                 torch.manual_seed(seed)
-            out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), **kwargs)
+            out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), generation_config=config,
+                                 **kwargs)
     finally:
         model.train(was_training)
     new = out.sequences[:, width:].cpu()  # [P*n, C]

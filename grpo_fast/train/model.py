@@ -109,9 +109,23 @@ def load_base_model(cfg, device: torch.device | None = None, *, quantize: bool |
     model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     if "quantization_config" not in kwargs:
         model.to(device)
+    elif device.type == "cpu":
+        _detach_from_checkpoint_file(model)
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+def _detach_from_checkpoint_file(model) -> None:
+    """Copy the unquantized tensors (embeddings, norms, LM head) of a 4-bit model off the
+    checkpoint's memory map. They are views of it as loaded, which keeps the whole mapping alive,
+    and with it every page the quantizer read: ~340 MiB of file pages in the resident set for
+    SmolLM2-135M (benchmarks/RESULTS.md "Memory plan"), more than its 4-bit weights."""
+    for module in model.modules():
+        for name, t in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+            if type(t).__name__ == "Params4bit" or not t.is_floating_point():
+                continue
+            t.data = t.data.clone()
 
 
 def lora_targets(model) -> list[str]:
@@ -205,11 +219,13 @@ def policy_modules(model) -> PolicyModules:
 
 @contextlib.contextmanager
 def reference_policy(model):
-    """The reference policy: the same modules with LoRA switched off."""
-    if hasattr(model, "disable_adapter"):
-        with model.disable_adapter():
-            yield model
-    else:
+    """The reference policy: the same modules with LoRA switched off. A model without adapters
+    has no reference to switch to (its KL would be 0 by construction): ConfigError."""
+    if not hasattr(model, "disable_adapter") or not getattr(model, "peft_config", None):
+        raise ConfigError(f"loss.beta > 0 needs a reference policy, which grpo-fast takes as the model with its LoRA "
+                          f"adapters disabled; this {type(model).__name__} has no adapters (so the KL would be 0). "
+                          f"Train LoRA adapters, or set beta to 0")
+    with model.disable_adapter():
         yield model
 
 

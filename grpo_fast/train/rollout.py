@@ -1,7 +1,8 @@
 """One step's experience: B prompts × G completions, sampled, scored and turned into advantages,
 with the step's sampling and reward metrics under TRL's names.
 
-With dynamic sampling (DAPO), groups whose rewards are all equal carry no signal: they are
+With dynamic sampling (DAPO), groups whose advantages are all 0 carry no signal (their scored
+rewards are all equal; completions where every reward function abstained do not count): they are
 dropped and more prompts drawn (up to train.max_dynamic_rounds extra rounds) until B informative
 groups are kept.
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from grpo_fast.loss import compute_advantages
+from grpo_fast.loss import compute_advantages, informative_groups
 from grpo_fast.rewards import as_completions, compute_rewards
 from grpo_fast.train.rollout_batch import Rollout, make_batch
 
@@ -37,11 +38,11 @@ def collect_rollout(model, tokenizer, generator, stream, rewards, cfg, step: int
                                     min_p=s.min_p, stop=s.stop, seed=step_seed(t.seed, step, round_))
         scored = score_groups(prompts, groups, tokenizer, rewards, stats, trainer_state)
         stats["dynamic_rounds"] = round_
-        for g in scored:
-            flat = g["total"]
-            zero_std = bool((flat.max() - flat.min()).abs() < 1e-12)
-            stats["zero_std_groups"] += int(zero_std)  # sampled this step, dropped or kept
-            (dropped if (t.dynamic_sampling and zero_std) else kept).append(g)
+        signal = informative_groups(torch.cat([g["rewards"] for g in scored], 0), G, rewards.weight_tensor,
+                                    cfg.loss.multi_objective_aggregation).tolist()  # [groups]
+        for g, informative in zip(scored, signal):
+            stats["zero_std_groups"] += int(not informative)  # sampled this step, dropped or kept
+            (dropped if (t.dynamic_sampling and not informative) else kept).append(g)
     # Not enough informative groups after the last round: fill up with dropped ones (advantage 0).
     kept = (kept + dropped)[: t.prompts_per_step]
 
@@ -53,15 +54,29 @@ def collect_rollout(model, tokenizer, generator, stream, rewards, cfg, step: int
     batch = make_batch(prompt_ids, completion_ids, pad, keep)
     reward_matrix = torch.cat([g["rewards"] for g in kept], 0)  # [N, F]
     advantages = compute_advantages(reward_matrix, G, scale_rewards=cfg.loss.scale_rewards,
-                                    reward_weights=rewards.weight_tensor)
+                                    reward_weights=rewards.weight_tensor,
+                                    multi_objective_aggregation=cfg.loss.multi_objective_aggregation)
+    no_signal = ~informative_groups(reward_matrix, G, rewards.weight_tensor, cfg.loss.multi_objective_aggregation)
+    stats["frac_reward_zero_std"] = float(no_signal.float().mean())  # of the kept groups
     stats["completion_tokens"] = sum(len(c) for c in completion_ids)
     stats["prompt_tokens"] = sum(len(p) for p in prompt_ids)
     if generator.last_stats:
         stats["sampler/decode_tokens_per_s"] = generator.last_stats.get("decode_tokens_per_s", 0.0)
     device = next(model.parameters()).device
+    sampled = sampling_logprobs([lp for g in kept for lp in g["logprobs"]], batch.targets.shape[1])
     return Rollout(batch.to(device), advantages.to(device), reward_matrix,
                    torch.cat([g["total"] for g in kept]), [g["prompt"] for g in kept for _ in range(G)],
-                   [x for g in kept for x in g["texts"]], reasons, stats)
+                   [x for g in kept for x in g["texts"]], reasons, stats, sampled.to(device))
+
+
+def sampling_logprobs(per_completion: list, width: int) -> torch.Tensor:
+    """The sampler's log-prob of each completion token, [N, width] fp32, 0 past each completion's
+    end (NaN where the sampler gave none)."""
+    out = torch.zeros(len(per_completion), width, dtype=torch.float32)
+    for i, lps in enumerate(per_completion):
+        if lps:
+            out[i, :len(lps)] = torch.tensor([float("nan") if v is None else float(v) for v in lps])
+    return out
 
 
 def score_groups(prompts, groups, tokenizer, rewards, stats, trainer_state=None) -> list[dict]:
@@ -69,11 +84,12 @@ def score_groups(prompts, groups, tokenizer, rewards, stats, trainer_state=None)
     per function for the whole round), in TRL's shapes: a conversational prompt's completions
     are assistant messages."""
     G = len(groups[0].completions)
-    texts, comp_ids, reasons, prompt_rows = [], [], [], []
+    texts, comp_ids, reasons, prompt_rows, logprobs = [], [], [], [], []
     columns: dict[str, list] = {k: [] for p in prompts for k in p.row if k != "prompt"}
     for p, g in zip(prompts, groups):
         for c in g.completions:
             comp_ids.append(list(c.token_ids))
+            logprobs.append(list(c.logprobs or []))
             texts.append(tokenizer.decode(c.token_ids, skip_special_tokens=True))
             reasons.append(c.finish_reason)
             prompt_rows.append(p.row["prompt"])
@@ -91,22 +107,24 @@ def score_groups(prompts, groups, tokenizer, rewards, stats, trainer_state=None)
         rows = slice(i * G, (i + 1) * G)
         out.append({"prompt": p.row["prompt"], "prompt_ids": p.ids, "completion_ids": comp_ids[rows],
                     "texts": texts[rows], "finish_reasons": reasons[rows], "rewards": result.rewards[rows],
-                    "total": total[rows]})
+                    "total": total[rows], "logprobs": logprobs[rows]})
     return out
 
 
 def rollout_metrics(rollout: Rollout, reward_names: list[str], num_generations: int) -> dict[str, float]:
-    """The step's reward and completion metrics, named as TRL names them."""
-    total = rollout.total_reward.float()  # [N]
-    grouped = total.view(-1, num_generations)  # [B, G]
-    group_std = grouped.std(dim=1) if num_generations > 1 else torch.zeros(grouped.shape[0])
+    """The step's reward and completion metrics, named and defined as TRL defines them: `reward` /
+    `reward_std` are the mean / std over the batch of the weighted totals of the completions some
+    function scored (abstentions are not zeros), `frac_reward_zero_std` the share of groups
+    without signal (their advantages are all 0)."""
+    unscorable = torch.isnan(rollout.rewards).all(dim=1)  # [N]: every function abstained
+    scored_totals = rollout.total_reward.float()[~unscorable]
     # completion tokens per row (attention, not the loss mask, which may zero truncated rows)
     full = rollout.batch.attention_mask[:, rollout.batch.prompt_width:].sum(1).float().cpu()  # [N]
     terminated = torch.tensor([r != "length" for r in rollout.finish_reasons])  # [N]
     out = {
-        "reward": float(total.mean()),
-        "reward_std": float(group_std.mean()),
-        "frac_reward_zero_std": float((group_std < 1e-6).float().mean()),
+        "reward": float(scored_totals.mean()) if scored_totals.numel() else float("nan"),
+        "reward_std": float(scored_totals.std()) if scored_totals.numel() > 1 else 0.0,
+        "frac_reward_zero_std": rollout.stats["frac_reward_zero_std"],
         "completions/mean_length": float(full.mean()),
         "completions/min_length": float(full.min()),
         "completions/max_length": float(full.max()),

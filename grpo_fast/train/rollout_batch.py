@@ -70,3 +70,4 @@ class Rollout:
     texts: list[str]  # [N] decoded completions
     finish_reasons: list[str]  # [N]
     stats: dict = field(default_factory=dict)
+    sampling_logprobs: torch.Tensor | None = None  # [N, C] fp32: the sampler's log-prob of each token, 0 past the end

@@ -16,6 +16,7 @@ class TrainerState:
     history: list[dict] = field(default_factory=list)  # per step: reward, kl
     skipped_prompts: int = 0  # over max_prompt_length, dropped (data.on_long_prompt=skip)
     num_tokens: int = 0  # prompt + completion tokens trained on so far (TRL's num_tokens)
+    loss_state: dict = field(default_factory=dict)  # the loss's state across steps (grpo_fast.train.update)
     should_stop: bool = False  # a callback sets it to end the run after the current step (not saved)
 
     def to_dict(self) -> dict:

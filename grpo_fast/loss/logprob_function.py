@@ -1,0 +1,161 @@
+"""autograd.Function for selective log-probs: per-token logp and entropy from hidden states.
+
+Forward: hidden [N, H] (compacted: only tokens that count), weight [V, H], bias [V] | None,
+targets [N] → logp [N] fp32 (differentiable), entropy [N] fp32 (differentiable when the plan
+says so: the entropy bonus). The logits are z = LogitTransform(h @ W.T + b) (temperature, scale,
+soft cap; `grpo_fast.loss.head`). The heavy lifting is a backend module with the contract of
+`grpo_fast.loss.logprob_cpu`:
+
+    logprob_forward(hidden, weight, bias, targets, temperature, compute_entropy, *, logit_scale,
+                    softcap) -> (logp, lse, entropy)
+    logprob_backward(hidden, weight, bias, targets, lse, grad_logp, temperature, need_grad_weight,
+                     need_grad_bias, *, logit_scale, softcap, entropy, grad_entropy)
+                     -> (grad_hidden, grad_weight, grad_bias)
+
+and optionally `logprob_forward_input_grad(...)`: a backend that offers it gets the frozen-head
+case (only hidden needs a gradient, no soft cap) computed in the forward, d logp / d hidden (and,
+where its ROW_PLANS flag says so, d entropy / d hidden for the rows a `RowGrads` plan selects),
+and the backward is an elementwise product.
+
+Gradients go to weight and bias only when they require grad: a frozen LM head (QLoRA) never
+allocates the [V, H] fp32 dW buffer.
+"""
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from grpo_fast.loss.head import LogitTransform
+
+BACKENDS = ("cpu", "triton")
+
+# Frozen head: gradient-ready forward (2 matmuls of N·V·H) instead of recomputing the logits in
+# the backward (3). Measured on CPU (benchmarks/RESULTS.md); False only to benchmark the other way.
+USE_GRADIENT_READY_FORWARD = True
+
+
+class RowGrads(NamedTuple):
+    """Which rows need which input gradient, for the gradient-ready forward to skip work.
+
+    Rows whose entropy is >= hot_threshold (every row when None) are hot: they get d logp / d h,
+    and d entropy / d h when `entropy`. Cold rows get d logp / d h only when `cold_logp`. The
+    backward refuses a nonzero gradient on a row the plan said would get none.
+    """
+
+    entropy: bool = False
+    hot_threshold: float | Tensor | None = None
+    cold_logp: bool = True
+
+
+ALL_ROWS = RowGrads()
+
+
+def get_backend(name: str) -> ModuleType:
+    """The backend module; triton is imported lazily so CPU-only installs never need it."""
+    if name == "cpu":
+        from grpo_fast.loss import logprob_cpu
+
+        return logprob_cpu
+    if name == "triton":
+        try:
+            return importlib.import_module("grpo_fast.kernels.logprob")
+        except ImportError as err:
+            raise ValueError(
+                f"backend='triton' needs triton and grpo_fast.kernels.logprob ({err}); "
+                "use backend='cpu' or install the 'triton' extra") from err
+    raise ValueError(f"backend must be one of {BACKENDS} or None, got {name!r}")
+
+
+def _head_kwargs(head: LogitTransform) -> dict:
+    return {"logit_scale": head.scale, "softcap": head.softcap}
+
+
+class SelectiveLogProbFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, head, backend_name, compute_entropy, plan):
+        backend = get_backend(backend_name)
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = bias is not None and ctx.needs_input_grad[2]
+        entropy_grad = plan.entropy and (need_h or need_w or need_b)
+        compute_entropy = compute_entropy or entropy_grad
+        gradient_ready = (need_h and not need_w and not need_b and USE_GRADIENT_READY_FORWARD
+                          and head.softcap is None and hasattr(backend, "logprob_forward_input_grad"))
+        row_plans = getattr(backend, "ROW_PLANS", False)
+        if entropy_grad and not row_plans:
+            gradient_ready = False  # this backend's gradient-ready forward has no entropy gradient
+        ctx.set_materialize_grads(False)
+        ctx.gradient_ready, ctx.entropy_grad = gradient_ready, entropy_grad
+        ctx.backend_name, ctx.head, ctx.hidden_dtype = backend_name, head, hidden.dtype
+        if gradient_ready:
+            args = (hidden, weight, bias, targets, head.temperature, compute_entropy)
+            if row_plans:
+                logp, lse, entropy, d_logp, d_entropy, logp_rows, entropy_rows = backend.logprob_forward_input_grad(
+                    *args, logit_scale=head.scale, plan=plan._replace(entropy=entropy_grad))
+            else:
+                logp, lse, entropy, d_logp = backend.logprob_forward_input_grad(*args, logit_scale=head.scale)
+                d_entropy = logp_rows = entropy_rows = None
+            ctx.save_for_backward(d_logp, d_entropy, logp_rows, entropy_rows)
+        else:
+            logp, lse, entropy = backend.logprob_forward(
+                hidden, weight, bias, targets, head.temperature, compute_entropy, **_head_kwargs(head))
+            ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy if entropy_grad else None)
+        if entropy is None:
+            entropy = logp.new_zeros(0)
+        if not entropy_grad:
+            ctx.mark_non_differentiable(entropy)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        if not ctx.entropy_grad:
+            grad_entropy = None
+        if ctx.gradient_ready:
+            d_logp, d_entropy, logp_rows, entropy_rows = ctx.saved_tensors
+            g = grad_logp.float() if grad_logp is not None else d_logp.new_zeros(d_logp.shape[0])
+            if logp_rows is not None:
+                _refuse_unplanned(g, logp_rows, "logp")
+            if grad_entropy is not None and entropy_rows is not None:
+                _refuse_unplanned(grad_entropy, entropy_rows, "entropy")
+            grad_hidden = g.unsqueeze(1) * d_logp
+            if grad_entropy is not None and d_entropy is not None:
+                grad_hidden += grad_entropy.float().unsqueeze(1) * d_entropy
+            return grad_hidden.to(ctx.hidden_dtype), None, None, None, None, None, None, None
+        hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
+        need_w = ctx.needs_input_grad[1]
+        need_b = bias is not None and ctx.needs_input_grad[2]
+        g = grad_logp.float().contiguous() if grad_logp is not None else lse.new_zeros(lse.shape)
+        grad_hidden, grad_weight, grad_bias = get_backend(ctx.backend_name).logprob_backward(
+            hidden, weight, bias, targets, lse, g, ctx.head.temperature, need_w, need_b,
+            **_head_kwargs(ctx.head), entropy=entropy,
+            grad_entropy=None if grad_entropy is None else grad_entropy.float().contiguous())
+        if not ctx.needs_input_grad[0]:
+            grad_hidden = None
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        if grad_bias is not None:
+            grad_bias = grad_bias.to(bias.dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
+
+
+def _refuse_unplanned(grad: Tensor, computed: Tensor, what: str) -> None:
+    """The gradient-ready forward skipped these rows' d/dh because the plan said no gradient
+    would reach them: a nonzero one means the caller's plan was wrong. Never a silent zero."""
+    if bool((grad[~computed] != 0).any()):
+        raise RuntimeError(f"selective_logprob: a gradient reached the {what} of rows whose d {what} / d hidden "
+                           f"was not computed (RowGrads plan); this is a bug in the caller")
+
+
+def selective_logprob(
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, head: LogitTransform | float,
+    backend: str, compute_entropy: bool = True, plan: RowGrads = ALL_ROWS,
+) -> tuple[Tensor, Tensor | None]:
+    """(logp [N] fp32 with autograd, entropy [N] fp32 or None) for compacted rows; `head` is a
+    LogitTransform or a temperature."""
+    if not isinstance(head, LogitTransform):
+        head = LogitTransform(float(head))
+    logp, entropy = SelectiveLogProbFunction.apply(hidden, weight, bias, targets, head, backend, compute_entropy, plan)
+    return logp, (entropy if (compute_entropy or plan.entropy) else None)

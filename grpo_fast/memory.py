@@ -1,0 +1,453 @@
+"""The memory plan: what a run will hold, per phase and per component, from its config and the
+model's config alone (no weights loaded), before anything is allocated.
+
+    plan = grpo_fast.memory.plan(cfg)                 # or: grpo-fast plan --config cfg.yaml
+    plan.peak_bytes, plan.phases, plan.components     # bytes; plan.table() prints them
+    grpo_fast.memory.fit(cfg, device_memory=24 * 2**30)   # the largest settings that fit
+
+Phases of a step and what each holds on top of the resident set (weights, adapters, optimizer):
+    sampling   the KV pool, the decode step's logits [S, V] and its per-layer temporaries
+    scoring    (only with beta > 0 or num_iterations > 1) a micro-batch's forward without grad:
+               one layer's activations at a time, the log-prob chunks
+    training   a micro-batch's forward with grad: the activations autograd saves for every
+               layer (every layer's input only, with gradient checkpointing, plus one layer's
+               during its recompute), the fused loss's hidden states and chunks, the gradients
+
+Sizes per token and layer are read off the modules the training pass runs (see _saved_per_token);
+the constants that are not arithmetic (the runtime's own size, the allocator's slack) are
+measured on this machine by benchmarks/bench_memory.py, which also checks the whole plan against
+measured peaks (benchmarks/RESULTS.md "Memory plan").
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from grpo_fast.errors import UserError
+
+GiB = 2**30
+MiB = 2**20
+
+# Measured (benchmarks/bench_memory.py): the resident set of a process that has imported torch,
+# transformers and peft (CPU); CUDA counts allocated device memory only, so none there.
+CPU_RUNTIME_BYTES = 470 * MiB
+# What a CUDA process holds on the device outside torch's allocator (the context, cuBLAS and
+# kernel images): not in peak_bytes (allocated memory), but counted when checking a device size.
+CUDA_CONTEXT_BYTES = 600 * MiB
+# Allocator slack over the live tensors at a phase's peak (fragmentation, caching allocator). On
+# the CPU the sampling phase's tensors are few and long-lived (the KV pool, the weights): none
+# measured there; the training phase's many short-lived ones leave about 10%.
+SLACK = {"cpu": 0.10, "cuda": 0.08}
+SAMPLING_SLACK = {"cpu": 0.0, "cuda": 0.08}
+# CPU only: within one forward + backward the glibc heap does not reuse all the per-layer
+# temporaries it frees (their sizes change from op to op, and glibc's mmap threshold moves with
+# them), so the resident set grows by about this share of the saved activations again; less with
+# gradient checkpointing, whose recomputed layers free theirs one at a time. Measured by
+# benchmarks/bench_memory.py over packed micro-batches of 167 to 1,575 tokens (benchmarks/
+# RESULTS.md "Memory plan"); CUDA's caching allocator reuses its blocks, so none there.
+CPU_HEAP_GROWTH = {False: 0.9, True: 0.6}  # by gradient checkpointing
+# The CPU log-prob backend holds two fp32 [rows, V] buffers of at most this many rows and bytes
+# (grpo_fast logprob_cpu: CHUNK_BYTES, MAX_CHUNK_ROWS); the Triton kernels tile the vocabulary.
+CPU_CHUNK_ROWS, CPU_CHUNK_BYTES = 256, 160 * MiB
+
+
+def _logit_rows(tokens: int, vocab: int, device: str) -> int:
+    """Rows of [*, V] fp32 logits the log-prob pass holds at once."""
+    if device == "cuda":
+        return 0
+    return min(tokens, CPU_CHUNK_ROWS, max(1, CPU_CHUNK_BYTES // (4 * vocab)))
+
+
+@dataclass
+class ModelShape:
+    """What the plan needs of a model, read off its config."""
+
+    vocab: int
+    hidden: int
+    intermediate: int
+    layers: int
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+    tied: bool
+
+    @classmethod
+    def from_config(cls, c) -> ModelShape:
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        return cls(vocab=c.vocab_size, hidden=c.hidden_size, intermediate=c.intermediate_size,
+                   layers=c.num_hidden_layers, q_heads=c.num_attention_heads,
+                   kv_heads=getattr(c, "num_key_value_heads", None) or c.num_attention_heads, head_dim=head_dim,
+                   tied=bool(getattr(c, "tie_word_embeddings", False)))
+
+    def linears(self) -> dict[str, tuple[int, int]]:
+        """(in, out) of each block linear, as LoRA targets them."""
+        h, q, kv, i = self.hidden, self.q_heads * self.head_dim, self.kv_heads * self.head_dim, self.intermediate
+        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+    @property
+    def block_linear_params(self) -> int:
+        return self.layers * sum(a * b for a, b in self.linears().values())
+
+    @property
+    def other_params(self) -> int:
+        """Embedding, LM head (unless tied) and norms."""
+        return self.vocab * self.hidden * (1 if self.tied else 2) + (2 * self.layers + 1) * self.hidden
+
+
+@dataclass
+class MemoryPlan:
+    device: str
+    peak_bytes: int
+    peak_phase: str
+    phases: dict[str, int]
+    components: dict[str, int]
+    notes: list[str] = field(default_factory=list)
+    overhead_bytes: int = 0  # held on the device outside peak_bytes (CUDA: the context)
+
+    def table(self) -> str:
+        lines = [f"memory plan ({self.device}): peak {_fmt(self.peak_bytes)} in {self.peak_phase}", "",
+                 "  component                        bytes"]
+        lines += [f"  {name:<30} {_fmt(b):>10}" for name, b in self.components.items()]
+        lines += ["", "  phase                            peak"]
+        lines += [f"  {name:<30} {_fmt(b):>10}" for name, b in self.phases.items()]
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+    def fits(self, device_memory: int) -> bool:
+        return self.peak_bytes + self.overhead_bytes <= device_memory
+
+
+def _fmt(n: int) -> str:
+    return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / MiB:.1f} MiB"
+
+
+def _dtype_bytes(name: str, device: str) -> int:
+    if name == "auto":
+        return 2 if device == "cuda" else 4
+    return {"float32": 4, "bfloat16": 2, "float16": 2}[name]
+
+
+def plan_device(cfg) -> str:
+    """"cuda" or "cpu": where the run's model will live."""
+    if cfg.model.device != "auto":
+        return "cuda" if cfg.model.device.startswith("cuda") else "cpu"
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def read_shape(model_cfg) -> ModelShape:
+    """The model's shape from its config file only (a folder's config.json, read as JSON without
+    importing transformers, so `grpo-fast plan` answers at once; a GGUF header through
+    transformers; or the default model's)."""
+    import json
+    from types import SimpleNamespace
+
+    from grpo_fast.train.model import _source
+
+    folder, gguf = _source(model_cfg)
+    if gguf is None:
+        fields = json.loads((Path(folder) / "config.json").read_text())
+        needed = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+        if all(k in fields for k in needed):  # a flat decoder config (else: let transformers read it)
+            return ModelShape.from_config(SimpleNamespace(**fields))
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder, **({"gguf_file": gguf} if gguf else {}))
+    return ModelShape.from_config(config)
+
+
+def kv_bytes_per_token(shape: ModelShape, cfg) -> int:
+    """K and V of every layer for one token, in the compute dtype."""
+    return 2 * shape.layers * shape.kv_heads * shape.head_dim * _dtype_bytes(cfg.model.dtype, plan_device(cfg))
+
+
+def _saved_per_token(s: ModelShape, r: int, lora_targets: int) -> int:
+    """Elements autograd keeps per token and layer in the training forward (LoRA on the block
+    linears, the lean SwiGLU of grpo_fast.swiglu, SDPA attention, RMSNorm):
+        2 norms: input and normalized output (2 H each, the inv-rms per token is 1)
+        q and k before RoPE (H_q + H_kv), q, k, v after it (H_q + 2 H_kv), the attention output
+        (H_q) and its logsumexp (heads)
+        the MLP's gate and up (2 I: silu is recomputed) and down's input (I)
+        per LoRA layer: x A^T (r), the input of B
+    (SmolLM2-135M: 9,339 elements; autograd's saved tensors measure 9,350 per token and layer.)"""
+    q, kv = s.q_heads * s.head_dim, s.kv_heads * s.head_dim
+    return 4 * s.hidden + 2 + (q + kv) + (q + 2 * kv) + q + s.q_heads + 3 * s.intermediate + lora_targets * r
+
+
+def plan(cfg, device_memory: int | None = None, *, shape: ModelShape | None = None,
+         prompt_tokens: int | None = None) -> MemoryPlan:
+    """The plan of `cfg` (a Config). prompt_tokens: the longest prompt (default:
+    sampling.max_prompt_length, the most a prompt may have). shape: the model's (default: read
+    from its config file). device_memory, when given, adds a note on whether it fits."""
+    device = plan_device(cfg)
+    shape = shape or read_shape(cfg.model)
+    s, t, sp, lc = shape, cfg.train, cfg.sampling, cfg.loss
+    act = _dtype_bytes(cfg.model.dtype, device)  # activations and weights in the compute dtype
+    prompt = prompt_tokens or sp.max_prompt_length
+    completion = sp.max_completion_length
+    G, B = sp.num_generations, t.prompts_per_step
+    rows = B * G
+    comp: dict[str, int] = {}
+    overhead = CUDA_CONTEXT_BYTES if device == "cuda" else 0
+
+    # ---- resident for the whole run
+    comp["runtime"] = CPU_RUNTIME_BYTES if device == "cpu" else 0
+    if cfg.model.load_in_4bit:
+        # NF4: 4 bits per weight, an 8-bit absmax per 64 weights, an fp32 constant per 256 absmax
+        nf4 = s.block_linear_params * (0.5 + 1 / 64 + 4 / (64 * 256))
+        comp["weights"] = int(nf4 + s.other_params * act)
+    else:
+        comp["weights"] = (s.block_linear_params + s.other_params) * act
+    targets = cfg.lora.target_modules or list(s.linears())
+    lora_params = s.layers * sum(cfg.lora.r * (a + b) for name, (a, b) in s.linears().items() if name in targets)
+    comp["lora adapters"] = lora_params * 4  # fp32 (peft keeps adapters in fp32)
+    comp["lora gradients"] = lora_params * 4
+    optim = t.optim if t.optim != "auto" else ("adamw_8bit" if device == "cuda" else "adamw")
+    comp["optimizer state"] = lora_params * (2 if optim.endswith("8bit") else 8)
+    resident = sum(comp.values())
+
+    # ---- training: a micro-batch's packed forward with grad
+    mb_rows = t.micro_batch_size or rows
+    budget = t.micro_batch_tokens
+    if budget == "auto":
+        budget = token_budget(cfg, device_memory, shape=s, prompt_tokens=prompt) if device_memory else None
+    if budget is not None:  # by tokens: as many full-length completions as the budget packs (one at least)
+        mb_rows = _rows_within(int(budget), prompt, completion, G, rows)
+    groups_in_mb = max(1, math.ceil(mb_rows / G))
+    mb_tokens = _packed_tokens(mb_rows, prompt, completion, G)  # packed: prompt once per group
+    lora_per_layer = len([n for n in s.linears() if n in targets])
+    per_token_layer = _saved_per_token(s, cfg.lora.r, lora_per_layer) * act
+    if cfg.model.gradient_checkpointing:
+        saved = mb_tokens * s.layers * s.hidden * act + mb_tokens * per_token_layer  # inputs + one layer
+    else:
+        saved = mb_tokens * s.layers * per_token_layer
+    mask = groups_in_mb * (mb_tokens / groups_in_mb) ** 2 * act  # the packed block mask [R, 1, T, T]
+    comp["training activations"] = int(saved + mask)
+    loss_tokens = mb_rows * completion
+    comp["fused loss"] = loss_tokens * s.hidden * 4 * 2 + 2 * _logit_rows(loss_tokens, s.vocab, device) * s.vocab * 4
+    backward_temps = mb_tokens * (2 * s.intermediate + 2 * s.hidden) * 4  # one layer's gradients in flight
+    if device == "cpu":
+        growth = CPU_HEAP_GROWTH[bool(cfg.model.gradient_checkpointing)]
+        comp["heap growth (cpu)"] = int(growth * mb_tokens * s.layers * per_token_layer)
+    training = (resident + comp["training activations"] + comp["fused loss"] + backward_temps
+                + comp.get("heap growth (cpu)", 0))
+
+    # ---- sampling: the KV pool plus a decode step's logits and temporaries
+    kv_per_token = kv_bytes_per_token(s, cfg)
+    kv_tokens = _kv_pool_tokens(cfg, prompt)
+    if sp.kv_budget == "auto" and device_memory is not None:  # what the training peak leaves (the trainer's rule)
+        spare = device_memory - int(training * (1 + SLACK[device])) - overhead
+        kv_tokens = max(0, min(kv_tokens, spare // kv_per_token))
+    comp["kv cache"] = kv_tokens * kv_per_token
+    comp["sampler logits"] = rows * s.vocab * 4 * 2  # fp32 logits + the sampling kernel's workspace
+    decode_temps = rows * (4 * s.hidden + 2 * s.intermediate) * act
+    sampling = resident - comp["lora gradients"] + comp["kv cache"] + comp["sampler logits"] + decode_temps
+
+    # ---- scoring: old / reference log-probs, no grad
+    scoring = 0
+    if lc.beta > 0 or lc.num_iterations > 1:
+        scoring = (resident - comp["lora gradients"] + mb_tokens * (4 * s.hidden + 2 * s.intermediate) * act
+                   + int(mask) + 2 * _logit_rows(loss_tokens, s.vocab, device) * s.vocab * 4
+                   + rows * completion * 4 * 2)
+
+    slack = 1 + SLACK[device]
+    phases = {"sampling": int(sampling * (1 + SAMPLING_SLACK[device])), "training": int(training * slack)}
+    if scoring:
+        phases["scoring"] = int(scoring * slack)
+    peak_phase = max(phases, key=phases.get)
+    notes = [f"micro-batch: {mb_rows} completions, {mb_tokens} packed tokens; KV pool {kv_tokens} tokens",
+             f"optimizer {optim}; lora r={cfg.lora.r} on {', '.join(t_ for t_ in s.linears() if t_ in targets)}"]
+    longest = prompt + completion
+    if kv_tokens < longest:
+        notes.append(f"the KV pool ({kv_tokens} tokens) cannot hold one sequence of {longest} tokens: the sampler "
+                      f"cannot run; lower sampling.max_completion_length or free memory")
+    elif kv_tokens < rows * longest:
+        notes.append(f"the KV pool holds {kv_tokens // longest} of the step's {rows} sequences at full length at "
+                     f"once: the sampler preempts and recomputes the rest")
+    if overhead:
+        notes.append(f"plus ~{_fmt(overhead)} of CUDA context outside the allocator (counted against a device size)")
+    result = MemoryPlan(device, phases[peak_phase], peak_phase, phases, comp, notes, overhead)
+    if device_memory is not None:
+        verdict = "fits" if result.fits(device_memory) else "does NOT fit"
+        result.notes.append(f"{verdict} in {_fmt(device_memory)}")
+    return result
+
+
+def _packed_tokens(n: int, prompt: int, completion: int, G: int) -> int:
+    """Packed tokens of n full-length completions taken in order: each group's prompt once."""
+    return max(1, math.ceil(n / G)) * prompt + n * max(completion - 1, 0)
+
+
+def _rows_within(budget: int, prompt: int, completion: int, G: int, rows: int) -> int:
+    """The most full-length completions (at least 1, at most rows) whose packed tokens fit budget."""
+    n = 1
+    while n < rows and _packed_tokens(n + 1, prompt, completion, G) <= budget:
+        n += 1
+    return n
+
+
+def _kv_pool_tokens(cfg, prompt: int) -> int:
+    """The tokens of KV the trainer's sampler pool holds: sampling.kv_budget when it is a token
+    count, else one step's B x G sequences at full length (what the trainer asks for)."""
+    budget = cfg.sampling.kv_budget
+    if isinstance(budget, str) and budget.strip().endswith(("tokens", "token", "tok")):
+        return int(float(budget.split()[0]))
+    rows = cfg.train.prompts_per_step * cfg.sampling.num_generations
+    return rows * (prompt + max(cfg.sampling.max_completion_length, cfg.eval.max_completion_length or 0)) + 64
+
+
+# Each knob the fit search turns, one at a time, the others as configured: (section.field, ceiling).
+KNOBS = (("train.prompts_per_step", 1024), ("sampling.num_generations", 256),
+         ("sampling.max_completion_length", 131072), ("train.micro_batch_size", 4096))
+
+
+def fit(cfg, device_memory: int, *, shape: ModelShape | None = None, prompt_tokens: int | None = None) -> dict:
+    """For each knob, the largest value that fits `device_memory` with the others as configured
+    (None: not even the smallest fits). The plan is arithmetic, so the search is instant."""
+    import copy
+
+    shape = shape or read_shape(cfg.model)
+    out = {}
+    for knob, ceiling in KNOBS:
+        section, name = knob.split(".")
+        floor = 2 if name == "num_generations" else 1
+
+        def fits(value: int) -> bool:
+            trial = copy.deepcopy(cfg)
+            setattr(getattr(trial, section), name, value)
+            if name == "micro_batch_size" and value > trial.train.prompts_per_step * trial.sampling.num_generations:
+                return False
+            return plan(trial, shape=shape, prompt_tokens=prompt_tokens).fits(device_memory)
+
+        if not fits(floor):
+            out[knob] = None
+            continue
+        lo, hi = floor, ceiling
+        while lo < hi:  # largest value that fits: plan peaks grow with every knob
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+        out[knob] = lo
+    return out
+
+
+def parse_size(text: str) -> int:
+    """'24GiB', '24GB', '24g', '1e9' -> bytes."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9.e+]+)\s*([kmgt]?i?b?)\s*", str(text).lower())
+    if not m:
+        raise MemoryPlanError(f"memory size: {text!r} is not a size like 24GiB or 16GB")
+    unit = m.group(2).rstrip("b")
+    scale = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
+             "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}[unit]
+    return int(float(m.group(1)) * scale)
+
+
+def device_capacity(device: str) -> int | None:
+    """The memory this process may use: the CUDA device's total memory, or on the CPU the
+    cgroup's memory.max / the address-space rlimit when one is set (None: no limit known);
+    GRPO_FAST_MEMORY_LIMIT (e.g. 16GiB) lowers either, for a share of a machine."""
+    import os
+
+    limits = [parse_size(os.environ["GRPO_FAST_MEMORY_LIMIT"])] if os.environ.get("GRPO_FAST_MEMORY_LIMIT") else []
+    if device == "cuda":
+        import torch
+
+        total = int(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
+        return min(limits + [total])
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = open(path).read().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < 2**60:  # "max" or a huge sentinel: no limit
+            limits.append(int(text))
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY:
+        limits.append(int(soft))
+    return min(limits) if limits else None
+
+
+class MemoryPlanError(UserError, ValueError):
+    """The plan does not fit the device; the message carries the plan and settings that fit."""
+
+
+def check_fits(cfg, shape: ModelShape, capacity: int | None) -> MemoryPlan:
+    """The plan of cfg; MemoryPlanError before anything is loaded when it exceeds `capacity`."""
+    result = plan(cfg, capacity, shape=shape)
+    if capacity is not None and not result.fits(capacity):
+        found = fit(cfg, capacity, shape=shape)
+        hints = ", ".join(f"{k}={v}" for k, v in found.items() if v is not None) or "a smaller model or 4-bit"
+        raise MemoryPlanError(f"memory: the plan needs {_fmt(result.peak_bytes)} in {result.peak_phase}, the device "
+                              f"has {_fmt(capacity)}; settings that fit (one at a time): {hints}; or turn on "
+                              f"model.gradient_checkpointing / train.micro_batch_tokens.\n{result.table()}")
+    return result
+
+
+def token_budget(cfg, capacity: int | None, *, shape: ModelShape, prompt_tokens: int | None = None) -> int:
+    """train.micro_batch_tokens: auto -> the largest packed-token budget whose training peak fits
+    `capacity` (unknown capacity: the tokens micro_batch_size completions take at full length).
+    With sampling.kv_budget auto as well, the budget first leaves room for a whole step's KV pool
+    (the pool is what the training peak leaves), so the sampler need not preempt; when nothing
+    fits that way, the training side takes what it needs and the pool gets the rest."""
+    import copy
+
+    prompt = prompt_tokens or cfg.sampling.max_prompt_length
+    G, C = cfg.sampling.num_generations, cfg.sampling.max_completion_length
+    rows = cfg.train.micro_batch_size or cfg.train.prompts_per_step * G
+    if capacity is None:
+        return _packed_tokens(rows, prompt, C, G)
+    trial = copy.deepcopy(cfg)
+    trial.train.micro_batch_tokens = None
+    reserve, overhead = 0, CUDA_CONTEXT_BYTES if plan_device(cfg) == "cuda" else 0
+    if cfg.sampling.kv_budget == "auto":
+        reserve = int(_kv_pool_tokens(cfg, prompt) * kv_bytes_per_token(shape, cfg) * (1 + SLACK[plan_device(cfg)]))
+    for room in ([capacity - reserve, capacity] if reserve else [capacity]):
+        best = None
+        for n in range(1, cfg.train.prompts_per_step * G + 1):  # micro-batches of n completions at full length
+            trial.train.micro_batch_size = n
+            if plan(trial, shape=shape, prompt_tokens=prompt).phases["training"] + overhead > room:
+                break
+            best = _packed_tokens(n, prompt, C, G)
+        if best is not None:
+            return best
+    raise MemoryPlanError(f"train.micro_batch_tokens: not even one completion of {C} tokens fits "
+                          f"{_fmt(capacity)} (turn on model.gradient_checkpointing, or lower "
+                          f"sampling.max_completion_length)")
+
+
+class OutOfMemory(MemoryPlanError):
+    """The device ran out of memory during a run; the message says where and what to change."""
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """A CUDA OOM, Python's MemoryError, or the CPU allocator's "not enough memory" RuntimeError."""
+    import torch
+
+    if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("DefaultCPUAllocator" in text or "not enough memory" in text
+                                              or "out of memory" in text.lower())
+
+
+def out_of_memory(exc: BaseException, phase: str, cfg, predicted: MemoryPlan, step: int, last_saved: int) -> OutOfMemory:
+    """The one-line-first message for an OOM in `phase` of `step` (the last checkpoint is intact)."""
+    t, s = cfg.train, cfg.sampling
+    sizes = (f"prompts_per_step={t.prompts_per_step} x num_generations={s.num_generations}, max_completion_length="
+             f"{s.max_completion_length}, micro_batch_size={t.micro_batch_size or 'whole step'}"
+             + (f", micro_batch_tokens={t.micro_batch_tokens}" if t.micro_batch_tokens else ""))
+    advice = {"sampling": "lower sampling.kv_budget (the sampler then preempts) or prompts_per_step",
+              "training": "set train.micro_batch_tokens: auto, turn on model.gradient_checkpointing, or lower "
+                          "train.micro_batch_size"}.get(phase, "lower the batch sizes")
+    checkpoint = f"checkpoint-{last_saved} is intact" if last_saved else "no checkpoint was written yet"
+    return OutOfMemory(f"memory: out of memory while {phase} at step {step} ({type(exc).__name__}); the plan "
+                       f"predicted {_fmt(predicted.phases.get(phase, predicted.peak_bytes))} for that phase with "
+                       f"{sizes}. To fit: {advice} (`grpo-fast plan --device-memory ...` shows what fits); "
+                       f"{checkpoint}.")

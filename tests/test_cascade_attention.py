@@ -1,0 +1,213 @@
+"""Cascade decode attention (kv.cascade_decode_attention, kv.cascade.cascade_groups): the G
+sequences of a group attend their shared prompt once, as one block of queries, and merge it
+exactly with their own keys. Checked against the per-sequence paged kernel and the SDPA
+reference, on the block layout the sampler's BlockManager really produces (forked groups,
+copy-on-write of the partial prompt block, decoded tokens), with GQA ratios, prefixes that cross
+blocks or end inside one, bf16 / fp32, head dims on and off the AVX2 path; on CUDA (gpu marker)
+against the CPU kernel, the oracle.
+
+Tolerances: the cascade sums the same terms as the paged kernel in another order and merges two
+softmax states, so fp32 agrees to ~1e-6; bf16 outputs are rounded once from fp32 like the paged
+kernel's, so they differ by at most one bf16 rounding.
+"""
+import numpy as np
+import pytest
+import torch
+
+from grpo_fast import kv
+from grpo_fast.kv import reference as ref
+from grpo_fast.native import has_native
+
+TOL = {torch.float32: dict(atol=3e-6, rtol=3e-6), torch.bfloat16: dict(atol=1.6e-2, rtol=1.6e-2),
+       torch.float16: dict(atol=2e-3, rtol=2e-3)}
+
+
+def grpo_layout(prompts, G, C, hkv, D, dtype, bs=16, seed=0, device="cpu", extra_lone=0):
+    """Caches and decode metadata of len(prompts) groups of G sequences forked from prompts of
+    the given lengths, after C decoded tokens (plus `extra_lone` unrelated single sequences);
+    rows interleaved across groups so a group's rows are not contiguous."""
+    gen = torch.Generator().manual_seed(seed)
+    per = -(-(max(prompts) + C + 1) // bs)
+    bm = kv.BlockManager((len(prompts) * G + extra_lone) * per + len(prompts) + 4, bs, enable_prefix_cache=False)
+    ids, group_of = [], {}
+    for b, P in enumerate(prompts):
+        bm.allocate(-1 - b, [3 + b * 7919 + i for i in range(P)])
+        kids = [1000 * b + g for g in range(G)]
+        bm.fork(-1 - b, kids)
+        bm.free(-1 - b)
+        for k in kids:
+            group_of[k] = b
+    for j in range(extra_lone):
+        bm.allocate(50_000 + j, list(range(5 + j)))
+        group_of[50_000 + j] = 100 + j
+    order = sorted(group_of, key=lambda k: (k % 1000, k))  # interleave the groups' rows
+    for _ in range(C + 1):
+        for sid in order:
+            bm.append_token(sid)
+    _, tables, lens = bm.decode_metadata(order)
+    kc = torch.randn(bm.num_blocks, bs, hkv, D, generator=gen).to(device, dtype)
+    vc = torch.randn(bm.num_blocks, bs, hkv, D, generator=gen).to(device, dtype)
+    return kc, vc, tables, lens, [group_of[s] for s in order]
+
+
+def run_both(q, kc, vc, tables, lens, groups, scale):
+    dev = q.device
+    rows, starts, prefix = (torch.as_tensor(a).to(dev) for a in groups)
+    tables, lens = tables.to(dev), lens.to(dev)
+    out = kv.cascade_decode_attention(q, kc, vc, tables, lens, scale, rows, starts, prefix)
+    paged = kv.paged_decode_attention(q, kc, vc, tables, lens, scale)
+    return out, paged, (tables, lens, rows, starts, prefix)
+
+
+def test_native_cascade_is_built():
+    assert has_native("cascade_decode_attention", "cpu")
+
+
+@pytest.mark.parametrize("hq,hkv", [(9, 3), (12, 2), (4, 4), (40, 2)])
+@pytest.mark.parametrize("D", [64, 128, 36])
+def test_cascade_equals_paged_and_sdpa(hq, hkv, D):
+    """Prefixes of 8 (inside one block), 37 (crossing blocks, ending mid-block), 300 (past a
+    256-key work split) tokens, a lone sequence; rep = 1, 3, 6 and 20 (> the 16 query heads of
+    one CPU work item); D = 36 takes the scalar prefix path."""
+    for dtype in (torch.float32, torch.bfloat16):
+        kc, vc, tables, lens, gids = grpo_layout([8, 37, 300], G=3, C=5, hkv=hkv, D=D, dtype=dtype,
+                                                 seed=hq + D, extra_lone=1)
+        groups = kv.cascade_groups(tables, lens, gids, 16, min_prefix=1)
+        assert groups is not None and list(groups.prefix) == [0, 32, 288, 0]  # full shared blocks only
+        q = torch.randn(len(gids), hq, D, generator=torch.Generator().manual_seed(5)).to(dtype)
+        out, paged, _ = run_both(q, kc, vc, tables, lens, groups, D ** -0.5)
+        want = ref.paged_decode_attention(q, kc, vc, tables, lens, D ** -0.5)
+        torch.testing.assert_close(out.float(), paged.float(), **TOL[dtype])
+        torch.testing.assert_close(out.float(), want.float(), **TOL[dtype])
+        explicit = ref.cascade_decode_attention(q, kc, vc, tables, lens, D ** -0.5,
+                                                *(torch.as_tensor(a) for a in groups))
+        torch.testing.assert_close(explicit.float(), want.float(), **TOL[dtype])
+
+
+def test_prefix_ending_inside_a_shared_block():
+    """A prefix length that is not a multiple of the block size (any length whose blocks the
+    group shares is allowed by the contract), and every grouping of the same rows."""
+    kc, vc, tables, lens, gids = grpo_layout([70], G=5, C=3, hkv=2, D=64, dtype=torch.float32)
+    q = torch.randn(5, 6, 64, generator=torch.Generator().manual_seed(2))
+    want = kv.paged_decode_attention(q, kc, vc, tables, lens, 0.125)
+    for prefix in (1, 15, 17, 33, 63, 64):
+        rows = torch.tensor([4, 0, 2, 1, 3], dtype=torch.int32)
+        starts = torch.tensor([0, 5], dtype=torch.int32)
+        out = kv.cascade_decode_attention(q, kc, vc, tables, lens, 0.125, rows, starts,
+                                          torch.tensor([prefix], dtype=torch.int32))
+        torch.testing.assert_close(out, want, **TOL[torch.float32])
+    # two groups of the same prompt's rows, and all rows alone
+    for starts, prefix in (([0, 2, 5], [64, 48]), ([0, 1, 2, 3, 4, 5], [0, 64, 0, 16, 0])):
+        out = kv.cascade_decode_attention(q, kc, vc, tables, lens, 0.125, torch.arange(5, dtype=torch.int32),
+                                          torch.tensor(starts, dtype=torch.int32),
+                                          torch.tensor(prefix, dtype=torch.int32))
+        torch.testing.assert_close(out, want, **TOL[torch.float32])
+
+
+def test_cascade_groups_reads_what_is_shared():
+    """Only physically shared leading blocks count: a group whose sequence was preempted and
+    recomputed (its own blocks) shares nothing with it; below min_prefix a group is attended per
+    sequence; with no group left, None (the plain paged kernel runs)."""
+    tables = np.array([[7, 8, 9, 40], [7, 8, 9, 41], [7, 8, 30, 31], [5, 6, 50, -1], [60, 61, 62, -1]], np.int32)
+    lens = np.array([60, 60, 60, 40, 40], np.int32)
+    g = kv.cascade_groups(tables, lens, [0, 0, 0, 1, 1], 16, min_prefix=16)
+    assert list(g.rows) == [0, 1, 2, 3, 4] and list(g.starts) == [0, 3, 5] and list(g.prefix) == [32, 0]
+    assert kv.cascade_groups(tables, lens, [0, 0, 0, 1, 1], 16, min_prefix=33) is None
+    assert kv.cascade_groups(tables, lens, [0, 1, 2, 3, 4], 16, min_prefix=1) is None  # all alone
+    g = kv.cascade_groups(tables, np.array([20, 60, 60, 40, 40], np.int32), [0, 0, 0, 1, 1], 16, min_prefix=1)
+    assert list(g.prefix) == [20, 0]  # capped by the shortest context
+
+
+def test_validation_names_the_problem():
+    kc, vc, tables, lens, gids = grpo_layout([40, 40], G=2, C=1, hkv=1, D=64, dtype=torch.float32)
+    q = torch.randn(4, 2, 64)
+    rows = torch.tensor([0, 2, 1, 3], dtype=torch.int32)  # rows interleaved: 0, 2 are group 0
+    starts = torch.tensor([0, 2, 4], dtype=torch.int32)
+
+    def call(rows=rows, starts=starts, prefix=(32, 32)):
+        return kv.cascade_decode_attention(q, kc, vc, tables, lens, 0.1, rows, starts,
+                                           torch.tensor(prefix, dtype=torch.int32))
+
+    call()
+    with pytest.raises(ValueError, match="does not share the prefix"):
+        call(rows=torch.tensor([0, 1, 2, 3], dtype=torch.int32))
+    with pytest.raises(ValueError, match="permutation"):
+        call(rows=torch.tensor([0, 0, 1, 3], dtype=torch.int32))
+    with pytest.raises(ValueError, match="group_starts"):
+        call(starts=torch.tensor([0, 2, 3], dtype=torch.int32))
+    with pytest.raises(ValueError, match="exceeds the context"):
+        call(prefix=(64, 32))
+    with pytest.raises(ValueError, match="group_rows: need"):
+        call(rows=rows[:3].contiguous())
+
+
+def test_decode_step_runs_the_cascade():
+    """DecodeStep with groups gives the paged result; the sampler's runner builds the groups."""
+    from grpo_fast.kv.decode_step import DecodeStep
+
+    kc, vc, tables, lens, gids = grpo_layout([100, 64], G=4, C=2, hkv=3, D=64, dtype=torch.float32)
+    groups = kv.cascade_groups(tables, lens, gids, 16, min_prefix=16)
+    slots = torch.zeros(len(gids), dtype=torch.int32) - 1
+    q = torch.randn(len(gids), 9, 64, generator=torch.Generator().manual_seed(0))
+    step = DecodeStep(slots, tables, lens, 0.125, kc, 9, groups)
+    plain = DecodeStep(slots, tables, lens, 0.125, kc, 9)
+    torch.testing.assert_close(step.attend(q, kc, vc), plain.attend(q, kc, vc), **TOL[torch.float32])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("hq,hkv,D", [(9, 3, 64), (12, 2, 128), (8, 8, 64), (14, 2, 96)])
+def test_cuda_cascade_equals_the_cpu_oracle(hq, hkv, D):
+    """The CUDA kernel against the CPU one (the oracle) and the CUDA paged kernel: groups of 8 and
+    16 (more queries than one block takes), prefixes crossing its 128-key splits."""
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for G, prompts in ((8, [200, 37, 5]), (16, [300, 129])):
+            kc, vc, tables, lens, gids = grpo_layout(prompts, G=G, C=4, hkv=hkv, D=D,
+                                                     dtype=torch.float32, seed=hq * D + G)
+            groups = kv.cascade_groups(tables, lens, gids, 16, min_prefix=1)
+            q = torch.randn(len(gids), hq, D, generator=torch.Generator().manual_seed(G))
+            q, kc, vc = q.to(dtype), kc.to(dtype), vc.to(dtype)  # the inputs both devices see
+            cdtype = torch.float32 if dtype == torch.float16 else dtype  # the CPU kernel: fp32 / bf16
+            want = kv.cascade_decode_attention(q.to(cdtype), kc.to(cdtype), vc.to(cdtype), tables, lens, D ** -0.5,
+                                               *(torch.as_tensor(a) for a in groups))
+            out, paged, _ = run_both(q.cuda(), kc.cuda(), vc.cuda(), tables, lens, groups, D ** -0.5)
+            torch.testing.assert_close(out.float().cpu(), want.float(), **TOL[dtype])
+            torch.testing.assert_close(out.float(), paged.float(), **TOL[dtype])
+
+
+@pytest.mark.parametrize("path", ["native", "modules"])
+def test_sampler_takes_the_cascade_and_equals_hf(path, monkeypatch):
+    """Prompts of 70-100 tokens, each forked 4 ways (block_size 4): every group shares >= 64
+    tokens (kv.cascade.CPU_MIN_PREFIX), so each decode step attends them as a cascade, on the
+    native stack and on the per-module path; greedy tokens and log-probs equal HF's, and equal
+    the sampler's with cascade=False to fp32 rounding."""
+    from test_sampler import assert_matches_hf, random_prompts, tiny_model
+
+    from grpo_fast.models import cpu_ops, native_decode
+    from grpo_fast.sampler import Sampler, SamplingParams, model_runner
+
+    if path == "native" and not cpu_ops.available():
+        pytest.skip("native CPU kernels need AVX2+FMA")
+    if path == "modules":
+        monkeypatch.setenv("GRPO_FAST_NO_NATIVE_LAYER", "1")
+    built, native_calls = [], []
+    real_groups, real_native = model_runner.cascade_groups, native_decode.decode_forward
+    monkeypatch.setattr(model_runner, "cascade_groups", lambda *a, **k: built.append(real_groups(*a, **k)) or built[-1])
+    monkeypatch.setattr(native_decode, "decode_forward", lambda *a: native_calls.append(1) or real_native(*a))
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = tiny_model("qwen2", seed=2)
+        prompts = random_prompts((70, 85, 100), seed=5)
+        sampler = Sampler(model, None, block_size=4, kv_budget="2048 tokens")
+        assert sampler.runner.cascade_min_prefix == kv.cascade.CPU_MIN_PREFIX
+        outs = assert_matches_hf(model, sampler, prompts, n=4, max_tokens=8)
+        assert built and all(g is not None and (g.prefix >= 64).all() for g in built), "no cascade taken"
+        assert bool(native_calls) == (path == "native")
+        plain = Sampler(model, None, block_size=4, kv_budget="2048 tokens", cascade=False)
+        params = SamplingParams(n=4, temperature=0.0, max_tokens=8)
+        for a, b in zip(outs, plain.generate(prompts, params)):
+            for ca, cb in zip(a.completions, b.completions):
+                assert ca.token_ids == cb.token_ids
+                torch.testing.assert_close(torch.tensor(ca.logprobs), torch.tensor(cb.logprobs), atol=1e-5, rtol=0)
+    finally:
+        torch.set_num_threads(old)

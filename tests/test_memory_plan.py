@@ -1,0 +1,224 @@
+"""The memory plan's arithmetic on hand-computed cases, its fit search, and the CLI's `plan`."""
+
+import pytest
+import torch
+
+from grpo_fast import cli, memory
+from grpo_fast.config import load_config
+from test_train_loop import make_tiny_model, tiny_rewards  # noqa: F401 (fixture)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("tiny_plan"))
+
+
+def cfg_for(tiny, **extra):
+    base = {"model.name_or_path": str(tiny), "model.device": "cpu", "train.prompts_per_step": 2,
+            "sampling.num_generations": 4, "sampling.max_completion_length": 10, "sampling.max_prompt_length": 20,
+            "train.micro_batch_size": 4, "lora.r": 2, "lora.lora_alpha": 4, "sampling.kv_budget": "512 tokens"}
+    return load_config(None, {**base, **extra})
+
+
+def test_shape_counts_the_real_model_parameters(tiny):
+    from transformers import AutoModelForCausalLM
+
+    shape = memory.read_shape(cfg_for(tiny).model)
+    model = AutoModelForCausalLM.from_pretrained(tiny)
+    assert shape.block_linear_params + shape.other_params == sum(p.numel() for p in model.parameters())
+
+
+def test_components_by_hand(tiny):
+    cfg = cfg_for(tiny)
+    p = memory.plan(cfg)
+    s = memory.read_shape(cfg.model)  # hidden 32, intermediate 64, 2 layers, 4 q heads, 2 kv heads, head_dim 8
+    assert (s.hidden, s.intermediate, s.layers, s.q_heads, s.kv_heads, s.head_dim) == (32, 64, 2, 4, 2, 8)
+    # LoRA r = 2 on q (32->32), k, v (32->16), o (32->32), gate, up (32->64), down (64->32): per layer
+    per_layer = 2 * ((32 + 32) + 2 * (32 + 16) + (32 + 32) + 2 * (32 + 64) + (64 + 32))
+    assert p.components["lora adapters"] == 2 * per_layer * 4 == p.components["lora gradients"]
+    assert p.components["optimizer state"] == 2 * per_layer * 8  # AdamW: two fp32 moments
+    assert p.components["weights"] == (s.block_linear_params + s.other_params) * 4
+    assert p.components["kv cache"] == 512 * 2 * 2 * 2 * 8 * 4  # tokens x K,V x layers x kv heads x dim x fp32
+    assert p.peak_bytes == max(p.phases.values()) and p.peak_phase in p.phases
+    # the micro-batch: 4 completions of one group = 20 prompt + 4 x 9 = 56 packed tokens; CPU heap
+    # growth = 0.9 x the saved activations (no gradient checkpointing)
+    per_token_layer = 4 * 32 + 2 + (32 + 16) + (32 + 32) + 32 + 4 + 3 * 64 + 7 * 2
+    assert p.components["training activations"] == int(56 * 2 * per_token_layer * 4 + 56 ** 2 * 4)  # + the mask
+    assert p.components["heap growth (cpu)"] == int(0.9 * 56 * 2 * per_token_layer * 4)
+    assert "scoring" not in p.phases  # beta = 0, num_iterations = 1: no scoring pass
+    assert "scoring" in memory.plan(cfg_for(tiny, **{"loss.beta": 0.1})).phases
+
+
+def test_knobs_move_the_plan_the_right_way(tiny):
+    base = memory.plan(cfg_for(tiny))
+    longer = memory.plan(cfg_for(tiny, **{"sampling.max_completion_length": 40}))
+    assert longer.components["training activations"] > base.components["training activations"]
+    ckpt = memory.plan(cfg_for(tiny, **{"model.gradient_checkpointing": True, "sampling.max_completion_length": 40}))
+    assert ckpt.components["training activations"] < longer.components["training activations"]
+    nf4 = memory.plan(cfg_for(tiny, **{"model.load_in_4bit": True}))
+    s = memory.read_shape(cfg_for(tiny).model)
+    assert nf4.components["weights"] == pytest.approx(s.block_linear_params * (0.5 + 1 / 64 + 4 / (64 * 256))
+                                                      + s.other_params * 4, abs=1)
+    eight_bit = memory.plan(cfg_for(tiny, **{"train.optim": "adamw_8bit", "model.device": "cpu"}))
+    assert eight_bit.components["optimizer state"] * 4 == base.components["optimizer state"]
+
+
+def test_fit_returns_the_largest_values_the_plan_accepts(tiny):
+    cfg = cfg_for(tiny, **{"sampling.kv_budget": None})
+    budget = memory.plan(cfg).peak_bytes + 3 * 2**20
+    found = memory.fit(cfg, budget)
+    for knob, value in found.items():
+        assert value is not None, knob
+        section, name = knob.split(".")
+        ceiling = dict(memory.KNOBS)[knob]
+        for v, should_fit in ((value, True), (value + 1, False)):
+            if v > ceiling:  # the search stops at the knob's ceiling
+                continue
+            trial = cfg_for(tiny, **{"sampling.kv_budget": None, knob: v})
+            if name == "micro_batch_size" and v > trial.train.prompts_per_step * trial.sampling.num_generations:
+                continue
+            assert (memory.plan(trial).peak_bytes <= budget) == should_fit, (knob, v)
+    assert any(value < dict(memory.KNOBS)[knob] for knob, value in found.items())  # some knob is bounded by memory
+    assert memory.fit(cfg, 2**20)["train.prompts_per_step"] is None  # 1 MiB: nothing fits
+
+
+def test_cli_plan_prints_the_table_and_the_fit(tiny, capsys):
+    assert cli.main(["plan", "--model.name_or_path", str(tiny), "--device", "cpu", "--device-memory", "4GiB"]) == 0
+    out = capsys.readouterr().out
+    assert "memory plan (cpu): peak" in out and "training activations" in out and "fits in 4.00 GiB" in out
+    assert "train.prompts_per_step" in out and "sampling.max_completion_length" in out
+    assert memory.parse_size("24GiB") == 24 * 2**30 and memory.parse_size("16GB") == 16 * 10**9
+
+
+def test_micro_batches_by_tokens_pack_groups_and_split_long_ones():
+    from grpo_fast.train.micro_batches import micro_batches
+    from grpo_fast.train.rollout_batch import make_batch
+
+    p1, p2 = [5] * 10, [6] * 4
+    prompts = [p1] * 3 + [p2] * 3
+    comps = [[7] * n for n in (21, 11, 6, 3, 3, 3)]  # packed cost: 20, 10, 5 (+10 prompt); 2, 2, 2 (+4)
+    batch = make_batch(prompts, comps, 0)
+    assert micro_batches(batch, size=4) == [slice(0, 4), slice(4, 6)]
+    cuts = micro_batches(batch, tokens=30)
+    # group 1 costs 10 + 20 + 10 + 5 = 45 > 30: split at completion boundaries (its prompt counted in
+    # each part); group 2 costs 4 + 6 = 10 and would overflow the second part (25 + 10)
+    assert cuts == [slice(0, 1), slice(1, 3), slice(3, 6)]
+    assert sum(c.stop - c.start for c in cuts) == len(batch)
+    assert micro_batches(batch, tokens=5) == [slice(i, i + 1) for i in range(6)]  # a row over budget runs alone
+    assert micro_batches(batch, tokens=10**6) == [slice(0, 6)]
+
+
+@pytest.mark.parametrize("options", [{}, {"loss.beta": 0.05, "loss.top_entropy_quantile": 0.5}])
+def test_micro_batches_by_tokens_give_the_whole_steps_gradient(tiny, options, monkeypatch):
+    """train.micro_batch_tokens splits every pass (scoring and update) by packed tokens; the
+    normalizers are the step's, so the gradient is the whole batch's for any budget."""
+    from test_loss_training import CaptureGrads, policy_with_lora, rollout_for
+
+    from grpo_fast.train import packed_forward, policy_loss as policy_loss_module
+    from grpo_fast.train.micro_batches import micro_batches
+    from grpo_fast.train.model import build_scheduler, policy_modules, trainable_parameters
+    from grpo_fast.train.update import update_policy
+
+    model, tok = policy_with_lora(tiny)
+    rollout = rollout_for(model, tok)
+    cfg = load_config(None, {"sampling.max_completion_length": 8, **options})
+    runs, forwards = {}, []
+    real = packed_forward.completion_hidden
+
+    def counting(decoder, part, *a, **k):
+        forwards.append(len(part))
+        return real(decoder, part, *a, **k)
+
+    monkeypatch.setattr(policy_loss_module, "completion_hidden", counting)
+    passes = 1 + ("loss.beta" in options) + ("loss.top_entropy_quantile" in options)  # update, ref, entropies
+    for tokens in (None, 11, 4):  # whole step; rows (0, 1), 2, 3 (costs 6, 4, 10, 7); one row each
+        params = trainable_parameters(model)
+        opt = CaptureGrads(params)
+        metrics = update_policy(policy_modules(model), opt, build_scheduler(opt, cfg.train, 10), params, rollout, cfg,
+                                {}, echo=lambda *_: None, micro_batch_tokens=tokens)
+        runs[tokens] = (metrics["loss"], opt.seen[0])
+        expected = [len(range(4)[c]) for c in micro_batches(rollout.batch, tokens=tokens)]
+        assert forwards == expected * passes, tokens  # every pass ran the token-budget micro-batches
+        forwards.clear()
+    assert len(micro_batches(rollout.batch, tokens=11)) == 3 and len(micro_batches(rollout.batch, tokens=4)) == 4
+    for tokens in (11, 4):
+        assert runs[tokens][0] == pytest.approx(runs[None][0], rel=1e-5, abs=1e-7)
+        for a, b in zip(runs[tokens][1], runs[None][1]):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_a_plan_larger_than_the_device_stops_before_the_model_loads(tiny, tmp_path, monkeypatch):
+    """Capacity below the plan's peak: MemoryPlanError naming the peak and settings that fit, and
+    the weights were never loaded."""
+    from test_train_loop import tiny_config
+
+    from grpo_fast import trainer
+
+    cfg = tiny_config(tiny, tmp_path / "run", **{"model.device": "cpu", "data.eval_size": 0})
+    need = memory.plan(cfg).peak_bytes
+    monkeypatch.setattr(memory, "device_capacity", lambda device: need - 2**20)
+    monkeypatch.setattr(trainer, "load_policy", lambda *a, **k: pytest.fail("the model loaded"))
+    with pytest.raises(memory.MemoryPlanError, match=r"the plan needs .* settings that fit .*prompts_per_step=1"):
+        trainer.GRPOTrainer(args=cfg, echo=lambda *_: None)
+    assert not (tmp_path / "run").exists()  # nothing written for a run that cannot start
+
+
+def test_an_oom_mid_run_ends_it_with_the_phase_and_the_checkpoint_intact(tiny, tmp_path, monkeypatch, tiny_rewards):
+    """A CPU allocator failure in step 2's update: OutOfMemory (a one-line user error) naming the
+    phase, the step, the plan and what to change; checkpoint-1 still verifies."""
+    from test_train_loop import tiny_config
+
+    from grpo_fast import trainer
+    from grpo_fast.train.checkpoint import find_resumable
+
+    cfg = tiny_config(tiny, tmp_path / "run", **{"model.device": "cpu", "train.max_steps": 3, "train.save_steps": 1,
+                                                  "data.eval_size": 0})
+    real, calls = trainer.update_policy, []
+
+    def failing(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 9999999999 bytes.")
+        return real(*a, **k)
+
+    monkeypatch.setattr(trainer, "update_policy", failing)
+    t = trainer.GRPOTrainer(args=cfg, echo=lambda *_: None)
+    with pytest.raises(memory.OutOfMemory, match=r"out of memory while training at step 2 .*micro_batch_tokens: auto"
+                                                 r".*checkpoint-1 is intact"):
+        t.train()
+    found = find_resumable(tmp_path / "run" / "checkpoints")
+    assert found is not None and found.step == 1
+    # any other RuntimeError is not dressed up as an OOM
+    assert not memory.is_out_of_memory(RuntimeError("shape mismatch"))
+
+
+def test_auto_token_budget_is_the_largest_micro_batch_the_plan_accepts(tiny):
+    """micro_batch_tokens: auto = the packed tokens of the most full-length completions whose
+    training peak fits; one more completion would not; too little memory is a clear error."""
+    cfg = cfg_for(tiny, **{"train.micro_batch_size": 0, "sampling.max_completion_length": 40})
+    shape = memory.read_shape(cfg.model)
+    rows = cfg.train.prompts_per_step * cfg.sampling.num_generations
+
+    def peak(n):
+        return memory.plan(cfg_for(tiny, **{"train.micro_batch_size": n, "sampling.max_completion_length": 40}),
+                           shape=shape).peak_bytes
+
+    capacity = (peak(3) + peak(4)) // 2  # 3 completions fit, 4 do not
+    budget = memory.token_budget(cfg, capacity, shape=shape)
+    assert budget == 1 * 20 + 3 * 39  # one group's prompt + 3 completions of 40 - 1 packed tokens
+    assert memory.token_budget(cfg, None, shape=shape) == 2 * 20 + rows * 39  # unknown capacity: the whole step
+    with pytest.raises(memory.MemoryPlanError, match="not even one completion"):
+        memory.token_budget(cfg, peak(1) - 1, shape=shape)
+
+
+def test_a_4bit_model_on_the_cpu_lets_go_of_its_checkpoint_file(tiny):
+    """The unquantized tensors are copied off the checkpoint's memory map: otherwise they keep
+    the whole mapping, and every page the quantizer read, in the resident set."""
+    from grpo_fast.config import LoraConfig, ModelConfig
+    from grpo_fast.train.model import load_policy
+
+    model, _, _ = load_policy(ModelConfig(name_or_path=str(tiny), load_in_4bit=True, device="cpu"),
+                              LoraConfig(r=2, lora_alpha=4), seed=0)
+    maps = open("/proc/self/maps").read()
+    assert str(tiny / "model.safetensors") not in maps
+    assert any(type(p).__name__ == "Params4bit" for p in model.parameters())  # it is the 4-bit model
