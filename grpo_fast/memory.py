@@ -134,9 +134,28 @@ def plan_device(cfg) -> str:
     """"cuda" or "cpu": where the run's model will live."""
     if cfg.model.device != "auto":
         return "cuda" if cfg.model.device.startswith("cuda") else "cpu"
-    import torch
+    import sys
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if "torch" in sys.modules:  # the trainer: ask torch itself
+        return "cuda" if sys.modules["torch"].cuda.is_available() else "cpu"
+    return "cuda" if _torch_has_cuda() and Path("/proc/driver/nvidia/gpus").is_dir() and any(
+        Path("/proc/driver/nvidia/gpus").iterdir()) else "cpu"
+
+
+def _torch_has_cuda() -> bool:
+    """Whether the installed torch is a CUDA build, read from its version.py without importing
+    torch (2 s on a small CPU: `grpo-fast plan` answers without it)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("torch")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    version = Path(list(spec.submodule_search_locations)[0]) / "version.py"
+    try:
+        text = version.read_text()
+    except OSError:
+        return False
+    return "cuda: Optional[str] = None" not in text and "cuda = None" not in text
 
 
 def read_shape(model_cfg) -> ModelShape:
@@ -146,7 +165,7 @@ def read_shape(model_cfg) -> ModelShape:
     import json
     from types import SimpleNamespace
 
-    from grpo_fast.train.model import _source
+    from grpo_fast.models.source import model_source as _source
 
     folder, gguf = _source(model_cfg)
     if gguf is None:

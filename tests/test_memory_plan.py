@@ -211,12 +211,14 @@ def test_auto_token_budget_is_the_largest_micro_batch_the_plan_accepts(tiny):
         memory.token_budget(cfg, peak(1) - 1, shape=shape)
 
 
-def test_a_4bit_model_on_the_cpu_lets_go_of_its_checkpoint_file(tiny):
+def test_a_4bit_model_on_the_cpu_lets_go_of_its_checkpoint_file(tmp_path):
     """The unquantized tensors are copied off the checkpoint's memory map: otherwise they keep
-    the whole mapping, and every page the quantizer read, in the resident set."""
+    the whole mapping, and every page the quantizer read, in the resident set. (A model folder of
+    its own: fp32 models of other tests keep their files mapped, by design.)"""
     from grpo_fast.config import LoraConfig, ModelConfig
     from grpo_fast.train.model import load_policy
 
+    tiny = make_tiny_model(tmp_path / "tiny_4bit")
     model, _, _ = load_policy(ModelConfig(name_or_path=str(tiny), load_in_4bit=True, device="cpu"),
                               LoraConfig(r=2, lora_alpha=4), seed=0)
     maps = open("/proc/self/maps").read()
