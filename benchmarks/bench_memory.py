@@ -75,7 +75,6 @@ def run_one(name: str, steps: int) -> dict:
     out = tempfile.mkdtemp(prefix="bench_memory_")
     overrides = {**BASE, **CONFIGS[name], "train.output_dir": out, "train.max_steps": steps}
     cfg = load_config(None, overrides, base=DEFAULT_JOB)
-    predicted = memory.plan(cfg, prompt_tokens=None)
     measured: dict[str, int] = {}
 
     def phase(label, fn):

@@ -257,7 +257,7 @@ def plan(cfg, device_memory: int | None = None, *, shape: ModelShape | None = No
 
     # ---- sampling: the KV pool plus a decode step's logits and temporaries
     kv_per_token = kv_bytes_per_token(s, cfg)
-    kv_tokens = _kv_pool_tokens(cfg, prompt)
+    kv_tokens = _kv_pool_tokens(cfg, prompt, kv_per_token)
     if sp.kv_budget == "auto" and device_memory is not None:  # what the training peak leaves (the trainer's rule)
         spare = device_memory - int(training * (1 + SLACK[device])) - overhead
         kv_tokens = max(0, min(kv_tokens, spare // kv_per_token))
@@ -309,12 +309,15 @@ def _rows_within(budget: int, prompt: int, completion: int, G: int, rows: int) -
     return n
 
 
-def _kv_pool_tokens(cfg, prompt: int) -> int:
-    """The tokens of KV the trainer's sampler pool holds: sampling.kv_budget when it is a token
-    count, else one step's B x G sequences at full length (what the trainer asks for)."""
+def _kv_pool_tokens(cfg, prompt: int, kv_per_token: int) -> int:
+    """The tokens of KV the trainer's sampler pool holds: sampling.kv_budget when it is a size (in
+    tokens or bytes), else (None, auto) one step's B x G sequences at full length (what the
+    trainer asks for; auto is then capped by what the device leaves)."""
     budget = cfg.sampling.kv_budget
-    if isinstance(budget, str) and budget.strip().endswith(("tokens", "token", "tok")):
-        return int(float(budget.split()[0]))
+    if budget not in (None, "auto"):
+        from grpo_fast.sampler.kv_budget import budget_tokens
+
+        return budget_tokens(budget, bytes_per_token=kv_per_token)
     rows = cfg.train.prompts_per_step * cfg.sampling.num_generations
     return rows * (prompt + max(cfg.sampling.max_completion_length, cfg.eval.max_completion_length or 0)) + 64
 
@@ -426,7 +429,8 @@ def token_budget(cfg, capacity: int | None, *, shape: ModelShape, prompt_tokens:
     trial.train.micro_batch_tokens = None
     reserve, overhead = 0, CUDA_CONTEXT_BYTES if plan_device(cfg) == "cuda" else 0
     if cfg.sampling.kv_budget == "auto":
-        reserve = int(_kv_pool_tokens(cfg, prompt) * kv_bytes_per_token(shape, cfg) * (1 + SLACK[plan_device(cfg)]))
+        per_token = kv_bytes_per_token(shape, cfg)
+        reserve = int(_kv_pool_tokens(cfg, prompt, per_token) * per_token * (1 + SLACK[plan_device(cfg)]))
     for room in ([capacity - reserve, capacity] if reserve else [capacity]):
         best = None
         for n in range(1, cfg.train.prompts_per_step * G + 1):  # micro-batches of n completions at full length

@@ -39,6 +39,8 @@ def test_components_by_hand(tiny):
     assert p.components["optimizer state"] == 2 * per_layer * 8  # AdamW: two fp32 moments
     assert p.components["weights"] == (s.block_linear_params + s.other_params) * 4
     assert p.components["kv cache"] == 512 * 2 * 2 * 2 * 8 * 4  # tokens x K,V x layers x kv heads x dim x fp32
+    # a budget in bytes holds what fits of it (256 bytes a token here)
+    assert memory.plan(cfg_for(tiny, **{"sampling.kv_budget": "64KiB"})).components["kv cache"] == 65536
     assert p.peak_bytes == max(p.phases.values()) and p.peak_phase in p.phases
     # the micro-batch: 4 completions of one group = 20 prompt + 4 x 9 = 56 packed tokens; CPU heap
     # growth = 0.9 x the saved activations (no gradient checkpointing)

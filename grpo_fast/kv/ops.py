@@ -118,15 +118,8 @@ def _(query, key_cache, value_cache, block_tables, context_lens, scale):
     return torch.empty_like(query)
 
 
-def paged_decode_attention(query, key_cache, value_cache, block_tables, context_lens, scale):
-    """One query token per sequence attending over its paged K/V.
-
-    out[s, h] = sum_j softmax_j(q[s,h] . K[s,j,g] * scale) V[s,j,g], j < context_lens[s],
-    g = h // (Hq / Hkv) (GQA, any integer ratio); token j of s lives in block
-    block_tables[s, j // block_size] at offset j % block_size. Scores, softmax and the weighted
-    sum accumulate in fp32. query [S, Hq, D] -> out [S, Hq, D] (query dtype); block_tables
-    [S, max_blocks] int32 (unused entries may be -1); context_lens [S] int32 (0 gives zeros).
-    """
+def _check_decode_args(query, key_cache, value_cache, block_tables, context_lens, scale) -> float:
+    """The arguments paged and cascade decode attention share; returns scale as a float."""
     nb, bs, hkv, d = cache_pair(key_cache, value_cache)
     dev = key_cache.device
     checks.tensor("query", query, ndim=3, dtypes=(key_cache.dtype,), device=dev, shape=(None, None, d))
@@ -140,6 +133,19 @@ def paged_decode_attention(query, key_cache, value_cache, block_tables, context_
         # cheap host-side bound check on CPU (a CUDA check would sync the stream)
         if int(context_lens.max()) > block_tables.shape[1] * bs or int(context_lens.min()) < 0:
             raise ValueError("context_lens must lie in [0, block_tables.shape[1] * block_size]")
+    return scale
+
+
+def paged_decode_attention(query, key_cache, value_cache, block_tables, context_lens, scale):
+    """One query token per sequence attending over its paged K/V.
+
+    out[s, h] = sum_j softmax_j(q[s,h] . K[s,j,g] * scale) V[s,j,g], j < context_lens[s],
+    g = h // (Hq / Hkv) (GQA, any integer ratio); token j of s lives in block
+    block_tables[s, j // block_size] at offset j % block_size. Scores, softmax and the weighted
+    sum accumulate in fp32. query [S, Hq, D] -> out [S, Hq, D] (query dtype); block_tables
+    [S, max_blocks] int32 (unused entries may be -1); context_lens [S] int32 (0 gives zeros).
+    """
+    scale = _check_decode_args(query, key_cache, value_cache, block_tables, context_lens, scale)
     return _paged_decode_attention(query, key_cache, value_cache, block_tables, context_lens,
                                    scale)
 
@@ -179,21 +185,11 @@ def cascade_decode_attention(query, key_cache, value_cache, block_tables, contex
     that each prefix lies in shared blocks; on CUDA that is the caller's promise (a host check
     would synchronize).
     """
-    nb, bs, hkv, d = cache_pair(key_cache, value_cache)
-    dev = key_cache.device
-    checks.tensor("query", query, ndim=3, dtypes=(key_cache.dtype,), device=dev, shape=(None, None, d))
-    S, hq = query.shape[0], query.shape[1]
-    if hq % hkv != 0:
-        raise ValueError(f"query has {hq} heads, not a multiple of the cache's {hkv} kv heads")
-    checks.tensor("block_tables", block_tables, ndim=2, dtypes=_I32, device=dev, shape=(S, None))
-    checks.tensor("context_lens", context_lens, ndim=1, dtypes=_I32, device=dev, shape=(S,))
+    scale = _check_decode_args(query, key_cache, value_cache, block_tables, context_lens, scale)
+    dev, S = key_cache.device, query.shape[0]
     checks.tensor("group_rows", group_rows, dtypes=_I32, device=dev, shape=(S,))
     checks.tensor("prefix_lens", prefix_lens, ndim=1, dtypes=_I32, device=dev)
     checks.tensor("group_starts", group_starts, dtypes=_I32, device=dev, shape=(prefix_lens.shape[0] + 1,))
-    scale = checks.positive_float("scale", scale)
-    if not torch.compiler.is_compiling() and dev.type == "cpu" and S > 0:
-        if int(context_lens.max()) > block_tables.shape[1] * bs or int(context_lens.min()) < 0:
-            raise ValueError("context_lens must lie in [0, block_tables.shape[1] * block_size]")
     return _cascade_decode_attention(query, key_cache, value_cache, block_tables, context_lens, scale, group_rows,
                                      group_starts, prefix_lens)
 

@@ -25,12 +25,28 @@ def check_kv_budget(kv_budget) -> None:
     if isinstance(kv_budget, bool) or not isinstance(kv_budget, (int, str)):
         raise ConfigError(f"sampling.kv_budget: must be bytes (an int) or a string like '2GiB' or '65536 tokens', "
                           f"got {kv_budget!r}")
-    if isinstance(kv_budget, str):
-        match = _PATTERN.match(kv_budget)
-        unit = match.group(2).lower() if match else None
-        if match is None or (unit not in _UNITS and unit not in _TOKEN_UNITS):
-            raise ConfigError(f"sampling.kv_budget: {kv_budget!r} is not understood; use e.g. '2GiB', '512MB' or "
-                              f"'65536 tokens'")
+    if isinstance(kv_budget, str) and _parse(kv_budget) is None:
+        raise ConfigError(f"sampling.kv_budget: {kv_budget!r} is not understood; use e.g. '2GiB', '512MB' or "
+                          f"'65536 tokens'")
+
+
+def _parse(text: str) -> tuple[str, float] | None:
+    """("tokens", n) or ("bytes", n) for a budget string; None when it is not one."""
+    match = _PATTERN.match(text)
+    unit = match.group(2).lower() if match else None
+    if unit in _TOKEN_UNITS:
+        return "tokens", float(match.group(1))
+    if unit in _UNITS:
+        return "bytes", float(match.group(1)) * _UNITS[unit]
+    return None
+
+
+def budget_tokens(kv_budget, *, bytes_per_token: int) -> int:
+    """Tokens of KV a well-formed budget (int bytes or a string) holds, for the memory plan."""
+    if isinstance(kv_budget, int):
+        return kv_budget // bytes_per_token
+    kind, n = _parse(kv_budget)
+    return int(n) if kind == "tokens" else int(n) // bytes_per_token
 
 
 def num_blocks_for_budget(kv_budget, *, bytes_per_block: int, block_size: int, device) -> int:
@@ -50,16 +66,16 @@ def num_blocks_for_budget(kv_budget, *, bytes_per_block: int, block_size: int, d
     if isinstance(kv_budget, int):
         num_bytes = kv_budget
     else:
-        match = _PATTERN.match(kv_budget)
-        unit = match.group(2).lower() if match else None
-        if unit in _TOKEN_UNITS:
-            blocks = ceil_div(int(float(match.group(1))), block_size)
+        parsed = _parse(kv_budget)
+        if parsed is None:
+            raise ConfigError(f"kv_budget {kv_budget!r} is not understood; use e.g. '2GiB', '512MB' or '65536 tokens'")
+        kind, n = parsed
+        if kind == "tokens":
+            blocks = ceil_div(int(n), block_size)
             if blocks < 1:
                 raise ConfigError(f"kv_budget {kv_budget!r} holds no KV block")
             return blocks
-        if match is None or unit not in _UNITS:
-            raise ConfigError(f"kv_budget {kv_budget!r} is not understood; use e.g. '2GiB', '512MB' or '65536 tokens'")
-        num_bytes = int(float(match.group(1)) * _UNITS[unit])
+        num_bytes = int(n)
     blocks = num_bytes // bytes_per_block
     if blocks < 1:
         raise ConfigError(f"kv_budget {kv_budget!r} is smaller than one KV block ({bytes_per_block} bytes)")
