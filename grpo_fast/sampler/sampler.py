@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import operator
 import time
+from concurrent.futures import FIRST_COMPLETED, wait
 
 import torch
 
@@ -25,6 +26,7 @@ from grpo_fast.sampler.sampling_op import sample
 from grpo_fast.sampler.sampling_params import SamplingParams
 from grpo_fast.sampler.scheduler import Scheduler
 from grpo_fast.sampler.sequence import Group, Sequence, prefill_seq_id, prefill_tokens
+from grpo_fast.sampler.turns import TurnEnd, call_handler, environment_tokens
 
 _SEED_MASK = (1 << 63) - 1
 
@@ -64,6 +66,8 @@ class Sampler:
                                   cascade=cascade)
         self.eos_token_ids = eos_token_ids(model, tokenizer)
         self.stats = SamplerStats()
+        self._turn_handler = None  # set for one generate call (multi-turn)
+        self._paused: dict = {}
 
     @property
     def num_blocks(self) -> int:
@@ -74,17 +78,29 @@ class Sampler:
         A trainer that alternates sampling and training calls this after each sampling phase."""
         self.runner.release()
 
-    def generate(self, prompt_token_ids: list[list[int]], params: SamplingParams) -> list[GroupOutput]:
+    def generate(self, prompt_token_ids: list[list[int]], params: SamplingParams, *,
+                 turn_handler=None) -> list[GroupOutput]:
         """G = params.n completions for each prompt, in prompt order. Prompts are lists of token
-        ids (Python or numpy ints), 1-D tensors / arrays, or one 2-D tensor of equal-length rows."""
+        ids (Python or numpy ints), 1-D tensors / arrays, or one 2-D tensor of equal-length rows.
+
+        turn_handler (multi-turn, see turns.py): called with a TurnEnd whenever a sequence stops on
+        EOS / a stop string or token; it returns the environment's tokens to append (or a Future
+        of them), or None to finish. Appended tokens are prefilled once against the sequence's
+        own KV; params.max_tokens bounds the whole trajectory (model + environment tokens): an
+        answer that would leave no room for a model token ends the trajectory with "length"."""
         prompt_token_ids = _token_lists(prompt_token_ids)
         self._validate(prompt_token_ids, params)
+        if turn_handler is not None and not callable(turn_handler):
+            raise ValueError(f"turn_handler must be callable, got {type(turn_handler).__name__}")
+        self._turn_handler = turn_handler
         was_training = [m.training for m in self.model.modules()]
         self.model.eval()  # no LoRA / attention dropout while sampling
         try:
             with torch.inference_mode(), self.runner.generate_call():
                 return self._generate(prompt_token_ids, params)
         finally:
+            self._turn_handler = None
+            self._paused = {}
             for m, flag in zip(self.model.modules(), was_training):
                 m.training = flag
 
@@ -107,15 +123,27 @@ class Sampler:
             groups.append(group)
             sched.add(group)
 
-        while not sched.done:
+        self._paused = {}  # Sequence -> (Future of the environment's answer, the turn's finish reason)
+        while not sched.done or self._paused:
+            answered = [seq for seq, (future, _) in self._paused.items() if future.done()]
+            if answered:
+                t = time.perf_counter()
+                self._extend_step(bm, sched, answered, params, stats)
+                stats.extend_seconds += time.perf_counter() - t
+                continue
             admitted = sched.schedule_prefill()
             if admitted:
                 t = time.perf_counter()
                 self._prefill_step(bm, sched, admitted, params, stats)
                 stats.prefill_seconds += time.perf_counter() - t
                 continue
-            if not sched.running:  # cannot happen after _validate; never spin
-                raise RuntimeError("sampler made no progress: the KV pool cannot hold the next prompt")
+            if not sched.running:
+                if self._paused:  # every live sequence waits on its environment
+                    t = time.perf_counter()
+                    wait([future for future, _ in self._paused.values()], return_when=FIRST_COMPLETED)
+                    stats.wait_seconds += time.perf_counter() - t
+                    continue
+                raise RuntimeError("sampler made no progress: the KV pool cannot hold the next prompt")  # never spin
             seqs, copies = sched.schedule_decode()
             if not seqs:  # everything was preempted: re-admit first
                 continue
@@ -132,9 +160,12 @@ class Sampler:
         stats.preemptions = sched.num_preemptions
         stats.wall_seconds = time.perf_counter() - t0
         outputs = []
+        multi_turn = self._turn_handler is not None
         for group in groups:
             completions = [
-                Completion(s.completion_token_ids, list(s.logprobs), s.finish_reason) for s in group.children
+                Completion(s.completion_token_ids, list(s.logprobs), s.finish_reason,
+                           list(s.model_mask) if multi_turn else None, s.num_turns)
+                for s in group.children
             ]
             outputs.append(GroupOutput(group.prompt_token_ids, completions))
         stats.generated_tokens = sum(len(c.token_ids) for o in outputs for c in o.completions)
@@ -176,16 +207,77 @@ class Sampler:
         for seq, token, logprob in zip(seqs, tokens.tolist(), logprobs.tolist()):
             seq.token_ids.append(token)
             seq.logprobs.append(logprob)
+            seq.model_mask.append(1)
             reason = self._finish_reason(seq, token, params)
-            if reason is not None:
+            if reason is None:
+                continue
+            if self._turn_handler is not None and reason != "length":
+                self._end_turn(seq, reason, sched, params)
+            else:
                 sched.finish(seq, reason)
+
+    def _end_turn(self, seq: Sequence, reason: str, sched: Scheduler, params: SamplingParams) -> None:
+        """A model turn ended: ask the handler, and wait (holding the blocks) for its answer."""
+        sched.pause(seq)
+        self.stats.handler_calls += 1
+        completion = seq.completion_token_ids
+        turn = TurnEnd(seq.group.group_idx, seq.child_idx, completion, completion[seq.turn_start:], reason,
+                       seq.num_turns, params.max_tokens - len(completion))
+        self._paused[seq] = (call_handler(self._turn_handler, turn), reason)
+
+    def _extend_step(self, bm: BlockManager, sched: Scheduler, answered: list[Sequence], params: SamplingParams,
+                     stats: SamplerStats) -> None:
+        """Append each answered sequence's environment tokens and prefill only them (plus the
+        pending last token) against its own KV, then sample its next token. A sequence whose new
+        tokens need more blocks than are free is preempted instead: it is recomputed later from
+        all of its tokens, like any preempted sequence."""
+        items, seqs, copies = [], [], []
+        for seq in answered:
+            future, reason = self._paused.pop(seq)
+            where = f"prompt {seq.group.group_idx}, completion {seq.child_idx}"
+            try:
+                answer = future.result()
+            except Exception as exc:
+                raise RuntimeError(f"turn_handler failed for {where}: {type(exc).__name__}: {exc}") from exc
+            tokens = environment_tokens(answer, self.runner.family.config.vocab_size, where)
+            if tokens is None:
+                sched.finish(seq, reason)
+                continue
+            if seq.num_completion_tokens + len(tokens) >= params.max_tokens:
+                sched.finish(seq, "length")  # no room left for the model to answer the observation
+                continue
+            cached = bm.pool.num_tokens(seq.seq_id)  # = len(token_ids) - 1: the last token is pending
+            seq.token_ids.extend(tokens)
+            seq.logprobs.extend([0.0] * len(tokens))
+            seq.model_mask.extend([0] * len(tokens))
+            seq.turn_start = seq.num_completion_tokens
+            seq.num_turns += 1
+            stats.environment_tokens += len(tokens)
+            new = len(seq.token_ids) - cached
+            # +1: the partial last block may be shared with the group (copy-on-write)
+            if bm.blocks_for(cached + new) - bm.blocks_for(cached) + 1 > bm.num_free_blocks:
+                sched.preempt(seq)
+                continue
+            for _ in range(new):
+                copies.extend(bm.append(seq))
+            items.append((seq.seq_id, seq.token_ids, cached))
+            seqs.append(seq)
+            stats.prefill_tokens += len(tokens)  # the pending token is a decode token, counted there
+            stats.decode_tokens += 1
+        if not seqs:
+            return
+        self.runner.copy_blocks(copies)
+        logits = self.runner.prefill(bm.pool, items)  # [S, V]
+        stats.peak_blocks_used = max(stats.peak_blocks_used, bm.num_used_blocks)
+        sched.start_running(seqs)
+        self._sample_and_advance(logits, seqs, sched, params)
 
     def _finish_reason(self, seq: Sequence, token: int, params: SamplingParams) -> str | None:
         if not params.ignore_eos and token in self.eos_token_ids:
             return "eos"
         if token in params.stop_token_ids:
             return "stop"
-        if params.stop and self._hits_stop_string(seq.completion_token_ids, params.stop):
+        if params.stop and self._hits_stop_string(seq.completion_token_ids[seq.turn_start:], params.stop):
             return "stop"
         if seq.num_completion_tokens >= params.max_tokens:
             return "length"

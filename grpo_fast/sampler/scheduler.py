@@ -92,8 +92,14 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
+    def pause(self, seq: Sequence) -> None:
+        """A turn ended and the environment answers next: the sequence leaves the decode batch
+        but keeps its blocks (its pending last token is written with the environment's tokens)."""
+        seq.status = SeqStatus.PAUSED
+        self.running = [s for s in self.running if s is not seq]
+
     def finish(self, seq: Sequence, reason: str) -> None:
-        """Retire a sequence (RUNNING or just forked): free its blocks now."""
+        """Retire a sequence (RUNNING, PAUSED or just forked): free its blocks now."""
         seq.status = SeqStatus.FINISHED
         seq.finish_reason = reason
         self.bm.free(seq)

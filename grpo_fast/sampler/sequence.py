@@ -9,13 +9,18 @@ from dataclasses import dataclass, field
 class SeqStatus(enum.Enum):
     WAITING = "waiting"  # not yet prefilled, or preempted (its KV freed, to be recomputed)
     RUNNING = "running"  # holds KV blocks; its last token is pending (KV written next decode)
+    PAUSED = "paused"  # a turn ended; holds its blocks while the environment answers (multi-turn)
     FINISHED = "finished"
 
 
 @dataclass(eq=False)
 class Sequence:
     """One completion of a group. ``token_ids`` = prompt + completion; while RUNNING, the KV of
-    every token but the last is in the cache and the last one's is written by the next decode."""
+    every token but the last is in the cache and the last one's is written by the next decode.
+
+    A multi-turn completion is segments of model and environment tokens: ``model_mask[i]`` is 1
+    where completion token i was sampled, 0 where the environment appended it (its logprob is 0).
+    ``turn_start`` is the completion index where the current model turn began."""
 
     seq_id: int
     group: "Group"
@@ -23,6 +28,9 @@ class Sequence:
     seed: int
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)  # [C]
+    model_mask: list[int] = field(default_factory=list)  # [C]
+    turn_start: int = 0
+    num_turns: int = 1
     status: SeqStatus = SeqStatus.WAITING
     finish_reason: str | None = None
 
