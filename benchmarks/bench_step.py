@@ -11,6 +11,13 @@ uses its default (transformers generate). Model: the built-in SmolLM2-135M-Instr
 Needs the `bench` extra (trl; `pip install --no-deps trl==1.16.0 && pip install datasets`).
 Writes benchmarks/results/bench_step-gc-{on,off}.json (other cases: the options in the name).
 
+Data parallel: --nproc N runs our step twice on the same global batch, as one process with N
+torch threads and as N torchrun ranks (gloo) with one thread each, and reports the ranks'
+throughput relative to the one process (target >= 0.9x: the collectives cost little). Writes
+benchmarks/results/bench_step-dp{N}.json.
+
+    python benchmarks/bench_step.py --nproc 2 --prompts 4 --generations 8 --steps 3
+
 Real GRPO lengths: --forced-length makes every completion exactly --max-completion tokens on both
 sides (ours: ignore_eos, TRL: min_new_tokens), so both train on the same number of tokens;
 --prompt-len P gives every prompt a system message of few-shot lines that brings it to ~P tokens
@@ -77,6 +84,7 @@ def run_ours(a) -> dict:
         "train.eval_before": False, "data.eval_size": 0, "train.progress": False, "train.time_budget_s": 0,
         "lora.r": a.lora_r, "lora.lora_alpha": 2 * a.lora_r, "train.seed": 0, "sampling.backend": a.backend,
         "train.micro_batch_size": a.micro_batch, "model.gradient_checkpointing": a.gradient_checkpointing == "on",
+        "train.num_threads": a.threads,
     }
     if a.prompt_len:
         from transformers import AutoTokenizer
@@ -96,6 +104,10 @@ def run_ours(a) -> dict:
             self, prompts, dataclasses.replace(params, ignore_eos=True) if params.n > 1 else params)
     cfg = load_config(None, overrides, base=DEFAULT_JOB)
     train(cfg, echo=lambda *_: None)
+    from grpo_fast import distributed
+
+    if not distributed.is_main():  # under torchrun rank 0 alone logs (and reports) the step
+        return None
     rows = [r for r in read_metrics(out) if "reward" in r]
     steps = rows[1:]  # drop the warm-up step
     sample = [r["time/sample_s"] for r in steps]
@@ -194,6 +206,9 @@ def main() -> None:
     p.add_argument("--busy", choices=_busy.KINDS, default="none", help="a competing process beside both sides")
     p.add_argument("--impl", choices=["ours", "trl", "trl_fused"], help=argparse.SUPPRESS)  # subprocess mode
     p.add_argument("--only", choices=["ours", "trl", "trl_fused"], help="run one side only")
+    p.add_argument("--threads", type=int, default=0, help="our torch threads (0: torch's default)")
+    p.add_argument("--nproc", type=int, default=0,
+                   help="data parallel: N torchrun ranks x 1 thread vs 1 process x N threads (ours only)")
     p.add_argument("--trl-fused", action="store_true",
                    help="also TRL's GRPOTrainer with grpo-fast's fused loss (grpo_fast.integrations.trl)")
     a = p.parse_args()
@@ -201,8 +216,11 @@ def main() -> None:
         p.error("--micro-batch must divide prompts x generations")
     if a.impl:
         result = {"ours": run_ours, "trl": run_trl, "trl_fused": run_trl_fused}[a.impl](a)
-        print("RESULT " + json.dumps(result))
+        if result is not None:
+            print("RESULT " + json.dumps(result))
         return
+    if a.nproc:
+        return data_parallel(a)
 
     results = {}
     for impl in [a.only] if a.only else ["ours", "trl"] + (["trl_fused"] if a.trl_fused else []):
@@ -256,6 +274,57 @@ def main() -> None:
     out.write_text(json.dumps({"args": vars(a), "results": results, "device": f"cpu x{os.cpu_count()}",
                                "platform": platform.platform(), "versions": versions, "commit": commit,
                                "load_avg": os.getloadavg(), "beside": _busy.describe(a.busy)}, indent=2))
+    print(f"wrote {out}")
+
+
+def _ours_cmd(a, threads: int) -> list[str]:
+    return [__file__, "--impl", "ours", "--prompts", str(a.prompts), "--generations", str(a.generations),
+            "--max-completion", str(a.max_completion), "--steps", str(a.steps), "--lora-r", str(a.lora_r),
+            "--backend", a.backend, "--micro-batch", str(a.micro_batch), "--gradient-checkpointing",
+            a.gradient_checkpointing, "--prompt-len", str(a.prompt_len), "--threads", str(threads)] + \
+        (["--forced-length"] if a.forced_length else [])
+
+
+def data_parallel(a) -> None:
+    """--nproc N: our step as 1 process x N threads, then as N torchrun ranks x 1 thread, on the
+    same global batch (B prompts x G); the ratio of their step times is the ranks' throughput."""
+    if a.prompts % a.nproc:
+        raise SystemExit(f"--prompts {a.prompts} must be a multiple of --nproc {a.nproc} (whole groups per rank)")
+    runs = {f"1 proc x {a.nproc} threads": [sys.executable] + _ours_cmd(a, a.nproc),
+            f"{a.nproc} ranks x 1 thread": [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                            "--nproc-per-node", str(a.nproc)] + _ours_cmd(a, 1)}
+    results = {}
+    for name, cmd in runs.items():
+        env = {**os.environ, "OMP_NUM_THREADS": str(a.nproc if "proc x" in name else 1), "CUDA_VISIBLE_DEVICES": ""}
+        with _busy.busy(a.busy):
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+        if proc.returncode or not line:
+            raise SystemExit(f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+        results[name] = json.loads(line[-1][7:])
+    print(f"\nGRPO step, data parallel on the CPU: B={a.prompts} x G={a.generations}, max_completion="
+          f"{a.max_completion}{' (forced)' if a.forced_length else ''}, LoRA r={a.lora_r}, backend {a.backend}, "
+          f"SmolLM2-135M fp32, {os.cpu_count()} cores, {_busy.describe(a.busy)}, "
+          f"mean of {a.steps} steps after 1 warm-up")
+    print(f"{'run':<22} {'sample s':>9} {'train s':>9} {'step s':>9} {'tok/s':>8}  every step s (sampling s)")
+    for name, r in results.items():
+        each = ", ".join(f"{t:.1f} ({g:.1f})" for t, g in zip(r["per_step_s"], r["per_step_sample_s"]))
+        print(f"{name:<22} {r['sample_s']:>9.2f} {r['train_s']:>9.2f} {r['step_s']:>9.2f} "
+              f"{r['completion_tokens'] / r['step_s']:>8.1f}  {each}")
+    one, ranks = results.values()
+    ratio = one["step_s"] / ranks["step_s"]
+    print(f"throughput {a.nproc} ranks / 1 process: {ratio:.2f}x (step time; the same global batch)")
+    import torch
+
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip()
+    case = f"-c{a.max_completion}" if a.max_completion != 16 else ""
+    out = HERE / "results" / f"bench_step-dp{a.nproc}{case}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"args": vars(a), "results": results, "throughput_ratio": ratio,
+                               "device": f"cpu x{os.cpu_count()}", "platform": platform.platform(),
+                               "versions": {"torch": torch.__version__, "python": platform.python_version()},
+                               "commit": commit, "load_avg": os.getloadavg(), "beside": _busy.describe(a.busy)},
+                              indent=2))
     print(f"wrote {out}")
 
 

@@ -73,6 +73,9 @@ def cmd_train(argv: list[str]) -> int:
     from grpo_fast.trainer import GRPOTrainer
 
     GRPOTrainer(args=cfg).train()
+    from grpo_fast import distributed
+
+    distributed.shutdown()  # under torchrun: leave the process group (nothing otherwise)
     return 0
 
 

@@ -6,7 +6,7 @@ Batch sizes are counted in prompts: a step samples `prompts_per_step` prompts ×
 completions.
 
 A config is built from a YAML file (sections `model`, `lora`, `sampling`, `loss`, `train`,
-`data`, `rewards`) plus `--key value` overrides, where key is `section.field` or a bare field
+`data`, `rewards`, `eval`, `tools`) plus `--key value` overrides, where key is `section.field` or a bare field
 name that is unique across sections. Every error is a ValueError naming the field.
 """
 
@@ -57,6 +57,9 @@ class LoraConfig:
     lora_dropout: float = 0.0
     # None = every linear layer of the transformer blocks (attention + MLP), not the LM head.
     target_modules: list[str] | None = None
+    # false: full fine-tuning, no adapters: every weight trains (an unquantized base); with
+    # loss.beta > 0 the reference policy is a frozen copy of the starting weights (one more copy)
+    enabled: bool = True
 
     def __post_init__(self) -> None:
         _check(self.r > 0, "lora.r", f"must be > 0, got {self.r}")
@@ -204,6 +207,9 @@ class TrainConfig:
     dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal, draw more prompts
     max_dynamic_rounds: int = 4  # extra sampling rounds per step at most
     num_threads: int = 0  # torch CPU threads; 0 = leave torch's default
+    # under torchrun: how long a collective waits for the other ranks before failing (seconds;
+    # the environment variable GRPO_FAST_COLLECTIVE_TIMEOUT_S overrides it). See grpo_fast/distributed.py
+    collective_timeout_s: float = 600.0
     progress: bool = True
     resume: bool = False  # continue from the newest complete checkpoint in output_dir/checkpoints
     overwrite: bool = False  # start afresh in an output_dir that holds a run (its run files are removed)
@@ -236,6 +242,8 @@ class TrainConfig:
         _check(self.logging_steps >= 1, "train.logging_steps", f"must be >= 1, got {self.logging_steps}")
         _check(self.time_budget_s >= 0, "train.time_budget_s", f"must be >= 0 (0 = off), got {self.time_budget_s}")
         _check(self.max_dynamic_rounds >= 0, "train.max_dynamic_rounds", f"must be >= 0, got {self.max_dynamic_rounds}")
+        _check(self.collective_timeout_s > 0, "train.collective_timeout_s",
+               f"must be > 0 seconds, got {self.collective_timeout_s}")
         _check(self.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", f"must be >= 1, got {self.max_nonfinite_steps}")
         _check(not (self.resume and self.overwrite), "train.overwrite", "and train.resume exclude each other")
         _check(self.num_train_epochs >= 0, "train.num_train_epochs", f"must be >= 0, got {self.num_train_epochs}")
@@ -299,7 +307,7 @@ class DataConfig:
 
 @dataclass
 class RewardsConfig:
-    # Names of built-in rewards (accuracy, format, overlong, judge) or "module:function".
+    # Names of built-in rewards (accuracy, format, overlong, judge, tool_use) or "module:function".
     funcs: list[str] = field(default_factory=lambda: ["accuracy"])
     weights: list[float] | None = None  # None = 1.0 each
     on_reward_error: str = "raise"  # raise | zero | skip
@@ -322,8 +330,42 @@ class RewardsConfig:
         if "judge" in self.funcs:
             _check(self.judge_model is not None, "rewards.judge_model", "the judge reward needs a local model folder")
         for name in self.funcs:
-            _check(name in ("accuracy", "format", "overlong", "judge") or ":" in name, "rewards.funcs",
-                   f"{name!r} is neither a built-in reward (accuracy, format, overlong, judge) nor module:function")
+            _check(name in ("accuracy", "format", "overlong", "judge", "tool_use") or ":" in name, "rewards.funcs",
+                   f"{name!r} is neither a built-in reward (accuracy, format, overlong, judge, tool_use) nor "
+                   f"module:function")
+
+
+@dataclass
+class ToolsConfig:
+    """Multi-turn tool calling (grpo_fast/rollout): the model calls tools, reads their results and
+    goes on; sampling.max_completion_length bounds the whole trajectory (model + tool tokens).
+    In Python, GRPOTrainer(tools=[functions], environment_factory=...) sets functions and
+    environment as objects; here they are import paths."""
+
+    functions: list[str] | None = None  # "module:function" or built-in tools (calculator)
+    environment: str | None = None  # "module:Factory": one instance per rollout, its public methods are the tools
+    max_tool_calling_iterations: int | None = None  # tool-calling turns per trajectory; None = until the budget ends
+    tool_call_parser: str | None = None  # hermes | llama3 | mistral | module:object; None = from the chat template
+    tool_timeout_s: float = 30.0  # a tool call that takes longer becomes a timeout observation
+    max_tool_workers: int = 8  # threads running blocking tools while the sampler decodes
+
+    def __post_init__(self) -> None:
+        m = self.max_tool_calling_iterations
+        _check(m is None or m >= 1, "tools.max_tool_calling_iterations", f"must be >= 1 or None, got {m}")
+        _check(self.tool_timeout_s > 0, "tools.tool_timeout_s", f"must be > 0 seconds, got {self.tool_timeout_s}")
+        _check(self.max_tool_workers >= 1, "tools.max_tool_workers", f"must be >= 1, got {self.max_tool_workers}")
+        for name in self.functions or []:
+            _check(":" in name or name in BUILTIN_TOOLS, "tools.functions",
+                   f"{name!r} is neither a built-in tool ({', '.join(BUILTIN_TOOLS)}) nor module:function")
+        _check(self.environment is None or ":" in self.environment, "tools.environment",
+               f"must be module:Factory, got {self.environment!r}")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.functions) or self.environment is not None
+
+
+BUILTIN_TOOLS = ("calculator",)
 
 
 SECTIONS = {
@@ -335,6 +377,7 @@ SECTIONS = {
     "data": DataConfig,
     "rewards": RewardsConfig,
     "eval": EvalConfig,
+    "tools": ToolsConfig,
 }
 
 
@@ -353,6 +396,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     rewards: RewardsConfig = field(default_factory=RewardsConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    tools: ToolsConfig = field(default_factory=ToolsConfig)
 
     def __post_init__(self) -> None:
         # Non-finite numbers are refused everywhere (an inf beta trains NaNs into the adapter).

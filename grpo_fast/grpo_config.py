@@ -52,6 +52,7 @@ TRL_FIELDS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "adam_beta2": ("train.adam_beta2", float),
     "max_grad_norm": ("train.max_grad_norm", float),
     "seed": ("train.seed", int),
+    "ddp_timeout": ("train.collective_timeout_s", float),  # seconds, both (torchrun runs only)
     "logging_steps": ("train.logging_steps", int),
     "save_steps": ("train.save_steps", int),
     "save_total_limit": ("train.save_total_limit", int),
@@ -100,6 +101,7 @@ TRL_FIELDS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "gradient_checkpointing": ("model.gradient_checkpointing", bool),
     "num_generations_eval": ("eval.num_generations", lambda v: 1 if v is None else int(v)),
     "num_completions_to_print": ("train.log_completions", lambda v: 0 if v is None else int(v)),
+    "max_tool_calling_iterations": ("tools.max_tool_calling_iterations", lambda v: None if v is None else int(v)),
 }
 
 # Converted from several TRL fields at once (see _batch_sizes, _precision, _strategies).

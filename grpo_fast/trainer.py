@@ -21,6 +21,8 @@ SIGTERM finish the step and save; non-finite updates are skipped and stop the ru
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 import random
 import time
@@ -30,14 +32,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from grpo_fast import distributed as dist
 from grpo_fast import memory
 from grpo_fast.config import Config, load_config
 from grpo_fast.data import PromptStream, StreamingPrompts, encode_prompts, load_splits
 from grpo_fast.data.sources import is_streaming, normalize_row
 from grpo_fast.errors import ConfigError, ResumeError, TrainingStopped
-from grpo_fast.rewards import build_rewards
+from grpo_fast.rewards import add_rewards, build_rewards
+from grpo_fast.rollout.agent_loop import ToolSetup
 from grpo_fast.train import checkpoint as ckpt
 from grpo_fast.train import resume, rollout, run_folder
+from grpo_fast.train.data_parallel import check_divisible, shard_rollout
 from grpo_fast.train.evaluate import EvalResult, evaluate
 from grpo_fast.train.generation import Generator
 from grpo_fast.train.interrupts import StopRequests
@@ -90,18 +95,26 @@ class GRPOTrainer:
 
     model: a local folder / GGUF path, a loaded transformers causal LM (peft-wrapped or not), or
     None for args.model's. reward_funcs: a callable with TRL's signature, a built-in name
-    ("accuracy", "format", "overlong", "judge"), "module:function", or a list of them (None: the
+    ("accuracy", "format", "overlong", "judge", "tool_use"), "module:function", or a list of them (None: the
     config's). args: a GRPOConfig, a dict of its fields, a YAML path, or None. train_dataset /
     eval_dataset: datasets.Dataset, IterableDataset, DatasetDict or a list of dicts (None: the
     config's data section). processing_class: the tokenizer. peft_config: a peft LoraConfig.
     callbacks: objects with on_step_end(state, metrics) or callables (state, metrics); either may
     end the run by returning True or setting state.should_stop.
+    tools (TRL 1.16): Python functions the model may call (sync or async; described to it by their
+    signatures and docstrings). environment_factory: a class / callable (or a dict of them,
+    chosen per row by its `environment` column) giving one environment per rollout, whose public
+    methods are tools (see grpo_fast/rollout). Both make rollouts multi-turn.
     """
 
     def __init__(self, model=None, reward_funcs=None, args=None, train_dataset=None, eval_dataset=None,
-                 processing_class=None, peft_config=None, callbacks=None, *, echo=print):
+                 processing_class=None, peft_config=None, callbacks=None, *, tools=None, environment_factory=None,
+                 echo=print):
         self.args = cfg = _as_config(args)
-        self.echo = echo
+        # torchrun: join the other ranks (grpo_fast/distributed.py); one process: nothing to join
+        dist.init(cfg.train.collective_timeout_s)
+        check_divisible(cfg.train.prompts_per_step)
+        self.echo = echo = echo if dist.is_main() else _quiet  # rank 0 speaks for the run
         _echo_all(echo, [f"warning: {w}" for w in cfg.loss.warnings()])  # TRL's, for these loss options
         self.callbacks = list(callbacks or [])
         t, s = cfg.train, cfg.sampling
@@ -123,7 +136,13 @@ class GRPOTrainer:
         seed_everything(t.seed)
         self.model, self.tokenizer, self.device = load_policy(
             cfg.model, cfg.lora, seed=t.seed, model=model, peft_config=peft_config, tokenizer=processing_class,
-            echo=echo)
+            echo=echo, keep_reference=cfg.loss.beta > 0)
+        if not cfg.lora.enabled and peft_config is None:
+            if t.merge:
+                raise ConfigError("train.merge: a full fine-tuning run (lora.enabled: false) saves the whole model "
+                                  "already; there is no adapter to merge")
+            echo(f"model: full fine-tuning, {sum(p.numel() for p in self.model.parameters()):,} weights train"
+                 + (" (the reference policy is a frozen copy of them)" if cfg.loss.beta > 0 else ""))
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         train_rows, eval_rows = load_splits(cfg.data, echo=echo, train_dataset=train_dataset,
@@ -136,12 +155,19 @@ class GRPOTrainer:
         self.rewards = build_rewards(cfg.rewards, s.max_completion_length, funcs=_as_list(reward_funcs))
         if reward_funcs is not None and all(isinstance(f, str) for f in _as_list(reward_funcs)):
             cfg.rewards.funcs = list(_as_list(reward_funcs))  # config.yaml then reruns this very job
+        # multi-turn tools (grpo_fast/rollout); an environment's get_reward() is one more reward
+        self.tools = ToolSetup.from_config(self.tokenizer, cfg.tools, tools=tools, environment_factory=environment_factory,
+                                           chat_template_kwargs=cfg.data.chat_template_kwargs)
+        if self.tools is not None:
+            add_rewards(self.rewards, self.tools.environment_rewards())
         self.eval_rewards = self._eval_reward_set(eval_rows)
         self.max_steps = self._max_steps()
         self.micro_batch_tokens = self._micro_batch_tokens()
         self.generator = Generator(self.model, self.tokenizer, backend=s.backend, kv_budget=self._kv_budget())
         _echo_all(echo, self.generator.take_notices())
         self.params = trainable_parameters(self.model)
+        dist.broadcast_tensors(self.params)  # every rank starts from rank 0's weights
+        dist.seed_rank(t.seed)  # and draws its own dropout masks
         self.optimizer = build_optimizer(self.params, t, self.device)
         self.scheduler = build_scheduler(self.optimizer, t, max(1, self.max_steps * cfg.loss.num_iterations))
         self.state = TrainerState(max_steps=self.max_steps, skipped_prompts=skipped)
@@ -173,8 +199,10 @@ class GRPOTrainer:
             names = ["accuracy"]
         by_name = dict(zip(self.rewards.names, self.rewards.funcs))
         funcs = [by_name.get(n, n) for n in names]
-        rs = build_rewards(self.args.rewards, self.args.sampling.max_completion_length, funcs=funcs)
-        rs.names, rs.weights = list(names), [1.0] * len(names)
+        # eval rewards are reported one by one (weights 1): the training weights do not apply
+        unweighted = dataclasses.replace(self.args.rewards, weights=None)
+        rs = build_rewards(unweighted, self.args.sampling.max_completion_length, funcs=funcs)
+        rs.names = list(names)
         return rs
 
     def _max_steps(self) -> int:
@@ -196,6 +224,8 @@ class GRPOTrainer:
         return int(value)
 
     def _longest_prompt(self) -> int | None:
+        if self.tools is not None:
+            return None  # rendered with the tools' schemas (and an environment's reset text) at sampling time
         known = (list(self.stream.items) if isinstance(self.stream, PromptStream) else []) + self.eval_prompts
         return max((len(e.ids) for e in known), default=None)
 
@@ -217,13 +247,12 @@ class GRPOTrainer:
         return max(int(min(spare, needed)), 1)
 
     def _kv_tokens(self) -> str:
-        """A KV budget that holds the largest generate call of this run at once (a step's B × G
-        sequences, or an eval batch), instead of the sampler's fixed default."""
+        """A KV budget that holds the largest generate call of this run at once (this rank's
+        share of a step's B × G sequences, or an eval batch), instead of the sampler's fixed default."""
         cfg = self.args
-        known = (list(self.stream.items) if isinstance(self.stream, PromptStream) else []) + self.eval_prompts
-        longest = max([len(e.ids) for e in known] or [cfg.sampling.max_prompt_length])
+        longest = self._longest_prompt() or cfg.sampling.max_prompt_length
         longest += max(cfg.sampling.max_completion_length, cfg.eval.max_completion_length or 0)
-        rows = max(cfg.train.prompts_per_step * cfg.sampling.num_generations,
+        rows = max(cfg.train.prompts_per_step // dist.world_size() * cfg.sampling.num_generations,
                    min(64, len(self.eval_prompts) * cfg.eval.num_generations))
         return f"{rows * longest + 64} tokens"
 
@@ -239,6 +268,10 @@ class GRPOTrainer:
         (default: train.output_dir/adapter)."""
         folder = Path(output_dir) if output_dir is not None else self.out_dir / "adapter"
         _require_finite(self.params)
+        dist.on_main("saving the adapter", self._write_model, folder)  # the weights are the same on every rank
+        return folder
+
+    def _write_model(self, folder: Path) -> None:
         self.model.save_pretrained(folder)
         self.tokenizer.save_pretrained(folder)
         from grpo_fast.train.model_card import write_model_card
@@ -248,7 +281,6 @@ class GRPOTrainer:
         write_model_card(folder, base_model=cfg.model.name_or_path or DEFAULT_BASE_MODEL, dataset=_dataset_name(cfg),
                          reward_funcs=list(self.rewards.names), config=cfg.to_dict(), metrics=self._card_metrics(),
                          repo_id=(t.hub_model_id or self.out_dir.name) if t.push_to_hub else None)
-        return folder
 
     def train(self, resume_from_checkpoint: bool | str | None = None) -> RunResult:
         """Train to max_steps (or the epochs asked); resume_from_checkpoint: True (the newest
@@ -257,32 +289,37 @@ class GRPOTrainer:
         resume_from_checkpoint = resume_from_checkpoint or getattr(self.args, "resume_from_checkpoint", None)
         if resume_from_checkpoint:
             t.resume, t.overwrite = True, False
-        out_dir = run_folder.prepare(self.out_dir, resume=t.resume, overwrite=t.overwrite)
+        out_dir = dist.on_main("preparing the run folder", run_folder.prepare, self.out_dir, resume=t.resume,
+                              overwrite=t.overwrite)
         ckpt_root = out_dir / "checkpoints"
-        for stray in ckpt.remove_stray_temps(ckpt_root):
+        for stray in dist.on_main("cleaning the checkpoints folder", ckpt.remove_stray_temps, ckpt_root):
             self.echo(f"removed {stray.name}: the leftover of a save that was killed")
         resumable = _find_resumable(out_dir, ckpt_root, t.resume, resume_from_checkpoint, self.echo)
         start = 0
         if resumable is not None:
             changes = resume.check_compatible(ckpt.read_config(resumable.path), self.args.to_dict(), resumable.step)
             saved = ckpt.load_checkpoint(resumable.path, model=self.model, optimizer=self.optimizer,
-                                         scheduler=self.scheduler, stream=self.stream)
+                                         scheduler=self.scheduler, stream=self.stream, rank=dist.rank(),
+                                         world_size=dist.world_size(), echo=self.echo)
             self.state = TrainerState.from_dict(saved)
             self.state.max_steps = self.max_steps
             start = self._last_saved = self.state.global_step
             resume.apply_optimizer_settings(self.optimizer, self.scheduler, t)
-            dropped = resume.truncate_logs(out_dir, start)
+            dropped = dist.on_main("truncating the logs", resume.truncate_logs, out_dir, start)
             self.echo(f"resumed from {resumable.path} at step {start}"
                       + (f" (dropped {dropped} log rows of later steps that the checkpoint does not hold)"
                          if dropped else ""))
             _echo_all(self.echo, [f"applied on resume: {c}" for c in changes])
-        run_folder.write_config(out_dir, _yaml(self.args.to_dict()))  # only now: the setup is valid
+        dist.on_main("writing config.yaml", run_folder.write_config, out_dir,
+                     _yaml(self.args.to_dict()))  # only now: the setup is valid
         t_name = t.run_name or out_dir.resolve().name
-        self.reporter = make_trackers(t.report_to, out_dir, run_name=t_name, config=self.args.to_dict(),
-                                      append=resumable is not None, project=t.project,
-                                      purge_step=start + 1 if resumable is not None else None)
+        reporter = dist.on_main("opening the trackers", make_trackers, t.report_to, out_dir, run_name=t_name,
+                                config=self.args.to_dict(), append=resumable is not None, project=t.project,
+                                purge_step=start + 1 if resumable is not None else None)
+        self.reporter = reporter if dist.is_main() else _NoTrackers()  # rank 0 writes the run's metrics
         with StopRequests(self.echo) as stops:
             last_step, stop_reason = self._steps(start, stops)
+            self._stop_agreed(stops)  # a signal that reached one rank during the last step stops every rank
             self._save_adapter_and_checkpoint(last_step, took_steps=last_step > start or resumable is None)
             if stops.requested:
                 self.reporter.close(exit_code=stops.exit_code)
@@ -313,11 +350,12 @@ class GRPOTrainer:
         bar = _progress(t, start, self.max_steps)
         last_step, step_seconds, nonfinite_run = start, [], []
         for step in range(start, self.max_steps):
-            if stops.requested or self.state.should_stop:
+            if self._stop_agreed(stops):
                 break
             if t.time_budget_s and step_seconds:
                 # Stop early rather than overrun: the next step (the slowest so far) plus the final eval.
-                if time.perf_counter() - t_start + max(step_seconds) + eval_seconds > t.time_budget_s:
+                over = time.perf_counter() - t_start + max(step_seconds) + eval_seconds > t.time_budget_s
+                if dist.all_reduce_sum(int(over)):  # any rank over budget: every rank stops here
                     self.echo(f"time budget of {t.time_budget_s:.0f}s reached: stopping after {step} of "
                               f"{self.max_steps} steps")
                     break
@@ -358,7 +396,7 @@ class GRPOTrainer:
         t0 = time.perf_counter()
         self._phase = "sampling"
         batch = rollout.collect_rollout(self.model, self.tokenizer, self.generator, self.stream, self.rewards, cfg,
-                                        step, self.state)
+                                        step, self.state, tools=self.tools)
         _echo_all(self.echo, self.generator.take_notices())
         release_free_memory()  # the sampling phase's freed pages, before training needs memory
         t_sample = time.perf_counter() - t0
@@ -366,7 +404,9 @@ class GRPOTrainer:
         # scoring passes (old / ref log-probs, the step's entropies) and num_iterations updates;
         # also the sampler-vs-trainer log-prob metrics (sampling/*)
         self._phase = "training"  # its scoring passes included
-        loss_metrics = update_policy(policy_modules(self.model), self.optimizer, self.scheduler, self.params, batch,
+        # this rank's groups (one process: all), normalizers and gradients summed over ranks
+        loss_metrics = update_policy(policy_modules(self.model), self.optimizer, self.scheduler, self.params,
+                                     shard_rollout(batch, s.num_generations),
                                      cfg, self.state.loss_state, echo=self.echo,
                                      micro_batch_tokens=self.micro_batch_tokens)
         skipped = loss_metrics.pop("skipped_update")
@@ -383,7 +423,7 @@ class GRPOTrainer:
             "completion_tokens": batch.stats["completion_tokens"],  # generated this step
             "nonfinite_updates": skipped,
             "reward_errors": batch.stats["reward_errors"],
-            **{k: v for k, v in batch.stats.items() if k.startswith(("reward_errors/", "sampler/"))},
+            **{k: v for k, v in batch.stats.items() if k.startswith(("reward_errors/", "sampler/", "tools/"))},
             "dynamic_rounds": batch.stats["dynamic_rounds"],
             "zero_std_groups": batch.stats["zero_std_groups"],
             "learning_rate": self.scheduler.get_last_lr()[0],
@@ -412,6 +452,15 @@ class GRPOTrainer:
                 for i in range(min(t.log_completions, n_seq))])
         return metrics
 
+    def _stop_agreed(self, stops: StopRequests) -> bool:
+        """A stop asked on any rank (a signal, a callback) stops every rank before the same step."""
+        asked = dist.all_gather_object((stops.requested, stops.signum, bool(self.state.should_stop)))
+        for name, signum, should_stop in asked:
+            if name and not stops.requested:
+                stops.requested, stops.signum = name, signum
+            self.state.should_stop = self.state.should_stop or should_stop
+        return bool(stops.requested or self.state.should_stop)
+
     def _run_callbacks(self, metrics: dict) -> None:
         for cb in self.callbacks:
             hook = getattr(cb, "on_step_end", None) or cb
@@ -428,16 +477,18 @@ class GRPOTrainer:
                         max_tokens=cfg.eval.max_completion_length or cfg.sampling.max_completion_length,
                         num_generations=cfg.eval.num_generations, temperature=cfg.eval.temperature,
                         stop=cfg.sampling.stop, success_threshold=cfg.eval.success_threshold, seed=cfg.train.seed,
-                        trainer_state=self.state)
+                        trainer_state=self.state, tools=self.tools, data_cfg=cfg.data)
 
     # ---------------------------------------------------------------- saving and the end
 
     def _save_checkpoint(self, step: int) -> Path:
         _require_finite(self.params)
         self._last_saved = step
-        return ckpt.save_checkpoint(self.out_dir / "checkpoints", step, model=self.model, optimizer=self.optimizer,
-                                    scheduler=self.scheduler, stream=self.stream, trainer_state=self.state.to_dict(),
-                                    config=self.args.to_dict(), keep=self.args.train.save_total_limit)
+        rngs = dist.all_gather_object(ckpt.rng_state())  # each rank's, for an exact resume
+        return dist.on_main("saving a checkpoint", ckpt.save_checkpoint, self.out_dir / "checkpoints", step,
+                            model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, stream=self.stream,
+                            trainer_state=self.state.to_dict(), config=self.args.to_dict(),
+                            keep=self.args.train.save_total_limit, rank_rngs=rngs)
 
     def _save_adapter_and_checkpoint(self, last_step: int, took_steps: bool) -> None:
         """The adapter first, so that nothing after it can cost the user the run; then the
@@ -449,9 +500,11 @@ class GRPOTrainer:
     def _finish(self, last_step: int) -> RunResult:
         cfg, out_dir = self.args, self.out_dir
         if cfg.train.merge:
-            save_merged(cfg.model, out_dir / "adapter", out_dir / "merged")
+            dist.on_main("saving the merged model", save_merged, cfg.model, out_dir / "adapter", out_dir / "merged")
             self.echo(f"merged model saved to {out_dir / 'merged'}")
         after = self._evaluate()
+        if self.tools is not None:
+            self.tools.close()  # its threads and event loop: the final eval was their last use
         if after is not None:
             self.reporter.log(last_step, after.metrics)
             self._after = after.metrics
@@ -461,9 +514,10 @@ class GRPOTrainer:
             from grpo_fast.train.hub import push_to_hub
 
             repo = cfg.train.hub_model_id or out_dir.name
-            url = push_to_hub(out_dir / "adapter", repo, private=cfg.train.hub_private_repo)
+            url = dist.on_main("pushing to the hub", push_to_hub, out_dir / "adapter", repo,
+                               private=cfg.train.hub_private_repo)
             self.echo(f"adapter pushed to {url}")
-        plot_run(out_dir)
+        dist.on_main("plotting the run", plot_run, out_dir)
         self.echo(f"adapter saved to {out_dir / 'adapter'}")
         before = self.state.eval_before
         if after is not None:
@@ -478,6 +532,26 @@ class GRPOTrainer:
 
 
 # ---------------------------------------------------------------- helpers
+
+
+def _quiet(*_args, **_kwargs) -> None:
+    """The echo of ranks other than 0."""
+
+
+class _NoTrackers:
+    """The trackers of ranks other than 0 (rank 0 writes the run's metrics)."""
+
+    def log(self, step, metrics) -> None:
+        pass
+
+    def log_completions(self, step, rows) -> None:
+        pass
+
+    def take_notices(self) -> list[str]:
+        return []
+
+    def close(self, exit_code: int = 0) -> None:
+        pass
 
 
 def seed_everything(seed: int) -> None:

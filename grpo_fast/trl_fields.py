@@ -113,7 +113,6 @@ TRL_DEFAULTS = {
     'sync_ref_model': False,
     'ref_model_mixup_alpha': 0.6,
     'ref_model_sync_steps': 512,
-    'max_tool_calling_iterations': None,
     'log_multimodal': True,
     'log_unique_prompts': False,
     'log_completions_hub_repo': None,

@@ -563,3 +563,15 @@ def test_masked_targets_may_be_padding():
     args["mask"][:, -1] = 0
     loss, _ = reference_grpo_loss(**args, loss_type="grpo")
     assert torch.isfinite(loss)
+
+
+def test_step_threshold_keeps_the_quantile_set_with_a_margin_for_the_loss_pass():
+    """The trainer's threshold keeps exactly TRL's set (entropy >= the quantile) and sits midway in
+    the gap below it, so the median token recomputed a rounding lower in the loss pass stays kept."""
+    from grpo_fast.loss.objective import step_entropy_threshold
+
+    values = torch.tensor([1.0, 3.0, 9.0, 2.0, 7.0])  # median 3.0 is a token's own entropy
+    thr = step_entropy_threshold(values, 0.5)
+    assert thr.item() == pytest.approx(2.5)  # between 2.0 (dropped) and 3.0 (kept)
+    assert ((values >= thr) == (values >= torch.quantile(values, 0.5))).all()
+    assert step_entropy_threshold(torch.tensor([4.0, 4.0]), 0.5).item() == 4.0  # all kept: the quantile itself

@@ -110,7 +110,7 @@ def test_micro_batches_by_tokens_pack_groups_and_split_long_ones():
     assert micro_batches(batch, tokens=10**6) == [slice(0, 6)]
 
 
-@pytest.mark.parametrize("options", [{}, {"loss.beta": 0.05, "loss.top_entropy_quantile": 0.5}])
+@pytest.mark.parametrize("options", [{}, {"loss.beta": 0.05, "loss.top_entropy_quantile": 0.5}, {"loss.beta": 0.05}, {"loss.top_entropy_quantile": 0.5}])
 def test_micro_batches_by_tokens_give_the_whole_steps_gradient(tiny, options, monkeypatch):
     """train.micro_batch_tokens splits every pass (scoring and update) by packed tokens; the
     normalizers are the step's, so the gradient is the whole batch's for any budget."""

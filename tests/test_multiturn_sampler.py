@@ -51,7 +51,7 @@ def hf_reprefill_loop(model, prompt, replies, max_tokens):
     """The peer: every turn HF `generate` re-runs the whole conversation (prompt + all turns)."""
     completion, mask = [], []
     for k in range(len(replies) + 1):
-        ids = torch.tensor([prompt + completion])
+        ids = torch.tensor([prompt + completion], device=model.device)
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
                              max_new_tokens=max_tokens - len(completion), eos_token_id=[EOS, *STOPS],
                              pad_token_id=0)
@@ -68,9 +68,10 @@ def hf_reprefill_loop(model, prompt, replies, max_tokens):
     return completion, mask
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen3"])
-def test_greedy_multiturn_equals_hf_reprefill_loop(kind):
-    model = tiny_model(kind, seed=7)
+@pytest.mark.parametrize("kind,device", [("llama", "cpu"), ("qwen3", "cpu"),
+                                         pytest.param("llama", "cuda", marks=pytest.mark.gpu)])
+def test_greedy_multiturn_equals_hf_reprefill_loop(kind, device):
+    model = tiny_model(kind, seed=7).to(device)
     prompts = random_prompts((5, 9), seed=8)
     env = ScriptedEnvironment(REPLIES)
     sampler = Sampler(model, None, block_size=4, kv_budget="1024 tokens")
@@ -85,7 +86,8 @@ def test_greedy_multiturn_equals_hf_reprefill_loop(kind):
             env_tokens += comp.model_mask.count(0)
             sampled = [i for i, m in enumerate(comp.model_mask) if m]
             # next-token log-probs after every appended observation = a full forward's
-            full = hf_logprobs(model, prompt, comp.token_ids)
+            full = hf_logprobs(model.cpu(), prompt, comp.token_ids)
+            model.to(device)
             torch.testing.assert_close(torch.tensor(comp.logprobs)[sampled], full[sampled], atol=1e-4, rtol=0)
             assert all(comp.logprobs[i] == 0.0 for i, m in enumerate(comp.model_mask) if not m)
     assert env_tokens > 0, "the script never ran: no turn ended on a stop token"

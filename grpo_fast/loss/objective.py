@@ -298,11 +298,32 @@ def quantile(values: Tensor, q: float) -> Tensor:
 def entropy_threshold(entropy: Tensor, mask: Tensor, top_entropy_quantile: float) -> Tensor | None:
     """The high-entropy threshold: the (1 - ρ) quantile of the entropies of the tokens with mask
     != 0 (TRL's get_high_entropy_mask); None when there are none. Call it on the whole step's
-    entropies and pass the result as `entropy_threshold`, so micro-batches share it."""
+    entropies and pass the result as `entropy_threshold`, so micro-batches share it (the
+    trainer passes step_entropy_threshold's, see there)."""
     values = entropy.detach()[mask != 0].float()
     if values.numel() == 0:
         return None
     return quantile(values, 1.0 - top_entropy_quantile)
+
+
+def step_entropy_threshold(values: Tensor, top_entropy_quantile: float) -> Tensor | None:
+    """entropy_threshold for a threshold that another forward will apply: the same kept set
+    (values >= the quantile), with the threshold moved down to the middle of the gap below the
+    smallest kept value. values: [N] the step's entropies of the loss's tokens.
+
+    Why: the quantile is often one token's own entropy (the median of an odd count), and the loss
+    pass recomputes that entropy in another forward (other micro-batch shapes, other GEMM
+    blocking), a rounding away from the scoring pass's value: at the quantile itself that token
+    would be kept or dropped depending on how the step was split. Midway in the gap, only a true
+    tie at rounding level can still flip."""
+    q = entropy_threshold(values, torch.ones_like(values), top_entropy_quantile)
+    if q is None:
+        return None
+    below = values[values < q]
+    if below.numel() == 0:
+        return q  # every value is kept: nothing to separate from
+    smallest_kept = values[values >= q].min()
+    return (below.max() + smallest_kept) / 2
 
 
 def high_entropy_mask(entropy: Tensor, mask: Tensor, cfg: LossParams) -> Tensor | None:

@@ -6,7 +6,9 @@ A reward function has TRL's signature, called with keywords:
 
 `columns` holds every dataset column (e.g. `answer`) as a list aligned with the completions,
 plus `completion_lengths`, `finish_reasons` and `trainer_state`. With conversational prompts,
-`prompts` are message lists and each completion is [{"role": "assistant", "content": ...}].
+`prompts` are message lists and each completion is [{"role": "assistant", "content": ...}];
+multi-turn (tools), the whole conversation after the prompt: assistant and tool messages, and the
+`environments` column (each rollout's environment, or None).
 None means "abstain": the function has no opinion on that sample and it does not count in its
 reward (NaN in the matrix, handled by `compute_advantages`). `async def` functions are awaited
 concurrently.
@@ -19,10 +21,10 @@ from grpo_fast.rewards.builtin import (DEFAULT_FORMAT_PATTERN, DEFAULT_RUBRIC, a
                                        countdown_correct, extract_answer, make_format_reward, make_judge_reward,
                                        make_overlong_reward, math_equal, parse_number)
 from grpo_fast.rewards.calling import RewardError, RewardResult, RewardTimeout, compute_rewards
-from grpo_fast.rewards.registry import RewardSet, build_rewards, func_name, load_user_function
+from grpo_fast.rewards.registry import RewardSet, add_rewards, build_rewards, func_name, load_user_function
 from grpo_fast.rewards.shapes import as_completions, completion_text
 
 __all__ = ["DEFAULT_FORMAT_PATTERN", "DEFAULT_RUBRIC", "RewardError", "RewardResult", "RewardSet", "RewardTimeout",
-           "accuracy", "answer_span", "as_completions", "build_rewards", "completion_text", "compute_rewards",
+           "accuracy", "add_rewards", "answer_span", "as_completions", "build_rewards", "completion_text", "compute_rewards",
            "countdown_correct", "extract_answer", "func_name", "load_user_function", "make_format_reward",
            "make_judge_reward", "make_overlong_reward", "math_equal", "parse_number"]

@@ -133,6 +133,18 @@ def countdown_correct(completion: str, answer: str) -> float:
     return 1.0 if abs(value - target) < 1e-9 else 0.0
 
 
+def tool_use(completions, **_) -> list[float]:
+    """1.0 when the trajectory called a tool that answered (a "tool" message with status "ok":
+    not an error, timeout or parse-error observation), else 0.0: a shaping reward that teaches a
+    model to reach for its tools (a single-turn completion never has tool messages)."""
+    out = []
+    for c in completions:
+        messages = c if isinstance(c, (list, tuple)) else []
+        ok = any(isinstance(m, dict) and m.get("role") == "tool" and m.get("status", "ok") == "ok" for m in messages)
+        out.append(1.0 if ok else 0.0)
+    return out
+
+
 def accuracy(prompts, completions, answer, task=None, **_) -> list[float | None]:
     """1.0 when the completion's answer equals the reference, else 0.0; None when the row has no
     reference. A numeric reference ('42', '1,234', '3/4') is compared exactly with the number the

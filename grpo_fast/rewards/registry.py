@@ -12,10 +12,10 @@ from typing import Callable
 import torch
 
 from grpo_fast.errors import ConfigError
-from grpo_fast.rewards.builtin import accuracy, make_format_reward, make_judge_reward, make_overlong_reward
+from grpo_fast.rewards.builtin import accuracy, make_format_reward, make_judge_reward, make_overlong_reward, tool_use
 
 RewardFn = Callable[..., list]
-BUILTIN = ("accuracy", "format", "overlong", "judge")
+BUILTIN = ("accuracy", "format", "overlong", "judge", "tool_use")
 
 
 def load_user_function(spec: str) -> RewardFn:
@@ -61,6 +61,8 @@ def _builtin(name: str, cfg, max_completion_length: int) -> RewardFn:
         return accuracy
     if name == "format":
         return make_format_reward(cfg.format_pattern)
+    if name == "tool_use":
+        return tool_use
     if name == "overlong":
         return make_overlong_reward(max_completion_length, cfg.overlong_buffer, cfg.overlong_penalty)
     return make_judge_reward(cfg.judge_model, cfg.judge_rubric)
@@ -98,3 +100,16 @@ def build_rewards(cfg, max_completion_length: int, funcs: list | None = None) ->
     if len(weights) != len(fns):
         raise ConfigError(f"rewards.weights: has {len(weights)} values for {len(fns)} reward functions")
     return RewardSet(names, fns, weights, cfg.on_reward_error, cfg.timeout_s)
+
+
+def add_rewards(rs: RewardSet, funcs: list[RewardFn], weight: float = 1.0) -> None:
+    """Append reward functions the run brings itself (an environment's get_reward, named after its
+    class), each with `weight`; a name already taken is an error, as in build_rewards."""
+    for fn in funcs:
+        name = func_name(fn)
+        if name in rs.names:
+            raise ConfigError(f"reward_funcs: a reward function is already named {name!r}, the environment "
+                              f"{name}'s get_reward() reward would collide with it (rename one)")
+        rs.names.append(name)
+        rs.funcs.append(fn)
+        rs.weights.append(weight)

@@ -13,5 +13,8 @@ def as_completions(texts: list[str], prompts: list) -> list:
 def completion_text(completion) -> str:
     """The text of a completion in either shape."""
     if isinstance(completion, (list, tuple)):
-        return "".join(str(m.get("content", "")) for m in completion if isinstance(m, dict))
+        messages = [m for m in completion if isinstance(m, dict)]
+        # multi-turn: the model's own words (assistant turns), not the tool results it read
+        said = [m for m in messages if m.get("role", "assistant") == "assistant"] or messages
+        return "\n".join(str(m.get("content", "")) for m in said)
     return str(completion)

@@ -241,7 +241,7 @@ class Sampler:
                 raise RuntimeError(f"turn_handler failed for {where}: {type(exc).__name__}: {exc}") from exc
             tokens = environment_tokens(answer, self.runner.family.config.vocab_size, where)
             if tokens is None:
-                sched.finish(seq, reason)
+                sched.finish(seq, "length" if reason == "turn_length" else reason)
                 continue
             if seq.num_completion_tokens + len(tokens) >= params.max_tokens:
                 sched.finish(seq, "length")  # no room left for the model to answer the observation
@@ -281,6 +281,8 @@ class Sampler:
             return "stop"
         if seq.num_completion_tokens >= params.max_tokens:
             return "length"
+        if params.max_turn_tokens is not None and seq.num_completion_tokens - seq.turn_start >= params.max_turn_tokens:
+            return "turn_length" if self._turn_handler is not None else "length"
         return None
 
     def _hits_stop_string(self, completion: list[int], stop: tuple[str, ...]) -> bool:

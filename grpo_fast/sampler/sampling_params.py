@@ -15,6 +15,8 @@ class SamplingParams:
     it with "eos" unless ignore_eos). stop: strings that end a completion once its decoded text
     contains one (finish "stop"; tokens are kept up to the one that completed the string).
     seed: makes the whole call reproducible; None draws a base seed from torch's global RNG.
+    max_turn_tokens (multi-turn): a model turn that reaches this many tokens ends like a stop
+    (reason "turn_length", given to the turn handler; a trajectory that ends there is "length").
 
     The logged log-prob of each token is log softmax(logits / temperature) — the temperature-scaled
     full distribution, before top-k/top-p/min-p filtering (what the trainer recomputes). With
@@ -31,6 +33,7 @@ class SamplingParams:
     stop: tuple[str, ...] = field(default_factory=tuple)
     seed: int | None = None
     ignore_eos: bool = False
+    max_turn_tokens: int | None = None
 
     def __post_init__(self):
         # Accept lists (and a single string for `stop`) but store tuples: the dataclass is frozen/hashable.
@@ -51,5 +54,7 @@ class SamplingParams:
             raise ValueError(f"max_tokens must be an int >= 1, got {self.max_tokens!r}")
         if any(not s for s in stop):
             raise ValueError("stop must not contain empty strings")
+        if self.max_turn_tokens is not None and (not isinstance(self.max_turn_tokens, int) or self.max_turn_tokens < 1):
+            raise ValueError(f"max_turn_tokens must be an int >= 1 or None, got {self.max_turn_tokens!r}")
         if self.seed is not None and not isinstance(self.seed, int):
             raise ValueError(f"seed must be an int or None, got {self.seed!r}")

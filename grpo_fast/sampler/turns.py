@@ -1,7 +1,8 @@
 """Multi-turn sampling: what the sampler tells a turn handler when a model turn ends, and how it
 reads the answer.
 
-A turn ends when a sequence stops on EOS or a stop string / token (not on its length budget).
+A turn ends when a sequence stops on EOS, a stop string / token or SamplingParams.max_turn_tokens
+(not on its whole length budget, max_tokens).
 With a ``turn_handler`` the sampler calls ``handler(TurnEnd)``; the handler answers
 
 - ``None`` (or ``[]``): the trajectory is finished, with the turn's finish reason;
@@ -24,7 +25,7 @@ class TurnEnd:
     child_idx: int  # which of its G completions
     completion_token_ids: list[int]  # [C] everything after the prompt so far (all turns)
     turn_token_ids: list[int]  # the model tokens of the turn that just ended
-    finish_reason: str  # "eos" | "stop"
+    finish_reason: str  # "eos" | "stop" | "turn_length" (SamplingParams.max_turn_tokens)
     num_turns: int  # model turns so far, this one included
     tokens_left: int  # max_tokens - C: what the rest of the trajectory may still add
 

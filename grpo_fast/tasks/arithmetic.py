@@ -48,7 +48,9 @@ def make_splits(*, train_size: int, eval_size: int, seed: int, difficulty: str =
     random.Random(seed).shuffle(space)
     if eval_size >= len(space):
         raise ValueError(f"data.eval_size: {eval_size} leaves no training problems ({len(space)} in '{difficulty}')")
-    rows = [{"prompt": PROMPT.format(expr=e), "answer": str(v), "task": "arithmetic"} for e, v in space]
+    # `expression` lets a prompt_template show a tool call on it (examples/tool_calculator.yaml)
+    rows = [{"prompt": PROMPT.format(expr=e), "answer": str(v), "task": "arithmetic", "expression": e}
+            for e, v in space]
     eval_rows = rows[:eval_size]
     train_rows = rows[eval_size : eval_size + train_size]
     return train_rows, eval_rows

@@ -32,7 +32,9 @@ from grpo_fast.errors import ResumeError
 LATEST = "latest"
 MANIFEST = "manifest.json"
 _NAME = re.compile(r"^checkpoint-(\d+)(?:-r(\d+))?$")
-_REQUIRED = ("adapter/adapter_model.safetensors", "state.pt", "trainer_state.json")
+_REQUIRED = ("state.pt", "trainer_state.json")
+# the weights: a LoRA run's adapter, or (lora.enabled false) the whole model, in one file or sharded
+_WEIGHTS = ("adapter/adapter_model.safetensors", "adapter/model.safetensors", "adapter/model.safetensors.index.json")
 
 
 def rng_state() -> dict:
@@ -102,8 +104,11 @@ def remove_stray_temps(root: str | Path) -> list[Path]:
 
 
 def save_checkpoint(root: str | Path, step: int, *, model, optimizer, scheduler, stream, trainer_state: dict,
-                    config: dict | None = None, keep: int = 2) -> Path:
-    """Write checkpoint-<step> atomically and point `latest` at it; keep the newest `keep`."""
+                    config: dict | None = None, keep: int = 2, rank_rngs: list[dict] | None = None) -> Path:
+    """Write checkpoint-<step> atomically and point `latest` at it; keep the newest `keep`.
+    rank_rngs: every rank's RNG states in rank order (a data-parallel run; default: this
+    process's). The stream's position is global (every rank draws the same prompts), so it is
+    saved once."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"checkpoint-{step}"
@@ -113,7 +118,8 @@ def save_checkpoint(root: str | Path, step: int, *, model, optimizer, scheduler,
         torch.save({
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
-            "rng": rng_state(),
+            "rng": rng_state() if rank_rngs is None else rank_rngs[0],
+            "rank_rngs": [rng_state()] if rank_rngs is None else list(rank_rngs),
             "stream": stream.state_dict(),
         }, tmp / "state.pt")
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state}))
@@ -149,6 +155,8 @@ def checkpoints(root: str | Path) -> list[Path]:
 
 def verify(path: Path) -> str | None:
     """None when the checkpoint's files are all there and match its manifest, else what is wrong."""
+    if not any((path / rel).is_file() for rel in _WEIGHTS):
+        return f"{_WEIGHTS[0]} is missing"
     for rel in _REQUIRED:
         if not (path / rel).is_file():
             return f"{rel} is missing"
@@ -214,24 +222,56 @@ def read_config(path: Path) -> dict | None:
     return json.loads(f.read_text()) if f.is_file() else None
 
 
-def load_checkpoint(path: str | Path, *, model, optimizer, scheduler, stream) -> dict:
+def load_full_weights(model, folder: Path) -> None:
+    """A whole model's weights (save_pretrained of a full fine-tuning run: model.safetensors, or
+    shards with their index) into `model`; only tied weights may be absent from the files."""
+    from safetensors.torch import load_file
+
+    index = folder / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() \
+        else ["model.safetensors"]
+    state = {}
+    for name in files:
+        state.update(load_file(str(folder / name)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or ())
+    untied = [k for k in missing if k not in tied]
+    if unexpected or untied:
+        raise ValueError(f"weights that do not fit this model: missing {untied[:3]}, unexpected {unexpected[:3]}")
+
+
+def load_checkpoint(path: str | Path, *, model, optimizer, scheduler, stream, rank: int = 0, world_size: int = 1,
+                    echo=None) -> dict:
     """Restore everything saved by save_checkpoint; returns the trainer state (with `step`).
-    ResumeError naming the file when one cannot be loaded into this model / optimizer."""
+    ResumeError naming the file when one cannot be loaded into this model / optimizer.
+
+    Rank r restores rank r's RNG states. Under another world size than the checkpoint's, the
+    prompt stream (global) and the weights continue exactly; ranks the saved run did not have
+    keep their fresh per-rank seeds, so LoRA dropout masks (only they draw from these RNGs) differ
+    from an uninterrupted run's; echo says so."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
     path = Path(path)
     weights = path / "adapter" / "adapter_model.safetensors"
-    current = weights
+    current = weights if weights.is_file() else path / "adapter"
     try:
-        adapter = load_file(str(weights))
-        set_peft_model_state_dict(model, adapter)
+        if weights.is_file():
+            set_peft_model_state_dict(model, load_file(str(weights)))
+        else:
+            load_full_weights(model, path / "adapter")
         current = path / "state.pt"
         state = torch.load(current, weights_only=False)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         stream.load_state_dict(state["stream"])
-        set_rng_state(state["rng"])
+        rngs = state.get("rank_rngs", [state["rng"]])
+        if rank < len(rngs):
+            set_rng_state(rngs[rank])
+        if len(rngs) != world_size and echo is not None:
+            echo(f"resuming a {len(rngs)}-rank checkpoint with {world_size} ranks: the prompt stream and the weights "
+                 f"continue exactly (each step's groups are re-split across the ranks); per-rank RNG states "
+                 f"(LoRA dropout) do not carry over one to one")
         current = path / "trainer_state.json"
         return json.loads(current.read_text())
     except ResumeError:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from grpo_fast.data.prompts import messages_for
 from grpo_fast.rewards import RewardSet, as_completions, compute_rewards
 
 
@@ -50,8 +51,10 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 def evaluate(generator, tokenizer, encoded: list, rewards: RewardSet, *, max_tokens: int, num_generations: int = 1,
              temperature: float = 1.0, stop=None, success_threshold: float = 1.0, seed: int = 0, batch_size: int = 64,
-             num_samples: int = 3, trainer_state=None) -> EvalResult:
-    """Evaluate `encoded` prompts (EncodedPrompt list) with `rewards` (see the module docstring)."""
+             num_samples: int = 3, trainer_state=None, tools=None, data_cfg=None) -> EvalResult:
+    """Evaluate `encoded` prompts (EncodedPrompt list) with `rewards` (see the module docstring).
+    tools (a grpo_fast.rollout.ToolSetup, with data_cfg to render the rows): multi-turn, as in
+    training; reward functions then see whole conversations."""
     n = num_generations
     per_func: list[list[list[float]]] = [[] for _ in rewards.names]  # [F][prompt][scored completion]
     lengths: list[int] = []
@@ -59,8 +62,12 @@ def evaluate(generator, tokenizer, encoded: list, rewards: RewardSet, *, max_tok
     per_batch = max(1, batch_size // n)
     for start in range(0, len(encoded), per_batch):
         chunk = encoded[start:start + per_batch]
-        groups = generator.generate([e.ids for e in chunk], n=n, temperature=0.0 if n == 1 else temperature,
-                                    max_tokens=max_tokens, stop=stop, seed=seed + start)
+        trajectories = None if tools is None else tools.start([messages_for(e.row, data_cfg) for e in chunk],
+                                                              [e.row for e in chunk], n)
+        groups = generator.generate([e.ids for e in chunk] if trajectories is None else trajectories.prompt_ids, n=n,
+                                    temperature=0.0 if n == 1 else temperature, max_tokens=max_tokens,
+                                    stop=stop if tools is None else list(stop or []) + tools.stop_strings,
+                                    seed=seed + start, turn_handler=trajectories)
         prompts, texts, columns = [], [], {k: [] for e in chunk for k in e.row if k != "prompt"}
         comp_ids, reasons = [], []
         for e, g in zip(chunk, groups):
@@ -73,7 +80,11 @@ def evaluate(generator, tokenizer, encoded: list, rewards: RewardSet, *, max_tok
                 for k in columns:
                     columns[k].append(e.row.get(k))
         columns.update(completion_ids=comp_ids, completion_lengths=[len(c) for c in comp_ids], finish_reasons=reasons)
-        result = compute_rewards(rewards, prompts, as_completions(texts, prompts), columns, trainer_state=trainer_state)
+        completions = as_completions(texts, prompts)
+        if trajectories is not None:
+            completions = [[dict(m) for m in t.messages] for t in trajectories.flat()]
+            columns["environments"] = [t.environment.env if t.environment else None for t in trajectories.flat()]
+        result = compute_rewards(rewards, prompts, completions, columns, trainer_state=trainer_state)
         values = result.rewards.view(len(chunk), n, len(rewards.names))  # [P, n, F]
         for j in range(len(rewards.names)):
             for p in range(len(chunk)):

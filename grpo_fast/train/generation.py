@@ -58,16 +58,19 @@ class Generator:
 
     def generate(self, prompt_ids: list[list[int]], *, n: int, temperature: float, max_tokens: int,
                  top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, stop: list[str] | None = None,
-                 seed: int | None = None) -> list[GroupOutput]:
-        """n completions per prompt; temperature 0 = greedy."""
+                 seed: int | None = None, turn_handler=None, max_turn_tokens: int | None = None) -> list[GroupOutput]:
+        """n completions per prompt; temperature 0 = greedy. turn_handler: multi-turn (see
+        grpo_fast.sampler.turns): the sampler appends the environment's tokens to live sequences;
+        HF generate re-runs each conversation every turn (hf_generate_turns)."""
         if self.sampler is not None:
             params = SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
-                                    max_tokens=max_tokens, stop=tuple(stop or ()), seed=seed)
+                                    max_tokens=max_tokens, stop=tuple(stop or ()), seed=seed,
+                                    max_turn_tokens=max_turn_tokens)
             try:
-                out = self.sampler.generate(prompt_ids, params)
+                out = self.sampler.generate(prompt_ids, params, turn_handler=turn_handler)
             except Exception as exc:
-                if self.requested == "sampler":
-                    raise
+                if self.requested == "sampler" or turn_handler is not None:
+                    raise  # multi-turn: the handler's trajectories are half-run; a rerun would repeat their tools
                 # backend="auto": a sampler failure must not cost the user the run; say so once
                 # and continue on HF generate (same outputs contract, slower).
                 self._notice(f"sampling: the paged sampler failed ({type(exc).__name__}: {exc}); "
@@ -79,6 +82,10 @@ class Generator:
             finally:
                 if self.release_kv and self.sampler is not None:
                     self.sampler.release_kv_cache()
+        if turn_handler is not None:
+            return hf_generate_turns(self.model, self.tokenizer, prompt_ids, n=n, temperature=temperature,
+                                     max_tokens=max_tokens, top_p=top_p, top_k=top_k, min_p=min_p, stop=stop,
+                                     seed=seed, turn_handler=turn_handler, max_turn_tokens=max_turn_tokens)
         return hf_generate(self.model, self.tokenizer, prompt_ids, n=n, temperature=temperature,
                            max_tokens=max_tokens, top_p=top_p, top_k=top_k, min_p=min_p, stop=stop, seed=seed)
 
@@ -169,4 +176,67 @@ def hf_generate(model, tokenizer, prompt_ids: list[list[int]], *, n: int, temper
                 reason = "stop"
                 break
         groups[row // n].completions.append(Completion(toks, lps, reason))
+    return groups
+
+
+def hf_generate_turns(model, tokenizer, prompt_ids: list[list[int]], *, n: int, temperature: float, max_tokens: int,
+                      turn_handler, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
+                      stop: list[str] | None = None, seed: int | None = None,
+                      max_turn_tokens: int | None = None) -> list[GroupOutput]:
+    """Multi-turn on HF `generate`, the way engines without a live KV cache do it: every turn,
+    each unfinished conversation (prompt + all turns so far) is run again from its first token.
+    Same contract as the Sampler's multi-turn generate (TurnEnd to the handler, model_mask,
+    max_tokens bounding the whole trajectory, "turn_length" turns); the handler's futures are
+    awaited turn by turn. The fallback for models the sampler refuses, and the benchmark's peer."""
+    from grpo_fast.sampler.turns import TurnEnd, call_handler, environment_tokens
+
+    vocab = unwrap_causal_lm(model).config.vocab_size
+    rows = [{"group": g, "child": c, "ids": [], "mask": [], "lps": [], "turn_start": 0, "turns": 1, "reason": None}
+            for g in range(len(prompt_ids)) for c in range(n)]
+    live = list(rows)
+    turn_index = 0
+    while live:
+        room = max(max_tokens - len(r["ids"]) for r in live)
+        step_tokens = min(room, max_turn_tokens) if max_turn_tokens is not None else room
+        seqs = [list(prompt_ids[r["group"]]) + r["ids"] for r in live]
+        outs = hf_generate(model, tokenizer, seqs, n=1, temperature=temperature, max_tokens=step_tokens, top_p=top_p,
+                           top_k=top_k, min_p=min_p, stop=stop,
+                           seed=None if seed is None else seed + 7919 * turn_index)
+        turn_index += 1
+        waiting = []
+        for r, out in zip(live, outs):
+            comp = out.completions[0]
+            keep = min(len(comp.token_ids), max_tokens - len(r["ids"]))  # a row's own budget
+            reason = comp.finish_reason if keep == len(comp.token_ids) else "length"
+            r["ids"] += comp.token_ids[:keep]
+            r["lps"] += comp.logprobs[:keep]
+            r["mask"] += [1] * keep
+            if reason == "length" and len(r["ids"]) < max_tokens:
+                reason = "turn_length"  # the turn's cap, not the trajectory's
+            if reason == "length":
+                r["reason"] = "length"
+                continue
+            turn = TurnEnd(r["group"], r["child"], list(r["ids"]), r["ids"][r["turn_start"]:], reason, r["turns"],
+                           max_tokens - len(r["ids"]))
+            waiting.append((r, reason, call_handler(turn_handler, turn)))
+        live = []
+        for r, reason, future in waiting:
+            where = f"prompt {r['group']}, completion {r['child']}"
+            try:
+                answer = future.result()
+            except Exception as exc:
+                raise RuntimeError(f"turn_handler failed for {where}: {type(exc).__name__}: {exc}") from exc
+            tokens = environment_tokens(answer, vocab, where)
+            if tokens is None or len(r["ids"]) + len(tokens) >= max_tokens:
+                r["reason"] = "length" if tokens is not None or reason == "turn_length" else reason
+                continue
+            r["ids"] += tokens
+            r["lps"] += [0.0] * len(tokens)
+            r["mask"] += [0] * len(tokens)
+            r["turn_start"] = len(r["ids"])
+            r["turns"] += 1
+            live.append(r)
+    groups = [GroupOutput(list(p), []) for p in prompt_ids]
+    for r in rows:
+        groups[r["group"]].completions.append(Completion(r["ids"], r["lps"], r["reason"], r["mask"], r["turns"]))
     return groups

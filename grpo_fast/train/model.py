@@ -88,6 +88,18 @@ def load_base_model(cfg, device: torch.device | None = None, *, quantize: bool |
     return model
 
 
+def keep_4bit_layout(model) -> None:
+    """Keep bitsandbytes' NF4 weights in their one layout. On a CPU with AVX512-BF16, bnb (seen
+    with 0.49 and 0.50) repacks a Linear4bit's weight in place on its first eval-mode forward into
+    a CPU-only layout: that fails outright when in_features < 2 x blocksize ("shape '[32, 0]' is
+    invalid"), and it rewrites weight.data under the sampler, the trainer and the memory plan,
+    which read the standard layout. Whether it happens would depend on the machine; here it never
+    does."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
 def _detach_from_checkpoint_file(model) -> None:
     """Copy the unquantized tensors (embeddings, norms, LM head) of a 4-bit model off the
     checkpoint's memory map. They are views of it as loaded, which keeps the whole mapping alive,
@@ -113,13 +125,18 @@ def lora_targets(model) -> list[str]:
     return sorted(names)
 
 
-def load_policy(model_cfg, lora_cfg, *, seed: int = 0, model=None, peft_config=None, tokenizer=None, echo=None):
+def load_policy(model_cfg, lora_cfg, *, seed: int = 0, model=None, peft_config=None, tokenizer=None, echo=None,
+                keep_reference: bool = False):
     """The policy to train -> (peft model, tokenizer, device).
+
+    lora_cfg.enabled False (and no peft_config): full fine-tuning, the plain model with every
+    weight trainable; keep_reference (loss.beta > 0) then keeps a frozen copy of the starting
+    weights as the reference policy (`reference_policy`).
 
     model: None (load model_cfg's: a local folder, a GGUF file or the built-in default, 4-bit when
     asked) or an already loaded transformers causal LM, peft-wrapped (trained as it is) or not.
     An unwrapped model gets fresh LoRA adapters (seeded init) from peft_config (a peft
-    LoraConfig) or else lora_cfg; grpo-fast trains adapters only (echo says so when the user gave
+    LoraConfig) or else lora_cfg (echo says so when the user gave
     no peft_config). The gated MLPs run through grpo_fast.swiglu (leaner backward, same math).
     """
     from peft import LoraConfig as PeftLoraConfig
@@ -127,6 +144,10 @@ def load_policy(model_cfg, lora_cfg, *, seed: int = 0, model=None, peft_config=N
 
     from grpo_fast.swiglu import use_lean_swiglu
 
+    full = peft_config is None and not getattr(lora_cfg, "enabled", True)
+    if full and model_cfg.load_in_4bit:
+        raise ConfigError("lora.enabled: false trains every weight, which a 4-bit base cannot hold; set "
+                          "model.load_in_4bit to false (or train LoRA adapters)")
     if model is None:
         device = resolve_device(model_cfg)
         tokenizer = tokenizer or load_tokenizer(model_cfg)
@@ -141,17 +162,21 @@ def load_policy(model_cfg, lora_cfg, *, seed: int = 0, model=None, peft_config=N
                 model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
                 model.enable_input_require_grads()
             use_lean_swiglu(model.get_base_model())
+            keep_4bit_layout(model)
             return model, tokenizer, device
         base = model
         for p in base.parameters():
             p.requires_grad_(False)
-        if peft_config is None and echo is not None:
+        if peft_config is None and echo is not None and not full:
             echo(f"model: training LoRA adapters (r={lora_cfg.r}, alpha={lora_cfg.lora_alpha}, the lora section); "
-                 f"grpo-fast has no full fine-tuning, pass peft_config to choose the adapters")
+                 f"pass peft_config to choose the adapters, or lora.enabled=false to train every weight")
     use_lean_swiglu(base)  # same math; one [T, I] activation per layer fewer kept for the backward
+    keep_4bit_layout(base)
     if model_cfg.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.enable_input_require_grads()
+    if full:
+        return full_finetuning(base, keep_reference), tokenizer, device
     if peft_config is None:
         targets = lora_cfg.target_modules or lora_targets(base)
         peft_config = PeftLoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.lora_alpha, lora_dropout=lora_cfg.lora_dropout,
@@ -160,6 +185,16 @@ def load_policy(model_cfg, lora_cfg, *, seed: int = 0, model=None, peft_config=N
         torch.manual_seed(seed)
         policy = get_peft_model(base, peft_config)
     return policy, tokenizer, device
+
+
+def full_finetuning(model, keep_reference: bool):
+    """Every weight of `model` trainable; with keep_reference a frozen copy of the starting weights
+    rides along (`model._grpo_reference`, in model.parameters() order) for the reference policy."""
+    for p in model.parameters():
+        p.requires_grad_(True)
+    if keep_reference:
+        model._grpo_reference = [p.detach().clone() for p in model.parameters()]
+    return model
 
 
 def _tokenizer_of(model):
@@ -191,8 +226,23 @@ def policy_modules(model) -> PolicyModules:
 
 @contextlib.contextmanager
 def reference_policy(model):
-    """The reference policy: the same modules with LoRA switched off. A model without adapters
-    has no reference to switch to (its KL would be 0 by construction): ConfigError."""
+    """The reference policy: the same modules with LoRA switched off, or (full fine-tuning) with
+    the frozen starting weights swapped in for the duration (tensor storages exchanged, no copy).
+    A model without either has no reference to switch to (its KL would be 0 by construction):
+    ConfigError."""
+    frozen = getattr(model, "_grpo_reference", None)
+    if frozen is not None:
+        params = list(model.parameters())
+        with torch.no_grad():
+            for p, r in zip(params, frozen):
+                p.data, r.data = r.data, p.data
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                for p, r in zip(params, frozen):
+                    p.data, r.data = r.data, p.data
+        return
     if not hasattr(model, "disable_adapter") or not getattr(model, "peft_config", None):
         raise ConfigError(f"loss.beta > 0 needs a reference policy, which grpo-fast takes as the model with its LoRA "
                           f"adapters disabled; this {type(model).__name__} has no adapters (so the KL would be 0). "

@@ -19,7 +19,7 @@ from grpo_fast.errors import ResumeError
 
 # section.field, or section.* for a whole section
 IDENTITY = ("model.name_or_path", "model.gguf_file", "model.dtype", "model.load_in_4bit", "lora.r",
-            "lora.lora_alpha", "lora.target_modules", "data.*", "train.seed")
+            "lora.lora_alpha", "lora.target_modules", "lora.enabled", "data.*", "train.seed")
 # Run-control flags: never "changed options" (they say how this invocation starts).
 _CONTROL = ("train.resume", "train.overwrite")
 

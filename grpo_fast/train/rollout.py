@@ -11,8 +11,13 @@ from __future__ import annotations
 
 import torch
 
+from grpo_fast.distributed import rank_seed
+from grpo_fast.data.prompts import EncodedPrompt, messages_for
+from grpo_fast.errors import DataError
 from grpo_fast.loss import compute_advantages, informative_groups
+from grpo_fast.rollout.agent_loop import tool_metrics
 from grpo_fast.rewards import as_completions, compute_rewards
+from grpo_fast.train.data_parallel import sample_share
 from grpo_fast.train.rollout_batch import Rollout, make_batch
 
 
@@ -22,8 +27,10 @@ def step_seed(seed: int, step: int, round_: int) -> int:
     return (seed * 1_000_003 + step * 7919 + round_ * 104_729) % (2**31 - 1)
 
 
-def collect_rollout(model, tokenizer, generator, stream, rewards, cfg, step: int, trainer_state=None) -> Rollout:
-    """Sample, score and compute advantages for one step (see the module docstring)."""
+def collect_rollout(model, tokenizer, generator, stream, rewards, cfg, step: int, trainer_state=None,
+                    tools=None) -> Rollout:
+    """Sample, score and compute advantages for one step (see the module docstring). tools: the
+    run's grpo_fast.rollout.ToolSetup (multi-turn: see sample_with_tools), or None."""
     t, s, G = cfg.train, cfg.sampling, cfg.sampling.num_generations
     kept: list[dict] = []
     dropped: list[dict] = []
@@ -33,10 +40,17 @@ def collect_rollout(model, tokenizer, generator, stream, rewards, cfg, step: int
         if need <= 0:
             break
         prompts = stream.take(t.prompts_per_step if round_ == 0 else need)
-        groups = generator.generate([p.ids for p in prompts], n=G, temperature=s.temperature,
-                                    max_tokens=s.max_completion_length, top_p=s.top_p, top_k=s.top_k,
-                                    min_p=s.min_p, stop=s.stop, seed=step_seed(t.seed, step, round_))
-        scored = score_groups(prompts, groups, tokenizer, rewards, stats, trainer_state)
+
+        def sample(prompts, stats, round_=round_):  # on this rank's share of the groups (data_parallel.py)
+            if tools is not None:
+                return sample_with_tools(prompts, generator, tools, tokenizer, rewards, stats, cfg,
+                                         rank_seed(step_seed(t.seed, step, round_)), trainer_state)
+            groups = generator.generate([p.ids for p in prompts], n=G, temperature=s.temperature,
+                                        max_tokens=s.max_completion_length, top_p=s.top_p, top_k=s.top_k,
+                                        min_p=s.min_p, stop=s.stop, seed=rank_seed(step_seed(t.seed, step, round_)))
+            return score_groups(prompts, groups, tokenizer, rewards, stats, trainer_state)
+
+        scored = sample_share(prompts, sample, stats)  # every rank's groups, in prompt order
         stats["dynamic_rounds"] = round_
         signal = informative_groups(torch.cat([g["rewards"] for g in scored], 0), G, rewards.weight_tensor,
                                     cfg.loss.multi_objective_aggregation).tolist()  # [groups]
@@ -51,7 +65,7 @@ def collect_rollout(model, tokenizer, generator, stream, rewards, cfg, step: int
     reasons = [r for g in kept for r in g["finish_reasons"]]
     keep = [r != "length" for r in reasons] if cfg.loss.mask_truncated_completions else None
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    batch = make_batch(prompt_ids, completion_ids, pad, keep)
+    batch = make_batch(prompt_ids, completion_ids, pad, keep, [m for g in kept for m in g["model_masks"]])
     reward_matrix = torch.cat([g["rewards"] for g in kept], 0)  # [N, F]
     advantages = compute_advantages(reward_matrix, G, scale_rewards=cfg.loss.scale_rewards,
                                     reward_weights=rewards.weight_tensor,
@@ -62,6 +76,8 @@ def collect_rollout(model, tokenizer, generator, stream, rewards, cfg, step: int
     stats["prompt_tokens"] = sum(len(p) for p in prompt_ids)
     if generator.last_stats:
         stats["sampler/decode_tokens_per_s"] = generator.last_stats.get("decode_tokens_per_s", 0.0)
+    if tools is not None:
+        stats.update(tool_metrics([g["tools"] for g in kept], [n for g in kept for n in g["num_turns"]]))
     device = next(model.parameters()).device
     sampled = sampling_logprobs([lp for g in kept for lp in g["logprobs"]], batch.targets.shape[1])
     return Rollout(batch.to(device), advantages.to(device), reward_matrix,
@@ -79,10 +95,34 @@ def sampling_logprobs(per_completion: list, width: int) -> torch.Tensor:
     return out
 
 
-def score_groups(prompts, groups, tokenizer, rewards, stats, trainer_state=None) -> list[dict]:
+def sample_with_tools(prompts, generator, tools, tokenizer, rewards, stats, cfg, seed, trainer_state=None):
+    """Multi-turn: each row's prompt rendered with the tools' schemas (and its environment's reset
+    text), sampled with the rollout as turn handler (the sampler pauses at the parser's stop
+    strings, the tools run, their results are appended), then scored on whole trajectories."""
+    s, G = cfg.sampling, cfg.sampling.num_generations
+    conversations = [messages_for(p.row, cfg.data) for p in prompts]
+    trajectories = tools.start(conversations, [p.row for p in prompts], G)
+    rendered = [EncodedPrompt(ids, p.row) for ids, p in zip(trajectories.prompt_ids, prompts)]
+    too_long = [i for i, ids in enumerate(trajectories.prompt_ids) if len(ids) > s.max_prompt_length]
+    if too_long:
+        i = too_long[0]
+        raise DataError(f"sampling.max_prompt_length: prompt {i} with the tools' descriptions has "
+                        f"{len(trajectories.prompt_ids[i])} tokens > {s.max_prompt_length}; raise the limit")
+    groups = generator.generate(trajectories.prompt_ids, n=G, temperature=s.temperature,
+                                max_tokens=s.max_completion_length, top_p=s.top_p, top_k=s.top_k, min_p=s.min_p,
+                                stop=list(s.stop or []) + tools.stop_strings, seed=seed, turn_handler=trajectories)
+    scored = score_groups(rendered, groups, tokenizer, rewards, stats, trainer_state, trajectories.flat())
+    for i, g in enumerate(scored):
+        g["tools"] = trajectories.group_counts(i)
+    return scored
+
+
+def score_groups(prompts, groups, tokenizer, rewards, stats, trainer_state=None, trajectories=None) -> list[dict]:
     """Decode the completions of every group and run the reward functions on them (one call
     per function for the whole round), in TRL's shapes: a conversational prompt's completions
-    are assistant messages."""
+    are assistant messages. Multi-turn (trajectories [N], grpo_fast.rollout): a completion is the
+    whole conversation after the prompt, assistant and tool messages, and reward functions also
+    get the `environments` column (each trajectory's environment instance, or None; as TRL)."""
     G = len(groups[0].completions)
     texts, comp_ids, reasons, prompt_rows, logprobs = [], [], [], [], []
     columns: dict[str, list] = {k: [] for p in prompts for k in p.row if k != "prompt"}
@@ -96,8 +136,11 @@ def score_groups(prompts, groups, tokenizer, rewards, stats, trainer_state=None)
             for k in columns:
                 columns[k].append(p.row.get(k))
     columns.update(completion_ids=comp_ids, completion_lengths=[len(c) for c in comp_ids], finish_reasons=reasons)
-    result = compute_rewards(rewards, prompt_rows, as_completions(texts, prompt_rows), columns,
-                             trainer_state=trainer_state)
+    completions = as_completions(texts, prompt_rows)
+    if trajectories is not None:
+        completions = [[dict(m) for m in t.messages] for t in trajectories]
+        columns["environments"] = [t.environment.env if t.environment else None for t in trajectories]
+    result = compute_rewards(rewards, prompt_rows, completions, columns, trainer_state=trainer_state)
     stats["reward_errors"] += sum(result.errors.values())
     for name, count in result.errors.items():
         stats[f"reward_errors/{name}"] = stats.get(f"reward_errors/{name}", 0) + count
@@ -107,7 +150,9 @@ def score_groups(prompts, groups, tokenizer, rewards, stats, trainer_state=None)
         rows = slice(i * G, (i + 1) * G)
         out.append({"prompt": p.row["prompt"], "prompt_ids": p.ids, "completion_ids": comp_ids[rows],
                     "texts": texts[rows], "finish_reasons": reasons[rows], "rewards": result.rewards[rows],
-                    "total": total[rows], "logprobs": logprobs[rows]})
+                    "total": total[rows], "logprobs": logprobs[rows],
+                    "model_masks": [c.model_mask for c in groups[i].completions],
+                    "num_turns": [c.num_turns for c in groups[i].completions]})
     return out
 
 

@@ -6,6 +6,10 @@ state at position P - 1 + t predicts completion token t for every row:
 
     input_ids      [N, P + C]
     targets, mask  [N, C]      completion tokens, 1 on real completion tokens
+
+A multi-turn completion is segments of model and environment tokens: the environment's (tool
+results, the next assistant header) stay in input_ids, so later model tokens attend to them, but
+carry mask 0, so they are out of the loss, the entropy, the KL and every normalizer.
 """
 
 from __future__ import annotations
@@ -37,9 +41,10 @@ class SequenceBatch:
 
 
 def make_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: int,
-               keep: list[bool] | None = None) -> SequenceBatch:
+               keep: list[bool] | None = None, model_masks: list[list[int] | None] | None = None) -> SequenceBatch:
     """Pack N (prompt, completion) pairs. keep[i] = False zeroes row i's loss mask
-    (mask_truncated_completions)."""
+    (mask_truncated_completions). model_masks[i] (multi-turn): 1 on the tokens the model sampled,
+    0 on the environment's; None = all sampled."""
     n = len(prompts)
     P = max(len(p) for p in prompts)
     C = max(1, max(len(c) for c in completions))
@@ -52,7 +57,13 @@ def make_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: i
         if c:
             ids[i, P:P + len(c)] = torch.tensor(c, dtype=torch.long)
             if keep is None or keep[i]:
-                mask[i, :len(c)] = 1.0
+                sampled = None if model_masks is None else model_masks[i]
+                if sampled is None:
+                    mask[i, :len(c)] = 1.0
+                else:
+                    if len(sampled) != len(c):
+                        raise ValueError(f"model_masks[{i}] has {len(sampled)} entries for {len(c)} completion tokens")
+                    mask[i, :len(c)] = torch.tensor(sampled, dtype=torch.float32)
     # Positions count real tokens only, so a left-padded prompt sees the positions it was sampled at.
     pos = (attn.cumsum(1) - 1).clamp(min=0)
     return SequenceBatch(ids, attn, pos, ids[:, P:].clone(), mask, P)

@@ -19,6 +19,14 @@ class TrainerState:
     loss_state: dict = field(default_factory=dict)  # the loss's state across steps (grpo_fast.train.update)
     should_stop: bool = False  # a callback sets it to end the run after the current step (not saved)
 
+    @property
+    def is_world_process_zero(self) -> bool:
+        """TRL's name: True on rank 0 (the one that writes files) and in a one-process run; a
+        callback that writes should check it, as callbacks run on every rank."""
+        from grpo_fast import distributed
+
+        return distributed.is_main()
+
     def to_dict(self) -> dict:
         out = asdict(self)
         out.pop("should_stop")

@@ -17,8 +17,10 @@ import time
 
 import torch
 
+from grpo_fast import distributed as dist
 from grpo_fast.loss.entropy_control import EntropyControl
-from grpo_fast.loss.objective import entropy_threshold
+from grpo_fast.loss.objective import step_entropy_threshold
+from grpo_fast.train.data_parallel import gather_values
 from grpo_fast.train.memory import release_free_memory
 from grpo_fast.train.micro_batches import micro_batches
 from grpo_fast.train.model import PolicyModules
@@ -39,8 +41,8 @@ def update_policy(policy: PolicyModules, optimizer, scheduler, params, rollout: 
     count over the iterations). `loss_state` is read and updated in place. micro_batch_tokens (a
     number: the trainer resolves `auto`) splits the step by packed tokens instead of by count."""
     lc, s, t = cfg.loss, cfg.sampling, cfg.train
-    batch = rollout.batch
-    n_tok, n_seq = float(batch.mask.sum()), len(batch)
+    batch = rollout.batch  # this rank's rows; the normalizers count every rank's (one process: the same)
+    n_tok, n_seq = dist.all_reduce_sum(float(batch.mask.sum())), dist.all_reduce_sum(len(batch))
     control = EntropyControl.from_config(lc)
     control.load_state_dict(loss_state.get("entropy_control", {}))
     source = loss_state.get("old_logprobs", lc.old_logprobs)  # "sampler" falls back to "rescore" for good
@@ -50,18 +52,22 @@ def update_policy(policy: PolicyModules, optimizer, scheduler, params, rollout: 
 
     old = entropies = None
     t0 = time.perf_counter()
-    if (iterations > 1 and source == "rescore") or high_entropy:
-        scored = score_logprobs(policy, batch, temperature=s.temperature, cuts=cuts, return_entropy=high_entropy)
-        old, entropies = scored if high_entropy else (scored, None)
-        if iterations == 1:
-            old = None  # on-policy: the update's own log-probs are exactly these
-    t_old = time.perf_counter() - t0
-    ref = score_logprobs(policy, batch, temperature=s.temperature, reference=True, cuts=cuts) if lc.beta > 0 else None
+    with dist.fail_together("scoring old / reference log-probs"):  # an OOM on one rank ends every rank
+        if (iterations > 1 and source == "rescore") or high_entropy:
+            scored = score_logprobs(policy, batch, temperature=s.temperature, cuts=cuts, return_entropy=high_entropy)
+            old, entropies = scored if high_entropy else (scored, None)
+            if iterations == 1:
+                old = None  # on-policy: the update's own log-probs are exactly these
+        t_old = time.perf_counter() - t0
+        ref = (score_logprobs(policy, batch, temperature=s.temperature, reference=True, cuts=cuts)
+               if lc.beta > 0 else None)
 
     threshold, n_kept = None, n_tok
     if high_entropy:
-        threshold = entropy_threshold(entropies, batch.mask, lc.top_entropy_quantile)
-        n_kept = float(((entropies >= threshold) & (batch.mask != 0)).sum()) if threshold is not None else 0.0
+        # the quantile of every rank's masked entropies (gathered exactly, not approximated)
+        everyone = gather_values(entropies.detach()[batch.mask != 0].float())  # [Σ_ranks tokens]
+        threshold = step_entropy_threshold(everyone, lc.top_entropy_quantile)
+        n_kept = float((everyone >= threshold).sum()) if threshold is not None else 0.0
     from_sampler = iterations > 1 and old is None
     skipped = 0
     for it in range(iterations):
@@ -105,19 +111,26 @@ def optimizer_update(policy: PolicyModules, optimizer, scheduler, params, rollou
     sampling = rollout.sampling_logprobs
     parts = []
     total_loss = 0.0
-    for rows in cuts or micro_batches(rollout.batch, t.micro_batch_size):
-        part = rollout.batch.select(rows)
-        loss, metrics = policy_loss(
-            policy, part, rollout.advantages[rows], None if old is None else old[rows],
-            None if ref is None else ref[rows], loss_cfg=lc, temperature=cfg.sampling.temperature,
-            max_completion_length=cfg.sampling.max_completion_length, num_items_in_batch=num_items,
-            num_sequences_in_batch=num_seqs, entropy_threshold=entropy_threshold,
-            num_entropy_items_in_batch=num_entropy_items, entropy_coef=entropy_coef,
-            sampling_logprobs=None if sampling is None else sampling[rows])
-        loss.backward()
-        release_free_memory()  # this micro-batch's activations, so the next one starts from the live set
-        total_loss += float(loss.detach())
-        parts.append({k: float(v) for k, v in metrics.items()})
+    with dist.fail_together("computing its loss and gradient"):  # an OOM on one rank ends every rank
+        for rows in cuts or micro_batches(rollout.batch, t.micro_batch_size):
+            part = rollout.batch.select(rows)
+            loss, metrics = policy_loss(
+                policy, part, rollout.advantages[rows], None if old is None else old[rows],
+                None if ref is None else ref[rows], loss_cfg=lc, temperature=cfg.sampling.temperature,
+                max_completion_length=cfg.sampling.max_completion_length, num_items_in_batch=num_items,
+                num_sequences_in_batch=num_seqs, entropy_threshold=entropy_threshold,
+                num_entropy_items_in_batch=num_entropy_items, entropy_coef=entropy_coef,
+                sampling_logprobs=None if sampling is None else sampling[rows])
+            loss.backward()
+            release_free_memory()  # this micro-batch's activations, so the next one starts from the live set
+            total_loss += float(loss.detach())
+            parts.append({k: float(v) for k, v in metrics.items()})
+    # Σ over ranks: each rank's loss and gradient are its rows' share of the whole-batch ones (the
+    # normalizers are global), so the sums are one process's; every rank then sees the same
+    # gradient, norm and finiteness, and takes the same step (or skips it together).
+    dist.all_reduce_grads(params)
+    total_loss = dist.all_reduce_sum(total_loss)
+    parts = [p for rank_parts in dist.all_gather_object(parts) for p in rank_parts]
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else float("inf")))
     finite = math.isfinite(total_loss) and math.isfinite(grad_norm)
     if finite:

@@ -1,0 +1,212 @@
+"""One rank of the data-parallel tests (tests/test_distributed.py launches it as torchrun would:
+RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT in the environment; gloo, one thread).
+Also imported by the test itself for the one-process reference (the same functions, world 1).
+
+    python dist_worker.py grads MODEL_DIR OUT.pt      every case of CASES: the step's gradient
+    python dist_worker.py resume MODEL_DIR OUT_DIR    3 steps; 2 steps + resume to 3
+    python dist_worker.py reward_error MODEL_DIR OUT_DIR
+    python dist_worker.py oom MODEL_DIR OUT_DIR
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+torch.set_num_threads(1)
+
+from grpo_fast.loss.options import LOSS_TYPE_NAMES  # noqa: E402
+from grpo_fast.sampler import Completion, GroupOutput  # noqa: E402
+
+G, B, C = 3, 4, 5  # completions per prompt, prompts per step, max completion length
+
+# Every loss type, and every option whose statistics span the batch.
+CASES = {lt: {"loss.loss_type": lt} for lt in LOSS_TYPE_NAMES}
+CASES.update({
+    "scale_rewards_batch": {"loss.loss_type": "grpo", "loss.scale_rewards": "batch"},
+    "gdpo": {"loss.multi_objective_aggregation": "normalize_then_sum"},
+    "beta_and_two_iterations": {"loss.beta": 0.04, "loss.num_iterations": 2},
+    "top_entropy_quantile": {"loss.top_entropy_quantile": 0.5, "loss.entropy_coef": 0.01},
+    "dynamic_sampling": {"train.dynamic_sampling": True, "train.max_dynamic_rounds": 2},
+    "micro_batches": {"train.micro_batch_size": 2, "loss.loss_type": "grpo"},
+})
+
+
+class FakeGenerator:
+    """Completions that depend on the prompt only (not on the seed nor on the other prompts of
+    the call): a one-rank and a two-rank step then train on exactly the same completions."""
+
+    last_stats: dict = {}
+
+    def generate(self, prompt_ids, *, n, max_tokens, **_):
+        out = []
+        for p in prompt_ids:
+            h = sum(p)
+            completions = []
+            for c in range(n):
+                length = 1 + (h + 3 * c) % max_tokens
+                toks = [2 + (h * 7 + c * 13 + k * 5) % 90 for k in range(length)]
+                reason = "length" if length == max_tokens else "eos"
+                if reason == "eos":
+                    toks[-1] = 1  # <eos>
+                completions.append(Completion(toks, [-1.5 - 0.1 * k for k in range(length)], reason))
+            out.append(GroupOutput(list(p), completions))
+        return out
+
+
+def parity(prompts, completions, completion_ids, **_):
+    """0 / 1 on the first token, + a length term; constant within the groups of odd-length
+    prompts (dynamic sampling drops those)."""
+    return [float(ids[0] % 3 == 0) + 0.1 * len(ids) if len(p) % 2 == 0 else 1.0
+            for p, ids in zip(prompts, completion_ids)]
+
+
+def length_bonus(completion_ids, **_):
+    return [float(len(ids) % 2) for ids in completion_ids]
+
+
+def prompt_rows(n=12):
+    return [{"prompt": f"What is {i} + {i % 4}?" + "!" * (i % 3), "answer": str(i + i % 4)} for i in range(n)]
+
+
+def step_grads(model_dir: str) -> dict[str, list[torch.Tensor]]:
+    """The gradient of one step of every case (this process's share under torchrun, then summed
+    over ranks by the step itself): {case: [grad of each trainable parameter]}."""
+    from grpo_fast import distributed as dist
+    from grpo_fast.config import load_config
+    from grpo_fast.data import PromptStream, encode_prompts
+    from grpo_fast.rewards import build_rewards
+    from grpo_fast.train.data_parallel import shard_rollout
+    from grpo_fast.train.model import load_policy, policy_modules, trainable_parameters
+    from grpo_fast.train.rollout import collect_rollout
+    from grpo_fast.train.update import update_policy
+
+    dist.init(60)
+    base = {"model.name_or_path": model_dir, "lora.r": 4, "lora.lora_alpha": 8, "lora.lora_dropout": 0.0,
+            "train.prompts_per_step": B, "sampling.num_generations": G, "sampling.max_completion_length": C,
+            "train.max_grad_norm": 0.0, "train.seed": 3}
+    cfg0 = load_config(None, base)
+    torch.manual_seed(0)
+    model, tok, _ = load_policy(cfg0.model, cfg0.lora, seed=0)
+    params = trainable_parameters(model)
+    with torch.no_grad():  # LoRA B starts at 0: give it values so every gradient is non-trivial
+        for p in params:
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    out = {}
+    for name, case in CASES.items():
+        cfg = load_config(None, {**base, **case})
+        encoded, _ = encode_prompts(prompt_rows(), tok, cfg.data, 64, "train")
+        rewards = build_rewards(cfg.rewards, C, funcs=[parity, length_bonus])
+        rollout = collect_rollout(model, tok, FakeGenerator(), PromptStream(encoded, 3), rewards, cfg, step=0)
+        rec = _Recorder(params)
+        update_policy(policy_modules(model), rec, _NoSchedule(), params, shard_rollout(rollout, G), cfg, {},
+                      echo=lambda *_: None)
+        out[name] = rec.grads
+    # full fine-tuning (no adapters): every weight's gradient, the reference a frozen copy
+    cfg = load_config(None, {**base, "lora.enabled": False, "loss.beta": 0.04, "loss.num_iterations": 2})
+    model, tok, _ = load_policy(cfg.model, cfg.lora, seed=0, keep_reference=True)
+    params = trainable_parameters(model)
+    with torch.no_grad():  # move off the reference, so that the KL term has a gradient
+        for p in params:
+            p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    encoded, _ = encode_prompts(prompt_rows(), tok, cfg.data, 64, "train")
+    rewards = build_rewards(cfg.rewards, C, funcs=[parity, length_bonus])
+    rollout = collect_rollout(model, tok, FakeGenerator(), PromptStream(encoded, 3), rewards, cfg, step=0)
+    rec = _Recorder(params)
+    update_policy(policy_modules(model), rec, _NoSchedule(), params, shard_rollout(rollout, G), cfg, {},
+                  echo=lambda *_: None)
+    out["full_finetuning"] = rec.grads
+    return out
+
+
+class _Recorder:
+    """An optimizer that keeps the gradient it is asked to apply (and changes nothing)."""
+
+    def __init__(self, params):
+        self.params, self.grads = params, None
+
+    def step(self):
+        self.grads = [p.grad.detach().clone() for p in self.params]
+
+    def zero_grad(self, set_to_none=True):
+        for p in self.params:
+            p.grad = None
+
+
+class _NoSchedule:
+    def step(self):
+        pass
+
+
+def trainer_args(out_dir, **extra):
+    from grpo_fast import GRPOConfig
+
+    fields = {"output_dir": str(out_dir), "max_steps": 3, "learning_rate": 5e-3, "lr_scheduler_type": "constant",
+              "seed": 1, "report_to": "none", "disable_tqdm": True, "logging_steps": 1,
+              "train.prompts_per_step": 4, "sampling.num_generations": 3, "sampling.max_completion_length": 6,
+              "sampling.backend": "hf", "lora.r": 4, "lora.lora_alpha": 8, "lora.lora_dropout": 0.1,
+              "eval_before": False, "data.eval_size": 0}
+    return GRPOConfig(**{**fields, **extra})
+
+
+def run_resume(model_dir, out_dir):
+    """An uninterrupted 3-step run (a/) and a 2-step run resumed to step 3 (b/); LoRA dropout is on
+    so that each rank's restored RNG matters."""
+    from grpo_fast import GRPOTrainer
+
+    rows = prompt_rows(16)
+    GRPOTrainer(model=model_dir, reward_funcs=[parity], args=trainer_args(f"{out_dir}/a"), train_dataset=rows).train()
+    GRPOTrainer(model=model_dir, reward_funcs=[parity], args=trainer_args(f"{out_dir}/b", max_steps=2),
+                train_dataset=rows).train()
+    GRPOTrainer(model=model_dir, reward_funcs=[parity], args=trainer_args(f"{out_dir}/b"),
+                train_dataset=rows).train(resume_from_checkpoint=True)
+
+
+def failing_on_rank_1(completions, **_):
+    if os.environ.get("RANK") == "1":
+        raise ValueError("reward server unreachable from rank 1")
+    return [1.0] * len(completions)
+
+
+def run_reward_error(model_dir, out_dir):
+    from grpo_fast import GRPOTrainer
+
+    GRPOTrainer(model=model_dir, reward_funcs=[failing_on_rank_1], args=trainer_args(out_dir),
+                train_dataset=prompt_rows(8)).train()
+
+
+def run_oom(model_dir, out_dir):
+    """Rank 1 runs out of memory in its backward pass: both ranks must stop with that error."""
+    from grpo_fast import GRPOTrainer
+    from grpo_fast.train import update
+
+    real = update.policy_loss
+
+    def policy_loss(*args, **kwargs):
+        if os.environ.get("RANK") == "1":
+            raise MemoryError("out of memory on rank 1 (simulated)")
+        return real(*args, **kwargs)
+
+    update.policy_loss = policy_loss
+    GRPOTrainer(model=model_dir, reward_funcs=[parity], args=trainer_args(out_dir),
+                train_dataset=prompt_rows(8)).train()
+
+
+if __name__ == "__main__":
+    mode, model_dir, target = sys.argv[1:4]
+    if mode == "grads":
+        grads = step_grads(model_dir)
+        from grpo_fast import distributed as dist
+
+        if dist.is_main():
+            torch.save(grads, target)
+    elif mode == "resume":
+        run_resume(model_dir, target)
+    elif mode == "reward_error":
+        run_reward_error(model_dir, target)
+    elif mode == "oom":
+        run_oom(model_dir, target)
+    else:
+        raise SystemExit(f"unknown mode {mode!r}")
