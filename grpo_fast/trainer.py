@@ -42,7 +42,7 @@ from grpo_fast.rewards import add_rewards, build_rewards
 from grpo_fast.rollout.agent_loop import ToolSetup
 from grpo_fast.train import checkpoint as ckpt
 from grpo_fast.train import resume, rollout, run_folder
-from grpo_fast.train.data_parallel import check_divisible, shard_rollout
+from grpo_fast.train.data_parallel import check_divisible, rank_config, shard_rollout
 from grpo_fast.train.evaluate import EvalResult, evaluate
 from grpo_fast.train.generation import Generator
 from grpo_fast.train.interrupts import StopRequests
@@ -131,7 +131,7 @@ class GRPOTrainer:
         # settings that fit (grpo_fast.memory). Capacity unknown (a CPU without limits): no check.
         shape = memory.ModelShape.from_config(model.config) if model is not None else memory.read_shape(cfg.model)
         self.capacity = memory.device_capacity(memory.plan_device(cfg))
-        self.plan = memory.check_fits(cfg, shape, self.capacity)
+        self.plan = memory.check_fits(rank_config(cfg), shape, self.capacity)  # torchrun: this rank's B / N prompts
         self._shape = shape
         seed_everything(t.seed)
         self.model, self.tokenizer, self.device = load_policy(
@@ -220,7 +220,7 @@ class GRPOTrainer:
             return None
         if value == "auto":
             longest = self._longest_prompt()
-            return memory.token_budget(self.args, self.capacity, shape=self._shape, prompt_tokens=longest)
+            return memory.token_budget(rank_config(self.args), self.capacity, shape=self._shape, prompt_tokens=longest)
         return int(value)
 
     def _longest_prompt(self) -> int | None:

@@ -6,6 +6,7 @@ Also imported by the test itself for the one-process reference (the same functio
     python dist_worker.py resume MODEL_DIR OUT_DIR    3 steps; 2 steps + resume to 3
     python dist_worker.py reward_error MODEL_DIR OUT_DIR
     python dist_worker.py oom MODEL_DIR OUT_DIR
+    python dist_worker.py tools MODEL_DIR OUT_DIR      one multi-turn step, paged sampler, environments
 """
 
 from __future__ import annotations
@@ -194,6 +195,48 @@ def run_oom(model_dir, out_dir):
                 train_dataset=prompt_rows(8)).train()
 
 
+class EveryTurnCalls:
+    """Reads every model turn as a call of `poke` (a random model writes no JSON); turns end at
+    frequent characters, so trajectories go through tool turns."""
+
+    stop_strings = (">", "5", "7", "a", "e")
+
+    def parse(self, text):
+        from grpo_fast.rollout import ParsedTurn, ToolCall
+
+        return ParsedTurn(text, [ToolCall("poke", {})], None)
+
+
+class Counter:
+    """One per rollout: counts its pokes; get_reward is that count."""
+
+    def __init__(self):
+        self.n = 0
+
+    def reset(self, **row):
+        return None
+
+    def poke(self) -> str:
+        """Poke the counter."""
+        self.n += 1
+        return str(self.n)
+
+    def get_reward(self):
+        return float(self.n)
+
+
+def run_tools(model_dir, out_dir):
+    """One multi-turn step on the paged sampler with an environment per rollout."""
+    from grpo_fast import GRPOTrainer
+
+    args = trainer_args(out_dir, max_steps=1, **{"sampling.backend": "sampler", "sampling.max_completion_length": 60,
+                                                 "sampling.max_prompt_length": 1024, "lora.lora_dropout": 0.0,
+                                                 "tools.tool_call_parser": "dist_worker:EveryTurnCalls",
+                                                 "max_tool_calling_iterations": 2})
+    GRPOTrainer(model=model_dir, reward_funcs=[parity], args=args, train_dataset=prompt_rows(8),
+                environment_factory=Counter).train()
+
+
 if __name__ == "__main__":
     mode, model_dir, target = sys.argv[1:4]
     if mode == "grads":
@@ -208,5 +251,7 @@ if __name__ == "__main__":
         run_reward_error(model_dir, target)
     elif mode == "oom":
         run_oom(model_dir, target)
+    elif mode == "tools":
+        run_tools(model_dir, target)
     else:
         raise SystemExit(f"unknown mode {mode!r}")

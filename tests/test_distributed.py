@@ -212,3 +212,37 @@ def test_out_of_memory_on_rank_1_ends_both_ranks(tiny, tmp_path):
     assert rc0 != 0 and rc1 != 0
     assert "out of memory" in out1.lower()  # rank 1: the trainer's out-of-memory report
     assert "rank 1 of 2 failed while computing its loss and gradient: MemoryError: out of memory on rank 1" in out0
+
+
+def test_two_rank_tool_rollouts_sample_what_one_process_samples(tiny, tmp_path):
+    """Multi-turn under torchrun: each rank runs its groups' tools and environments; the sampler
+    seeds each completion by its group's index in the whole step, so the first step's rollouts
+    (rewards, tool calls, environment rewards, lengths) are one process's exactly."""
+    one = launch(["tools", tiny, tmp_path / "one"], nproc=1)
+    two = launch(["tools", tiny, tmp_path / "two"])
+    assert all(rc == 0 for rc, _ in one + two), (one + two)[0][1][-3000:] + two[-1][1][-3000:]
+    m1, m2 = _metrics(tmp_path / "one")[0], _metrics(tmp_path / "two")[0]
+    assert m1["tools/call_frequency"] > 0 and m1["tools/turns_mean"] > 1
+    for key in ("reward", "rewards/Counter/mean", "rewards/parity/mean", "tools/call_frequency", "tools/turns_mean",
+                "completions/mean_length", "completion_tokens"):
+        assert m2[key] == m1[key], key
+
+
+def test_the_memory_plan_counts_one_ranks_share(monkeypatch):
+    """Under torchrun each rank samples and trains B / N prompts: its plan is that share's."""
+    from grpo_fast import memory
+    from grpo_fast.config import load_config
+    from grpo_fast.train.data_parallel import rank_config
+
+    cfg = load_config(None, {"train.prompts_per_step": 8, "sampling.num_generations": 4})
+    shape = memory.ModelShape(layers=2, hidden=64, intermediate=128, q_heads=4, kv_heads=2, head_dim=16, vocab=100,
+                              tied=True)
+    one = memory.plan(rank_config(cfg), shape=shape)
+    monkeypatch.setattr(dist, "world_size", lambda: 2)
+    share = rank_config(cfg)
+    assert share.train.prompts_per_step == 4 and cfg.train.prompts_per_step == 8  # a copy
+    two = memory.plan(share, shape=shape)
+    assert two.phases["sampling"] < one.phases["sampling"] and two.phases["training"] < one.phases["training"]
+    assert two.phases["training"] == memory.plan(load_config(None, {"train.prompts_per_step": 4,
+                                                                    "sampling.num_generations": 4}),
+                                                 shape=shape).phases["training"]

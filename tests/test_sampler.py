@@ -427,3 +427,18 @@ def test_native_decode_layers_only_for_fp32_models_it_computes_exactly():
     lora = get_peft_model(tiny_model("llama"), LoraConfig(r=4, target_modules=["v_proj"]))
     assert native_layers(LlamaFamily(lora)).num_adapters == 2
     assert native_layers(LlamaFamily(tiny_model("llama").to(torch.bfloat16))) is None
+
+
+def test_a_share_of_the_batch_samples_what_the_whole_batch_would():
+    """Data parallel: a rank samples prompts [2, 4) of the step with first_group=2 and gets the
+    very completions one process sampling all four gets for them (seeds follow the global index)."""
+    model = tiny_model("llama", seed=2)
+    prompts = random_prompts((5, 8, 6, 9), seed=3)
+    sampler = Sampler(model, None, block_size=4, kv_budget="1024 tokens")
+    params = dict(n=3, temperature=1.0, max_tokens=12, seed=11, ignore_eos=True)
+    whole = sampler.generate(prompts, SamplingParams(**params))
+    share = sampler.generate(prompts[2:], SamplingParams(**params, first_group=2))
+    for w, s in zip(whole[2:], share):
+        assert [c.token_ids for c in s.completions] == [c.token_ids for c in w.completions]
+    unshifted = sampler.generate(prompts[2:], SamplingParams(**params))
+    assert [c.token_ids for c in unshifted[0].completions] != [c.token_ids for c in whole[2].completions]

@@ -117,7 +117,8 @@ class Sampler:
         for gi, prompt in enumerate(prompts):
             group = Group(gi, list(prompt), prefill_id=next(ids))
             group.children = [
-                Sequence(next(ids), group, c, seed=_mix_seed(base_seed, gi, c), token_ids=list(prompt))
+                Sequence(next(ids), group, c, seed=_mix_seed(base_seed, params.first_group + gi, c),
+                         token_ids=list(prompt))
                 for c in range(params.n)
             ]
             groups.append(group)

@@ -17,6 +17,9 @@ class SamplingParams:
     seed: makes the whole call reproducible; None draws a base seed from torch's global RNG.
     max_turn_tokens (multi-turn): a model turn that reaches this many tokens ends like a stop
     (reason "turn_length", given to the turn handler; a trajectory that ends there is "length").
+    first_group: the index of this call's first prompt in a larger batch it is a share of (data
+    parallel: a rank's groups). Every sequence's seed derives from (seed, first_group + prompt
+    index, completion index), so a share samples what the whole batch would have for it.
 
     The logged log-prob of each token is log softmax(logits / temperature) — the temperature-scaled
     full distribution, before top-k/top-p/min-p filtering (what the trainer recomputes). With
@@ -34,6 +37,7 @@ class SamplingParams:
     seed: int | None = None
     ignore_eos: bool = False
     max_turn_tokens: int | None = None
+    first_group: int = 0
 
     def __post_init__(self):
         # Accept lists (and a single string for `stop`) but store tuples: the dataclass is frozen/hashable.
@@ -56,5 +60,7 @@ class SamplingParams:
             raise ValueError("stop must not contain empty strings")
         if self.max_turn_tokens is not None and (not isinstance(self.max_turn_tokens, int) or self.max_turn_tokens < 1):
             raise ValueError(f"max_turn_tokens must be an int >= 1 or None, got {self.max_turn_tokens!r}")
+        if not isinstance(self.first_group, int) or self.first_group < 0:
+            raise ValueError(f"first_group must be an int >= 0, got {self.first_group!r}")
         if self.seed is not None and not isinstance(self.seed, int):
             raise ValueError(f"seed must be an int or None, got {self.seed!r}")

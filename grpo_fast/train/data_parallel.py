@@ -13,6 +13,7 @@ all-reduced gradients (train/update.py).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import torch
@@ -22,14 +23,15 @@ from grpo_fast.train.rollout_batch import SequenceBatch
 
 
 def sample_share(prompts: list, sample, stats: dict) -> list:
-    """`sample(share, counts) -> groups` on this rank's share of `prompts` (it adds its reward
-    error counts into `counts`); returns every rank's groups in prompt order and adds every rank's
+    """`sample(share, counts, first_group) -> groups` on this rank's share of `prompts` (it adds
+    its reward error counts into `counts`; first_group = the share's offset in `prompts`); returns every rank's groups in prompt order and adds every rank's
     counts into `stats`. A failure on any rank (a reward function raising, an OOM) is raised on
     every rank (distributed.fail_together)."""
-    share = prompts[dist.shard_range(len(prompts))]
+    mine_range = dist.shard_range(len(prompts))
+    share = prompts[mine_range]
     counts = {"reward_errors": 0}
     with dist.fail_together("sampling and scoring its groups"):
-        mine = sample(share, counts) if share else []
+        mine = sample(share, counts, mine_range.start) if share else []
     groups, everyone = [], dist.all_gather_object((mine, counts))
     for rank_groups, rank_counts in everyone:
         groups.extend(rank_groups)
@@ -75,3 +77,14 @@ def gather_values(values: torch.Tensor) -> torch.Tensor:
         return values
     parts = dist.all_gather_object(values.detach().cpu())
     return torch.cat(parts).to(values.device)
+
+
+def rank_config(cfg):
+    """The config as one rank's memory sees it: its B / W prompts of the step (the memory plan,
+    the token budget of its micro-batches). One process: cfg itself."""
+    W = dist.world_size()
+    if W == 1:
+        return cfg
+    share = copy.deepcopy(cfg)
+    share.train.prompts_per_step = max(1, cfg.train.prompts_per_step // W)
+    return share

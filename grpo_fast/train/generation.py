@@ -58,14 +58,17 @@ class Generator:
 
     def generate(self, prompt_ids: list[list[int]], *, n: int, temperature: float, max_tokens: int,
                  top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, stop: list[str] | None = None,
-                 seed: int | None = None, turn_handler=None, max_turn_tokens: int | None = None) -> list[GroupOutput]:
+                 seed: int | None = None, turn_handler=None, max_turn_tokens: int | None = None,
+                 first_group: int = 0) -> list[GroupOutput]:
         """n completions per prompt; temperature 0 = greedy. turn_handler: multi-turn (see
         grpo_fast.sampler.turns): the sampler appends the environment's tokens to live sequences;
-        HF generate re-runs each conversation every turn (hf_generate_turns)."""
+        HF generate re-runs each conversation every turn (hf_generate_turns). first_group: these
+        prompts' offset in the whole batch (data parallel): the sampler then draws exactly what
+        one process would for them; HF generate (one RNG stream per call) only reseeds by it."""
         if self.sampler is not None:
             params = SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                                     max_tokens=max_tokens, stop=tuple(stop or ()), seed=seed,
-                                    max_turn_tokens=max_turn_tokens)
+                                    max_turn_tokens=max_turn_tokens, first_group=first_group)
             try:
                 out = self.sampler.generate(prompt_ids, params, turn_handler=turn_handler)
             except Exception as exc:
@@ -82,6 +85,8 @@ class Generator:
             finally:
                 if self.release_kv and self.sampler is not None:
                     self.sampler.release_kv_cache()
+        if seed is not None and first_group:
+            seed = (seed + 104_729 * first_group) % (2**31 - 1)  # HF: one stream per call, another per share
         if turn_handler is not None:
             return hf_generate_turns(self.model, self.tokenizer, prompt_ids, n=n, temperature=temperature,
                                      max_tokens=max_tokens, top_p=top_p, top_k=top_k, min_p=min_p, stop=stop,

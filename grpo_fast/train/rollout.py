@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import torch
 
-from grpo_fast.distributed import rank_seed
 from grpo_fast.data.prompts import EncodedPrompt, messages_for
 from grpo_fast.errors import DataError
 from grpo_fast.loss import compute_advantages, informative_groups
@@ -41,13 +40,16 @@ def collect_rollout(model, tokenizer, generator, stream, rewards, cfg, step: int
             break
         prompts = stream.take(t.prompts_per_step if round_ == 0 else need)
 
-        def sample(prompts, stats, round_=round_):  # on this rank's share of the groups (data_parallel.py)
+        def sample(prompts, stats, first_group, round_=round_):  # this rank's share of the groups (data_parallel.py)
+            # one seed for the step on every rank; each group's sequences are seeded by its index
+            # in the whole batch (first_group + i): N ranks sample what one process would
+            seed = step_seed(t.seed, step, round_)
             if tools is not None:
-                return sample_with_tools(prompts, generator, tools, tokenizer, rewards, stats, cfg,
-                                         rank_seed(step_seed(t.seed, step, round_)), trainer_state)
+                return sample_with_tools(prompts, generator, tools, tokenizer, rewards, stats, cfg, seed,
+                                         trainer_state, first_group)
             groups = generator.generate([p.ids for p in prompts], n=G, temperature=s.temperature,
                                         max_tokens=s.max_completion_length, top_p=s.top_p, top_k=s.top_k,
-                                        min_p=s.min_p, stop=s.stop, seed=rank_seed(step_seed(t.seed, step, round_)))
+                                        min_p=s.min_p, stop=s.stop, seed=seed, first_group=first_group)
             return score_groups(prompts, groups, tokenizer, rewards, stats, trainer_state)
 
         scored = sample_share(prompts, sample, stats)  # every rank's groups, in prompt order
@@ -95,7 +97,8 @@ def sampling_logprobs(per_completion: list, width: int) -> torch.Tensor:
     return out
 
 
-def sample_with_tools(prompts, generator, tools, tokenizer, rewards, stats, cfg, seed, trainer_state=None):
+def sample_with_tools(prompts, generator, tools, tokenizer, rewards, stats, cfg, seed, trainer_state=None,
+                      first_group: int = 0):
     """Multi-turn: each row's prompt rendered with the tools' schemas (and its environment's reset
     text), sampled with the rollout as turn handler (the sampler pauses at the parser's stop
     strings, the tools run, their results are appended), then scored on whole trajectories."""
@@ -110,7 +113,8 @@ def sample_with_tools(prompts, generator, tools, tokenizer, rewards, stats, cfg,
                         f"{len(trajectories.prompt_ids[i])} tokens > {s.max_prompt_length}; raise the limit")
     groups = generator.generate(trajectories.prompt_ids, n=G, temperature=s.temperature,
                                 max_tokens=s.max_completion_length, top_p=s.top_p, top_k=s.top_k, min_p=s.min_p,
-                                stop=list(s.stop or []) + tools.stop_strings, seed=seed, turn_handler=trajectories)
+                                stop=list(s.stop or []) + tools.stop_strings, seed=seed, turn_handler=trajectories,
+                                first_group=first_group)
     scored = score_groups(rendered, groups, tokenizer, rewards, stats, trainer_state, trajectories.flat())
     for i, g in enumerate(scored):
         g["tools"] = trajectories.group_counts(i)
