@@ -95,16 +95,17 @@ def step_grads(model_dir: str) -> dict[str, list[torch.Tensor]]:
     with torch.no_grad():  # LoRA B starts at 0: give it values so every gradient is non-trivial
         for p in params:
             p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
-    out = {}
-    for name, case in CASES.items():
-        cfg = load_config(None, {**base, **case})
+    def one_step_grads(model, tok, params, cfg):
         encoded, _ = encode_prompts(prompt_rows(), tok, cfg.data, 64, "train")
         rewards = build_rewards(cfg.rewards, C, funcs=[parity, length_bonus])
         rollout = collect_rollout(model, tok, FakeGenerator(), PromptStream(encoded, 3), rewards, cfg, step=0)
         rec = _Recorder(params)
         update_policy(policy_modules(model), rec, _NoSchedule(), params, shard_rollout(rollout, G), cfg, {},
                       echo=lambda *_: None)
-        out[name] = rec.grads
+        return rec.grads
+
+    out = {name: one_step_grads(model, tok, params, load_config(None, {**base, **case}))
+           for name, case in CASES.items()}
     # full fine-tuning (no adapters): every weight's gradient, the reference a frozen copy
     cfg = load_config(None, {**base, "lora.enabled": False, "loss.beta": 0.04, "loss.num_iterations": 2})
     model, tok, _ = load_policy(cfg.model, cfg.lora, seed=0, keep_reference=True)
@@ -112,13 +113,7 @@ def step_grads(model_dir: str) -> dict[str, list[torch.Tensor]]:
     with torch.no_grad():  # move off the reference, so that the KL term has a gradient
         for p in params:
             p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
-    encoded, _ = encode_prompts(prompt_rows(), tok, cfg.data, 64, "train")
-    rewards = build_rewards(cfg.rewards, C, funcs=[parity, length_bonus])
-    rollout = collect_rollout(model, tok, FakeGenerator(), PromptStream(encoded, 3), rewards, cfg, step=0)
-    rec = _Recorder(params)
-    update_policy(policy_modules(model), rec, _NoSchedule(), params, shard_rollout(rollout, G), cfg, {},
-                  echo=lambda *_: None)
-    out["full_finetuning"] = rec.grads
+    out["full_finetuning"] = one_step_grads(model, tok, params, cfg)
     return out
 
 
