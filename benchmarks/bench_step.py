@@ -100,8 +100,8 @@ def run_ours(a) -> dict:
         from grpo_fast.sampler.sampler import Sampler
 
         real_generate = Sampler.generate
-        Sampler.generate = lambda self, prompts, params: real_generate(
-            self, prompts, dataclasses.replace(params, ignore_eos=True) if params.n > 1 else params)
+        Sampler.generate = lambda self, prompts, params, **kw: real_generate(
+            self, prompts, dataclasses.replace(params, ignore_eos=True) if params.n > 1 else params, **kw)
     cfg = load_config(None, overrides, base=DEFAULT_JOB)
     train(cfg, echo=lambda *_: None)
     from grpo_fast import distributed
