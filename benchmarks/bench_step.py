@@ -197,7 +197,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--micro-batch", type=int, default=8, help="completions per forward/backward (both sides)")
-    p.add_argument("--backend", default="auto", help="our generation backend: auto | sampler | hf")
+    p.add_argument("--backend", default="sampler",
+                   help="our generation backend: sampler (fails rather than fall back) | auto | hf")
     p.add_argument("--gradient-checkpointing", choices=["on", "off"], default="off",
                    help="both sides (off is our default, on is TRL's GRPOConfig default)")
     p.add_argument("--forced-length", action="store_true",
