@@ -365,7 +365,7 @@ class ToolsConfig:
         return bool(self.functions) or self.environment is not None
 
 
-BUILTIN_TOOLS = ("calculator",)
+BUILTIN_TOOLS = {"calculator": "grpo_fast.rollout.builtin_tools:calculator"}  # name -> module:function
 
 
 SECTIONS = {

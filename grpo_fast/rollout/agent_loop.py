@@ -34,6 +34,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable
 
+from grpo_fast.data.prompts import messages_for
+from grpo_fast.config import BUILTIN_TOOLS
 from grpo_fast.errors import ConfigError
 from grpo_fast.rollout.environments import EnvironmentInstance, EnvironmentSpec, append_to_last_user, tools_by_name
 from grpo_fast.rollout.executor import ToolExecutor
@@ -127,6 +129,15 @@ class ToolSetup:
         """The trajectories of one generate call: rows [B] with their conversations [B]."""
         return ToolRollout(self, messages, rows, num_generations)
 
+    def start_prompts(self, prompts: list, data_cfg, num_generations: int) -> ToolRollout:
+        """start() for encoded prompts (grpo_fast.data.EncodedPrompt): each row's conversation as
+        the data section renders it (system prompt, prompt_template), re-rendered with the tools."""
+        return self.start([messages_for(p.row, data_cfg) for p in prompts], [p.row for p in prompts], num_generations)
+
+    def stops(self, stop) -> list[str]:
+        """The run's own stop strings and the parser's."""
+        return list(stop or []) + self.stop_strings
+
     def close(self) -> None:
         """Stop the executor's threads and loop (between rollouts; a later start() restarts them)."""
         if self._executor is not None:
@@ -204,6 +215,14 @@ class ToolRollout:
         """Trajectories in completion order [B * G]."""
         return [t for group in self.trajectories for t in group]
 
+    def reward_inputs(self) -> tuple[list[list[dict]], list]:
+        """What reward functions get, in completion order: each completion as its conversation
+        after the prompt (assistant and tool messages), and the `environments` column (each
+        rollout's environment instance, None without environments; TRL passes the instances)."""
+        flat = self.flat()
+        return ([[dict(m) for m in t.messages] for t in flat],
+                [t.environment.env if t.environment else None for t in flat])
+
     def group_counts(self, group_idx: int) -> dict:
         """One group's tool counters (plain numbers: they travel between ranks): observations by
         status, trajectories that called a tool, seconds spent on tools."""
@@ -258,13 +277,12 @@ def _environment_reward(cls: type) -> Callable:
     return reward
 
 
-_BUILTIN_TOOLS = {"calculator": "grpo_fast.rollout.builtin_tools:calculator"}
 _lock = threading.Lock()
 
 
 def load_tool(spec: str) -> Callable:
     """A tool from the config: a built-in name (calculator) or module:function."""
-    return load_object(_BUILTIN_TOOLS.get(spec, spec), "tools.functions")
+    return load_object(BUILTIN_TOOLS.get(spec, spec), "tools.functions")
 
 
 def load_object(spec: str, field_name: str):

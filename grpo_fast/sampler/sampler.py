@@ -26,7 +26,7 @@ from grpo_fast.sampler.sampling_op import sample
 from grpo_fast.sampler.sampling_params import SamplingParams
 from grpo_fast.sampler.scheduler import Scheduler
 from grpo_fast.sampler.sequence import Group, Sequence, prefill_seq_id, prefill_tokens
-from grpo_fast.sampler.turns import TurnEnd, call_handler, environment_tokens
+from grpo_fast.sampler.turns import TurnEnd, call_handler, read_answer, trajectory_end
 
 _SEED_MASK = (1 << 63) - 1
 
@@ -236,16 +236,10 @@ class Sampler:
         for seq in answered:
             future, reason = self._paused.pop(seq)
             where = f"prompt {seq.group.group_idx}, completion {seq.child_idx}"
-            try:
-                answer = future.result()
-            except Exception as exc:
-                raise RuntimeError(f"turn_handler failed for {where}: {type(exc).__name__}: {exc}") from exc
-            tokens = environment_tokens(answer, self.runner.family.config.vocab_size, where)
-            if tokens is None:
-                sched.finish(seq, "length" if reason == "turn_length" else reason)
-                continue
-            if seq.num_completion_tokens + len(tokens) >= params.max_tokens:
-                sched.finish(seq, "length")  # no room left for the model to answer the observation
+            tokens = read_answer(future, self.runner.family.config.vocab_size, where)
+            end = trajectory_end(tokens, reason, seq.num_completion_tokens, params.max_tokens)
+            if end is not None:
+                sched.finish(seq, end)
                 continue
             cached = bm.pool.num_tokens(seq.seq_id)  # = len(token_ids) - 1: the last token is pending
             seq.token_ids.extend(tokens)

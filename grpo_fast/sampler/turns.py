@@ -58,3 +58,25 @@ def environment_tokens(answer, vocab_size: int, where: str) -> list[int] | None:
     if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size for t in ids):
         raise ValueError(f"turn_handler returned tokens for {where} that are not ints in [0, {vocab_size})")
     return ids or None
+
+
+def read_answer(future: Future, vocab_size: int, where: str) -> list[int] | None:
+    """A resolved handler answer as environment tokens (None: finished); a handler that raised is
+    a RuntimeError naming the sequence (`where`)."""
+    try:
+        answer = future.result()
+    except Exception as exc:
+        raise RuntimeError(f"turn_handler failed for {where}: {type(exc).__name__}: {exc}") from exc
+    return environment_tokens(answer, vocab_size, where)
+
+
+def trajectory_end(tokens: list[int] | None, turn_reason: str, num_completion_tokens: int,
+                   max_tokens: int) -> str | None:
+    """The finish reason when the answer ends the trajectory, else None (the tokens are appended):
+    no tokens finish it with the turn's reason ("length" for a turn_length turn); tokens that
+    leave no room for a model token within max_tokens end it with "length"."""
+    if tokens is None:
+        return "length" if turn_reason == "turn_length" else turn_reason
+    if num_completion_tokens + len(tokens) >= max_tokens:
+        return "length"
+    return None

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from grpo_fast.data.prompts import messages_for
 from grpo_fast.rewards import RewardSet, as_completions, compute_rewards
 
 
@@ -62,11 +61,10 @@ def evaluate(generator, tokenizer, encoded: list, rewards: RewardSet, *, max_tok
     per_batch = max(1, batch_size // n)
     for start in range(0, len(encoded), per_batch):
         chunk = encoded[start:start + per_batch]
-        trajectories = None if tools is None else tools.start([messages_for(e.row, data_cfg) for e in chunk],
-                                                              [e.row for e in chunk], n)
+        trajectories = None if tools is None else tools.start_prompts(chunk, data_cfg, n)
         groups = generator.generate([e.ids for e in chunk] if trajectories is None else trajectories.prompt_ids, n=n,
                                     temperature=0.0 if n == 1 else temperature, max_tokens=max_tokens,
-                                    stop=stop if tools is None else list(stop or []) + tools.stop_strings,
+                                    stop=stop if tools is None else tools.stops(stop),
                                     seed=seed + start, turn_handler=trajectories)
         prompts, texts, columns = [], [], {k: [] for e in chunk for k in e.row if k != "prompt"}
         comp_ids, reasons = [], []
@@ -82,8 +80,7 @@ def evaluate(generator, tokenizer, encoded: list, rewards: RewardSet, *, max_tok
         columns.update(completion_ids=comp_ids, completion_lengths=[len(c) for c in comp_ids], finish_reasons=reasons)
         completions = as_completions(texts, prompts)
         if trajectories is not None:
-            completions = [[dict(m) for m in t.messages] for t in trajectories.flat()]
-            columns["environments"] = [t.environment.env if t.environment else None for t in trajectories.flat()]
+            completions, columns["environments"] = trajectories.reward_inputs()
         result = compute_rewards(rewards, prompts, completions, columns, trainer_state=trainer_state)
         values = result.rewards.view(len(chunk), n, len(rewards.names))  # [P, n, F]
         for j in range(len(rewards.names)):

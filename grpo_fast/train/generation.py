@@ -193,7 +193,7 @@ def hf_generate_turns(model, tokenizer, prompt_ids: list[list[int]], *, n: int, 
     Same contract as the Sampler's multi-turn generate (TurnEnd to the handler, model_mask,
     max_tokens bounding the whole trajectory, "turn_length" turns); the handler's futures are
     awaited turn by turn. The fallback for models the sampler refuses, and the benchmark's peer."""
-    from grpo_fast.sampler.turns import TurnEnd, call_handler, environment_tokens
+    from grpo_fast.sampler.turns import TurnEnd, call_handler, read_answer, trajectory_end
 
     vocab = unwrap_causal_lm(model).config.vocab_size
     rows = [{"group": g, "child": c, "ids": [], "mask": [], "lps": [], "turn_start": 0, "turns": 1, "reason": None}
@@ -227,13 +227,10 @@ def hf_generate_turns(model, tokenizer, prompt_ids: list[list[int]], *, n: int, 
         live = []
         for r, reason, future in waiting:
             where = f"prompt {r['group']}, completion {r['child']}"
-            try:
-                answer = future.result()
-            except Exception as exc:
-                raise RuntimeError(f"turn_handler failed for {where}: {type(exc).__name__}: {exc}") from exc
-            tokens = environment_tokens(answer, vocab, where)
-            if tokens is None or len(r["ids"]) + len(tokens) >= max_tokens:
-                r["reason"] = "length" if tokens is not None or reason == "turn_length" else reason
+            tokens = read_answer(future, vocab, where)
+            end = trajectory_end(tokens, reason, len(r["ids"]), max_tokens)
+            if end is not None:
+                r["reason"] = end
                 continue
             r["ids"] += tokens
             r["lps"] += [0.0] * len(tokens)

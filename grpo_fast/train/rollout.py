@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from grpo_fast.data.prompts import EncodedPrompt, messages_for
+from grpo_fast.data.prompts import EncodedPrompt
 from grpo_fast.errors import DataError
 from grpo_fast.loss import compute_advantages, informative_groups
 from grpo_fast.rollout.agent_loop import tool_metrics
@@ -103,8 +103,7 @@ def sample_with_tools(prompts, generator, tools, tokenizer, rewards, stats, cfg,
     text), sampled with the rollout as turn handler (the sampler pauses at the parser's stop
     strings, the tools run, their results are appended), then scored on whole trajectories."""
     s, G = cfg.sampling, cfg.sampling.num_generations
-    conversations = [messages_for(p.row, cfg.data) for p in prompts]
-    trajectories = tools.start(conversations, [p.row for p in prompts], G)
+    trajectories = tools.start_prompts(prompts, cfg.data, G)
     rendered = [EncodedPrompt(ids, p.row) for ids, p in zip(trajectories.prompt_ids, prompts)]
     too_long = [i for i, ids in enumerate(trajectories.prompt_ids) if len(ids) > s.max_prompt_length]
     if too_long:
@@ -113,9 +112,9 @@ def sample_with_tools(prompts, generator, tools, tokenizer, rewards, stats, cfg,
                         f"{len(trajectories.prompt_ids[i])} tokens > {s.max_prompt_length}; raise the limit")
     groups = generator.generate(trajectories.prompt_ids, n=G, temperature=s.temperature,
                                 max_tokens=s.max_completion_length, top_p=s.top_p, top_k=s.top_k, min_p=s.min_p,
-                                stop=list(s.stop or []) + tools.stop_strings, seed=seed, turn_handler=trajectories,
+                                stop=tools.stops(s.stop), seed=seed, turn_handler=trajectories,
                                 first_group=first_group)
-    scored = score_groups(rendered, groups, tokenizer, rewards, stats, trainer_state, trajectories.flat())
+    scored = score_groups(rendered, groups, tokenizer, rewards, stats, trainer_state, trajectories)
     for i, g in enumerate(scored):
         g["tools"] = trajectories.group_counts(i)
     return scored
@@ -124,9 +123,9 @@ def sample_with_tools(prompts, generator, tools, tokenizer, rewards, stats, cfg,
 def score_groups(prompts, groups, tokenizer, rewards, stats, trainer_state=None, trajectories=None) -> list[dict]:
     """Decode the completions of every group and run the reward functions on them (one call
     per function for the whole round), in TRL's shapes: a conversational prompt's completions
-    are assistant messages. Multi-turn (trajectories [N], grpo_fast.rollout): a completion is the
-    whole conversation after the prompt, assistant and tool messages, and reward functions also
-    get the `environments` column (each trajectory's environment instance, or None; as TRL)."""
+    are assistant messages. Multi-turn (trajectories: the call's grpo_fast.rollout.ToolRollout): a
+    completion is the whole conversation after the prompt, and reward functions also get the
+    `environments` column (ToolRollout.reward_inputs)."""
     G = len(groups[0].completions)
     texts, comp_ids, reasons, prompt_rows, logprobs = [], [], [], [], []
     columns: dict[str, list] = {k: [] for p in prompts for k in p.row if k != "prompt"}
@@ -142,8 +141,7 @@ def score_groups(prompts, groups, tokenizer, rewards, stats, trainer_state=None,
     columns.update(completion_ids=comp_ids, completion_lengths=[len(c) for c in comp_ids], finish_reasons=reasons)
     completions = as_completions(texts, prompt_rows)
     if trajectories is not None:
-        completions = [[dict(m) for m in t.messages] for t in trajectories]
-        columns["environments"] = [t.environment.env if t.environment else None for t in trajectories]
+        completions, columns["environments"] = trajectories.reward_inputs()
     result = compute_rewards(rewards, prompt_rows, completions, columns, trainer_state=trainer_state)
     stats["reward_errors"] += sum(result.errors.values())
     for name, count in result.errors.items():
