@@ -210,6 +210,9 @@ class TrainConfig:
     # under torchrun: how long a collective waits for the other ranks before failing (seconds;
     # the environment variable GRPO_FAST_COLLECTIVE_TIMEOUT_S overrides it). See grpo_fast/distributed.py
     collective_timeout_s: float = 600.0
+    # under torchrun with lora.enabled false: shard every weight, gradient and optimizer state
+    # across the ranks (FSDP2; grpo_fast/train/sharding.py). One process: nothing to shard
+    fsdp: bool = False
     progress: bool = True
     resume: bool = False  # continue from the newest complete checkpoint in output_dir/checkpoints
     overwrite: bool = False  # start afresh in an output_dir that holds a run (its run files are removed)

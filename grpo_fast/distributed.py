@@ -216,10 +216,11 @@ def _picklable(x):
 def all_reduce_grads(params) -> None:
     """g ← Σ_ranks g for every parameter, in flat buckets (the loss normalizers are global, so the
     sum is the one-process gradient of the whole batch). A parameter without a gradient on every
-    rank keeps grad None; with one on some rank only, the others count zeros."""
+    rank keeps grad None; with one on some rank only, the others count zeros. Parameters FSDP
+    shards (DTensors, train/sharding.py) are skipped: FSDP reduce-scatters their gradients itself."""
     if not _active() or world_size() == 1:
         return
-    params = [p for p in params if p.requires_grad]
+    params = [p for p in params if p.requires_grad and not hasattr(p, "device_mesh")]
     has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=_comm_device())
     tdist.all_reduce(has)
     live = [p for p, h in zip(params, has.tolist()) if h > 0]

@@ -53,6 +53,7 @@ TRL_FIELDS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "max_grad_norm": ("train.max_grad_norm", float),
     "seed": ("train.seed", int),
     "ddp_timeout": ("train.collective_timeout_s", float),  # seconds, both (torchrun runs only)
+    "fsdp": ("train.fsdp", lambda v: _fsdp(v)),
     "logging_steps": ("train.logging_steps", int),
     "save_steps": ("train.save_steps", int),
     "save_total_limit": ("train.save_total_limit", int),
@@ -160,8 +161,9 @@ def _field(name: str, value) -> dict[str, Any]:
             return {}  # TRL's "unset" (max_steps=-1: train by num_train_epochs): ours applies
         try:
             return {target: convert(value)}
-        except (TypeError, ValueError):
-            raise ConfigError(f"{name}: cannot use {value!r} for {target}") from None
+        except (TypeError, ValueError) as exc:
+            why = f" ({exc})" if str(exc) else ""
+            raise ConfigError(f"{name}: cannot use {value!r} for {target}{why}") from None
     if "." in name or _is_ours(name):
         return {name: value}
     if name in TRL_DEFAULTS:
@@ -187,11 +189,25 @@ def _same(a, b) -> bool:
     return a == b or (a in (None, [], "") and b in (None, [], ""))
 
 
+def _fsdp(value) -> bool:
+    """TRL's fsdp option string ("full_shard auto_wrap") or list: full_shard is ours (train.fsdp:
+    every decoder layer one unit, which is what auto_wrap picks for these models); the others
+    are refused."""
+    words = value.split() if isinstance(value, str) else [str(v) for v in value]
+    if not words:
+        return False
+    other = [w for w in words if w not in ("full_shard", "auto_wrap")]
+    if other or "full_shard" not in words:
+        raise ValueError(f"grpo-fast shards with FSDP2's full_shard (each decoder layer a unit), not {' '.join(other) or value}")
+    return True
+
+
 def _hint(name: str) -> str:
     if name.startswith("vllm") or name == "use_vllm":
         return ": grpo-fast samples with its own paged sampler on the training model itself, no vLLM"
-    if name in ("deepspeed", "fsdp", "fsdp_config", "ddp_backend"):
-        return ": grpo-fast runs on one device"
+    if name in ("deepspeed", "fsdp_config", "ddp_backend"):
+        return (": grpo-fast runs data-parallel under torchrun (NCCL / gloo), with train.fsdp: true to shard full "
+                "fine-tuning")
     return ""
 
 

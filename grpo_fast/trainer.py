@@ -41,7 +41,7 @@ from grpo_fast.errors import ConfigError, ResumeError, TrainingStopped
 from grpo_fast.rewards import add_rewards, build_rewards
 from grpo_fast.rollout.agent_loop import ToolSetup
 from grpo_fast.train import checkpoint as ckpt
-from grpo_fast.train import resume, rollout, run_folder
+from grpo_fast.train import resume, rollout, run_folder, sharding
 from grpo_fast.train.data_parallel import check_divisible, rank_config, shard_rollout
 from grpo_fast.train.evaluate import EvalResult, evaluate
 from grpo_fast.train.generation import Generator
@@ -52,6 +52,7 @@ from grpo_fast.train.model import (build_optimizer, build_scheduler, load_policy
                                    trainable_parameters)
 from grpo_fast.train.state import TrainerState
 from grpo_fast.train.trackers import make_trackers, resolve_report_to
+from grpo_fast.train.sharding import local_shard
 from grpo_fast.train.update import update_policy
 
 
@@ -134,6 +135,7 @@ class GRPOTrainer:
         self.plan = memory.check_fits(rank_config(cfg), shape, self.capacity)  # torchrun: this rank's B / N prompts
         self._shape = shape
         seed_everything(t.seed)
+        sharding.check_config(cfg, peft_config)
         self.model, self.tokenizer, self.device = load_policy(
             cfg.model, cfg.lora, seed=t.seed, model=model, peft_config=peft_config, tokenizer=processing_class,
             echo=echo, keep_reference=cfg.loss.beta > 0)
@@ -163,10 +165,15 @@ class GRPOTrainer:
         self.eval_rewards = self._eval_reward_set(eval_rows)
         self.max_steps = self._max_steps()
         self.micro_batch_tokens = self._micro_batch_tokens()
+        dist.broadcast_tensors(trainable_parameters(self.model))  # every rank starts from rank 0's weights
+        # then each keeps its 1/W of them (train/sharding.py); one process: nothing to shard
+        self.sharded = bool(t.fsdp) and sharding.shard_policy(self.model)
+        if t.fsdp:
+            echo(f"model: sharded across {dist.world_size()} ranks (FSDP2)" if self.sharded else
+                 "train.fsdp: one process, nothing to shard (launch with torchrun --nproc-per-node N)")
         self.generator = Generator(self.model, self.tokenizer, backend=s.backend, kv_budget=self._kv_budget())
         _echo_all(echo, self.generator.take_notices())
-        self.params = trainable_parameters(self.model)
-        dist.broadcast_tensors(self.params)  # every rank starts from rank 0's weights
+        self.params = trainable_parameters(self.model)  # (a sharded model's are its shards)
         dist.seed_rank(t.seed)  # and draws its own dropout masks
         self.optimizer = build_optimizer(self.params, t, self.device)
         self.scheduler = build_scheduler(self.optimizer, t, max(1, self.max_steps * cfg.loss.num_iterations))
@@ -268,11 +275,12 @@ class GRPOTrainer:
         (default: train.output_dir/adapter)."""
         folder = Path(output_dir) if output_dir is not None else self.out_dir / "adapter"
         _require_finite(self.params)
-        dist.on_main("saving the adapter", self._write_model, folder)  # the weights are the same on every rank
+        whole = sharding.full_state(self.model) if self.sharded else None  # gathered on rank 0 (all ranks take part)
+        dist.on_main("saving the adapter", self._write_model, folder, whole)  # the weights are the same on every rank
         return folder
 
-    def _write_model(self, folder: Path) -> None:
-        self.model.save_pretrained(folder)
+    def _write_model(self, folder: Path, state_dict: dict | None = None) -> None:
+        self.model.save_pretrained(folder, **({} if state_dict is None else {"state_dict": state_dict}))
         self.tokenizer.save_pretrained(folder)
         from grpo_fast.train.model_card import write_model_card
 
@@ -485,10 +493,14 @@ class GRPOTrainer:
         _require_finite(self.params)
         self._last_saved = step
         rngs = dist.all_gather_object(ckpt.rng_state())  # each rank's, for an exact resume
+        whole = {}
+        if self.sharded:  # the whole weights and optimizer state, gathered on rank 0 (all ranks take part)
+            whole = dict(model_state=sharding.full_state(self.model),
+                         optimizer_state=sharding.full_optimizer_state(self.model, self.optimizer))
         return dist.on_main("saving a checkpoint", ckpt.save_checkpoint, self.out_dir / "checkpoints", step,
                             model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, stream=self.stream,
                             trainer_state=self.state.to_dict(), config=self.args.to_dict(),
-                            keep=self.args.train.save_total_limit, rank_rngs=rngs)
+                            keep=self.args.train.save_total_limit, rank_rngs=rngs, **whole)
 
     def _save_adapter_and_checkpoint(self, last_step: int, took_steps: bool) -> None:
         """The adapter first, so that nothing after it can cost the user the run; then the
@@ -588,11 +600,11 @@ def _find_resumable(out_dir: Path, ckpt_root: Path, wanted: bool, explicit, echo
 
 def _require_finite(params) -> None:
     """Never save NaN / inf weights (they would silently replace a good adapter)."""
-    for p in params:
-        if not bool(torch.isfinite(p).all()):
-            raise TrainingStopped("stopped: the trainable weights hold NaN / inf values, so nothing was saved; the "
-                                  "last checkpoint in the run folder is intact (resume from it with a lower "
-                                  "train.learning_rate)")
+    bad = sum(not bool(torch.isfinite(local_shard(p)).all()) for p in params)
+    if dist.all_reduce_sum(int(bad)):  # every rank decides alike (a sharded run: each checks its shard)
+        raise TrainingStopped("stopped: the trainable weights hold NaN / inf values, so nothing was saved; the "
+                              "last checkpoint in the run folder is intact (resume from it with a lower "
+                              "train.learning_rate)")
 
 
 def _headline_key(metrics: dict | None) -> str | None:

@@ -4,6 +4,7 @@ Also imported by the test itself for the one-process reference (the same functio
 
     python dist_worker.py grads MODEL_DIR OUT.pt      every case of CASES: the step's gradient
     python dist_worker.py resume MODEL_DIR OUT_DIR    3 steps; 2 steps + resume to 3
+    python dist_worker.py fsdp MODEL_DIR OUT_DIR      the same, full fine-tuning sharded (FSDP2)
     python dist_worker.py reward_error MODEL_DIR OUT_DIR
     python dist_worker.py oom MODEL_DIR OUT_DIR
     python dist_worker.py tools MODEL_DIR OUT_DIR      one multi-turn step, paged sampler, environments
@@ -81,6 +82,7 @@ def step_grads(model_dir: str) -> dict[str, list[torch.Tensor]]:
     from grpo_fast.rewards import build_rewards
     from grpo_fast.train.data_parallel import shard_rollout
     from grpo_fast.train.model import load_policy, policy_modules, trainable_parameters
+    from grpo_fast.train import sharding
     from grpo_fast.train.rollout import collect_rollout
     from grpo_fast.train.update import update_policy
 
@@ -114,6 +116,13 @@ def step_grads(model_dir: str) -> dict[str, list[torch.Tensor]]:
         for p in params:
             p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
     out["full_finetuning"] = one_step_grads(model, tok, params, cfg)
+    # the same, sharded across the ranks (FSDP2; one process: nothing to shard, the plain step)
+    model, tok, _ = load_policy(cfg.model, cfg.lora, seed=0, keep_reference=True)
+    with torch.no_grad():
+        for p in trainable_parameters(model):
+            p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    assert sharding.shard_policy(model) == (dist.world_size() > 1)
+    out["fsdp_full_finetuning"] = one_step_grads(model, tok, trainable_parameters(model), cfg)
     return out
 
 
@@ -123,8 +132,9 @@ class _Recorder:
     def __init__(self, params):
         self.params, self.grads = params, None
 
-    def step(self):
-        self.grads = [p.grad.detach().clone() for p in self.params]
+    def step(self):  # a sharded gradient whole (a collective: every rank steps)
+        self.grads = [(p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).detach().clone()
+                      for p in self.params]
 
     def zero_grad(self, set_to_none=True):
         for p in self.params:
@@ -157,6 +167,27 @@ def run_resume(model_dir, out_dir):
     GRPOTrainer(model=model_dir, reward_funcs=[parity], args=trainer_args(f"{out_dir}/b", max_steps=2),
                 train_dataset=rows).train()
     GRPOTrainer(model=model_dir, reward_funcs=[parity], args=trainer_args(f"{out_dir}/b"),
+                train_dataset=rows).train(resume_from_checkpoint=True)
+
+
+FSDP_ARGS = {"lora.enabled": False, "train.fsdp": True, "beta": 0.1, "sampling.backend": "sampler",
+             "learning_rate": 1e-3}
+
+
+def run_fsdp(model_dir, out_dir, runs=("a", "b")):
+    """Sharded full fine-tuning (FSDP2), sampled by the paged sampler from the gathered weights:
+    3 steps uninterrupted (a/), and 2 steps + resume to 3 (b/). One process (runs=("a",)): the
+    unsharded run these are held to."""
+    from grpo_fast import GRPOTrainer
+
+    rows = prompt_rows(16)
+    GRPOTrainer(model=model_dir, reward_funcs=[parity], args=trainer_args(f"{out_dir}/a", **FSDP_ARGS),
+                train_dataset=rows).train()
+    if "b" not in runs:
+        return
+    GRPOTrainer(model=model_dir, reward_funcs=[parity], args=trainer_args(f"{out_dir}/b", max_steps=2, **FSDP_ARGS),
+                train_dataset=rows).train()
+    GRPOTrainer(model=model_dir, reward_funcs=[parity], args=trainer_args(f"{out_dir}/b", **FSDP_ARGS),
                 train_dataset=rows).train(resume_from_checkpoint=True)
 
 
@@ -242,6 +273,8 @@ if __name__ == "__main__":
             torch.save(grads, target)
     elif mode == "resume":
         run_resume(model_dir, target)
+    elif mode == "fsdp":
+        run_fsdp(model_dir, target)
     elif mode == "reward_error":
         run_reward_error(model_dir, target)
     elif mode == "oom":

@@ -142,7 +142,7 @@ def test_two_rank_gradient_equals_the_one_process_gradient(tiny, tmp_path):
     assert all(rc == 0 for rc, _ in results), results[0][1][-3000:] + results[1][1][-3000:]
     two = torch.load(tmp_path / "grads.pt")
     one = dist_worker.step_grads(str(tiny))
-    assert set(two) == set(one) == set(dist_worker.CASES) | {"full_finetuning"}
+    assert set(two) == set(one) == set(dist_worker.CASES) | {"full_finetuning", "fsdp_full_finetuning"}
     for case in one:
         assert any(float(g.abs().max()) > 0 for g in one[case]), case  # a real gradient, not zeros
         for g1, g2 in zip(one[case], two[case]):
@@ -173,6 +173,41 @@ def test_two_rank_run_resumes_exactly(tiny, tmp_path):
     for key in ("loss", "reward", "grad_norm", "num_tokens"):
         assert ma[-1][key] == mb[-1][key], key
     assert (tmp_path / "b" / "checkpoints").is_dir()
+
+
+def _model(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "adapter" / "model.safetensors"))
+
+
+def test_fsdp_sharded_full_finetuning_equals_one_process_and_resumes_exactly(tiny, tmp_path):
+    """Full fine-tuning sharded across 2 ranks (FSDP2; β > 0: the reference is a sharded frozen
+    copy), sampled by the paged sampler from the gathered weights: 3 steps give the one-process
+    unsharded run's model to fp32 rounding, and 2 steps + a checkpoint + resume give the
+    uninterrupted 2-rank run's model exactly. The saved model is whole (every weight)."""
+    import dist_worker
+
+    results = launch(["fsdp", tiny, tmp_path / "two"], timeout=240)
+    assert all(rc == 0 for rc, _ in results), results[0][1][-3000:] + results[1][1][-3000:]
+    assert "sharded across 2 ranks (FSDP2)" in results[0][1]
+    dist_worker.run_fsdp(str(tiny), tmp_path / "one", runs=("a",))
+    one, a, b = _model(tmp_path / "one" / "a"), _model(tmp_path / "two" / "a"), _model(tmp_path / "two" / "b")
+    start = _model_file(tiny)
+    assert set(one) == set(a) == set(b) == set(start)
+    assert all(not torch.equal(a[k], start[k]) for k in start)  # every weight trained
+    for k in one:
+        torch.testing.assert_close(a[k], one[k], rtol=1e-4, atol=1e-6, msg=k)
+        assert torch.equal(b[k], a[k]), k
+    ma, m1 = _metrics(tmp_path / "two" / "a"), _metrics(tmp_path / "one" / "a")
+    assert [m["step"] for m in ma] == [1, 2, 3]
+    assert ma[-1]["kl"] == pytest.approx(m1[-1]["kl"], rel=1e-3) and ma[-1]["kl"] > 0
+
+
+def _model_file(folder) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(folder) / "model.safetensors"))
 
 
 def test_reward_error_on_rank_1_ends_both_ranks_with_its_message(tiny, tmp_path):

@@ -75,6 +75,29 @@ def test_reference_policy_is_the_frozen_starting_weights(tiny):
     assert all(p.requires_grad for p in model.parameters())
 
 
+def test_reference_log_probs_are_the_starting_models_head_included(tiny):
+    """The reference log-probs of a full fine-tuning run come from the starting weights, LM head
+    included (they once took the reference's hidden states through the trained head)."""
+    from transformers import AutoModelForCausalLM
+
+    from grpo_fast.train.model import full_finetuning, policy_modules
+    from grpo_fast.train.policy_loss import score_logprobs
+    from grpo_fast.train.rollout_batch import make_batch
+
+    start = AutoModelForCausalLM.from_pretrained(tiny)
+    model = full_finetuning(AutoModelForCausalLM.from_pretrained(tiny), keep_reference=True)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(1.5)  # the head (tied: the embedding too) moved
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10], [5, 6, 7, 11, 12, 13]])  # [2, P + C], P = 3
+    batch = make_batch([r[:3] for r in ids.tolist()], [r[3:] for r in ids.tolist()], pad_id=0)
+    with torch.no_grad():
+        logits = start(input_ids=ids).logits[:, 2:5].float()  # positions that predict tokens 3..5
+    want = torch.log_softmax(logits, -1).gather(-1, ids[:, 3:, None]).squeeze(-1)  # [2, 3]
+    got = score_logprobs(policy_modules(model), batch, temperature=1.0, reference=True)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(score_logprobs(policy_modules(model), batch, temperature=1.0), want, atol=1e-3)
+
+
 def test_full_finetuning_refuses_a_4bit_base_and_merge(tiny, tmp_path):
     with pytest.raises(ConfigError, match="lora.enabled: false .* model.load_in_4bit"):
         GRPOTrainer(model=str(tiny), reward_funcs=[first_token_even], train_dataset=ROWS,
@@ -82,3 +105,25 @@ def test_full_finetuning_refuses_a_4bit_base_and_merge(tiny, tmp_path):
     with pytest.raises(ConfigError, match="train.merge"):
         GRPOTrainer(model=str(tiny), reward_funcs=[first_token_even], train_dataset=ROWS,
                     args=args(tmp_path / "m", **{"train.merge": True}))
+
+
+def test_fsdp_refuses_adapters_and_maps_trls_option(tiny, tmp_path):
+    from grpo_fast import GRPOConfig
+
+    with pytest.raises(ConfigError, match="train.fsdp: true shards full fine-tuning"):
+        GRPOTrainer(model=str(tiny), reward_funcs=[first_token_even], train_dataset=ROWS,
+                    args=args(tmp_path / "f", **{"lora.enabled": True, "train.fsdp": True}))
+    assert GRPOConfig(output_dir=str(tmp_path), fsdp="full_shard auto_wrap").train.fsdp is True
+    assert GRPOConfig(output_dir=str(tmp_path), fsdp="").train.fsdp is False
+    with pytest.raises(ConfigError, match="fsdp: cannot use 'hybrid_shard' .*FSDP2's full_shard"):
+        GRPOConfig(output_dir=str(tmp_path), fsdp="hybrid_shard")
+
+
+def test_fsdp_in_one_process_trains_unsharded_and_says_so(tiny, tmp_path):
+    said = []
+    trainer = GRPOTrainer(model=str(tiny), reward_funcs=[first_token_even], train_dataset=ROWS, echo=said.append,
+                          args=args(tmp_path / "one", max_steps=1, **{"train.fsdp": True}))
+    assert trainer.sharded is False
+    assert any("one process, nothing to shard" in line for line in said)
+    trainer.train()
+    assert (tmp_path / "one" / "adapter" / "model.safetensors").is_file()

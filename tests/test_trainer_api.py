@@ -179,7 +179,7 @@ def test_grpo_config_maps_trl_fields_and_names_what_it_refuses():
     assert a.train.report_to == ["wandb"] and a.eval.num_generations == 4 and a.lora.r == 8
     assert a.data.task == "countdown" and a.train.num_train_epochs == 2
     for bad, match in [(dict(use_vllm=True), "use_vllm: TRL's use_vllm=True is not supported"),
-                       (dict(deepspeed="ds.json"), "deepspeed: .*one device"),
+                       (dict(deepspeed="ds.json"), "deepspeed: .*torchrun .*train.fsdp"),
                        (dict(frobnicate=1), "frobnicate: unknown field"),
                        (dict(per_device_train_batch_size=6, num_generations=4), "not a multiple of num_generations"),
                        (dict(generation_batch_size=64), "generation_batch_size")]:

@@ -104,19 +104,22 @@ def remove_stray_temps(root: str | Path) -> list[Path]:
 
 
 def save_checkpoint(root: str | Path, step: int, *, model, optimizer, scheduler, stream, trainer_state: dict,
-                    config: dict | None = None, keep: int = 2, rank_rngs: list[dict] | None = None) -> Path:
+                    config: dict | None = None, keep: int = 2, rank_rngs: list[dict] | None = None,
+                    model_state: dict | None = None, optimizer_state: dict | None = None) -> Path:
     """Write checkpoint-<step> atomically and point `latest` at it; keep the newest `keep`.
     rank_rngs: every rank's RNG states in rank order (a data-parallel run; default: this
     process's). The stream's position is global (every rank draws the same prompts), so it is
-    saved once."""
+    saved once. A sharded model (train/sharding.py) passes its gathered weights (model_state) and
+    its optimizer state keyed by parameter name (optimizer_state), which any world size loads."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"checkpoint-{step}"
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-checkpoint-{step}-", dir=root))
     try:
-        model.save_pretrained(tmp / "adapter")
+        model.save_pretrained(tmp / "adapter", **({} if model_state is None else {"state_dict": model_state}))
         torch.save({
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optimizer.state_dict() if optimizer_state is None else None,
+            "optimizer_by_name": optimizer_state,
             "scheduler": scheduler.state_dict(),
             "rng": rng_state() if rank_rngs is None else rank_rngs[0],
             "rank_rngs": [rng_state()] if rank_rngs is None else list(rank_rngs),
@@ -233,7 +236,14 @@ def load_full_weights(model, folder: Path) -> None:
     state = {}
     for name in files:
         state.update(load_file(str(folder / name)))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    from grpo_fast.train import sharding
+
+    if sharding.is_sharded(model):
+        expected = set(model.state_dict())  # names only (a sharded model's values are its shards)
+        missing, unexpected = [k for k in expected if k not in state], [k for k in state if k not in expected]
+        sharding.load_full_state(model, {k: v for k, v in state.items() if k in expected})
+    else:
+        missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or ())
     untied = [k for k in missing if k not in tied]
     if unexpected or untied:
@@ -262,7 +272,7 @@ def load_checkpoint(path: str | Path, *, model, optimizer, scheduler, stream, ra
             load_full_weights(model, path / "adapter")
         current = path / "state.pt"
         state = torch.load(current, weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
+        _load_optimizer(model, optimizer, state)
         scheduler.load_state_dict(state["scheduler"])
         stream.load_state_dict(state["stream"])
         rngs = state.get("rank_rngs", [state["rng"]])
@@ -278,3 +288,21 @@ def load_checkpoint(path: str | Path, *, model, optimizer, scheduler, stream, ra
         raise
     except Exception as exc:  # safetensors, torch.load, shape mismatches: one line naming the file
         raise ResumeError(f"--resume: cannot load {current} ({type(exc).__name__}: {str(exc).splitlines()[0]})") from exc
+
+
+def _load_optimizer(model, optimizer, state: dict) -> None:
+    """The optimizer state as saved: by parameter index (one process, DDP, LoRA) or by parameter
+    name (a sharded run); a sharded run resuming an unsharded full fine-tuning checkpoint names
+    its indices (trainable parameters in model order, as build_optimizer took them)."""
+    from grpo_fast.train import sharding
+
+    by_name = state.get("optimizer_by_name")
+    if by_name is None and sharding.is_sharded(model):
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        saved = state["optimizer"]
+        by_name = {"state": {names[i]: v for i, v in saved["state"].items()},
+                   "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in saved["param_groups"]]}
+    if by_name is not None:
+        sharding.load_full_optimizer_state(model, optimizer, by_name)
+    else:
+        optimizer.load_state_dict(state["optimizer"])

@@ -18,6 +18,7 @@ from grpo_fast.errors import ConfigError
 from grpo_fast.models.causal_lm import unwrap_causal_lm
 from grpo_fast.sampler import Completion, GroupOutput, Sampler, SamplingParams
 from grpo_fast.sampler.sampler import eos_token_ids
+from grpo_fast.train.sharding import gathered
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +61,19 @@ class Generator:
                  top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, stop: list[str] | None = None,
                  seed: int | None = None, turn_handler=None, max_turn_tokens: int | None = None,
                  first_group: int = 0) -> list[GroupOutput]:
-        """n completions per prompt; temperature 0 = greedy. turn_handler: multi-turn (see
+        """n completions per prompt; temperature 0 = greedy. A sharded model (train.fsdp) is
+        gathered whole for the call (train/sharding.py). turn_handler: multi-turn (see
         grpo_fast.sampler.turns): the sampler appends the environment's tokens to live sequences;
         HF generate re-runs each conversation every turn (hf_generate_turns). first_group: these
         prompts' offset in the whole batch (data parallel): the sampler then draws exactly what
         one process would for them; HF generate (one RNG stream per call) only reseeds by it."""
+        with gathered(self.model):
+            return self._generate(prompt_ids, n=n, temperature=temperature, max_tokens=max_tokens, top_p=top_p,
+                                  top_k=top_k, min_p=min_p, stop=stop, seed=seed, turn_handler=turn_handler,
+                                  max_turn_tokens=max_turn_tokens, first_group=first_group)
+
+    def _generate(self, prompt_ids, *, n, temperature, max_tokens, top_p, top_k, min_p, stop, seed, turn_handler,
+                  max_turn_tokens, first_group) -> list[GroupOutput]:
         if self.sampler is not None:
             params = SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                                     max_tokens=max_tokens, stop=tuple(stop or ()), seed=seed,

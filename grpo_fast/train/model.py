@@ -221,7 +221,12 @@ class PolicyModules(NamedTuple):
 
 
 def policy_modules(model) -> PolicyModules:
-    return PolicyModules(model, *decoder_and_head(model))
+    from grpo_fast.train import sharding
+
+    decoder, head = decoder_and_head(model)
+    if sharding.is_sharded(model):
+        decoder = sharding.ShardedDecoder(model, decoder)  # through the root unit (train/sharding.py)
+    return PolicyModules(model, decoder, head)
 
 
 @contextlib.contextmanager
@@ -229,7 +234,14 @@ def reference_policy(model):
     """The reference policy: the same modules with LoRA switched off, or (full fine-tuning) with
     the frozen starting weights swapped in for the duration (tensor storages exchanged, no copy).
     A model without either has no reference to switch to (its KL would be 0 by construction):
-    ConfigError."""
+    ConfigError. Yields the module that computes the reference (a sharded run's frozen copy is
+    a module of its own)."""
+    from grpo_fast.train import sharding
+
+    sharded_reference = sharding.reference_model(model)
+    if sharded_reference is not None:
+        yield sharded_reference
+        return
     frozen = getattr(model, "_grpo_reference", None)
     if frozen is not None:
         params = list(model.parameters())

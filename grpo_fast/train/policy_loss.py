@@ -6,13 +6,15 @@ model's own scale or soft cap) is read from its config and checked against its f
 
 from __future__ import annotations
 
+import contextlib
 import weakref
+
 import torch
 
 from grpo_fast.errors import ModelError
 from grpo_fast.loss.head import LogitTransform, logit_transform_of
 from grpo_fast.ops import fused_grpo_loss, selective_logprobs
-from grpo_fast.train.model import PolicyModules, reference_policy
+from grpo_fast.train.model import PolicyModules, policy_modules, reference_policy
 from grpo_fast.train.packed_forward import completion_hidden
 from grpo_fast.train.rollout_batch import SequenceBatch
 
@@ -33,9 +35,8 @@ def logit_transform(policy: PolicyModules, temperature: float) -> LogitTransform
 
 @torch.no_grad()
 def _check_head(policy: PolicyModules, head: LogitTransform) -> None:
-    weight = policy.head.weight
-    vocab = weight.shape[0]
-    ids = (torch.arange(1, 5) % vocab).unsqueeze(0).to(weight.device)  # [1, 4]
+    vocab = policy.head.weight.shape[0]
+    ids = (torch.arange(1, 5) % vocab).unsqueeze(0).to(policy.head.weight.device)  # [1, 4]
     was_training = policy.model.training
     policy.model.eval()
     try:
@@ -43,6 +44,7 @@ def _check_head(policy: PolicyModules, head: LogitTransform) -> None:
         hidden = policy.decoder(input_ids=ids).last_hidden_state
     finally:
         policy.model.train(was_training)
+    weight = policy.head.weight  # after the forward: a sharded head is whole only then
     raw = hidden.float() @ weight.float().T
     if policy.head.bias is not None:
         raw = raw + policy.head.bias.float()
@@ -63,21 +65,22 @@ def score_logprobs(policy: PolicyModules, batch: SequenceBatch, *, temperature: 
     reference=True, the reference policy = adapters disabled); 0 where mask = 0. With
     return_entropy, also the entropies [N, C] (the same pass: no extra product with the head).
     One forward per row slice of `cuts` (train.micro_batches), else per micro_batch_size rows."""
-    head = policy.head
     transform = logit_transform(policy, temperature)
     step = micro_batch_size or len(batch)
     cuts = cuts or [slice(start, start + step) for start in range(0, len(batch), step)]
     outs, ents = [], []
     for rows in cuts:
         part = batch.select(rows)
-        if reference:
-            with reference_policy(policy.model):
-                hidden = completion_hidden(policy.decoder, part)
-        else:
-            hidden = completion_hidden(policy.decoder, part)
-        out = selective_logprobs(hidden, head.weight.to(hidden.dtype), part.targets, temperature=temperature,
-                                 bias=head.bias, mask=part.mask, return_entropy=return_entropy,
-                                 logit_scale=transform.scale, final_logit_softcapping=transform.softcap)
+        # The reference's head as well as its decoder: a full fine-tuning run trains the head too
+        # (the frozen weights are swapped in only inside the block), and a sharded head is whole
+        # only after its model's forward.
+        with reference_policy(policy.model) if reference else contextlib.nullcontext(policy.model) as model:
+            scorer = policy if model is policy.model else policy_modules(model)
+            hidden = completion_hidden(scorer.decoder, part)
+            head = scorer.head
+            out = selective_logprobs(hidden, head.weight.to(hidden.dtype), part.targets, temperature=temperature,
+                                     bias=head.bias, mask=part.mask, return_entropy=return_entropy,
+                                     logit_scale=transform.scale, final_logit_softcapping=transform.softcap)
         if return_entropy:
             outs.append(out[0])
             ents.append(out[1])

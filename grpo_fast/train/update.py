@@ -26,6 +26,7 @@ from grpo_fast.train.micro_batches import micro_batches
 from grpo_fast.train.model import PolicyModules
 from grpo_fast.train.policy_loss import policy_loss, score_logprobs
 from grpo_fast.train.rollout_batch import Rollout
+from grpo_fast.train.sharding import local_value
 
 # Our loss metric names -> TRL's.
 _TRL_NAMES = {"clip_ratio/low": "clip_ratio/low_mean", "clip_ratio/high": "clip_ratio/high_mean",
@@ -131,7 +132,8 @@ def optimizer_update(policy: PolicyModules, optimizer, scheduler, params, rollou
     dist.all_reduce_grads(params)
     total_loss = dist.all_reduce_sum(total_loss)
     parts = [p for rank_parts in dist.all_gather_object(parts) for p in rank_parts]
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else float("inf")))
+    grad_norm = local_value(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else
+                                                           float("inf")))  # sharded gradients: a DTensor
     finite = math.isfinite(total_loss) and math.isfinite(grad_norm)
     if finite:
         optimizer.step()
