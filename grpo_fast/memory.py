@@ -221,13 +221,33 @@ def plan(cfg, device_memory: int | None = None, *, shape: ModelShape | None = No
         comp["weights"] = int(nf4 + s.other_params * act)
     else:
         comp["weights"] = (s.block_linear_params + s.other_params) * act
-    targets = cfg.lora.target_modules or list(s.linears())
-    lora_params = s.layers * sum(cfg.lora.r * (a + b) for name, (a, b) in s.linears().items() if name in targets)
-    comp["lora adapters"] = lora_params * 4  # fp32 (peft keeps adapters in fp32)
-    comp["lora gradients"] = lora_params * 4
     optim = t.optim if t.optim != "auto" else ("adamw_8bit" if device == "cuda" else "adamw")
-    comp["optimizer state"] = lora_params * (2 if optim.endswith("8bit") else 8)
+    full = not cfg.lora.enabled
+    targets = [] if full else (cfg.lora.target_modules or list(s.linears()))
+    shards = _shards(cfg)
+    gathered_training = gathered_sampling = 0
+    if full:  # every weight trains: its gradient and AdamW state in the weights' dtype; 1/W each under FSDP
+        n = s.block_linear_params + s.other_params
+        comp["weights"] = -(-n * act // shards)
+        comp["gradients"] = comp["weights"]
+        comp["optimizer state"] = -(-n * (2 if optim.endswith("8bit") else 2 * act) // shards)
+        if lc.beta > 0:
+            comp["reference copy"] = comp["weights"]  # the frozen starting weights (sharded alike)
+        if shards > 1:  # gathered on top of the shard: the root unit and two layers (FSDP prefetches
+            # the next) while training; every weight while sampling
+            layer = s.block_linear_params // s.layers + 2 * s.hidden
+            gathered_training = (s.other_params + 2 * layer) * act
+            gathered_sampling = n * act - comp["weights"]
+        grads = comp["gradients"]
+    else:
+        lora_params = s.layers * sum(cfg.lora.r * (a + b) for name, (a, b) in s.linears().items() if name in targets)
+        comp["lora adapters"] = lora_params * 4  # fp32 (peft keeps adapters in fp32)
+        comp["lora gradients"] = lora_params * 4
+        comp["optimizer state"] = lora_params * (2 if optim.endswith("8bit") else 8)
+        grads = comp["lora gradients"]
     resident = sum(comp.values())
+    if gathered_training:
+        comp["gathered layers (fsdp)"] = gathered_training
 
     # ---- training: a micro-batch's packed forward with grad
     mb_rows = t.micro_batch_size or rows
@@ -253,7 +273,7 @@ def plan(cfg, device_memory: int | None = None, *, shape: ModelShape | None = No
         growth = CPU_HEAP_GROWTH[bool(cfg.model.gradient_checkpointing)]
         comp["heap growth (cpu)"] = int(growth * mb_tokens * s.layers * per_token_layer)
     training = (resident + comp["training activations"] + comp["fused loss"] + backward_temps
-                + comp.get("heap growth (cpu)", 0))
+                + comp.get("heap growth (cpu)", 0) + gathered_training)
 
     # ---- sampling: the KV pool plus a decode step's logits and temporaries
     kv_per_token = kv_bytes_per_token(s, cfg)
@@ -264,12 +284,14 @@ def plan(cfg, device_memory: int | None = None, *, shape: ModelShape | None = No
     comp["kv cache"] = kv_tokens * kv_per_token
     comp["sampler logits"] = rows * s.vocab * 4 * 2  # fp32 logits + the sampling kernel's workspace
     decode_temps = rows * (4 * s.hidden + 2 * s.intermediate) * act
-    sampling = resident - comp["lora gradients"] + comp["kv cache"] + comp["sampler logits"] + decode_temps
+    if gathered_sampling:
+        comp["gathered weights (fsdp sampling)"] = gathered_sampling
+    sampling = resident - grads + comp["kv cache"] + comp["sampler logits"] + decode_temps + gathered_sampling
 
     # ---- scoring: old / reference log-probs, no grad
     scoring = 0
     if lc.beta > 0 or lc.num_iterations > 1:
-        scoring = (resident - comp["lora gradients"] + mb_tokens * (4 * s.hidden + 2 * s.intermediate) * act
+        scoring = (resident - grads + gathered_training + mb_tokens * (4 * s.hidden + 2 * s.intermediate) * act
                    + int(mask) + 2 * _logit_rows(loss_tokens, s.vocab, device) * s.vocab * 4
                    + rows * completion * 4 * 2)
 
@@ -279,7 +301,9 @@ def plan(cfg, device_memory: int | None = None, *, shape: ModelShape | None = No
         phases["scoring"] = int(scoring * slack)
     peak_phase = max(phases, key=phases.get)
     notes = [f"micro-batch: {mb_rows} completions, {mb_tokens} packed tokens; KV pool {kv_tokens} tokens",
-             f"optimizer {optim}; lora r={cfg.lora.r} on {', '.join(t_ for t_ in s.linears() if t_ in targets)}"]
+             f"optimizer {optim}; " + (f"full fine-tuning, every weight trains" + (
+                 f", sharded across {shards} ranks (FSDP2)" if shards > 1 else "") if full else
+                 f"lora r={cfg.lora.r} on {', '.join(t_ for t_ in s.linears() if t_ in targets)}")]
     longest = prompt + completion
     if kv_tokens < longest:
         notes.append(f"the KV pool ({kv_tokens} tokens) cannot hold one sequence of {longest} tokens: the sampler "
@@ -294,6 +318,16 @@ def plan(cfg, device_memory: int | None = None, *, shape: ModelShape | None = No
         verdict = "fits" if result.fits(device_memory) else "does NOT fit"
         result.notes.append(f"{verdict} in {_fmt(device_memory)}")
     return result
+
+
+def _shards(cfg) -> int:
+    """How many ranks share a full fine-tuning run's weights: the world size under torchrun with
+    train.fsdp, else 1."""
+    if cfg.lora.enabled or not cfg.train.fsdp:
+        return 1
+    from grpo_fast import distributed
+
+    return distributed.world_size()
 
 
 def _packed_tokens(n: int, prompt: int, completion: int, G: int) -> int:

@@ -51,6 +51,34 @@ def test_components_by_hand(tiny):
     assert "scoring" in memory.plan(cfg_for(tiny, **{"loss.beta": 0.1})).phases
 
 
+def test_full_finetuning_counts_every_weights_gradient_and_state_sharded_under_fsdp(tiny, monkeypatch):
+    from grpo_fast import distributed
+
+    s = memory.read_shape(cfg_for(tiny).model)
+    n = s.block_linear_params + s.other_params
+    full = memory.plan(cfg_for(tiny, **{"lora.enabled": False, "loss.beta": 0.1}))
+    c = full.components
+    assert c["weights"] == c["gradients"] == c["reference copy"] == n * 4 and c["optimizer state"] == n * 8
+    assert "lora adapters" not in c and "full fine-tuning" in full.notes[1]
+    lora = memory.plan(cfg_for(tiny, **{"loss.beta": 0.1}))
+    assert full.phases["training"] > lora.phases["training"]
+    # the saved activations hold no LoRA terms: fewer per token than the LoRA run's
+    assert c["training activations"] < lora.components["training activations"]
+    # FSDP on 2 ranks: 1/2 of each, plus what is gathered (two layers and the root while training,
+    # the whole model while sampling)
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    half = memory.plan(cfg_for(tiny, **{"lora.enabled": False, "loss.beta": 0.1, "train.fsdp": True}))
+    h = half.components
+    assert h["weights"] == h["gradients"] == h["reference copy"] == n * 4 // 2 and h["optimizer state"] == n * 8 // 2
+    assert h["gathered weights (fsdp sampling)"] == n * 4 - h["weights"]
+    layer = s.block_linear_params // s.layers + 2 * s.hidden
+    assert h["gathered layers (fsdp)"] == (s.other_params + 2 * layer) * 4
+    assert half.phases["training"] < full.phases["training"]
+    assert "sharded across 2 ranks" in half.notes[1]
+    # without train.fsdp a 2-rank full fine-tuning run replicates: the one-rank figures
+    assert memory.plan(cfg_for(tiny, **{"lora.enabled": False, "loss.beta": 0.1})).components["weights"] == n * 4
+
+
 def test_knobs_move_the_plan_the_right_way(tiny):
     base = memory.plan(cfg_for(tiny))
     longer = memory.plan(cfg_for(tiny, **{"sampling.max_completion_length": 40}))
