@@ -4,7 +4,7 @@ Also imported by the test itself for the one-process reference (the same functio
 
     python dist_worker.py grads MODEL_DIR OUT.pt      every case of CASES: the step's gradient
     python dist_worker.py resume MODEL_DIR OUT_DIR    3 steps; 2 steps + resume to 3
-    python dist_worker.py fsdp MODEL_DIR OUT_DIR      the same, full fine-tuning sharded (FSDP2)
+    python dist_worker.py fsdp MODEL_DIR OUT_DIR [RUNS]   the same, full fine-tuning sharded (FSDP2)
     python dist_worker.py reward_error MODEL_DIR OUT_DIR
     python dist_worker.py oom MODEL_DIR OUT_DIR
     python dist_worker.py tools MODEL_DIR OUT_DIR      one multi-turn step, paged sampler, environments
@@ -174,15 +174,28 @@ FSDP_ARGS = {"lora.enabled": False, "train.fsdp": True, "beta": 0.1, "sampling.b
              "learning_rate": 1e-3}
 
 
-def run_fsdp(model_dir, out_dir, runs=("a", "b")):
+def run_fsdp(model_dir, out_dir, runs=("a", "b", "c")):
     """Sharded full fine-tuning (FSDP2), sampled by the paged sampler from the gathered weights:
-    3 steps uninterrupted (a/), and 2 steps + resume to 3 (b/). One process (runs=("a",)): the
-    unsharded run these are held to."""
+    3 steps uninterrupted (a/), 2 steps + resume to 3 (b/), 2 steps only (c/, for a resume under
+    another world size). One process (runs=("a", "d")): the unsharded run these are held to, and
+    2 unsharded steps (d/); "c+" / "d+" resume c/ / d/ to 3 steps."""
     from grpo_fast import GRPOTrainer
 
     rows = prompt_rows(16)
+    for name in ("c", "d"):
+        if f"{name}+" in runs:  # resume a 2-step run to 3 steps
+            GRPOTrainer(model=model_dir, reward_funcs=[parity], args=trainer_args(f"{out_dir}/{name}", **FSDP_ARGS),
+                        train_dataset=rows).train(resume_from_checkpoint=True)
+    if "d" in runs:
+        GRPOTrainer(model=model_dir, reward_funcs=[parity], args=trainer_args(f"{out_dir}/d", max_steps=2,
+                                                                              **FSDP_ARGS), train_dataset=rows).train()
+    if "a" not in runs:
+        return
     GRPOTrainer(model=model_dir, reward_funcs=[parity], args=trainer_args(f"{out_dir}/a", **FSDP_ARGS),
                 train_dataset=rows).train()
+    if "c" in runs:
+        GRPOTrainer(model=model_dir, reward_funcs=[parity], args=trainer_args(f"{out_dir}/c", max_steps=2,
+                                                                              **FSDP_ARGS), train_dataset=rows).train()
     if "b" not in runs:
         return
     GRPOTrainer(model=model_dir, reward_funcs=[parity], args=trainer_args(f"{out_dir}/b", max_steps=2, **FSDP_ARGS),
@@ -274,7 +287,7 @@ if __name__ == "__main__":
     elif mode == "resume":
         run_resume(model_dir, target)
     elif mode == "fsdp":
-        run_fsdp(model_dir, target)
+        run_fsdp(model_dir, target, *([tuple(sys.argv[4].split(","))] if len(sys.argv) > 4 else []))
     elif mode == "reward_error":
         run_reward_error(model_dir, target)
     elif mode == "oom":

@@ -184,14 +184,16 @@ def _model(path: Path) -> dict:
 def test_fsdp_sharded_full_finetuning_equals_one_process_and_resumes_exactly(tiny, tmp_path):
     """Full fine-tuning sharded across 2 ranks (FSDP2; β > 0: the reference is a sharded frozen
     copy), sampled by the paged sampler from the gathered weights: 3 steps give the one-process
-    unsharded run's model to fp32 rounding, and 2 steps + a checkpoint + resume give the
-    uninterrupted 2-rank run's model exactly. The saved model is whole (every weight)."""
+    unsharded run's model to fp32 rounding, 2 steps + a checkpoint + resume give the
+    uninterrupted 2-rank run's model exactly, and one process resumes the 2-rank checkpoint
+    (and 2 sharded ranks the one-process checkpoint) to the same model.
+    The saved model is whole (every weight)."""
     import dist_worker
 
     results = launch(["fsdp", tiny, tmp_path / "two"], timeout=240)
     assert all(rc == 0 for rc, _ in results), results[0][1][-3000:] + results[1][1][-3000:]
     assert "sharded across 2 ranks (FSDP2)" in results[0][1]
-    dist_worker.run_fsdp(str(tiny), tmp_path / "one", runs=("a",))
+    dist_worker.run_fsdp(str(tiny), tmp_path / "one", runs=("a", "d"))
     one, a, b = _model(tmp_path / "one" / "a"), _model(tmp_path / "two" / "a"), _model(tmp_path / "two" / "b")
     start = _model_file(tiny)
     assert set(one) == set(a) == set(b) == set(start)
@@ -202,6 +204,16 @@ def test_fsdp_sharded_full_finetuning_equals_one_process_and_resumes_exactly(tin
     ma, m1 = _metrics(tmp_path / "two" / "a"), _metrics(tmp_path / "one" / "a")
     assert [m["step"] for m in ma] == [1, 2, 3]
     assert ma[-1]["kl"] == pytest.approx(m1[-1]["kl"], rel=1e-3) and ma[-1]["kl"] > 0
+    # the 2-rank sharded checkpoint of step 2, resumed by one process (whole weights, optimizer
+    # state by parameter name): step 3 ends where the uninterrupted runs do
+    dist_worker.run_fsdp(str(tiny), tmp_path / "two", runs=("c+",))
+    # and the other way: one process's (unsharded, optimizer state by index) checkpoint of step
+    # 2, resumed by 2 sharded ranks
+    results = launch(["fsdp", tiny, tmp_path / "one", "d+"], timeout=120)
+    assert all(rc == 0 for rc, _ in results), results[0][1][-3000:] + results[1][1][-3000:]
+    for resumed in (_model(tmp_path / "two" / "c"), _model(tmp_path / "one" / "d")):
+        for k in one:
+            torch.testing.assert_close(resumed[k], one[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
 def _model_file(folder) -> dict:
