@@ -5,6 +5,7 @@ Also imported by the test itself for the one-process reference (the same functio
     python dist_worker.py grads MODEL_DIR OUT.pt      every case of CASES: the step's gradient
     python dist_worker.py resume MODEL_DIR OUT_DIR    3 steps; 2 steps + resume to 3
     python dist_worker.py fsdp MODEL_DIR OUT_DIR [RUNS]   the same, full fine-tuning sharded (FSDP2)
+    python dist_worker.py eval MODEL_DIR OUT.json     eval metrics, the prompts split across the ranks
     python dist_worker.py reward_error MODEL_DIR OUT_DIR
     python dist_worker.py oom MODEL_DIR OUT_DIR
     python dist_worker.py tools MODEL_DIR OUT_DIR      one multi-turn step, paged sampler, environments
@@ -204,6 +205,32 @@ def run_fsdp(model_dir, out_dir, runs=("a", "b", "c")):
                 train_dataset=rows).train(resume_from_checkpoint=True)
 
 
+def run_eval(model_dir, out_file):
+    """Eval metrics (4 sampled completions per prompt, paged sampler) of 10 eval prompts, split
+    across the ranks; rank 0 writes them as JSON."""
+    import json
+
+    from grpo_fast import GRPOTrainer
+    from grpo_fast import distributed as dist
+
+    args = trainer_args(os.path.dirname(out_file) + "/eval_run", **{"sampling.backend": "sampler",
+                                                                   "eval.num_generations": 4, "data.eval_size": 10})
+    trainer = GRPOTrainer(model=model_dir, reward_funcs=[parity, length_bonus], args=args,
+                          train_dataset=prompt_rows(8), eval_dataset=prompt_rows(10))
+    generate, seen = trainer.generator.generate, []
+
+    def counting(prompt_ids, **kwargs):
+        seen.extend(prompt_ids)
+        return generate(prompt_ids, **kwargs)
+
+    trainer.generator.generate = counting
+    metrics = trainer.evaluate()
+    metrics["prompts_per_rank"] = dist.all_gather_object(len(seen))
+    if dist.is_main():
+        with open(out_file, "w") as f:
+            json.dump(metrics, f)
+
+
 def failing_on_rank_1(completions, **_):
     if os.environ.get("RANK") == "1":
         raise ValueError("reward server unreachable from rank 1")
@@ -288,6 +315,8 @@ if __name__ == "__main__":
         run_resume(model_dir, target)
     elif mode == "fsdp":
         run_fsdp(model_dir, target, *([tuple(sys.argv[4].split(","))] if len(sys.argv) > 4 else []))
+    elif mode == "eval":
+        run_eval(model_dir, target)
     elif mode == "reward_error":
         run_reward_error(model_dir, target)
     elif mode == "oom":

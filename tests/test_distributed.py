@@ -222,6 +222,22 @@ def _model_file(folder) -> dict:
     return load_file(str(Path(folder) / "model.safetensors"))
 
 
+def test_two_rank_eval_splits_the_prompts_and_gives_the_one_process_metrics(tiny, tmp_path):
+    """10 eval prompts x 4 sampled completions: each rank evaluates its 5 and the metrics
+    gathered are one process's (each prompt's completions are seeded by its index in the set)."""
+    import dist_worker
+
+    results = launch(["eval", tiny, tmp_path / "two.json"])
+    assert all(rc == 0 for rc, _ in results), results[0][1][-3000:] + results[1][1][-3000:]
+    dist_worker.run_eval(str(tiny), str(tmp_path / "one.json"))
+    two, one = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("two", "one"))
+    assert "eval/accuracy/pass@4" in one and "eval/completions/mean_length" in one
+    assert two.pop("prompts_per_rank") == [5, 5] and one.pop("prompts_per_rank") == [10]
+    assert two.keys() == one.keys()
+    for key in one:
+        assert two[key] == pytest.approx(one[key], abs=1e-9), key
+
+
 def test_reward_error_on_rank_1_ends_both_ranks_with_its_message(tiny, tmp_path):
     t0 = time.monotonic()
     results = launch(["reward_error", tiny, tmp_path / "run"], timeout=90, collective_timeout=300)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from grpo_fast import distributed as dist
 from grpo_fast.rewards import RewardSet, as_completions, compute_rewards
 
 
@@ -53,21 +54,24 @@ def evaluate(generator, tokenizer, encoded: list, rewards: RewardSet, *, max_tok
              num_samples: int = 3, trainer_state=None, tools=None, data_cfg=None) -> EvalResult:
     """Evaluate `encoded` prompts (EncodedPrompt list) with `rewards` (see the module docstring).
     tools (a grpo_fast.rollout.ToolSetup, with data_cfg to render the rows): multi-turn, as in
-    training; reward functions then see whole conversations."""
+    training; reward functions then see whole conversations. Under torchrun each rank runs its
+    share of the prompts (whole chunks of batch_size completions) and every rank returns the
+    whole set's metrics, the same as one process's."""
     n = num_generations
-    per_func: list[list[list[float]]] = [[] for _ in rewards.names]  # [F][prompt][scored completion]
-    lengths: list[int] = []
-    samples: list[dict] = []
     per_batch = max(1, batch_size // n)
-    for start in range(0, len(encoded), per_batch):
-        chunk = encoded[start:start + per_batch]
+
+    def run_chunk(start: int):
+        """One chunk's [F][prompt][scored completion] rewards, completion lengths and samples.
+        Each prompt's completions are seeded by its index in the whole eval set (first_group), so
+        how the set is chunked or split across ranks does not change them (paged sampler)."""
+        chunk = encoded[start:min(start + per_batch, share.stop)]
         trajectories = None if tools is None else tools.start_prompts(chunk, data_cfg, n)
         groups = generator.generate([e.ids for e in chunk] if trajectories is None else trajectories.prompt_ids, n=n,
                                     temperature=0.0 if n == 1 else temperature, max_tokens=max_tokens,
                                     stop=stop if tools is None else tools.stops(stop),
-                                    seed=seed + start, turn_handler=trajectories)
+                                    seed=seed, first_group=start, turn_handler=trajectories)
         prompts, texts, columns = [], [], {k: [] for e in chunk for k in e.row if k != "prompt"}
-        comp_ids, reasons = [], []
+        comp_ids, reasons, lengths = [], [], []
         for e, g in zip(chunk, groups):
             for c in g.completions:
                 prompts.append(e.row["prompt"])
@@ -83,15 +87,22 @@ def evaluate(generator, tokenizer, encoded: list, rewards: RewardSet, *, max_tok
             completions, columns["environments"] = trajectories.reward_inputs()
         result = compute_rewards(rewards, prompts, completions, columns, trainer_state=trainer_state)
         values = result.rewards.view(len(chunk), n, len(rewards.names))  # [P, n, F]
-        for j in range(len(rewards.names)):
-            for p in range(len(chunk)):
-                scored = values[p, :, j][~torch.isnan(values[p, :, j])].tolist()
-                if scored:
-                    per_func[j].append(scored)
-        for p in range(min(len(chunk), num_samples - len(samples))):
-            samples.append({"prompt": chunk[p].row["prompt"], "completion": texts[p * n],
-                            "answer": chunk[p].row.get("answer"),
-                            **{f"rewards/{name}": _value(values[p, 0, j]) for j, name in enumerate(rewards.names)}})
+        scored = [[values[p, :, j][~torch.isnan(values[p, :, j])].tolist() for p in range(len(chunk))]
+                  for j in range(len(rewards.names))]
+        samples = [{"prompt": chunk[p].row["prompt"], "completion": texts[p * n], "answer": chunk[p].row.get("answer"),
+                    **{f"rewards/{name}": _value(values[p, 0, j]) for j, name in enumerate(rewards.names)}}
+                   for p in range(min(len(chunk), num_samples))]
+        return [[v for v in per_prompt if v] for per_prompt in scored], lengths, samples
+
+    # Data parallel: each rank runs its contiguous share of the prompts, in chunks, and the
+    # results are gathered in prompt order: the metrics are one process's.
+    share = dist.shard_range(len(encoded))
+    with dist.fail_together("evaluating its share of the eval prompts"):
+        mine = [run_chunk(start) for start in range(share.start, share.stop, per_batch)]
+    chunks = [c for rank_chunks in dist.all_gather_object(mine) for c in rank_chunks]
+    per_func: list[list[list[float]]] = [[v for c in chunks for v in c[0][j]] for j in range(len(rewards.names))]
+    lengths = [x for c in chunks for x in c[1]]
+    samples = [x for c in chunks for x in c[2]][:num_samples]
     metrics: dict[str, float] = {}
     for j, name in enumerate(rewards.names):
         prompts_scored = per_func[j]
