@@ -87,6 +87,24 @@ def test_helpers_are_the_identity_in_one_process():
     assert dist.init() == 1  # no torchrun environment: nothing to join
 
 
+def test_cpu_ranks_each_keep_their_share_of_the_cores(monkeypatch):
+    import os
+
+    kept = {}
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5})
+    monkeypatch.setattr(os, "sched_setaffinity", lambda pid, cores: kept.update(cores=list(cores)))
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: kept.update(threads=n))
+    monkeypatch.setattr(dist, "local_rank", lambda: 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
+    assert dist.pin_cpu_rank() == [2, 3] and kept == {"cores": [2, 3], "threads": 2}
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # 6 cores do not split into 4: left alone
+    kept.clear()
+    assert dist.pin_cpu_rank() is None and kept == {}
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv(dist.PIN_ENV, "0")
+    assert dist.pin_cpu_rank() is None and kept == {}
+
+
 def test_collective_timeout_env_override(monkeypatch):
     monkeypatch.delenv(dist.TIMEOUT_ENV, raising=False)
     assert dist.timeout_s(None) == dist.DEFAULT_TIMEOUT_S and dist.timeout_s(30) == 30
