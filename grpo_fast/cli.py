@@ -20,7 +20,7 @@ import sys
 import traceback
 
 from grpo_fast.config import DEFAULT_JOB, load_config
-from grpo_fast.errors import TrainingStopped, UserError
+from grpo_fast.errors import ConfigError, TrainingStopped, UserError
 
 TRAIN_EPILOG = """\
 config overrides (any field, see grpo_fast/config.py or examples/cpu_default.yaml):
@@ -170,17 +170,25 @@ def cmd_plan(argv: list[str]) -> int:
                                 "and component, from the configs alone (no weights loaded)")
     p.add_argument("--config")
     p.add_argument("--device-memory", help="e.g. 24GiB: say whether the run fits and the largest settings that do")
-    mine, overrides = _split(argv, {"--config", "--device-memory", "-h", "--help"})
+    p.add_argument("--nproc", type=int, default=1,
+                   help="plan one rank of a torchrun run with N ranks (its B / N prompts; train.fsdp: 1/N of the weights)")
+    mine, overrides = _split(argv, {"--config", "--device-memory", "--nproc", "-h", "--help"})
     args = p.parse_args(mine)
     cfg = _load(args, overrides)
     from grpo_fast import memory
 
+    n = args.nproc
+    if n < 1 or cfg.train.prompts_per_step % n:
+        raise ConfigError(f"--nproc {n}: train.prompts_per_step ({cfg.train.prompts_per_step}) must split into {n} "
+                          f"equal shares of whole groups")
+    cfg.train.prompts_per_step //= n  # one rank's share of the step
     size = memory.parse_size(args.device_memory) if args.device_memory else None
     shape = memory.read_shape(cfg.model)
-    print(memory.plan(cfg, size, shape=shape).table())
+    print((f"one rank of {n}:\n" if n > 1 else "") + memory.plan(cfg, size, shape=shape, world_size=n).table())
     if size is not None:
-        print(f"\nlargest values that fit in {args.device_memory} (one at a time, the others as configured):")
-        for knob, value in memory.fit(cfg, size, shape=shape).items():
+        print(f"\nlargest values that fit in {args.device_memory} (one at a time, the others as configured"
+              + (f"; prompts_per_step is one rank's share" if n > 1 else "") + "):")
+        for knob, value in memory.fit(cfg, size, shape=shape, world_size=n).items():
             print(f"  {knob:<32} {'nothing fits' if value is None else value}")
     return 0
 

@@ -198,10 +198,12 @@ def _saved_per_token(s: ModelShape, r: int, lora_targets: int) -> int:
 
 
 def plan(cfg, device_memory: int | None = None, *, shape: ModelShape | None = None,
-         prompt_tokens: int | None = None) -> MemoryPlan:
+         prompt_tokens: int | None = None, world_size: int | None = None) -> MemoryPlan:
     """The plan of `cfg` (a Config). prompt_tokens: the longest prompt (default:
     sampling.max_prompt_length, the most a prompt may have). shape: the model's (default: read
-    from its config file). device_memory, when given, adds a note on whether it fits."""
+    from its config file). device_memory, when given, adds a note on whether it fits.
+    world_size: the ranks a train.fsdp run shards over (default: this run's, 1 without torchrun);
+    cfg is then one rank's share of the step (train/data_parallel.rank_config)."""
     device = plan_device(cfg)
     shape = shape or read_shape(cfg.model)
     s, t, sp, lc = shape, cfg.train, cfg.sampling, cfg.loss
@@ -224,7 +226,7 @@ def plan(cfg, device_memory: int | None = None, *, shape: ModelShape | None = No
     optim = t.optim if t.optim != "auto" else ("adamw_8bit" if device == "cuda" else "adamw")
     full = not cfg.lora.enabled
     targets = [] if full else (cfg.lora.target_modules or list(s.linears()))
-    shards = _shards(cfg)
+    shards = _shards(cfg, world_size)
     gathered_training = gathered_sampling = 0
     if full:  # every weight trains: its gradient and AdamW state in the weights' dtype; 1/W each under FSDP
         n = s.block_linear_params + s.other_params
@@ -320,11 +322,13 @@ def plan(cfg, device_memory: int | None = None, *, shape: ModelShape | None = No
     return result
 
 
-def _shards(cfg) -> int:
+def _shards(cfg, world_size: int | None = None) -> int:
     """How many ranks share a full fine-tuning run's weights: the world size under torchrun with
     train.fsdp, else 1."""
     if cfg.lora.enabled or not cfg.train.fsdp:
         return 1
+    if world_size is not None:
+        return world_size
     from grpo_fast import distributed
 
     return distributed.world_size()
@@ -361,7 +365,8 @@ KNOBS = (("train.prompts_per_step", 1024), ("sampling.num_generations", 256),
          ("sampling.max_completion_length", 131072), ("train.micro_batch_size", 4096))
 
 
-def fit(cfg, device_memory: int, *, shape: ModelShape | None = None, prompt_tokens: int | None = None) -> dict:
+def fit(cfg, device_memory: int, *, shape: ModelShape | None = None, prompt_tokens: int | None = None,
+        world_size: int | None = None) -> dict:
     """For each knob, the largest value that fits `device_memory` with the others as configured
     (None: not even the smallest fits). The plan is arithmetic, so the search is instant."""
     import copy
@@ -377,7 +382,7 @@ def fit(cfg, device_memory: int, *, shape: ModelShape | None = None, prompt_toke
             setattr(getattr(trial, section), name, value)
             if name == "micro_batch_size" and value > trial.train.prompts_per_step * trial.sampling.num_generations:
                 return False
-            return plan(trial, shape=shape, prompt_tokens=prompt_tokens).fits(device_memory)
+            return plan(trial, shape=shape, prompt_tokens=prompt_tokens, world_size=world_size).fits(device_memory)
 
         if not fits(floor):
             out[knob] = None

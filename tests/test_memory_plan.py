@@ -118,6 +118,14 @@ def test_cli_plan_prints_the_table_and_the_fit(tiny, capsys):
     assert "memory plan (cpu): peak" in out and "training activations" in out and "fits in 4.00 GiB" in out
     assert "train.prompts_per_step" in out and "sampling.max_completion_length" in out
     assert memory.parse_size("24GiB") == 24 * 2**30 and memory.parse_size("16GB") == 16 * 10**9
+    # one rank of a sharded 2-rank run: half the weights, its half of the step's prompts
+    args = ["plan", "--model.name_or_path", str(tiny), "--device", "cpu", "--lora.enabled", "false",
+            "--train.fsdp", "true", "--train.prompts_per_step", "4"]
+    assert cli.main(args + ["--nproc", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("one rank of 2:") and "sharded across 2 ranks" in out and "gathered layers (fsdp)" in out
+    assert cli.main(args + ["--nproc", "3"]) == 2
+    assert "--nproc 3: train.prompts_per_step (4) must split" in capsys.readouterr().err
 
 
 def test_micro_batches_by_tokens_pack_groups_and_split_long_ones():
