@@ -18,6 +18,7 @@ from concurrent.futures import FIRST_COMPLETED, wait
 import torch
 
 from grpo_fast.intmath import ceil_div
+from grpo_fast.models.causal_lm import keep_4bit_layout
 from grpo_fast.sampler.block_manager import BlockManager
 from grpo_fast.sampler.kv_budget import num_blocks_for_budget
 from grpo_fast.sampler.model_runner import ModelRunner
@@ -49,6 +50,7 @@ class Sampler:
             raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
         if not isinstance(max_prefill_tokens, int) or max_prefill_tokens < 1:
             raise ValueError(f"max_prefill_tokens must be an int >= 1, got {max_prefill_tokens!r}")
+        keep_4bit_layout(model)  # NF4 weights in the layout (and numerics) the trainer reads
         self.model = model
         self.tokenizer = tokenizer
         self.block_size = block_size

@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 
 from grpo_fast.errors import ConfigError, ModelError
-from grpo_fast.models.causal_lm import decoder_and_head
+from grpo_fast.models.causal_lm import decoder_and_head, keep_4bit_layout
 from grpo_fast.models.source import model_source as _source
 
 
@@ -86,18 +86,6 @@ def load_base_model(cfg, device: torch.device | None = None, *, quantize: bool |
     for p in model.parameters():
         p.requires_grad_(False)
     return model
-
-
-def keep_4bit_layout(model) -> None:
-    """Keep bitsandbytes' NF4 weights in their one layout. On a CPU with AVX512-BF16, bnb (seen
-    with 0.49 and 0.50) repacks a Linear4bit's weight in place on its first eval-mode forward into
-    a CPU-only layout: that fails outright when in_features < 2 x blocksize ("shape '[32, 0]' is
-    invalid"), and it rewrites weight.data under the sampler, the trainer and the memory plan,
-    which read the standard layout. Whether it happens would depend on the machine; here it never
-    does."""
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
 
 
 def _detach_from_checkpoint_file(model) -> None:
