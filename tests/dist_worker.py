@@ -124,6 +124,21 @@ def step_grads(model_dir: str) -> dict[str, list[torch.Tensor]]:
             p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
     assert sharding.shard_policy(model) == (dist.world_size() > 1)
     out["fsdp_full_finetuning"] = one_step_grads(model, tok, trainable_parameters(model), cfg)
+    # and with uneven shares (as dynamic sampling can leave them: rank 0 three groups, rank 1
+    # one) in micro-batches of one row: 9 passes on rank 0, 3 on rank 1, which FSDP needs equal
+    # (sharding.equal_passes: rank 1 adds 6 idle passes), old log-probs and reference included
+    import grpo_fast.train.data_parallel as data_parallel
+
+    real_range = data_parallel.dist.shard_range
+    data_parallel.dist.shard_range = lambda n: slice(0, n) if dist.world_size() == 1 else \
+        (slice(0, n - 1) if dist.rank() == 0 else slice(n - 1, n))
+    try:
+        out["fsdp_uneven_shares"] = one_step_grads(
+            model, tok, trainable_parameters(model),
+            load_config(None, {**base, "lora.enabled": False, "loss.beta": 0.04, "loss.num_iterations": 2,
+                               "train.micro_batch_size": 1}))
+    finally:
+        data_parallel.dist.shard_range = real_range
     return out
 
 

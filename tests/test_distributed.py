@@ -160,7 +160,7 @@ def test_two_rank_gradient_equals_the_one_process_gradient(tiny, tmp_path):
     assert all(rc == 0 for rc, _ in results), results[0][1][-3000:] + results[1][1][-3000:]
     two = torch.load(tmp_path / "grads.pt")
     one = dist_worker.step_grads(str(tiny))
-    assert set(two) == set(one) == set(dist_worker.CASES) | {"full_finetuning", "fsdp_full_finetuning"}
+    assert set(two) == set(one) == set(dist_worker.CASES) | {"full_finetuning", "fsdp_full_finetuning", "fsdp_uneven_shares"}
     for case in one:
         assert any(float(g.abs().max()) > 0 for g in one[case]), case  # a real gradient, not zeros
         for g1, g2 in zip(one[case], two[case]):

@@ -327,6 +327,43 @@ def test_shared_prompt_forward_equals_full_forward(tiny, comp_lens, checkpointin
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
+def test_auto_layout_packs_short_completions_and_caches_long_ones(tiny, monkeypatch):
+    """auto: packed while the block mask's extra attention is small against the linear work;
+    the cached prompt K/V once the completions make a group's packed sequence long (the dense
+    T x T attention mostly masked); never cached under gradient checkpointing (HF drops caches)."""
+    from transformers import LlamaConfig
+
+    from grpo_fast.train import packed_forward as pf
+    from grpo_fast.train.rollout_batch import make_batch
+
+    smol = LlamaConfig(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
+                       num_hidden_layers=30, vocab_size=49152)
+
+    def group(P, C, G=8):
+        batch = make_batch([[5] * P] * G, [[7] * C] * G, pad_id=0)
+        return batch, pf.prompt_runs(batch.input_ids[:, :P])
+
+    assert not pf.cached_pays(smol, *group(40, 16))
+    assert pf.cached_pays(smol, *group(40, 128)) and pf.cached_pays(smol, *group(512, 64))
+    assert not pf.cached_pays(smol, *group(40, 128, G=1))  # no group: nothing packed to save
+    # completion_hidden follows it: count which layout ran
+    from grpo_fast.config import LoraConfig, ModelConfig
+    from grpo_fast.train.model import load_policy, policy_modules
+
+    ran = []
+    monkeypatch.setattr(pf, "_packed_forward", lambda d, b, r: ran.append("packed"))
+    monkeypatch.setattr(pf, "_cached_prompt_forward", lambda d, b, r: ran.append("cached"))
+    monkeypatch.setattr(pf, "cached_pays", lambda config, batch, runs: batch.targets.shape[1] > 8)
+    for checkpointing in (False, True):
+        model, tok, _ = load_policy(ModelConfig(name_or_path=str(tiny), gradient_checkpointing=checkpointing),
+                                    LoraConfig(r=4, lora_alpha=8), seed=0)
+        model.train()
+        decoder = policy_modules(model).decoder
+        for C in (4, 12):
+            pf.completion_hidden(decoder, group(3, C, G=3)[0])
+    assert ran == ["packed", "cached", "packed", "packed"]
+
+
 def test_release_free_memory_returns_freed_heap_pages():
     """After a burst of freed small-chunk allocations, trimming gives their pages back: the
     resident set drops (glibc; elsewhere the call says it did nothing)."""

@@ -40,7 +40,11 @@ def completion_hidden(decoder, batch: SequenceBatch, *, share_prompts: bool = Tr
     plain pass. Positions past a row's completion (right padding) come back as zeros. A model with
     a sliding window gets the plain pass when a row is longer than the window (the block mask has
     no window; shorter rows never reach it).
-    layout: "auto" (packed unless the model attends with flash-attention), "packed" or "cached".
+    layout: "auto", "packed" or "cached". auto: cached under flash-attention; otherwise packed
+    unless the packed block mask's extra attention outweighs the cached layout's overhead
+    (`cached_pays`: long completions after short prompts, where a group's packed sequence is
+    long and its dense T x T attention mostly masked), and never cached under gradient
+    checkpointing.
     """
     if layout not in ("auto", "packed", "cached"):
         raise ValueError(f"layout must be auto, packed or cached, got {layout!r}")
@@ -51,12 +55,54 @@ def completion_hidden(decoder, batch: SequenceBatch, *, share_prompts: bool = Tr
     if runs is not None and window is not None and int(batch.attention_mask.sum(1).max()) > window:
         runs = None  # a row longer than the sliding window: HF's own masks (plain pass) apply it
     attn = getattr(config, "_attn_implementation", "sdpa") or "sdpa"
-    if runs is not None and (layout == "packed" or (layout == "auto" and not attn.startswith("flash"))):
-        return _packed_forward(decoder, batch, runs)
     checkpointed = decoder.training and any(getattr(m, "gradient_checkpointing", False) for m in decoder.modules())
+    if getattr(decoder, "collective", False) and runs is not None:
+        layout = "packed"  # one decoder call on every rank (FSDP's gathers), whatever the rank's rows
+    if layout == "auto" and runs is not None and not attn.startswith("flash"):
+        layout = "cached" if not checkpointed and cached_pays(config, batch, runs) else "packed"
+    if runs is not None and layout == "packed":
+        return _packed_forward(decoder, batch, runs)
     if runs is None or len(runs) == len(batch) or checkpointed:
         return _plain_forward(decoder, batch)
     return _cached_prompt_forward(decoder, batch, runs)
+
+
+# The cached layout's own cost (two decoder calls, the repeated prompt K/V, smaller products),
+# as a share of the linear layers' work. Measured on the CPU, SmolLM2 + LoRA r = 16, one group of
+# G = 8 per micro-batch (benchmarks/RESULTS.md "Training forward layouts"), with the share of the
+# linear work the packed mask adds: P = 40, C = 16 (0.035): packed 3.4 s vs cached 4.1; P = 40,
+# C = 64 (0.146): cached 8.3 vs 9.1; P = 512, C = 64 (0.153): equal; P = 40, C = 128: cached 18.2
+# vs 27.5. The threshold sits between the first two.
+CACHED_OVERHEAD = 0.08
+
+
+def cached_pays(config, batch: SequenceBatch, runs: list[int]) -> bool:
+    """Whether the cached layout beats the packed one on this batch, by attention work:
+
+        packed  R x T^2 query-key pairs (T the longest run: prompt + its completions, dense mask)
+        cached  B' x P^2 + N x (C - 1) x (P + C - 1) pairs (prompt once, completions over it)
+
+    each pair costs 4 H flops a layer; the linear layers cost 2 x (their parameters) per token
+    and layer, over the same T_total tokens either way. cached when the pairs it saves cost
+    more than CACHED_OVERHEAD of the linear work."""
+    if config is None or not getattr(config, "hidden_size", None):
+        return False
+    h = config.hidden_size
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or h // heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    inter = getattr(config, "intermediate_size", 4 * h)
+    linear = 2 * h * heads * head_dim + 2 * h * kv * head_dim + 3 * h * inter  # per layer: q, o, k, v, MLP
+    P, C = batch.prompt_width, batch.targets.shape[1]
+    real = batch.attention_mask.sum(1).tolist()  # [N]
+    prompt_lens = batch.attention_mask[:, :P].sum(1).tolist()
+    longest, tokens, row = 0, 0, 0
+    for count in runs:
+        t = prompt_lens[row] + sum(max(real[i] - prompt_lens[row] - 1, 0) for i in range(row, row + count))
+        longest, tokens, row = max(longest, t), tokens + t, row + count
+    packed_pairs = len(runs) * longest ** 2
+    cached_pairs = len(runs) * P ** 2 + len(batch) * (C - 1) * (P + C - 1)
+    return (packed_pairs - cached_pairs) * 4 * h > CACHED_OVERHEAD * tokens * 2 * linear
 
 
 def _plain_forward(decoder, batch: SequenceBatch) -> torch.Tensor:

@@ -17,6 +17,7 @@ from grpo_fast.ops import fused_grpo_loss, selective_logprobs
 from grpo_fast.train.model import PolicyModules, policy_modules, reference_policy
 from grpo_fast.train.packed_forward import completion_hidden
 from grpo_fast.train.rollout_batch import SequenceBatch
+from grpo_fast.train.sharding import idle_pass
 
 _CHECKED_HEADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # head module -> LogitTransform at T=1
 
@@ -70,6 +71,10 @@ def score_logprobs(policy: PolicyModules, batch: SequenceBatch, *, temperature: 
     cuts = cuts or [slice(start, start + step) for start in range(0, len(batch), step)]
     outs, ents = [], []
     for rows in cuts:
+        if rows is None:  # FSDP: this rank's share of a pass it has no rows for
+            with reference_policy(policy.model) if reference else contextlib.nullcontext(policy.model) as model:
+                idle_pass(policy if model is policy.model else policy_modules(model), backward=False)
+            continue
         part = batch.select(rows)
         # The reference's head as well as its decoder: a full fine-tuning run trains the head too
         # (the frozen weights are swapped in only inside the block), and a sharded head is whole
@@ -86,6 +91,9 @@ def score_logprobs(policy: PolicyModules, batch: SequenceBatch, *, temperature: 
             ents.append(out[1])
         else:
             outs.append(out)
+    if not outs:  # a rank with no rows (FSDP idle passes only)
+        empty = batch.targets.new_zeros(batch.targets.shape, dtype=torch.float32)
+        return (empty, empty.clone()) if return_entropy else empty
     logp = torch.cat(outs, 0).float()
     return (logp, torch.cat(ents, 0).float()) if return_entropy else logp
 

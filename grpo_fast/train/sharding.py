@@ -119,11 +119,43 @@ class ShardedDecoder:
     def __init__(self, model, decoder):
         self._model, self._decoder = model, decoder
 
+    collective = True  # every rank must run the same decoder calls (train/packed_forward.py)
+
     def __call__(self, *args, **kwargs):
         return self._model.grpo_decoder_forward(*args, **kwargs)
 
     def __getattr__(self, name):
         return getattr(self._decoder, name)
+
+
+def equal_passes(model, cuts: list[slice]) -> list[slice | None]:
+    """Under FSDP every rank must run the same forward (and backward) passes, each gathering the
+    same units in the same order: a rank whose rows split into fewer micro-batches than another
+    rank's (token budgets, dynamic sampling's uneven shares) splits its largest ones further,
+    and pads with idle passes (None: `idle_pass`) when it has too few rows for that. Not sharded:
+    the cuts as they are."""
+    if not is_sharded(model):
+        return cuts
+    cuts = [c for c in cuts if c.stop > c.start]
+    most = max(dist.all_gather_object(len(cuts)))
+    while len(cuts) < most:
+        i = max(range(len(cuts)), key=lambda k: cuts[k].stop - cuts[k].start, default=None)
+        if i is None or cuts[i].stop - cuts[i].start < 2:
+            break
+        c = cuts[i]
+        mid = (c.start + c.stop) // 2
+        cuts[i:i + 1] = [slice(c.start, mid), slice(mid, c.stop)]
+    return cuts + [None] * (most - len(cuts))
+
+
+def idle_pass(policy, *, backward: bool) -> None:
+    """One pad token through the decoder and a zero loss on it and the LM head: this rank's part
+    of a pass's FSDP collectives (its all-gathers, and with backward its reduce-scatters of zero
+    gradients) when it has no rows left for that pass."""
+    ids = torch.zeros((1, 1), dtype=torch.long, device=local_shard(policy.head.weight).device)
+    hidden = policy.decoder(input_ids=ids).last_hidden_state  # [1, 1, H]
+    if backward:
+        (hidden.sum() * 0 + policy.head.weight.sum() * 0).backward()
 
 
 def reference_model(model):

@@ -26,7 +26,7 @@ from grpo_fast.train.micro_batches import micro_batches
 from grpo_fast.train.model import PolicyModules
 from grpo_fast.train.policy_loss import policy_loss, score_logprobs
 from grpo_fast.train.rollout_batch import Rollout
-from grpo_fast.train.sharding import local_value
+from grpo_fast.train.sharding import equal_passes, idle_pass, local_value
 
 # Our loss metric names -> TRL's.
 _TRL_NAMES = {"clip_ratio/low": "clip_ratio/low_mean", "clip_ratio/high": "clip_ratio/high_mean",
@@ -50,6 +50,7 @@ def update_policy(policy: PolicyModules, optimizer, scheduler, params, rollout: 
     iterations = lc.num_iterations
     high_entropy = lc.top_entropy_quantile < 1.0
     cuts = micro_batches(batch, t.micro_batch_size, tokens=micro_batch_tokens)  # every pass splits alike
+    cuts = equal_passes(policy.model, cuts)  # FSDP: as many passes on every rank
 
     old = entropies = None
     t0 = time.perf_counter()
@@ -114,6 +115,9 @@ def optimizer_update(policy: PolicyModules, optimizer, scheduler, params, rollou
     total_loss = 0.0
     with dist.fail_together("computing its loss and gradient"):  # an OOM on one rank ends every rank
         for rows in cuts or micro_batches(rollout.batch, t.micro_batch_size):
+            if rows is None:  # FSDP: this rank's share of a pass it has no rows for
+                idle_pass(policy, backward=True)
+                continue
             part = rollout.batch.select(rows)
             loss, metrics = policy_loss(
                 policy, part, rollout.advantages[rows], None if old is None else old[rows],
