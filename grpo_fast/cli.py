@@ -181,7 +181,9 @@ def cmd_plan(argv: list[str]) -> int:
     if n < 1 or cfg.train.prompts_per_step % n:
         raise ConfigError(f"--nproc {n}: train.prompts_per_step ({cfg.train.prompts_per_step}) must split into {n} "
                           f"equal shares of whole groups")
-    cfg.train.prompts_per_step //= n  # one rank's share of the step
+    from grpo_fast.train.data_parallel import rank_config
+
+    cfg = rank_config(cfg, world_size=n)  # one rank's share of the step
     size = memory.parse_size(args.device_memory) if args.device_memory else None
     shape = memory.read_shape(cfg.model)
     print((f"one rank of {n}:\n" if n > 1 else "") + memory.plan(cfg, size, shape=shape, world_size=n).table())

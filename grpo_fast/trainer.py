@@ -52,7 +52,6 @@ from grpo_fast.train.model import (build_optimizer, build_scheduler, load_policy
                                    trainable_parameters)
 from grpo_fast.train.state import TrainerState
 from grpo_fast.train.trackers import make_trackers, resolve_report_to
-from grpo_fast.train.sharding import local_shard
 from grpo_fast.train.update import update_policy
 
 
@@ -600,7 +599,7 @@ def _find_resumable(out_dir: Path, ckpt_root: Path, wanted: bool, explicit, echo
 
 def _require_finite(params) -> None:
     """Never save NaN / inf weights (they would silently replace a good adapter)."""
-    bad = sum(not bool(torch.isfinite(local_shard(p)).all()) for p in params)
+    bad = sum(not bool(torch.isfinite(sharding.local_shard(p)).all()) for p in params)
     if dist.all_reduce_sum(int(bad)):  # every rank decides alike (a sharded run: each checks its shard)
         raise TrainingStopped("stopped: the trainable weights hold NaN / inf values, so nothing was saved; the "
                               "last checkpoint in the run folder is intact (resume from it with a lower "

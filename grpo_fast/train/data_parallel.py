@@ -79,10 +79,11 @@ def gather_values(values: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts).to(values.device)
 
 
-def rank_config(cfg):
+def rank_config(cfg, world_size: int | None = None):
     """The config as one rank's memory sees it: its B / W prompts of the step (the memory plan,
-    the token budget of its micro-batches). One process: cfg itself."""
-    W = dist.world_size()
+    the token budget of its micro-batches). One process: cfg itself. world_size: W (default:
+    this run's; `grpo-fast plan --nproc` plans another)."""
+    W = dist.world_size() if world_size is None else world_size
     if W == 1:
         return cfg
     share = copy.deepcopy(cfg)

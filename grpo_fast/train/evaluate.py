@@ -59,6 +59,9 @@ def evaluate(generator, tokenizer, encoded: list, rewards: RewardSet, *, max_tok
     whole set's metrics, the same as one process's."""
     n = num_generations
     per_batch = max(1, batch_size // n)
+    # Data parallel: each rank runs its contiguous share of the prompts, in chunks, and the
+    # results are gathered in prompt order: the metrics are one process's.
+    share = dist.shard_range(len(encoded))
 
     def run_chunk(start: int):
         """One chunk's [F][prompt][scored completion] rewards, completion lengths and samples.
@@ -94,9 +97,6 @@ def evaluate(generator, tokenizer, encoded: list, rewards: RewardSet, *, max_tok
                    for p in range(min(len(chunk), num_samples))]
         return [[v for v in per_prompt if v] for per_prompt in scored], lengths, samples
 
-    # Data parallel: each rank runs its contiguous share of the prompts, in chunks, and the
-    # results are gathered in prompt order: the metrics are one process's.
-    share = dist.shard_range(len(encoded))
     with dist.fail_together("evaluating its share of the eval prompts"):
         mine = [run_chunk(start) for start in range(share.start, share.stop, per_batch)]
     chunks = [c for rank_chunks in dist.all_gather_object(mine) for c in rank_chunks]

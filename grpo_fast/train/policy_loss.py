@@ -72,15 +72,14 @@ def score_logprobs(policy: PolicyModules, batch: SequenceBatch, *, temperature: 
     outs, ents = [], []
     for rows in cuts:
         if rows is None:  # FSDP: this rank's share of a pass it has no rows for
-            with reference_policy(policy.model) if reference else contextlib.nullcontext(policy.model) as model:
-                idle_pass(policy if model is policy.model else policy_modules(model), backward=False)
+            with _scorer(policy, reference) as scorer:
+                idle_pass(scorer, backward=False)
             continue
         part = batch.select(rows)
         # The reference's head as well as its decoder: a full fine-tuning run trains the head too
         # (the frozen weights are swapped in only inside the block), and a sharded head is whole
         # only after its model's forward.
-        with reference_policy(policy.model) if reference else contextlib.nullcontext(policy.model) as model:
-            scorer = policy if model is policy.model else policy_modules(model)
+        with _scorer(policy, reference) as scorer:
             hidden = completion_hidden(scorer.decoder, part)
             head = scorer.head
             out = selective_logprobs(hidden, head.weight.to(hidden.dtype), part.targets, temperature=temperature,
@@ -96,6 +95,16 @@ def score_logprobs(policy: PolicyModules, batch: SequenceBatch, *, temperature: 
         return (empty, empty.clone()) if return_entropy else empty
     logp = torch.cat(outs, 0).float()
     return (logp, torch.cat(ents, 0).float()) if return_entropy else logp
+
+
+@contextlib.contextmanager
+def _scorer(policy: PolicyModules, reference: bool):
+    """The modules that score: the policy's, or for the duration those of its reference policy."""
+    if not reference:
+        yield policy
+        return
+    with reference_policy(policy.model) as model:
+        yield policy if model is policy.model else policy_modules(model)
 
 
 def policy_loss(policy: PolicyModules, batch: SequenceBatch, advantages: torch.Tensor, old_logprobs, ref_logprobs, *,
