@@ -180,6 +180,8 @@ def run_trl(a) -> dict:
 
         def on_step_end(self, *_, **__):
             times["step"].append(time.perf_counter() - self.t0)
+            print(f"trl step {len(times['step'])}: {times['step'][-1]:.1f} s (sampling {times['gen'][-1]:.1f} s)",
+                  file=sys.stderr, flush=True)  # progress: a step beside a busy process can take many minutes
 
     trainer.add_callback(StepTimer())
     trainer.train()
@@ -231,10 +233,10 @@ def main() -> None:
                "--gradient-checkpointing", a.gradient_checkpointing, "--prompt-len", str(a.prompt_len)]
         cmd += ["--forced-length"] if a.forced_length else []
         with _busy.busy(a.busy):
-            proc = subprocess.run(cmd, capture_output=True, text=True)
+            proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)  # its stderr (progress, errors) shows live
         line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
         if proc.returncode or not line:
-            print(f"{impl} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
+            print(f"{impl} failed (exit {proc.returncode}; its error is above)", file=sys.stderr)
             continue
         results[impl] = json.loads(line[-1][7:])
 

@@ -51,6 +51,7 @@ from grpo_fast.train.metrics import plot_run
 from grpo_fast.train.model import (build_optimizer, build_scheduler, load_policy, policy_modules, save_merged,
                                    trainable_parameters)
 from grpo_fast.train.state import TrainerState
+from grpo_fast.train.threads import ThreadGovernor
 from grpo_fast.train.trackers import make_trackers, resolve_report_to
 from grpo_fast.train.update import update_policy
 
@@ -173,6 +174,8 @@ class GRPOTrainer:
         self.generator = Generator(self.model, self.tokenizer, backend=s.backend, kv_budget=self._kv_budget())
         _echo_all(echo, self.generator.take_notices())
         self.params = trainable_parameters(self.model)  # (a sharded model's are its shards)
+        # CPU: each scoring / training micro-batch's torch thread count follows the machine's load
+        self.thread_governor = (ThreadGovernor() if t.adaptive_threads and self.device.type == "cpu" else None)
         dist.seed_rank(t.seed)  # and draws its own dropout masks
         self.optimizer = build_optimizer(self.params, t, self.device)
         self.scheduler = build_scheduler(self.optimizer, t, max(1, self.max_steps * cfg.loss.num_iterations))
@@ -415,7 +418,7 @@ class GRPOTrainer:
         loss_metrics = update_policy(policy_modules(self.model), self.optimizer, self.scheduler, self.params,
                                      shard_rollout(batch, s.num_generations),
                                      cfg, self.state.loss_state, echo=self.echo,
-                                     micro_batch_tokens=self.micro_batch_tokens)
+                                     micro_batch_tokens=self.micro_batch_tokens, threads=self.thread_governor)
         skipped = loss_metrics.pop("skipped_update")
         t_step = time.perf_counter() - t0
         state = self.state

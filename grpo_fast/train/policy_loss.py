@@ -18,6 +18,7 @@ from grpo_fast.train.model import PolicyModules, policy_modules, reference_polic
 from grpo_fast.train.packed_forward import completion_hidden
 from grpo_fast.train.rollout_batch import SequenceBatch
 from grpo_fast.train.sharding import idle_pass
+from grpo_fast.train.threads import ThreadGovernor, paced
 
 _CHECKED_HEADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # head module -> LogitTransform at T=1
 
@@ -61,11 +62,13 @@ def _check_head(policy: PolicyModules, head: LogitTransform) -> None:
 
 @torch.no_grad()
 def score_logprobs(policy: PolicyModules, batch: SequenceBatch, *, temperature: float, reference: bool = False,
-                   micro_batch_size: int = 0, return_entropy: bool = False, cuts: list[slice] | None = None):
+                   micro_batch_size: int = 0, return_entropy: bool = False, cuts: list[slice] | None = None,
+                   threads: ThreadGovernor | None = None):
     """Per-token log-probs [N, C] fp32 of the completions under the policy (or, with
     reference=True, the reference policy = adapters disabled); 0 where mask = 0. With
     return_entropy, also the entropies [N, C] (the same pass: no extra product with the head).
-    One forward per row slice of `cuts` (train.micro_batches), else per micro_batch_size rows."""
+    One forward per row slice of `cuts` (train.micro_batches), else per micro_batch_size rows,
+    each on the thread count `threads` picks (grpo_fast.train.threads; None: torch's)."""
     transform = logit_transform(policy, temperature)
     step = micro_batch_size or len(batch)
     cuts = cuts or [slice(start, start + step) for start in range(0, len(batch), step)]
@@ -79,7 +82,7 @@ def score_logprobs(policy: PolicyModules, batch: SequenceBatch, *, temperature: 
         # The reference's head as well as its decoder: a full fine-tuning run trains the head too
         # (the frozen weights are swapped in only inside the block), and a sharded head is whole
         # only after its model's forward.
-        with _scorer(policy, reference) as scorer:
+        with _scorer(policy, reference) as scorer, paced(threads):
             hidden = completion_hidden(scorer.decoder, part)
             head = scorer.head
             out = selective_logprobs(hidden, head.weight.to(hidden.dtype), part.targets, temperature=temperature,

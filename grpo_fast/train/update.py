@@ -27,6 +27,7 @@ from grpo_fast.train.model import PolicyModules
 from grpo_fast.train.policy_loss import policy_loss, score_logprobs
 from grpo_fast.train.rollout_batch import Rollout
 from grpo_fast.train.sharding import equal_passes, idle_pass, local_value
+from grpo_fast.train.threads import ThreadGovernor, paced
 
 # Our loss metric names -> TRL's.
 _TRL_NAMES = {"clip_ratio/low": "clip_ratio/low_mean", "clip_ratio/high": "clip_ratio/high_mean",
@@ -36,11 +37,12 @@ _WEIGHTED_BY = {"entropy/high": "num_high_entropy_tokens"}  # else by num_tokens
 
 
 def update_policy(policy: PolicyModules, optimizer, scheduler, params, rollout: Rollout, cfg, loss_state: dict, *,
-                  echo=print, micro_batch_tokens: int | None = None) -> dict:
+                  echo=print, micro_batch_tokens: int | None = None, threads: ThreadGovernor | None = None) -> dict:
     """Score what the loss needs, then num_iterations optimizer updates; returns the last update's
     loss metrics (TRL's names) with time/old_logprobs_s, entropy_coef and skipped_update (the
     count over the iterations). `loss_state` is read and updated in place. micro_batch_tokens (a
-    number: the trainer resolves `auto`) splits the step by packed tokens instead of by count."""
+    number: the trainer resolves `auto`) splits the step by packed tokens instead of by count.
+    threads: the CPU thread governor every pass runs under (None: torch's thread count)."""
     lc, s, t = cfg.loss, cfg.sampling, cfg.train
     batch = rollout.batch  # this rank's rows; the normalizers count every rank's (one process: the same)
     n_tok, n_seq = dist.all_reduce_sum(float(batch.mask.sum())), dist.all_reduce_sum(len(batch))
@@ -56,12 +58,13 @@ def update_policy(policy: PolicyModules, optimizer, scheduler, params, rollout: 
     t0 = time.perf_counter()
     with dist.fail_together("scoring old / reference log-probs"):  # an OOM on one rank ends every rank
         if (iterations > 1 and source == "rescore") or high_entropy:
-            scored = score_logprobs(policy, batch, temperature=s.temperature, cuts=cuts, return_entropy=high_entropy)
+            scored = score_logprobs(policy, batch, temperature=s.temperature, cuts=cuts, return_entropy=high_entropy,
+                                    threads=threads)
             old, entropies = scored if high_entropy else (scored, None)
             if iterations == 1:
                 old = None  # on-policy: the update's own log-probs are exactly these
         t_old = time.perf_counter() - t0
-        ref = (score_logprobs(policy, batch, temperature=s.temperature, reference=True, cuts=cuts)
+        ref = (score_logprobs(policy, batch, temperature=s.temperature, reference=True, cuts=cuts, threads=threads)
                if lc.beta > 0 else None)
 
     threshold, n_kept = None, n_tok
@@ -79,7 +82,7 @@ def update_policy(policy: PolicyModules, optimizer, scheduler, params, rollout: 
             step_old = rollout.sampling_logprobs  # iteration 0 is on-policy and measured the agreement
         metrics = optimizer_update(policy, optimizer, scheduler, params, rollout, step_old, ref, cfg, num_items=n_tok,
                                    num_seqs=n_seq, entropy_threshold=threshold, num_entropy_items=n_kept,
-                                   entropy_coef=coef, cuts=cuts)
+                                   entropy_coef=coef, cuts=cuts, threads=threads)
         skipped += metrics.pop("skipped_update")
         control.update(metrics.get("entropy/high", metrics.get("entropy", 0.0)))
         if it == 0:  # the sampler-vs-trainer agreement: measured on-policy, before any update
@@ -97,6 +100,8 @@ def update_policy(policy: PolicyModules, optimizer, scheduler, params, rollout: 
     loss_state["entropy_control"] = control.state_dict()
     if ref is None:  # beta = 0: the KL was not measured (no reference pass); don't log a fake 0
         metrics.pop("kl", None)
+    if threads is not None and threads.others is not None:  # CPU load followed (train/threads.py)
+        metrics.update({"cpu/threads": float(threads.history[-1]), "cpu/others_cores": threads.others})
     metrics.update({"time/old_logprobs_s": t_old, "old_logprobs_from_sampler": float(from_sampler),
                     "skipped_update": skipped})
     return metrics
@@ -104,7 +109,8 @@ def update_policy(policy: PolicyModules, optimizer, scheduler, params, rollout: 
 
 def optimizer_update(policy: PolicyModules, optimizer, scheduler, params, rollout: Rollout, old, ref, cfg, *,
                      num_items: float, num_seqs: int, entropy_threshold=None, num_entropy_items=None,
-                     entropy_coef: float | None = None, cuts: list[slice] | None = None) -> dict:
+                     entropy_coef: float | None = None, cuts: list[slice] | None = None,
+                     threads: ThreadGovernor | None = None) -> dict:
     """Loss, gradient, one optimizer and scheduler step; returns the loss metrics aggregated over
     the micro-batches (TRL's names: token-weighted means, max / min of the per-micro-batch max /
     min, sums of counts and losses), loss, grad_norm and skipped_update (0 / 1). One forward and
@@ -119,14 +125,15 @@ def optimizer_update(policy: PolicyModules, optimizer, scheduler, params, rollou
                 idle_pass(policy, backward=True)
                 continue
             part = rollout.batch.select(rows)
-            loss, metrics = policy_loss(
-                policy, part, rollout.advantages[rows], None if old is None else old[rows],
-                None if ref is None else ref[rows], loss_cfg=lc, temperature=cfg.sampling.temperature,
-                max_completion_length=cfg.sampling.max_completion_length, num_items_in_batch=num_items,
-                num_sequences_in_batch=num_seqs, entropy_threshold=entropy_threshold,
-                num_entropy_items_in_batch=num_entropy_items, entropy_coef=entropy_coef,
-                sampling_logprobs=None if sampling is None else sampling[rows])
-            loss.backward()
+            with paced(threads):
+                loss, metrics = policy_loss(
+                    policy, part, rollout.advantages[rows], None if old is None else old[rows],
+                    None if ref is None else ref[rows], loss_cfg=lc, temperature=cfg.sampling.temperature,
+                    max_completion_length=cfg.sampling.max_completion_length, num_items_in_batch=num_items,
+                    num_sequences_in_batch=num_seqs, entropy_threshold=entropy_threshold,
+                    num_entropy_items_in_batch=num_entropy_items, entropy_coef=entropy_coef,
+                    sampling_logprobs=None if sampling is None else sampling[rows])
+                loss.backward()
             release_free_memory()  # this micro-batch's activations, so the next one starts from the live set
             total_loss += float(loss.detach())
             parts.append({k: float(v) for k, v in metrics.items()})
