@@ -271,7 +271,8 @@ def main() -> None:
             pass
     case = "".join([f"-c{a.max_completion}" if a.max_completion != 16 or a.forced_length else "",
                     "-forced" if a.forced_length else "", f"-p{a.prompt_len}" if a.prompt_len else "",
-                    f"-busy-{a.busy}" if a.busy != "none" else "", "-trl-fused" if a.trl_fused else ""])
+                    f"-busy-{a.busy}" if a.busy != "none" else "", "-trl-fused" if a.trl_fused else "",
+                    f"-only-{a.only}" if a.only else ""])  # a one-sided run keeps the two-sided file
     out = HERE / "results" / f"bench_step-gc-{a.gradient_checkpointing}{case}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(a), "results": results, "device": f"cpu x{os.cpu_count()}",

@@ -127,6 +127,30 @@ GF_AVX2 inline __m256 load8(const uint16_t* p) {  // 8 bf16 -> 8 fp32 (shift int
   const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
+GF_AVX2 inline float hmax8(__m256 v) {
+  __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+  x = _mm_max_ss(x, _mm_movehdup_ps(x));
+  return _mm_cvtss_f32(x);
+}
+// r[i][j] <- r[j][i] for an 8 x 8 block of fp32 in 8 registers.
+GF_AVX2 inline void transpose8x8(__m256* r) {
+  __m256 t[8], u[8];
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 2; ++i) {
+    u[4 * i] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    u[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    u[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    u[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+    r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+  }
+}
 GF_AVX2 inline float hsum8(__m256 v) {
   __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   x = _mm_add_ps(x, _mm_movehl_ps(x, x));
@@ -363,11 +387,11 @@ GF_AVX2 inline void score_tile(float* s, const float* q, const float* kt, int D)
     for (int v = 0; v < 4; ++v) _mm256_storeu_ps(s + r * kCascadeKeys + 8 * v, acc[r][v]);
 }
 
-// acc_r[0:8*NV] = acc_r * corr[r] + sum_{t < cn} p_r[t] * v_t[0:8*NV] for r < NR (acc rows D
-// apart, p rows 32 apart, v rows D apart).
+// acc_r[0:8*NV] = acc_r * corr[r] + sum_{t < cn} p_r[t] * v_t[vo:vo+8*NV] for r < NR (acc rows D
+// apart, p rows 32 apart, v_t = v[t]: a row of the cache itself or of a converted copy).
 template <int NR, int NV>
-GF_AVX2 inline void pv_tile(float* acc, const float* corr, const float* p, const float* v,
-                            int cn, int D) {
+GF_AVX2 inline void pv_tile(float* acc, const float* corr, const float* p, const float* const* v,
+                            int vo, int cn, int D) {
   __m256 a[NR][NV];
   for (int r = 0; r < NR; ++r) {
     const __m256 c = _mm256_set1_ps(corr[r]);
@@ -375,7 +399,7 @@ GF_AVX2 inline void pv_tile(float* acc, const float* corr, const float* p, const
   }
   for (int t = 0; t < cn; ++t) {
     __m256 vt[NV];
-    for (int i = 0; i < NV; ++i) vt[i] = _mm256_loadu_ps(v + t * D + 8 * i);
+    for (int i = 0; i < NV; ++i) vt[i] = _mm256_loadu_ps(v[t] + vo + 8 * i);
     for (int r = 0; r < NR; ++r) {
       const __m256 pt = _mm256_set1_ps(p[r * kCascadeKeys + t]);
       for (int i = 0; i < NV; ++i) a[r][i] = _mm256_fmadd_ps(pt, vt[i], a[r][i]);
@@ -386,11 +410,18 @@ GF_AVX2 inline void pv_tile(float* acc, const float* corr, const float* p, const
 }
 
 template <int NR>
-GF_AVX2 inline void pv_rows(float* acc, const float* corr, const float* p, const float* v, int cn,
-                            int D) {
+GF_AVX2 inline void pv_rows(float* acc, const float* corr, const float* p, const float* const* v,
+                            int cn, int D) {
   int d0 = 0;
-  for (; d0 + 32 <= D; d0 += 32) pv_tile<NR, 4>(acc + d0, corr, p, v + d0, cn, D);
-  for (; d0 + 8 <= D; d0 += 8) pv_tile<NR, 1>(acc + d0, corr, p, v + d0, cn, D);
+  for (; d0 + 32 <= D; d0 += 32) pv_tile<NR, 4>(acc + d0, corr, p, v, d0, cn, D);
+  for (; d0 + 8 <= D; d0 += 8) pv_tile<NR, 1>(acc + d0, corr, p, v, d0, cn, D);
+}
+
+// A V row as fp32: the cache's own row, or (bf16) converted into `copy`.
+GF_AVX2 inline const float* v_row(const float* row, float*, int) { return row; }
+GF_AVX2 inline const float* v_row(const uint16_t* row, float* copy, int D) {
+  for (int d = 0; d < D; d += 8) _mm256_storeu_ps(copy + d, load8(row + d));
+  return copy;
 }
 
 // The prefix item on the AVX2 path (D % 8 == 0).
@@ -416,41 +447,78 @@ GF_AVX2 void prefix_item_avx2(const T* q, const T* kc, const T* vc, const Cascad
   std::fill(m, m + nq, -std::numeric_limits<float>::infinity());
   std::fill(l, l + nq, 0.f);
   const int32_t* table = a.tables + static_cast<int64_t>(c.rows[first]) * a.max_blocks;
+  const float* vrow[kCascadeKeys];
   for (int64_t j0 = k0; j0 < k1; j0 += kCascadeKeys) {
     const int cn = static_cast<int>(std::min<int64_t>(kCascadeKeys, k1 - j0));
-    // K^T [D][32] and V [32][D] of this chunk in fp32 (zeros past cn)
-    for (int t = 0; t < kCascadeKeys; ++t) {
+    // K^T [D][32] in fp32 (zeros past cn): 8 keys x 8 dims at a time through registers (a
+    // scalar transposed store per element was a third of the item). V rows: the cache's own
+    // (fp32) or an fp32 copy (bf16).
+    int t = 0;
+    for (; t + 8 <= cn; t += 8) {
+      const T* krow[8];
+      for (int i = 0; i < 8; ++i) {
+        const int64_t off = kv_offset(token_slot(table, j0 + t + i, a.bs), h, a.hkv, D);
+        krow[i] = kc + off;
+        vrow[t + i] = v_row(vc + off, vb + (t + i) * D, D);
+      }
+      for (int d = 0; d < D; d += 8) {
+        __m256 r[8];
+        for (int i = 0; i < 8; ++i) r[i] = load8(krow[i] + d);
+        transpose8x8(r);
+        for (int i = 0; i < 8; ++i) _mm256_storeu_ps(kt + (d + i) * kCascadeKeys + t, r[i]);
+      }
+    }
+    for (; t < kCascadeKeys; ++t) {
       if (t < cn) {
         const int64_t off = kv_offset(token_slot(table, j0 + t, a.bs), h, a.hkv, D);
-        for (int d = 0; d < D; ++d) {
-          kt[d * kCascadeKeys + t] = load(kc + off, d);
-          vb[t * D + d] = load(vc + off, d);
-        }
+        for (int d = 0; d < D; ++d) kt[d * kCascadeKeys + t] = load(kc + off, d);
+        vrow[t] = v_row(vc + off, vb + t * D, D);
       } else {
         for (int d = 0; d < D; ++d) kt[d * kCascadeKeys + t] = 0.f;
+      }
+    }
+    // the next chunk's K/V rows start coming from memory while this one computes (the packing
+    // above otherwise waits on every row: the item is read-bound once the arithmetic is blocked)
+    for (int64_t j = j0 + kCascadeKeys; j < std::min<int64_t>(k1, j0 + 2 * kCascadeKeys); ++j) {
+      const int64_t off = kv_offset(token_slot(table, j, a.bs), h, a.hkv, D);
+      for (int64_t byte = 0; byte < static_cast<int64_t>(D * sizeof(T)); byte += 64) {
+        _mm_prefetch(reinterpret_cast<const char*>(kc + off) + byte, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(vc + off) + byte, _MM_HINT_T0);
       }
     }
     int64_t r = 0;
     for (; r + 3 <= nq; r += 3) score_tile<3>(sb + r * kCascadeKeys, qs + r * D, kt, D);
     for (; r < nq; ++r) score_tile<1>(sb + r * kCascadeKeys, qs + r * D, kt, D);
+    // online softmax, 8 keys a vector (the scalar loop did not vectorize: a fifth of the item);
+    // lanes past cn weigh nothing
+    __m256 keep[4];
+    for (int v = 0; v < 4; ++v)
+      keep[v] = _mm256_castsi256_ps(_mm256_cmpgt_epi32(
+          _mm256_set1_epi32(cn), _mm256_add_epi32(_mm256_set1_epi32(8 * v), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))));
+    const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
     for (int64_t qi = 0; qi < nq; ++qi) {
       float* sr = sb + qi * kCascadeKeys;
-      float mb = m[qi];
-      for (int t = 0; t < cn; ++t) mb = std::max(mb, sr[t]);
-      corr[qi] = std::exp(m[qi] - mb);  // exp(-inf) = 0 on the first chunk
-      float lsum = 0.f;
-#pragma omp simd reduction(+ : lsum)
-      for (int t = 0; t < cn; ++t) {
-        sr[t] = exp_nonpos(sr[t] - mb);
-        lsum += sr[t];
+      __m256 sv[4], mx = ninf;
+      for (int v = 0; v < 4; ++v) {
+        sv[v] = _mm256_blendv_ps(ninf, _mm256_loadu_ps(sr + 8 * v), keep[v]);
+        mx = _mm256_max_ps(mx, sv[v]);
       }
-      l[qi] = l[qi] * corr[qi] + lsum;
+      const float mb = std::max(m[qi], hmax8(mx));
+      corr[qi] = std::exp(m[qi] - mb);  // exp(-inf) = 0 on the first chunk
+      const __m256 mbv = _mm256_set1_ps(mb);
+      __m256 sum = _mm256_setzero_ps();
+      for (int v = 0; v < 4; ++v) {
+        const __m256 e = _mm256_and_ps(exp_nonpos8(_mm256_sub_ps(sv[v], mbv)), keep[v]);
+        _mm256_storeu_ps(sr + 8 * v, e);
+        sum = _mm256_add_ps(sum, e);
+      }
+      l[qi] = l[qi] * corr[qi] + hsum8(sum);
       m[qi] = mb;
     }
     r = 0;
     for (; r + 3 <= nq; r += 3)
-      pv_rows<3>(acc + r * D, corr + r, sb + r * kCascadeKeys, vb, cn, D);
-    for (; r < nq; ++r) pv_rows<1>(acc + r * D, corr + r, sb + r * kCascadeKeys, vb, cn, D);
+      pv_rows<3>(acc + r * D, corr + r, sb + r * kCascadeKeys, vrow, cn, D);
+    for (; r < nq; ++r) pv_rows<1>(acc + r * D, corr + r, sb + r * kCascadeKeys, vrow, cn, D);
   }
   for (int64_t i = 0; i < G; ++i) {
     float* dst = part + i * part_stride + static_cast<int64_t>(h) * rep * (D + 2);

@@ -84,6 +84,21 @@ def test_cascade_equals_paged_and_sdpa(hq, hkv, D):
         torch.testing.assert_close(explicit.float(), want.float(), **TOL[dtype])
 
 
+@pytest.mark.parametrize("bs,prompts,prefix", [(16, [20, 50], [16, 48]), (4, [14, 45, 7], [12, 44, 4])])
+def test_prefix_chunks_shorter_than_a_micro_tile(bs, prompts, prefix):
+    """The AVX2 prefix item packs keys 8 at a time and softmaxes 32 at a time: a last chunk of
+    16 keys (masked lanes), of 12 (8 packed + 4 one by one) or of 4 must weigh only its keys."""
+    for dtype in (torch.float32, torch.bfloat16):
+        kc, vc, tables, lens, gids = grpo_layout(prompts, G=4, C=3, hkv=3, D=64, dtype=dtype, bs=bs, seed=bs)
+        groups = kv.cascade_groups(tables, lens, gids, bs, min_prefix=1)
+        assert list(groups.prefix) == prefix
+        q = torch.randn(len(gids), 9, 64, generator=torch.Generator().manual_seed(2)).to(dtype) * 4  # peaked
+        out, paged, _ = run_both(q, kc, vc, tables, lens, groups, 64 ** -0.5)
+        torch.testing.assert_close(out.float(), paged.float(), **TOL[dtype])
+        want = ref.paged_decode_attention(q, kc, vc, tables, lens, 64 ** -0.5)
+        torch.testing.assert_close(out.float(), want.float(), **TOL[dtype])
+
+
 def test_prefix_ending_inside_a_shared_block():
     """A prefix length that is not a multiple of the block size (any length whose blocks the
     group shares is allowed by the contract), and every grouping of the same rows."""
