@@ -163,3 +163,24 @@ def format_table(headers: list[str], rows: list[list]) -> str:
     lines = [" | ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cells]
     lines.insert(1, "-|-".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- training-pass fixtures
+
+
+def lora_policy_and_batch(B: int, G: int, P: int, C: int, seed: int = 0):
+    """SmolLM2-135M + LoRA r = 16 in train mode, its policy modules, and a packed batch of B random
+    prompts of P tokens x G random completions of C tokens; plus a random [H] vector w so that
+    (hidden @ w).sum() is a scalar to backpropagate. -> (model, policy, batch, w)."""
+    from grpo_fast.config import load_config
+    from grpo_fast.train.model import load_policy, policy_modules
+    from grpo_fast.train.rollout_batch import make_batch
+
+    cfg = load_config(None, {"lora.r": 16, "lora.lora_alpha": 32})
+    model, _, _ = load_policy(cfg.model, cfg.lora, seed=seed)
+    model.train()
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(100, 40000, (P,), generator=g).tolist() for _ in range(B)]
+    comps = [torch.randint(100, 40000, (C,), generator=g).tolist() for _ in range(B * G)]
+    batch = make_batch([p for p in prompts for _ in range(G)], comps, pad_id=0)
+    return model, policy_modules(model), batch, torch.randn(model.config.hidden_size, generator=g)

@@ -5,21 +5,10 @@ alternating after a warm-up of each.
     python benchmarks/bench_train_layout.py P C     # prompt and completion lengths (default 40 128)
 """
 import sys, time, torch
-from grpo_fast.config import load_config
-from grpo_fast.train.model import load_policy, policy_modules
+from _bench_utils import lora_policy_and_batch
 from grpo_fast.train.packed_forward import completion_hidden
-from grpo_fast.train.rollout_batch import make_batch
 B, G, P, C = 4, 8, int(sys.argv[1]) if len(sys.argv) > 1 else 40, int(sys.argv[2]) if len(sys.argv) > 2 else 128
-cfg = load_config(None, {"lora.r": 16, "lora.lora_alpha": 32})
-model, tok, _ = load_policy(cfg.model, cfg.lora, seed=0)
-model.train()
-pol = policy_modules(model)
-g = torch.Generator().manual_seed(0)
-prompts = [torch.randint(100, 40000, (P,), generator=g).tolist() for _ in range(B)]
-rows_p = [p for p in prompts for _ in range(G)]
-comps = [torch.randint(100, 40000, (C,), generator=g).tolist() for _ in range(B * G)]
-batch = make_batch(rows_p, comps, pad_id=0)
-w = torch.randn(576, generator=g)
+model, pol, batch, w = lora_policy_and_batch(B, G, P, C)
 def step(layout, mb=8):
     t0 = time.perf_counter()
     for s in range(0, B * G, mb):

@@ -38,27 +38,17 @@ def child(setting: str, busy_kinds: list[str], repeats: int, prompt_len: int, co
     import torch
 
     sys.path.insert(0, os.path.dirname(__file__))
+    from _bench_utils import lora_policy_and_batch
     from _busy import busy
 
-    from grpo_fast.config import load_config
-    from grpo_fast.train.model import load_policy, policy_modules
     from grpo_fast.train.packed_forward import completion_hidden
-    from grpo_fast.train.rollout_batch import make_batch
     from grpo_fast.train.threads import ThreadGovernor
 
     if setting == "threads1":
         torch.set_num_threads(1)
     governor = ThreadGovernor() if setting == "governor" else None
     B, G = 4, 8
-    cfg = load_config(None, {"lora.r": 16, "lora.lora_alpha": 32})
-    model, _, _ = load_policy(cfg.model, cfg.lora, seed=0)
-    model.train()
-    pol = policy_modules(model)
-    g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(100, 40000, (prompt_len,), generator=g).tolist() for _ in range(B)]
-    comps = [torch.randint(100, 40000, (completion_len,), generator=g).tolist() for _ in range(B * G)]
-    batch = make_batch([p for p in prompts for _ in range(G)], comps, pad_id=0)
-    w = torch.randn(576, generator=g)
+    model, pol, batch, w = lora_policy_and_batch(B, G, prompt_len, completion_len)
 
     def micro_batch(part):
         (completion_hidden(pol.decoder, part) @ w).sum().backward()
