@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections import Counter
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -69,10 +70,10 @@ class LoadMeter:
         self.own_cpu_s = own_cpu_s or (lambda: sum(os.times()[:2]))  # this process, every thread
         self.cpus = set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
         self.ticks_per_s = float(os.sysconf("SC_CLK_TCK")) if hasattr(os, "sysconf") else 100.0
-        self.available = read() is not None
         # the last reading: from creation on, so the first block already sees what ran before it
         # (a trainer makes its governor before the first sampling phase)
         self._start, self._stop = None, self._reading()
+        self.available = self._stop is not None
 
     def _reading(self):
         text = self.read()
@@ -107,7 +108,8 @@ class ThreadGovernor:
         self.meter = meter or LoadMeter()
         self.choice = self.max_threads
         self.others: float | None = None  # cores others used in the last measured block
-        self.history: list[int] = []  # the thread count of every block
+        self.last: int | None = None  # the thread count of the last block
+        self.blocks: Counter[int] = Counter()  # thread count -> blocks run with it
 
     @property
     def enabled(self) -> bool:
@@ -127,7 +129,8 @@ class ThreadGovernor:
         self._learn(self.meter.start())  # a load that came or went since the last block
         before = torch.get_num_threads()
         torch.set_num_threads(self.choice)
-        self.history.append(self.choice)
+        self.last = self.choice
+        self.blocks[self.choice] += 1
         try:
             yield
         finally:
@@ -141,7 +144,7 @@ class ThreadGovernor:
 
     def describe(self) -> dict:
         return {"choice": self.choice, "others_cores": None if self.others is None else round(self.others, 2),
-                "blocks_per_thread_count": {n: self.history.count(n) for n in sorted(set(self.history))}}
+                "blocks_per_thread_count": dict(sorted(self.blocks.items()))}
 
 
 def paced(governor: ThreadGovernor | None):

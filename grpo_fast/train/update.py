@@ -101,7 +101,7 @@ def update_policy(policy: PolicyModules, optimizer, scheduler, params, rollout: 
     if ref is None:  # beta = 0: the KL was not measured (no reference pass); don't log a fake 0
         metrics.pop("kl", None)
     if threads is not None and threads.others is not None:  # CPU load followed (train/threads.py)
-        metrics.update({"cpu/threads": float(threads.history[-1]), "cpu/others_cores": threads.others})
+        metrics.update({"cpu/threads": float(threads.last), "cpu/others_cores": threads.others})
     metrics.update({"time/old_logprobs_s": t_old, "old_logprobs_from_sampler": float(from_sampler),
                     "skipped_update": skipped})
     return metrics
