@@ -24,6 +24,7 @@ must hold no collective itself: a rank that failed before it would leave the oth
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import os
@@ -100,6 +101,11 @@ def init(collective_timeout_s: float | None = None) -> int:
     else:
         tdist.init_process_group("gloo", timeout=timeout)
         pin_cpu_rank()
+    # A group still alive at interpreter exit is torn down by static destructors, and gloo's
+    # worker threads then end the process with `terminate called without an active exception`
+    # (SIGABRT, exit code -6) now and then: pytorch#190489. A Python script that trains or
+    # evaluates under torchrun seldom calls shutdown(), so the group we made is left here.
+    atexit.register(shutdown)
     return world_size()
 
 
@@ -285,6 +291,7 @@ def broadcast_tensors(tensors, src: int = 0) -> None:
 
 
 def shutdown() -> None:
-    """Leave the process group (end of a run)."""
+    """Leave the process group (end of a run; also run at interpreter exit for a group init()
+    made, so a script that never calls it still exits cleanly). Idempotent."""
     if _active():
         tdist.destroy_process_group()

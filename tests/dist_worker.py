@@ -220,9 +220,21 @@ def run_fsdp(model_dir, out_dir, runs=("a", "b", "c")):
                 train_dataset=rows).train(resume_from_checkpoint=True)
 
 
+def report_group_at_exit():
+    """Registered before the trainer joins the group, so it runs after every exit handler the
+    trainer registered (atexit runs them last-in first-out): prints whether the process group
+    is still alive then, which is what gloo's destructors would meet."""
+    import atexit
+
+    import torch.distributed as tdist
+
+    atexit.register(lambda: print(f"GROUP_ALIVE_AT_EXIT={tdist.is_initialized()}", flush=True))
+
+
 def run_eval(model_dir, out_file):
     """Eval metrics (4 sampled completions per prompt, paged sampler) of 10 eval prompts, split
-    across the ranks; rank 0 writes them as JSON."""
+    across the ranks; rank 0 writes them as JSON. The script never leaves the group itself, as a
+    user's script under torchrun seldom does (the `eval` mode reports the group at exit)."""
     import json
 
     from grpo_fast import GRPOTrainer
@@ -331,6 +343,7 @@ if __name__ == "__main__":
     elif mode == "fsdp":
         run_fsdp(model_dir, target, *([tuple(sys.argv[4].split(","))] if len(sys.argv) > 4 else []))
     elif mode == "eval":
+        report_group_at_exit()
         run_eval(model_dir, target)
     elif mode == "reward_error":
         run_reward_error(model_dir, target)
