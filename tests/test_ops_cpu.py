@@ -359,9 +359,12 @@ def test_a_wrong_row_plan_is_refused():
         logp.sum().backward()
 
 
-def test_backend_contract_entropy_gradient_and_softcap():
+@pytest.mark.parametrize("step", [None, 3, 5, 8])
+def test_backend_contract_entropy_gradient_and_softcap(step):
     """logprob_backward with grad_entropy and a soft cap, and the gradient-ready forward's D and D'
-    (all rows, and the hot rows of a plan), against autograd through materialized logits."""
+    (all rows, and the hot rows of a plan), against autograd through materialized logits. With
+    chunks of `step` rows (None: one chunk) the hot rows' entropy columns of several chunks share
+    one product (at most step // 2 columns), or a chunk's get one of their own (more of them)."""
     g = torch.Generator().manual_seed(9)
     N, H, V, T, s, c = 13, 16, 1031, 0.7, 1.3, 2.5
     hidden = torch.randn(N, H, generator=g, requires_grad=True)
@@ -393,7 +396,8 @@ def test_backend_contract_entropy_gradient_and_softcap():
         for plan in (RowGrads(entropy=True), RowGrads(entropy=True, hot_threshold=thr, cold_logp=False),
                      RowGrads(entropy=True, hot_threshold=thr, cold_logp=True)):
             _, _, e, d_logp, d_ent, logp_rows, ent_rows = logprob_cpu.logprob_forward_input_grad(
-                hidden, weight, bias, targets, T, True, logit_scale=s, plan=plan)
+                hidden, weight, bias, targets, T, True, logit_scale=s, plan=plan,
+                chunk_bytes=None if step is None else 4 * V * step)
             torch.testing.assert_close(e, ent, rtol=1e-5, atol=1e-5)
             hot = ent >= thr if plan.hot_threshold is not None else torch.ones(N, dtype=torch.bool)
             rows = hot if not plan.cold_logp else torch.ones(N, dtype=torch.bool)

@@ -90,6 +90,45 @@ def _softmax_stats(z: Tensor, q: Tensor, y: Tensor, compute_entropy: bool):
     return s, lse, logp, entropy
 
 
+class _PendingEntropyColumns:
+    """Hot rows' entropy columns r = q ∘ (log q - a/S) (q [V, K'] their columns exp(z - m), S
+    their sums, a = Σ_v q log q from these same columns) gathered over chunks in a [V, capacity]
+    buffer; `flush` puts them through one product r^T @ W and writes F · scale into their rows of
+    `dent_dh` (scale = -(s/T) / S: D' = d entropy / d h). log q = z - m; where q underflowed to 0
+    it is clamped so that 0 · log q stays 0. Centred before the product, so F - (a/S) E has no
+    cancellation. (The GEMM shortcut's a differs from the columns' by rounding that grows with m:
+    2e-5 in D'.)"""
+
+    def __init__(self, vocab: int, capacity: int, times_w, dent_dh: Tensor):
+        self.cols = dent_dh.new_empty(vocab * capacity).view(vocab, capacity)  # [V, capacity] fp32
+        self.capacity, self.times_w, self.dent_dh = capacity, times_w, dent_dh
+        self.width, self.rows, self.scales = 0, [], []
+
+    def add(self, q: Tensor, sums: Tensor, rows: Tensor, scale: Tensor) -> None:
+        k = q.shape[1]
+        if self.width + k > self.capacity:
+            self.flush()
+        if k > self.capacity:  # wide enough for a product of its own
+            self.dent_dh[rows] = self.times_w(self._centred(q, sums, q)) * scale  # q is a gathered copy
+            return
+        self._centred(q, sums, self.cols[:, self.width:self.width + k])
+        self.width += k
+        self.rows.append(rows)
+        self.scales.append(scale)
+
+    def flush(self) -> None:
+        if self.width:
+            products = self.times_w(self.cols[:, :self.width])  # [K, H]
+            self.dent_dh[torch.cat(self.rows)] = products * torch.cat(self.scales)
+        self.width, self.rows, self.scales = 0, [], []
+
+    @staticmethod
+    def _centred(q: Tensor, sums: Tensor, out: Tensor) -> Tensor:
+        qlogq = torch.log(q).clamp_min_(-1e30).mul_(q)  # [V, K], contiguous: the sum runs fast
+        centre = (qlogq.sum(dim=0) / sums).neg_().unsqueeze(0)  # [1, K] -a/S
+        return torch.addcmul(qlogq, q, centre, out=out)  # one pass into the (strided) columns
+
+
 def _stat_outputs(hidden: Tensor, compute_entropy: bool):
     """Empty (logp, lse, entropy | None), each [N] fp32, for hidden [N, H]."""
     n = hidden.shape[0]
@@ -141,6 +180,14 @@ def logprob_forward_input_grad(
     row's D is needed the entropy comes from the GEMM for E: Σ_v q_v z_v = (E · h + q · b) s/T;
     when only hot rows need it, a = Σ_v q log q is summed elementwise first and the GEMMs run on
     the hot rows' columns only (the 80/20 rule's saving: 4 in 5 rows need no product with W).
+
+    With every row's D needed, the hot rows (and so which F to compute) are known only after the
+    chunk's product for E, and a product of one chunk's few hot columns alone runs at ~0.5 of the
+    wide product's GFLOPS (K ≈ 51 of C = 256: 0.74 against 0.37-0.42 ms a column, 2 AVX2 cores).
+    So their columns r gather over chunks in a [V, B/2] buffer and go through one product when it
+    is full (`_PendingEntropyColumns`). (Riding as extra columns of the next chunk's product was
+    tried: it makes the chunk's own columns a strided view, and the reductions over them ran 3x
+    slower, eating the saving.)
     """
     entropy_grad = plan is not None and plan.entropy
     threshold = None if plan is None else plan.hot_threshold
@@ -162,6 +209,8 @@ def logprob_forward_input_grad(
     def times_w(cols: Tensor) -> Tensor:  # cols [V, K] fp32 -> cols^T @ W [K, H] fp32
         return torch.mm(cols.t(), weight) if hidden.dtype == f32 else (cols.t().to(weight.dtype) @ weight).float()
 
+    pending = _PendingEntropyColumns(vocab, max(1, min(step, n) // 2), times_w, dent_dh) \
+        if entropy_grad and not select else None
     for s, e in chunks:
         c = e - s
         h = hidden[s:e]  # [C, H]
@@ -210,12 +259,18 @@ def logprob_forward_input_grad(
             hot_cols = hot.nonzero().squeeze(1)  # positions within the picked rows
             if hot_cols.numel():
                 col = hot_cols if rows is None else rows[hot_cols]
-                q = zt[:, col]  # [V, K']
-                # q ∘ (z - m - a/S): centred before the product, so F - (a/S) E has no cancellation
-                r = qlogq[:, col] if qlogq is not None else torch.special.xlogy(q, q)
-                r -= q * (r.sum(dim=0) / sums[col])  # a from these columns, not the GEMM shortcut's
-                dent_dh[s + col] = times_w(r) * (-inv_s[hot_cols] * inv_t)
+                scale = -inv_s[hot_cols] * inv_t  # [K', 1]
                 entropy_rows[s + col] = True
+                if qlogq is not None:
+                    q = zt[:, col]  # [V, K']
+                    # q ∘ (z - m - a/S): centred before the product, so F - (a/S) E has no cancellation
+                    r = qlogq[:, col]
+                    r -= q * (r.sum(dim=0) / sums[col])  # a from these columns
+                    dent_dh[s + col] = times_w(r) * scale
+                else:
+                    pending.add(zt[:, col], sums[col], s + col, scale)  # a gather: index_select(1) is 4x slower
+    if pending is not None:
+        pending.flush()
     return logp, lse, entropy, dlogp_dh, dent_dh, logp_rows, entropy_rows
 
 
