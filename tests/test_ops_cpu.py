@@ -245,6 +245,61 @@ def test_never_materializes_n_by_v(train_head):
     assert probe.max_numel < n_tokens * 1031
 
 
+class OpShapes(TorchDispatchMode):
+    """Records (op name, output shape, dtype) of every op."""
+
+    def __init__(self):
+        super().__init__()
+        self.outputs = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.outputs.append((str(func), tuple(t.shape), t.dtype))
+        return out
+
+
+def test_frozen_head_gathers_rows_without_a_compacted_copy(monkeypatch):
+    """A frozen head on the CPU: the op gathers each chunk's kept rows itself, so no [N, H] copy
+    of hidden in its dtype (bf16 here; D and D' are fp32) is ever made; loss, metrics and
+    gradients equal the compacting path's, and the masked rows' gradient is 0."""
+    from grpo_fast.loss import fused
+
+    case = make_case(B=4, T=8, H=8, V=1031, train_head=False, bias=False, dtype=torch.bfloat16, seed=3)
+    n_tokens = int(case["mask"].sum())
+    assert 0 < n_tokens < case["mask"].numel()
+    kw = dict(loss_type="dapo", beta=0.05, top_entropy_quantile=0.5, entropy_coef=0.01)
+
+    def forward_copies():  # the forward's [N, H] bf16 outputs (the backward's are chunk temporaries)
+        with OpShapes() as probe:
+            fused_grpo_loss(backend="cpu", **case, **kw)
+        return [o for o in probe.outputs if o[1] == (n_tokens, 8) and o[2] == torch.bfloat16]
+
+    assert not forward_copies()
+    got = run(lambda **a: fused_grpo_loss(backend="cpu", **a), case, **kw)
+    monkeypatch.setattr(fused, "_as_rows", lambda hidden: None)  # compact first, as before
+    assert forward_copies()  # the probe does see the compacted copy
+    want = run(lambda **a: fused_grpo_loss(backend="cpu", **a), case, **kw)
+    assert_same(want, got, rtol=0, atol=0)
+    assert not got[2]["hidden"][case["mask"] == 0].any()
+
+
+def test_hidden_that_no_view_flattens_is_compacted_and_equal():
+    """hidden [B, T, H] whose strides allow no [B*T, H] view (a slice of a transposed buffer)
+    takes the compacting path: the same loss and gradients as the same values contiguous."""
+    case = make_case(B=3, T=5, H=16, V=257, train_head=False, bias=False, seed=4)
+    base = case["hidden"].detach()
+    strided = base.transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()  # [B, T, H], T-major
+    assert strided.stride(-1) == 1 and not strided.is_contiguous()
+    from grpo_fast.loss.fused import _as_rows
+    assert _as_rows(strided) is None and _as_rows(case["hidden"]) is not None
+    kw = dict(loss_type="grpo", beta=0.02)
+    want = run(reference_grpo_loss, case, **kw)
+    got = run(lambda **a: fused_grpo_loss(backend="cpu", **a), {**case, "hidden": strided}, **kw)
+    assert_same(want, got)
+
+
 # ---------------------------------------------------------------- selective_logprobs
 
 

@@ -32,6 +32,7 @@ from torch import Tensor
 CHUNK_BYTES = 160 * 2**20
 MAX_CHUNK_ROWS = 256
 ROW_PLANS = True  # logprob_forward_input_grad takes a RowGrads plan (entropy gradient, row selection)
+GATHERS_ROWS = True  # ... and `rows`: it gathers hidden[rows] a chunk at a time
 
 
 def chunk_rows(vocab: int, chunk_bytes: int | None = None) -> int:
@@ -129,11 +130,11 @@ class _PendingEntropyColumns:
         return torch.addcmul(qlogq, q, centre, out=out)  # one pass into the (strided) columns
 
 
-def _stat_outputs(hidden: Tensor, compute_entropy: bool):
-    """Empty (logp, lse, entropy | None), each [N] fp32, for hidden [N, H]."""
-    n = hidden.shape[0]
-    entropy = hidden.new_empty(n, dtype=torch.float32) if compute_entropy else None
-    return hidden.new_empty(n, dtype=torch.float32), hidden.new_empty(n, dtype=torch.float32), entropy
+def _stat_outputs(rows_like: Tensor, compute_entropy: bool):
+    """Empty (logp, lse, entropy | None), each [N] fp32, for rows_like [N, ...] (hidden or targets)."""
+    n = rows_like.shape[0]
+    entropy = rows_like.new_empty(n, dtype=torch.float32) if compute_entropy else None
+    return rows_like.new_empty(n, dtype=torch.float32), rows_like.new_empty(n, dtype=torch.float32), entropy
 
 
 def logprob_forward(
@@ -159,6 +160,7 @@ def logprob_forward(
 def logprob_forward_input_grad(
     hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, temperature: float,
     compute_entropy: bool, *, logit_scale: float = 1.0, plan=None, chunk_bytes: int | None = None,
+    rows: Tensor | None = None,
 ):
     """Forward plus the input gradients a frozen head needs, by rows:
 
@@ -172,7 +174,8 @@ def logprob_forward_input_grad(
     D only when plan.cold_logp. Returns (logp, lse, entropy, D [N, H] fp32, D' [N, H] fp32 | None,
     logp_rows [N] bool | None, entropy_rows [N] bool | None): the rows whose D / D' were computed
     (None: all of them); the others hold 0. The backward for a frozen head is then
-    grad_hidden = grad_logp[:, None] * D + grad_entropy[:, None] * D'.
+    grad_hidden = grad_logp[:, None] * D + grad_entropy[:, None] * D'. With `rows` [N] the op's
+    rows are hidden[rows] (hidden [M, H]), gathered a chunk at a time: no [N, H] copy of hidden.
 
     Each chunk of C rows is computed transposed, z^T = W @ h^T [V, C] (for few rows MKL splits
     this product over W's rows: ~1.5x the GFLOPS of h @ W^T at C = 55-256), in ONE buffer: the
@@ -193,10 +196,10 @@ def logprob_forward_input_grad(
     threshold = None if plan is None else plan.hot_threshold
     select = threshold is not None and not plan.cold_logp  # only the hot rows need anything
     compute_entropy = compute_entropy or entropy_grad or threshold is not None
-    n, hdim = hidden.shape
+    n, hdim = hidden.shape if rows is None else (rows.shape[0], hidden.shape[1])
     vocab = weight.shape[0]
     f32 = torch.float32
-    logp, lse, entropy = _stat_outputs(hidden, compute_entropy)
+    logp, lse, entropy = _stat_outputs(targets, compute_entropy)
     dlogp_dh = hidden.new_zeros((n, hdim), dtype=f32)
     dent_dh = hidden.new_zeros((n, hdim), dtype=f32) if entropy_grad else None
     logp_rows = hidden.new_ones(n, dtype=torch.bool) if select else None
@@ -213,7 +216,7 @@ def logprob_forward_input_grad(
         if entropy_grad and not select else None
     for s, e in chunks:
         c = e - s
-        h = hidden[s:e]  # [C, H]
+        h = hidden[s:e] if rows is None else hidden.index_select(0, rows[s:e])  # [C, H]
         zt = buf[: vocab * c].view(vocab, c)  # [V, C], contiguous
         if hidden.dtype == f32:
             torch.mm(weight, h.t(), out=zt)
@@ -236,12 +239,12 @@ def logprob_forward_input_grad(
             qlogq = torch.special.xlogy(zt, zt)  # [V, C] = q (z - m)
             a = qlogq.sum(dim=0)
             ent = log_s - a / sums
-            rows = (ent >= threshold).nonzero().squeeze(1)  # [K] hot rows of the chunk
+            picked = (ent >= threshold).nonzero().squeeze(1)  # [K] the chunk's hot rows (positions in it)
             logp_rows[s:e] = False
-            logp_rows[s + rows] = True
-            q_w = times_w(zt[:, rows]) if rows.numel() else zt.new_zeros(0, hdim)  # [K, H]
+            logp_rows[s + picked] = True
+            q_w = times_w(zt[:, picked]) if picked.numel() else zt.new_zeros(0, hdim)  # [K, H]
         else:
-            rows = None
+            picked = None
             q_w = times_w(zt)  # [C, H]
             a = (q_w * h.float()).sum(dim=1)  # Σ_v q_v (W_v · h)
             if bias_f is not None:
@@ -250,15 +253,15 @@ def logprob_forward_input_grad(
             ent = log_s - a / sums
         if compute_entropy:
             entropy[s:e] = ent
-        out = slice(s, e) if rows is None else s + rows  # the rows of D this chunk fills
-        pick = slice(None) if rows is None else rows
+        out = slice(s, e) if picked is None else s + picked  # the rows of D this chunk fills
+        pick = slice(None) if picked is None else picked
         inv_s = (1.0 / sums[pick]).unsqueeze(1)  # [K, 1]
         dlogp_dh[out] = (weight[targets[out]].float() - q_w * inv_s) * inv_t
         if entropy_grad:
             hot = ent[pick] >= threshold if threshold is not None else torch.ones_like(inv_s[:, 0], dtype=torch.bool)
             hot_cols = hot.nonzero().squeeze(1)  # positions within the picked rows
             if hot_cols.numel():
-                col = hot_cols if rows is None else rows[hot_cols]
+                col = hot_cols if picked is None else picked[hot_cols]
                 scale = -inv_s[hot_cols] * inv_t  # [K', 1]
                 entropy_rows[s + col] = True
                 if qlogq is not None:
