@@ -264,8 +264,6 @@ def test_frozen_head_gathers_rows_without_a_compacted_copy(monkeypatch):
     """A frozen head on the CPU: the op gathers each chunk's kept rows itself, so no [N, H] copy
     of hidden in its dtype (bf16 here; D and D' are fp32) is ever made; loss, metrics and
     gradients equal the compacting path's, and the masked rows' gradient is 0."""
-    from grpo_fast.loss import fused
-
     case = make_case(B=4, T=8, H=8, V=1031, train_head=False, bias=False, dtype=torch.bfloat16, seed=3)
     n_tokens = int(case["mask"].sum())
     assert 0 < n_tokens < case["mask"].numel()
@@ -278,26 +276,32 @@ def test_frozen_head_gathers_rows_without_a_compacted_copy(monkeypatch):
 
     assert not forward_copies()
     got = run(lambda **a: fused_grpo_loss(backend="cpu", **a), case, **kw)
-    monkeypatch.setattr(fused, "_as_rows", lambda hidden: None)  # compact first, as before
+    monkeypatch.setattr(logprob_cpu, "GATHERS_ROWS", False)  # the Function compacts first, as before
     assert forward_copies()  # the probe does see the compacted copy
     want = run(lambda **a: fused_grpo_loss(backend="cpu", **a), case, **kw)
     assert_same(want, got, rtol=0, atol=0)
     assert not got[2]["hidden"][case["mask"] == 0].any()
 
 
-def test_hidden_that_no_view_flattens_is_compacted_and_equal():
-    """hidden [B, T, H] whose strides allow no [B*T, H] view (a slice of a transposed buffer)
-    takes the compacting path: the same loss and gradients as the same values contiguous."""
-    case = make_case(B=3, T=5, H=16, V=257, train_head=False, bias=False, seed=4)
-    base = case["hidden"].detach()
-    strided = base.transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()  # [B, T, H], T-major
-    assert strided.stride(-1) == 1 and not strided.is_contiguous()
-    from grpo_fast.loss.fused import _as_rows
-    assert _as_rows(strided) is None and _as_rows(case["hidden"]) is not None
+def test_rows_of_hidden_that_no_view_flattens_are_gathered():
+    """hidden [B, T, H] whose strides allow no [B*T, H] view (T-major memory, as a slice of a
+    longer sequence gives): its rows are gathered by index all the same, with no [N, H] copy of
+    hidden (bf16; D is fp32), and loss, metrics and gradients equal those of the same values
+    stored contiguously."""
+    case = make_case(B=3, T=5, H=16, V=1031, train_head=False, bias=False, seed=4, dtype=torch.bfloat16)  # 3-row chunks
+    strided = case["hidden"].detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()  # [B, T, H]
+    assert strided.stride(-1) == 1 and not strided.is_contiguous() and torch.equal(strided, case["hidden"])
+    with pytest.raises(RuntimeError):
+        strided.view(-1, 16)
     kw = dict(loss_type="grpo", beta=0.02)
-    want = run(reference_grpo_loss, case, **kw)
+    n_tokens = int(case["mask"].sum())
+    with OpShapes() as probe:
+        fused_grpo_loss(backend="cpu", **{**case, "hidden": strided}, **kw)
+    assert not [o for o in probe.outputs if o[1] == (n_tokens, 16) and o[2] == torch.bfloat16]
+    want = run(lambda **a: fused_grpo_loss(backend="cpu", **a), case, **kw)
     got = run(lambda **a: fused_grpo_loss(backend="cpu", **a), {**case, "hidden": strided}, **kw)
-    assert_same(want, got)
+    assert got[2]["hidden"].shape == strided.shape
+    assert_same(want, got, rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------- selective_logprobs

@@ -97,18 +97,14 @@ def fused_grpo_loss(
     keep = mask != 0  # [B, T]
     idx = keep.reshape(-1).nonzero().squeeze(1)  # [N], row-major like boolean indexing
     targets_c = targets[keep].long().contiguous()  # [N]
-    rows_view = _as_rows(hidden)  # [B*T, H] view, or None
-    head_args = (weight.contiguous(), None if bias is None else bias.contiguous(), targets_c, call.head, name)
     if idx.numel() == 0:
         # Nothing to score: a zero loss that still reaches hidden, so backward() works.
         logp_c = hidden[keep].float().sum(-1)  # [0]
         entropy_c = logp_c
-    elif rows_view is not None:  # the op gathers the kept rows itself: no [N, H] copy
-        logp_c, entropy_c = selective_logprob(rows_view, *head_args, compute_entropy=True,
-                                              plan=row_plan(call.params), rows=idx)
-    else:  # hidden[keep] works on non-contiguous views without copying [B, T, H]
-        logp_c, entropy_c = selective_logprob(hidden[keep].contiguous(), *head_args, compute_entropy=True,
-                                              plan=row_plan(call.params))
+    else:  # the kept rows are gathered by the op (a chunk at a time where the backend can)
+        logp_c, entropy_c = selective_logprob(
+            hidden, weight.contiguous(), None if bias is None else bias.contiguous(), targets_c, call.head, name,
+            compute_entropy=True, plan=row_plan(call.params), rows=idx)
 
     flat = logp_c.new_zeros(B * T)  # [B*T] fp32, 0 where masked
     logp = flat.index_copy(0, idx, logp_c).view(B, T)
@@ -117,17 +113,6 @@ def fused_grpo_loss(
         entropy = entropy.detach()
     inputs = policy_inputs(logp, mask, advantages, old_logprobs, ref_logprobs, entropy, sampling_logprobs)
     return grpo_objective(inputs, call.params)
-
-
-def _as_rows(hidden: Tensor) -> Tensor | None:
-    """hidden [B, T, H] as a [B*T, H] view with contiguous rows, or None where its strides allow
-    no such view (then the caller compacts with boolean indexing)."""
-    if hidden.stride(-1) != 1:
-        return None
-    try:
-        return hidden.view(-1, hidden.shape[-1])
-    except RuntimeError:  # strides that no view can merge
-        return None
 
 
 @torch.no_grad()

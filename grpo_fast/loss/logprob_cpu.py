@@ -26,6 +26,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from grpo_fast.loss.rows import gather_rows
+
 # fp32 logits per chunk buffer, and at most MAX_CHUNK_ROWS rows: the GEMMs of a chunk run at
 # ~60 GFLOPS on 2 AVX2 cores from ~256 rows on, but at ~30-40 with 55 rows (what 32 MiB gave
 # for V = 152k); 256 rows of V = 152k are 155 MB, far under the naive path's [N, V] tensors.
@@ -175,7 +177,8 @@ def logprob_forward_input_grad(
     logp_rows [N] bool | None, entropy_rows [N] bool | None): the rows whose D / D' were computed
     (None: all of them); the others hold 0. The backward for a frozen head is then
     grad_hidden = grad_logp[:, None] * D + grad_entropy[:, None] * D'. With `rows` [N] the op's
-    rows are hidden[rows] (hidden [M, H]), gathered a chunk at a time: no [N, H] copy of hidden.
+    rows are those flat positions of hidden [*lead, H] (`gather_rows`), gathered a chunk at a
+    time: no [N, H] copy of hidden.
 
     Each chunk of C rows is computed transposed, z^T = W @ h^T [V, C] (for few rows MKL splits
     this product over W's rows: ~1.5x the GFLOPS of h @ W^T at C = 55-256), in ONE buffer: the
@@ -196,7 +199,7 @@ def logprob_forward_input_grad(
     threshold = None if plan is None else plan.hot_threshold
     select = threshold is not None and not plan.cold_logp  # only the hot rows need anything
     compute_entropy = compute_entropy or entropy_grad or threshold is not None
-    n, hdim = hidden.shape if rows is None else (rows.shape[0], hidden.shape[1])
+    n, hdim = hidden.shape if rows is None else (rows.shape[0], hidden.shape[-1])
     vocab = weight.shape[0]
     f32 = torch.float32
     logp, lse, entropy = _stat_outputs(targets, compute_entropy)
@@ -216,7 +219,7 @@ def logprob_forward_input_grad(
         if entropy_grad and not select else None
     for s, e in chunks:
         c = e - s
-        h = hidden[s:e] if rows is None else hidden.index_select(0, rows[s:e])  # [C, H]
+        h = hidden[s:e] if rows is None else gather_rows(hidden, rows[s:e])  # [C, H]
         zt = buf[: vocab * c].view(vocab, c)  # [V, C], contiguous
         if hidden.dtype == f32:
             torch.mm(weight, h.t(), out=zt)

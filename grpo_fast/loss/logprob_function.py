@@ -17,9 +17,9 @@ case (only hidden needs a gradient, no soft cap) computed in the forward, d logp
 where its ROW_PLANS flag says so, d entropy / d hidden for the rows a `RowGrads` plan selects),
 and the backward is an elementwise product.
 
-Row gather: `selective_logprob(..., rows=idx)` takes hidden [M, H] uncompacted and the indices
-[N] of the rows that count (targets [N] compacted); the gradient reaches hidden [M, H], zero off
-those rows. A backend whose GATHERS_ROWS flag is set gathers each chunk's rows itself in the
+Row gather: `selective_logprob(..., rows=idx)` takes hidden [*lead, H] uncompacted (any
+strides) and the flat indices [N] into its leading dims of the rows that count (targets [N]
+compacted); the gradient reaches hidden, zero off those rows. A backend whose GATHERS_ROWS flag is set gathers each chunk's rows itself in the
 gradient-ready forward, so the [N, H] compacted copy of hidden never exists (N x H x 4 bytes of
 peak memory: 19 MiB at N = 8192, H = 576); otherwise the Function compacts first.
 
@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from grpo_fast.loss.head import LogitTransform
+from grpo_fast.loss.rows import gather_rows
 
 BACKENDS = ("cpu", "triton")
 
@@ -96,10 +97,10 @@ class SelectiveLogProbFunction(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.gradient_ready, ctx.entropy_grad = gradient_ready, entropy_grad
         ctx.backend_name, ctx.head, ctx.hidden_dtype = backend_name, head, hidden.dtype
-        ctx.rows, ctx.hidden_rows = rows, hidden.shape[0]
+        ctx.rows, ctx.hidden_shape = rows, hidden.shape
         gathers = gradient_ready and row_plans and getattr(backend, "GATHERS_ROWS", False)
         if rows is not None and not gathers:
-            hidden = hidden.index_select(0, rows)  # [N, H] compacted here
+            hidden = gather_rows(hidden, rows)  # [N, H] compacted here
         if gradient_ready:
             args = (hidden, weight, bias, targets, head.temperature, compute_entropy)
             if row_plans:
@@ -144,7 +145,9 @@ class SelectiveLogProbFunction(torch.autograd.Function):
         if not ctx.needs_input_grad[0]:
             grad_hidden = None
         elif ctx.rows is not None:  # back to the uncompacted rows
-            grad_hidden = grad_hidden.new_zeros(ctx.hidden_rows, grad_hidden.shape[1]).index_copy_(0, ctx.rows, grad_hidden)
+            full = grad_hidden.new_zeros(ctx.hidden_shape)
+            full.view(-1, full.shape[-1]).index_copy_(0, ctx.rows, grad_hidden)
+            grad_hidden = full
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
         if grad_bias is not None:
@@ -158,10 +161,12 @@ GRAD_ROWS_CHUNK = 4096
 
 def _grad_hidden_ready(ctx, g: Tensor, d_logp: Tensor, g_ent: Tensor | None, d_entropy: Tensor | None) -> Tensor:
     """grad_hidden = g[:, None] D + g'[:, None] D' ([N, H], in hidden's dtype), or with row gather
-    the same rows written straight into a zero [M, H]: formed GRAD_ROWS_CHUNK rows at a time, so
-    no [N, H] temporary sits beside D and the result."""
+    the same rows written straight into a zero tensor of hidden's shape: formed GRAD_ROWS_CHUNK
+    rows at a time, so no [N, H] temporary sits beside D and the result."""
     n = d_logp.shape[0]
-    out = d_logp.new_zeros((n if ctx.rows is None else ctx.hidden_rows, d_logp.shape[1]), dtype=ctx.hidden_dtype)
+    shape = (n, d_logp.shape[1]) if ctx.rows is None else ctx.hidden_shape
+    full = d_logp.new_zeros(shape, dtype=ctx.hidden_dtype)
+    out = full.view(-1, d_logp.shape[1])  # [N or M, H], contiguous
     for s in range(0, n, GRAD_ROWS_CHUNK):
         e = min(s + GRAD_ROWS_CHUNK, n)
         part = g[s:e].unsqueeze(1) * d_logp[s:e]  # [C, H] fp32
@@ -171,7 +176,7 @@ def _grad_hidden_ready(ctx, g: Tensor, d_logp: Tensor, g_ent: Tensor | None, d_e
             out[s:e] = part
         else:
             out.index_copy_(0, ctx.rows[s:e], part.to(ctx.hidden_dtype))
-    return out
+    return full
 
 
 def _refuse_unplanned(grad: Tensor, computed: Tensor, what: str) -> None:
@@ -187,8 +192,9 @@ def selective_logprob(
     backend: str, compute_entropy: bool = True, plan: RowGrads = ALL_ROWS, rows: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """(logp [N] fp32 with autograd, entropy [N] fp32 or None) for compacted rows; `head` is a
-    LogitTransform or a temperature. With `rows` [N] (int64 indices into hidden [M, H]) the rows
-    are hidden[rows], gathered by the backend where it can (see the module docstring)."""
+    LogitTransform or a temperature. With `rows` [N] (int64 flat indices into the leading dims of
+    hidden [*lead, H]) the rows are those positions, gathered by the backend where it can (see
+    the module docstring)."""
     if not isinstance(head, LogitTransform):
         head = LogitTransform(float(head))
     if rows is not None and rows.shape != targets.shape:
