@@ -138,10 +138,21 @@ def load_average() -> list[float]:
 # ---------------------------------------------------------------- workers and results
 
 
+# glibc's malloc raises its mmap threshold (up to 32 MiB) each time a large block is freed, so
+# later blocks of a few MiB come from the heap and stay resident after free: the RSS high-water
+# mark then counted memory no tensor held, and moved by ±30 MiB between runs of the same code
+# (ours 82-113 MiB, Liger 100-130). A fixed threshold returns every block over 128 KiB to the
+# system when freed, so the peak RSS follows what each implementation holds (same code, same
+# figure: ours 79, 79; Liger 72, 74).
+WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
 def run_worker(script: str, args: list[str], timeout: float) -> dict:
-    """Run `python script --worker args...` in a fresh process; its last stdout line is JSON."""
+    """Run `python script --worker args...` in a fresh process (with WORKER_ENV, unless the caller's
+    environment sets those variables); its last stdout line is JSON."""
     cmd = [sys.executable, script, "--worker", *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    env = {**WORKER_ENV, **os.environ}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if proc.returncode != 0:
         return {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["exit %d" % proc.returncode]}
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -1,7 +1,8 @@
 """Fused GRPO loss, forward + backward: naive PyTorch vs Liger-Kernel vs grpo-fast.
 
 Each implementation runs in its own subprocess on the same seeded inputs, so peak memory is
-measured cleanly: RSS above the inputs on CPU (kernel high-water mark), max_memory_allocated
+measured cleanly: RSS above the inputs on CPU (kernel high-water mark, with malloc's mmap
+threshold fixed so freed blocks leave the RSS: `_bench_utils.WORKER_ENV`), max_memory_allocated
 above the inputs on CUDA. The LM head is frozen (the QLoRA case): gradient to hidden only.
 
     naive  grpo_fast.loss.reference_grpo_loss: materializes [N, V] fp32 logits and log-softmax

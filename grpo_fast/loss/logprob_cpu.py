@@ -33,18 +33,24 @@ from grpo_fast.loss.rows import gather_rows
 # for V = 152k); 256 rows of V = 152k are 155 MB, far under the naive path's [N, V] tensors.
 CHUNK_BYTES = 160 * 2**20
 MAX_CHUNK_ROWS = 256
+# The gradient-ready forward (training) runs while the model's activations are held, so its
+# chunk buffer adds to the step's peak; 192 rows instead of 256 take 12 MiB off it at V = 49152
+# (the loss's peak 79 -> 67 MiB at N = 8192, under Liger's 72-74) for ~4-6% of the op's time
+# (benchmarks/RESULTS.md). No-grad scoring keeps MAX_CHUNK_ROWS.
+TRAINING_MAX_CHUNK_ROWS = 192
 ROW_PLANS = True  # logprob_forward_input_grad takes a RowGrads plan (entropy gradient, row selection)
 GATHERS_ROWS = True  # ... and `rows`: it gathers hidden[rows] a chunk at a time
 
 
-def chunk_rows(vocab: int, chunk_bytes: int | None = None) -> int:
+def chunk_rows(vocab: int, chunk_bytes: int | None = None, max_rows: int | None = None) -> int:
     """Rows per chunk: CHUNK_BYTES (read at call time, so tests can shrink it) of fp32 logits,
-    at most MAX_CHUNK_ROWS."""
-    return max(1, min(MAX_CHUNK_ROWS, (CHUNK_BYTES if chunk_bytes is None else chunk_bytes) // (4 * vocab)))
+    at most max_rows (default MAX_CHUNK_ROWS)."""
+    cap = MAX_CHUNK_ROWS if max_rows is None else max_rows
+    return max(1, min(cap, (CHUNK_BYTES if chunk_bytes is None else chunk_bytes) // (4 * vocab)))
 
 
-def _chunks(n: int, vocab: int, chunk_bytes: int | None):
-    step = chunk_rows(vocab, chunk_bytes)
+def _chunks(n: int, vocab: int, chunk_bytes: int | None, max_rows: int | None = None):
+    step = chunk_rows(vocab, chunk_bytes, max_rows)
     return step, [(s, min(s + step, n)) for s in range(0, n, step)]
 
 
@@ -207,7 +213,7 @@ def logprob_forward_input_grad(
     dent_dh = hidden.new_zeros((n, hdim), dtype=f32) if entropy_grad else None
     logp_rows = hidden.new_ones(n, dtype=torch.bool) if select else None
     entropy_rows = hidden.new_zeros(n, dtype=torch.bool) if entropy_grad else None
-    step, chunks = _chunks(n, vocab, chunk_bytes)
+    step, chunks = _chunks(n, vocab, chunk_bytes, TRAINING_MAX_CHUNK_ROWS)
     buf = hidden.new_empty(vocab * min(step, n), dtype=f32)
     inv_t = logit_scale / temperature
     bias_f = bias.float() if bias is not None else None
