@@ -19,9 +19,10 @@ and the backward is an elementwise product.
 
 Row gather: `selective_logprob(..., rows=idx)` takes hidden [*lead, H] uncompacted (any
 strides) and the flat indices [N] into its leading dims of the rows that count (targets [N]
-compacted); the gradient reaches hidden, zero off those rows. A backend whose GATHERS_ROWS flag is set gathers each chunk's rows itself in the
-gradient-ready forward, so the [N, H] compacted copy of hidden never exists (N x H x 4 bytes of
-peak memory: 19 MiB at N = 8192, H = 576); otherwise the Function compacts first.
+compacted); the gradient reaches hidden, zero off those rows. A backend whose GATHERS_ROWS flag
+is set gathers each chunk's rows itself in the gradient-ready forward, so the [N, H] compacted
+copy of hidden never exists (N x H x 4 bytes of peak memory: 19 MiB at N = 8192, H = 576);
+otherwise the Function compacts first.
 
 Gradients go to weight and bias only when they require grad: a frozen LM head (QLoRA) never
 allocates the [V, H] fp32 dW buffer.
