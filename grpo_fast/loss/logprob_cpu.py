@@ -195,7 +195,8 @@ def logprob_forward_input_grad(
 
     With every row's D needed, the hot rows (and so which F to compute) are known only after the
     chunk's product for E, and a product of one chunk's few hot columns alone runs at ~0.5 of the
-    wide product's GFLOPS (K ≈ 51 of C = 256: 0.74 against 0.37-0.42 ms a column, 2 AVX2 cores).
+    wide product's GFLOPS (measured at K ≈ 51 of C = 256: 0.74 against 0.37-0.42 ms a column,
+    2 cores of an AVX512 EPYC).
     So their columns r gather over chunks in a [V, B/2] buffer and go through one product when it
     is full (`_PendingEntropyColumns`). (Riding as extra columns of the next chunk's product was
     tried: it makes the chunk's own columns a strided view, and the reductions over them ran 3x
