@@ -207,9 +207,9 @@ class TrainConfig:
     dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal, draw more prompts
     max_dynamic_rounds: int = 4  # extra sampling rounds per step at most
     num_threads: int = 0  # torch CPU threads; 0 = leave torch's default
-    # CPU: each training / scoring micro-batch runs on the torch thread count measured fastest
-    # at the moment (all, half, one; re-measured now and then), so a busy neighbour process
-    # costs its fair share, not a collapse (grpo_fast/train/threads.py). false: torch's count
+    # CPU: each training / scoring micro-batch runs on as many torch threads as the cores other
+    # processes left free during the previous one (measured from /proc/stat), so a busy neighbour
+    # process costs its fair share, not a collapse (grpo_fast/train/threads.py). false: torch's count
     adaptive_threads: bool = True
     # under torchrun: how long a collective waits for the other ranks before failing (seconds;
     # the environment variable GRPO_FAST_COLLECTIVE_TIMEOUT_S overrides it). See grpo_fast/distributed.py
