@@ -19,6 +19,7 @@ from grpo_fast.loss.arguments import loss_call, policy_inputs
 from grpo_fast.loss.head import LogitTransform
 from grpo_fast.loss.logprob_function import BACKENDS, RowGrads, get_backend, selective_logprob
 from grpo_fast.loss.objective import LossParams, grpo_objective
+from grpo_fast.loss.rows import gather_rows
 
 __all__ = ["fused_grpo_loss", "selective_logprobs"]
 
@@ -156,12 +157,13 @@ def selective_logprobs(
     head = LogitTransform(temperature, logit_scale, final_logit_softcapping).check()
     name = _resolve_backend(backend, hidden)
 
-    flat_h = hidden.reshape(-1, H)  # [M, H]
     flat_y = targets.reshape(-1).long()  # [M]
     idx = None
-    if mask is not None:
+    if mask is None:
+        flat_h = hidden.reshape(-1, H)  # [M, H]
+    else:  # only the kept rows, gathered without first copying a hidden that no view flattens
         idx = (mask.reshape(-1) != 0).nonzero().squeeze(1)  # [N]
-        flat_h, flat_y = flat_h.index_select(0, idx), flat_y.index_select(0, idx)
+        flat_h, flat_y = gather_rows(hidden, idx), flat_y.index_select(0, idx)
     if flat_y.numel() and (int(flat_y.min()) < 0 or int(flat_y.max()) >= V):
         raise ValueError(f"targets must lie in [0, V={V})")
 
