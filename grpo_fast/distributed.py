@@ -101,10 +101,14 @@ def init(collective_timeout_s: float | None = None) -> int:
     else:
         tdist.init_process_group("gloo", timeout=timeout)
         pin_cpu_rank()
-    # A group still alive at interpreter exit is torn down by static destructors, and gloo's
-    # worker threads then end the process with `terminate called without an active exception`
-    # (SIGABRT, exit code -6) now and then: pytorch#190489. A Python script that trains or
-    # evaluates under torchrun seldom calls shutdown(), so the group we made is left here.
+    # Leave the group we made at exit: a Python script that trains or evaluates under torchrun
+    # seldom calls shutdown() (pytorch#190489 shows `terminate called without an active
+    # exception` from groups left alive). It does not end every such abort: a core dump of one
+    # (6 Dec 2026) showed a gloo worker thread (`pt_gloo_runloop`) still releasing the last
+    # collective's work, whose tensors have Python objects, while the interpreter finalized;
+    # taking the GIL then exits the thread by forced unwind through a noexcept destructor. Those
+    # threads outlive destroy_process_group() in a trainer process (not in a bare script): some
+    # C++ owner still holds the group, not found yet.
     atexit.register(shutdown)
     return world_size()
 
