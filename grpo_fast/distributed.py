@@ -95,20 +95,22 @@ def init(collective_timeout_s: float | None = None) -> int:
             raise ValueError(f"WORLD_SIZE is {os.environ['WORLD_SIZE']} but {var} is not set: launch with torchrun "
                              f"(torchrun --nproc-per-node N -m grpo_fast train ...)")
     timeout = datetime.timedelta(seconds=timeout_s(collective_timeout_s))
+    # Import before the group exists: torch.distributed.nn.functional binds `group=group.WORLD`
+    # as its functions' default when imported, so importing it after init (torch._dynamo does,
+    # which peft, the TRL integration and torch.compile import) holds the default group for the
+    # life of the process. destroy_process_group() then leaves it (and its gloo worker threads)
+    # alive, and a worker thread still releasing the last collective's tensors while the
+    # interpreter finalizes aborts the rank with `terminate called without an active exception`.
+    import torch.distributed.nn.functional  # noqa: F401
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # one rank per device
         tdist.init_process_group("nccl", timeout=timeout, device_id=torch.device("cuda", torch.cuda.current_device()))
     else:
         tdist.init_process_group("gloo", timeout=timeout)
         pin_cpu_rank()
-    # Leave the group we made at exit: a Python script that trains or evaluates under torchrun
-    # seldom calls shutdown() (pytorch#190489 shows `terminate called without an active
-    # exception` from groups left alive). It does not end every such abort: a core dump of one
-    # (6 Dec 2026) showed a gloo worker thread (`pt_gloo_runloop`) still releasing the last
-    # collective's work, whose tensors have Python objects, while the interpreter finalized;
-    # taking the GIL then exits the thread by forced unwind through a noexcept destructor. Those
-    # threads outlive destroy_process_group() in a trainer process (not in a bare script): some
-    # C++ owner still holds the group, not found yet.
+    # Leave the group we made at exit (which joins its worker threads): a script under torchrun
+    # seldom calls shutdown(), and a group alive at interpreter exit aborts it the same way
+    # (pytorch#190489).
     atexit.register(shutdown)
     return world_size()
 

@@ -223,12 +223,25 @@ def run_fsdp(model_dir, out_dir, runs=("a", "b", "c")):
 def report_group_at_exit():
     """Registered before the trainer joins the group, so it runs after every exit handler the
     trainer registered (atexit runs them last-in first-out): prints whether the process group
-    is still alive then, which is what gloo's destructors would meet."""
+    is still alive then, and how many gloo threads are left (a group destroyed but still held
+    somewhere keeps its worker threads, which can abort the rank while the interpreter
+    finalizes)."""
     import atexit
 
     import torch.distributed as tdist
 
-    atexit.register(lambda: print(f"GROUP_ALIVE_AT_EXIT={tdist.is_initialized()}", flush=True))
+    def gloo_threads() -> int:
+        names = []
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                with open(f"/proc/self/task/{tid}/comm") as f:
+                    names.append(f.read().strip())
+            except OSError:  # the thread ended while we looked
+                pass
+        return sum("gloo" in n for n in names)
+
+    atexit.register(lambda: print(f"GROUP_ALIVE_AT_EXIT={tdist.is_initialized()} "
+                                  f"GLOO_THREADS_AT_EXIT={gloo_threads()}", flush=True))
 
 
 def run_eval(model_dir, out_file):
@@ -353,14 +366,3 @@ if __name__ == "__main__":
         run_tools(model_dir, target)
     else:
         raise SystemExit(f"unknown mode {mode!r}")
-    # Done and written: run the exit handlers (ours included: shutdown() and the report above),
-    # then skip interpreter finalization. A gloo worker thread may still be releasing the last
-    # collective's tensors then and abort the rank (see the comment at distributed.init's
-    # atexit): a torch race at exit that would fail these tests now and then after their results
-    # are in. A mode that raised exits the normal way, with its error.
-    import atexit
-
-    sys.stdout.flush()
-    sys.stderr.flush()
-    atexit._run_exitfuncs()
-    os._exit(0)
