@@ -248,6 +248,8 @@ def cascade_section(B, G, P, C, hq, hkv, D, dtype, repeats):
     paged_step = DecodeStep(slots, tables, lens, scale, kc, hq)
     cascade_step = DecodeStep(slots, tables, lens, scale, kc, hq, groups=groups)
 
+    # QK and PV: a multiply and an add per query head, key and dim, each; both kernels do them all
+    flops = 4.0 * hq * D * float(lens.sum())
     err = (cascade().float() - paged().float()).abs().max().item()
     (w_paged, c_paged), (w_cas, c_cas) = bench(paged, repeats), bench(cascade, repeats)
     (w_sp, _), (w_sc, _) = (bench(lambda: paged_step.attend(q, kc, vc), repeats),
@@ -256,16 +258,36 @@ def cascade_section(B, G, P, C, hq, hkv, D, dtype, repeats):
             "shared_prefix": int(prefix.max()), "paged_ms": w_paged * 1e3, "cascade_ms": w_cas * 1e3,
             "speedup": w_paged / w_cas, "paged_cpu_ms": c_paged * 1e3, "cascade_cpu_ms": c_cas * 1e3,
             "speedup_cpu_time": c_paged / c_cas, "max_abs_diff": err,
-            "step_paged_ms": w_sp * 1e3, "step_cascade_ms": w_sc * 1e3, "step_speedup": w_sp / w_sc}
+            "step_paged_ms": w_sp * 1e3, "step_cascade_ms": w_sc * 1e3, "step_speedup": w_sp / w_sc,
+            "flops": flops, "paged_gflops": flops / w_paged / 1e9, "cascade_gflops": flops / w_cas / 1e9}
+
+
+def gemm_ceiling_gflops(repeats: int = 5) -> float:
+    """This machine's practical fp32 FLOP rate: torch's (MKL) GEMM at 1,024 x 576 x 1,536, a
+    shape it runs near peak; best of `repeats`. An attention kernel that does the same FLOPs
+    cannot be timed faster than FLOPs / this."""
+    a, b = torch.randn(1024, 576), torch.randn(576, 1536)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        t = time.perf_counter()
+        for _ in range(10):
+            a @ b
+        best = min(best, (time.perf_counter() - t) / 10)
+    return 2.0 * 1024 * 576 * 1536 / best / 1e9
 
 
 def cascade_table(result, repeats, quick):
     C = 64
     print(f"\nCascade vs per-sequence paged decode attention: B x G sequences after {C} decoded tokens, "
           f"median of {repeats}")
-    print("(op: through kv.*_decode_attention; sampler path: DecodeStep.attend, as the sampler calls them)")
+    print("(op: through kv.*_decode_attention; sampler path: DecodeStep.attend, as the sampler calls them;"
+          " GFLOPS: both kernels' QK + PV FLOPs over the op-level time)")
+    ceiling = gemm_ceiling_gflops()
+    result["gemm_ceiling_gflops"] = ceiling
+    print(f"this machine's fp32 GEMM ceiling (torch, 1024 x 576 x 1536): {ceiling:.1f} GFLOPS")
     print(f"{'P':>6}{'B x G':>8}{'heads q/kv, D':>15}{'dtype':>10}{'paged ms':>10}{'cascade ms':>12}"
-          f"{'speedup':>9}{'| CPU-time speedup':>19}{'| sampler path ms':>28}{'speedup':>9}{'max |diff|':>12}")
+          f"{'speedup':>9}{'| CPU-time speedup':>19}{'| sampler path ms':>28}{'speedup':>9}{'max |diff|':>12}"
+          f"{'| GFLOPS paged / cascade':>25}")
     shapes = [(9, 3, 64)] if quick else [(9, 3, 64), (12, 2, 128)]
     cfgs = [(128, 4, 8), (1024, 4, 8), (1024, 2, 16), (4096, 4, 8), (4096, 2, 16), (128, 2, 16)]
     for P, B, G in cfgs[:2] if quick else cfgs:
@@ -276,7 +298,7 @@ def cascade_table(result, repeats, quick):
                 print(f"{P:>6}{f'{B} x {G}':>8}{f'{hq}/{hkv}, {D}':>15}{r['dtype']:>10}{r['paged_ms']:>10.2f}"
                       f"{r['cascade_ms']:>12.2f}{r['speedup']:>9.2f}{r['speedup_cpu_time']:>19.2f}"
                       f"{r['step_paged_ms']:>14.2f} /{r['step_cascade_ms']:>12.2f}{r['step_speedup']:>9.2f}"
-                      f"{r['max_abs_diff']:>12.2e}")
+                      f"{r['max_abs_diff']:>12.2e}{r['paged_gflops']:>14.1f} /{r['cascade_gflops']:>8.1f}")
     print("\nthreshold: the shortest shared prefix at which the cascade pays (SmolLM2 heads, fp32, 4 x 8)")
     for P in (16, 32, 48, 64, 96, 128, 192, 256):
         r = cascade_section(4, 8, P, C, 9, 3, 64, torch.float32, repeats)

@@ -21,9 +21,11 @@ in peft LoRA r = --lora-r on every block linear with non-zero B, as the trainer 
 --prompt-len P: each prompt gets a system message of few-shot lines that brings it to ~P tokens.
 --load: conditions run one after the other, each with all engines: none (idle) or a competing
 process (benchmarks/_busy.py: python, torch); the table gives each engine's share of its idle
-tokens/s. Every engine also gets its share of the GEMM floor: the time its linear layers' FLOPs
-(LM head and adapters included) take at the rate our native linear kernel reaches on this
-model's MLP weights, over the measured time (1.0 = nothing but GEMMs at that rate).
+tokens/s. Every engine also gets its share of the GEMM floor: the time the least linear work of
+the run takes (LM head and adapters included; each distinct prompt-prefix token prefilled once,
+then B x G x C decode tokens), each phase at the rate of the faster of our native linear kernel
+and torch's at that phase's rows (decode: B x G; prefill: the prefix tokens, at most 1,024) on
+this model's MLP weights, over the measured time (1.0 = nothing but GEMMs at those rates).
 With --out the JSON is rewritten after every timed run, so a run cut short by a time limit still
 leaves the engines it finished.
 """
@@ -154,9 +156,24 @@ def _ids(x) -> list[int]:
     return list(x["input_ids"] if hasattr(x, "keys") else x)
 
 
-def gemm_flops(model, prompt_lens: list[int], G: int, C: int) -> float:
-    """FLOPs of the linear layers (block linears, LoRA adapters, LM head) of one generate: each
-    prompt once, then G x C decode tokens (the LM head on the prompts' last tokens only)."""
+def distinct_prefix_tokens(prompts: list[list[int]]) -> int:
+    """Tokens of the prompts' prefix tree: what an engine that computes each shared prefix once
+    must prefill (sorted, each prompt shares with its predecessor the most any earlier prompt
+    shares with it)."""
+    ordered = sorted(map(list, prompts))
+    shared = 0
+    for a, b in zip(ordered, ordered[1:]):
+        n = 0
+        while n < min(len(a), len(b)) and a[n] == b[n]:
+            n += 1
+        shared += n
+    return sum(map(len, ordered)) - shared
+
+
+def gemm_flops(model, prompts: list[list[int]], G: int, C: int) -> dict[str, float]:
+    """FLOPs of the linear layers (block linears, LoRA adapters, LM head) of one generate, the
+    least any engine must do: {"prefill": each distinct prompt-prefix token once (the LM head on
+    the prompts' last tokens only), "decode": G x C tokens a prompt}."""
     from grpo_fast.models.llama_family import LlamaFamily
 
     fam = LlamaFamily(model)
@@ -166,14 +183,15 @@ def gemm_flops(model, prompt_lens: list[int], G: int, C: int) -> float:
             block += m.weight.numel()
     block *= len(fam.layers)
     head = fam.lm_head.weight.numel()
-    prompt_tokens = sum(prompt_lens)
-    decode_tokens = len(prompt_lens) * G * C
-    return 2.0 * (block * (prompt_tokens + decode_tokens) + head * (len(prompt_lens) + decode_tokens))
+    decode_tokens = len(prompts) * G * C
+    return {"prefill": 2.0 * (block * distinct_prefix_tokens(prompts) + head * len(prompts)),
+            "decode": 2.0 * (block + head) * decode_tokens}
 
 
 def gemm_rate(model, rows: int) -> float | None:
-    """FLOP/s of our native few-row linear kernel on this model's MLP weights (every layer's
-    gate/up/down in turn, so the weights stream from memory as in a decode step); None where it
+    """FLOP/s of the faster of our native linear kernel and torch's (MKL) at `rows` rows, on
+    this model's MLP weights (every layer's gate/up/down in turn, so the weights stream from
+    memory as in a forward), best of 3 passes after a warm one; None where the native kernel
     cannot run (CUDA, no AVX2)."""
     from grpo_fast.models import cpu_ops
     from grpo_fast.models.llama_family import LlamaFamily
@@ -189,12 +207,20 @@ def gemm_rate(model, rows: int) -> float | None:
     xs = {w.shape[1]: torch.randn(rows, w.shape[1]) for w in weights}
     flops = sum(2.0 * rows * w.numel() for w in weights)
     best = float("inf")
-    for _ in range(3):
-        t = time.perf_counter()
-        for w in weights:
-            cpu_ops.linear(xs[w.shape[1]], w)
-        best = min(best, time.perf_counter() - t)
+    with torch.no_grad():
+        for linear in (cpu_ops.linear, torch.nn.functional.linear):
+            for rep in range(4):
+                t = time.perf_counter()
+                for w in weights:
+                    linear(xs[w.shape[1]], w)
+                if rep:
+                    best = min(best, time.perf_counter() - t)
     return flops / best
+
+
+def gemm_floor_seconds(flops: dict[str, float], prefill_rate: float, decode_rate: float) -> float:
+    """Seconds the linear work takes at the GEMM rates of its two phases' row counts."""
+    return flops["prefill"] / prefill_rate + flops["decode"] / decode_rate
 
 
 def load_model(args, device):
@@ -267,9 +293,10 @@ def main():
     # Warm-up (allocator, thread pools, lazy inits) on a small run of each.
     for name in engines:
         run(name, prompts[:1], 2, 4, 0)
-    rate = gemm_rate(model, min(256, args.prompts * G))
-    flops = {name: gemm_flops(lora_model if name.endswith("-lora") else model, [len(p) for p in prompts], G, C)
-             for name in engines}
+    rate = gemm_rate(model, args.prompts * G)  # a decode step's rows
+    prefill_rows = min(1024, distinct_prefix_tokens(prompts))
+    prefill_rate = gemm_rate(model, prefill_rows) if rate else None
+    flops = {name: gemm_flops(lora_model if name.endswith("-lora") else model, prompts, G, C) for name in engines}
     load_before = os.getloadavg()
     by_load = {cond: {KEYS[name]: [] for name in engines} for cond in loads}
     results = by_load[loads[0]]
@@ -279,7 +306,8 @@ def main():
         torch=torch.__version__, transformers=transformers.__version__, commit=_commit(), model=path, dtype=args.dtype,
         prompts=args.prompts, group=G, new_tokens=C, prompt_lens=[len(p) for p in prompts], results=results,
         lora_r=args.lora_r if lora_model is not None else None, loads={c: _busy.describe(c) for c in loads},
-        results_by_load=by_load, gemm_rate_flops=rate, gemm_flops={KEYS[n]: f for n, f in flops.items()},
+        results_by_load=by_load, gemm_rate_flops=rate, gemm_rate_prefill_flops=prefill_rate,
+        gemm_prefill_rows=prefill_rows, gemm_flops={KEYS[n]: f for n, f in flops.items()},
     )
     for cond in loads:
         with _busy.busy(cond):
@@ -287,7 +315,7 @@ def main():
                 for name in engines:
                     res = run(name, prompts, G, C, seed=r)
                     if rate:
-                        res["gemm_floor_share"] = flops[name] / rate / res["seconds"]
+                        res["gemm_floor_share"] = gemm_floor_seconds(flops[name], prefill_rate, rate) / res["seconds"]
                     by_load[cond][KEYS[name]].append(res)
                     _write(args.out, record)  # partial: what has run so far survives a time limit
     load_after = os.getloadavg()
@@ -301,7 +329,8 @@ def main():
     mib = 2**20
     print(f"device={device} threads={torch.get_num_threads()} prompts={args.prompts} G={G} new_tokens={C} "
           f"prompt_lens={[len(p) for p in prompts]} loadavg before/after={load_before[0]:.1f}/{load_after[0]:.1f}"
-          + (f" native GEMM rate {rate / 1e9:.1f} GFLOPS" if rate else ""))
+          + (f" GEMM rate {rate / 1e9:.1f} GFLOPS at {args.prompts * G} rows, "
+             f"{prefill_rate / 1e9:.1f} at {prefill_rows}" if rate else ""))
     for cond in loads:
         print(f"\n[{_busy.describe(cond)}]")
         print(f"{'engine':<24} {'tok/s':>8} {'runs tok/s':>22} {'of idle':>8} {'GEMM floor':>10} "
