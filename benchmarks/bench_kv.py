@@ -25,6 +25,7 @@ shortest prefix at which the cascade pays (the sampler's threshold, kv.cascade.C
   python benchmarks/bench_kv.py --quick    # smaller shapes (smoke test)
   python benchmarks/bench_kv.py --only block_manager   # one section; JSON stamped by section
   python benchmarks/bench_kv.py --only cascade
+  python benchmarks/bench_kv.py --only cascade --device cuda   # the CUDA kernels (GPU check stage)
 """
 from __future__ import annotations
 
@@ -99,14 +100,18 @@ def memory_section(B, G, P, C, bs, seed=0):
             "target_blocks_all_running": sum(full), "schemes": rows}
 
 
-def bench(fn, repeats):
+def bench(fn, repeats, sync=None):
     """(median wall seconds, median process CPU seconds summed over threads) per call. CPU
-    time is the fairer number on a shared machine: it does not count time spent descheduled."""
+    time is the fairer number on a shared machine: it does not count time spent descheduled.
+    `sync` (CUDA: torch.cuda.synchronize) runs after each call, inside the timing."""
+    sync = sync or (lambda: None)
     fn()
+    sync()
     wall, cpu = [], []
     for _ in range(repeats):
         t, c = time.perf_counter(), time.process_time()
         fn()
+        sync()
         wall.append(time.perf_counter() - t)
         cpu.append(time.process_time() - c)
     return statistics.median(wall), statistics.median(cpu)
@@ -228,12 +233,23 @@ def grpo_layout(B: int, G: int, P: int, C: int, hkv: int, D: int, dtype, bs=16, 
     return kc, vc, torch.as_tensor(tables), torch.as_tensor(lens), groups
 
 
-def cascade_section(B, G, P, C, hq, hkv, D, dtype, repeats):
+def cascade_section(B, G, P, C, hq, hkv, D, dtype, repeats, device=torch.device("cpu")):
     kc, vc, tables, lens, groups = grpo_layout(B, G, P, C, hkv, D, dtype)
     S = B * G
     q = torch.randn(S, hq, D, generator=torch.Generator().manual_seed(1)).to(dtype)
     scale = D ** -0.5
     rows, starts, prefix = (torch.as_tensor(a) for a in groups)
+    # QK and PV: a multiply and an add per query head, key and dim, each; both kernels do them all
+    flops = 4.0 * hq * D * float(lens.sum())
+    # K/V bytes each kernel must read: every sequence's keys (paged); each group's prefix once
+    # plus every sequence's own keys (cascade)
+    row_bytes = 2 * hkv * D * kc.element_size()
+    paged_bytes = row_bytes * float(lens.sum())
+    cascade_bytes = paged_bytes - row_bytes * float(prefix.sum()) * (G - 1)
+    if device.type == "cuda":
+        return _cascade_section_cuda(q, kc, vc, tables, lens, (rows, starts, prefix), scale, repeats, device,
+                                     dict(B=B, G=G, P=P, C=C, hq=hq, hkv=hkv, D=D, flops=flops,
+                                          paged_bytes=paged_bytes, cascade_bytes=cascade_bytes))
 
     def paged():
         return kv.paged_decode_attention(q, kc, vc, tables, lens, scale)
@@ -248,8 +264,6 @@ def cascade_section(B, G, P, C, hq, hkv, D, dtype, repeats):
     paged_step = DecodeStep(slots, tables, lens, scale, kc, hq)
     cascade_step = DecodeStep(slots, tables, lens, scale, kc, hq, groups=groups)
 
-    # QK and PV: a multiply and an add per query head, key and dim, each; both kernels do them all
-    flops = 4.0 * hq * D * float(lens.sum())
     err = (cascade().float() - paged().float()).abs().max().item()
     (w_paged, c_paged), (w_cas, c_cas) = bench(paged, repeats), bench(cascade, repeats)
     (w_sp, _), (w_sc, _) = (bench(lambda: paged_step.attend(q, kc, vc), repeats),
@@ -260,6 +274,53 @@ def cascade_section(B, G, P, C, hq, hkv, D, dtype, repeats):
             "speedup_cpu_time": c_paged / c_cas, "max_abs_diff": err,
             "step_paged_ms": w_sp * 1e3, "step_cascade_ms": w_sc * 1e3, "step_speedup": w_sp / w_sc,
             "flops": flops, "paged_gflops": flops / w_paged / 1e9, "cascade_gflops": flops / w_cas / 1e9}
+
+
+def _cascade_section_cuda(q, kc, vc, tables, lens, groups, scale, repeats, device, shape):
+    """The op-level timing on a GPU: both CUDA kernels on the same caches, synchronized after
+    each call; achieved K/V read bandwidth instead of the CPU's FLOP rate (decode attention is
+    memory-bound there)."""
+    q, kc, vc, tables, lens = (t.to(device) for t in (q, kc, vc, tables, lens))
+    rows, starts, prefix = (t.to(device) for t in groups)
+
+    def paged():
+        return kv.paged_decode_attention(q, kc, vc, tables, lens, scale)
+
+    def cascade():
+        return kv.cascade_decode_attention(q, kc, vc, tables, lens, scale, rows, starts, prefix)
+
+    err = (cascade().float() - paged().float()).abs().max().item()
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
+    (w_paged, _), (w_cas, _) = bench(paged, repeats, sync), bench(cascade, repeats, sync)
+    return {**shape, "dtype": str(kc.dtype).replace("torch.", ""), "shared_prefix": int(prefix.max()),
+            "paged_ms": w_paged * 1e3, "cascade_ms": w_cas * 1e3, "speedup": w_paged / w_cas, "max_abs_diff": err,
+            "paged_gbps": shape["paged_bytes"] / w_paged / 1e9, "cascade_gbps": shape["cascade_bytes"] / w_cas / 1e9}
+
+
+def cascade_table_cuda(result, repeats, quick, device):
+    """The CUDA kernels at the issue's shapes (bf16 caches, as a GPU samples) and the threshold
+    sweep for the CUDA min prefix."""
+    C = 64
+    print(f"\nCUDA cascade vs per-sequence paged decode attention ({torch.cuda.get_device_name(device)}), "
+          f"B x G sequences after {C} decoded tokens, median of {repeats}; GB/s: the K/V bytes each kernel "
+          "must read over its time")
+    print(f"{'P':>6}{'B x G':>8}{'heads q/kv, D':>15}{'dtype':>10}{'paged ms':>10}{'cascade ms':>12}"
+          f"{'speedup':>9}{'max |diff|':>12}{'| GB/s paged / cascade':>24}")
+    shapes = [(9, 3, 64)] if quick else [(9, 3, 64), (12, 2, 128)]
+    cfgs = [(1024, 4, 8), (1024, 2, 16), (4096, 4, 8), (128, 4, 8)]
+    for P, B, G in cfgs[:1] if quick else cfgs:
+        for hq, hkv, D in shapes:
+            for dtype in (torch.bfloat16,):
+                r = cascade_section(B, G, P, C, hq, hkv, D, dtype, repeats, device)
+                result["cascade"].append(r)
+                print(f"{P:>6}{f'{B} x {G}':>8}{f'{hq}/{hkv}, {D}':>15}{r['dtype']:>10}{r['paged_ms']:>10.3f}"
+                      f"{r['cascade_ms']:>12.3f}{r['speedup']:>9.2f}{r['max_abs_diff']:>12.2e}"
+                      f"{r['paged_gbps']:>13.0f} /{r['cascade_gbps']:>8.0f}")
+    print("\nthreshold: the shortest shared prefix at which the CUDA cascade pays (SmolLM2 heads, bf16, 4 x 8)")
+    for P in (16, 32, 64, 128, 256, 512) if not quick else (64,):
+        r = cascade_section(4, 8, P, C, 9, 3, 64, torch.bfloat16, repeats, device)
+        result["cascade_threshold"].append(r)
+        print(f"  P = {P:>4}: paged {r['paged_ms']:.4f} ms, cascade {r['cascade_ms']:.4f} ms, speedup {r['speedup']:.2f}")
 
 
 def gemm_ceiling_gflops(repeats: int = 5) -> float:
@@ -318,13 +379,19 @@ def main():
                     "benchmarks/results/bench_kv-<section>-cpu-<time>.json")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_kv.json"),
                     help="JSON of a full (not --quick, not --only) run")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="cuda: the cascade section's CUDA kernels (needs --only cascade)")
+    ap.add_argument("--json", default=None, help="also write the result JSON here (any run)")
     args = ap.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and (args.only != "cascade" or not torch.cuda.is_available()):
+        ap.error("--device cuda: only with --only cascade, on a machine where torch sees a GPU")
     quick = args.quick
     run = set(SECTIONS) if args.only is None else {args.only}
     mem_cfgs = [(8, 8, 150, 256), (8, 16, 60, 512), (16, 8, 700, 256)]
     dec_cfgs = [(9, 3, 64), (32, 8, 128)]
     S, L = (8, 256) if quick else (32, 1024)
-    result = {"env": bu.environment(torch.device("cpu")), "load_average_before": bu.load_average(),
+    result = {"env": bu.environment(device), "load_average_before": bu.load_average(),
               "memory": [], "decode": [], "block_manager": [], "cascade": [], "cascade_threshold": []}
 
     if "memory" in run:
@@ -334,9 +401,14 @@ def main():
     if "block_manager" in run:
         block_manager_table(result, [32] if quick else [32, 256], 16 if quick else 64,
                             3 if quick else args.repeats)
-    if "cascade" in run:
+    if "cascade" in run and device.type == "cuda":
+        cascade_table_cuda(result, 5 if quick else args.repeats, quick, device)
+    elif "cascade" in run:
         cascade_table(result, 3 if quick else args.repeats, quick)
     result["load_average_after"] = bu.load_average()
+    result["complete"] = True
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
     if args.only is not None and not quick:
         print(f"\nwrote {bu.write_results(f'bench_kv-{args.only}', result)}")
     elif not quick:

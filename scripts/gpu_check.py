@@ -80,6 +80,8 @@ def plan(py: str, out: Path, dry_run: bool) -> list[Stage]:
         Stage("build", "pip install -e . with nvcc for this GPU's arch", 240, stage + ["build"]),
         Stage("pytest_gpu", "pytest -m gpu", 120, pytest("junit-gpu.xml", "-m", "gpu", "tests"),
               junit="junit-gpu.xml"),
+        Stage("bench_cascade", "cascade vs paged decode attention, CUDA kernels, bf16", 90,
+              stage + ["bench-cascade"]),
         Stage("pytest_kernels", "Triton log-prob kernels, fused loss, native build, on the GPU", 120,
               pytest("junit-kernels.xml", *KERNEL_TESTS), junit="junit-kernels.xml"),
         Stage("bench_loss", "fused loss vs naive (and Liger), N=8192, bf16", 120, stage + ["bench-loss"]),

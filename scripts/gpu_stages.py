@@ -13,6 +13,8 @@ headline lines the summary prints.
     bench-loss     benchmarks/bench_loss.py: fused loss vs naive (and Liger) at N = 8192, bf16
     bench-sampler  benchmarks/bench_sampler.py: sampler vs HF generate, 16 x 8 x 512, with and
                    without CUDA graphs, Qwen2.5-1.5B-sized random-init model
+    bench-cascade  benchmarks/bench_kv.py --only cascade --device cuda: cascade vs per-sequence
+                   paged decode attention, P = 128 / 1,024 / 4,096, G = 8 / 16, bf16
     step           one GRPO step (after a warm-up step) of that model with LoRA; --4bit: NF4 base
     stub, sleep    the dry run's stand-ins (a GPU stage with no GPU; a stage that hangs)
 
@@ -291,6 +293,32 @@ def stage_bench_sampler(args, res: Result) -> int:
     return 0 if rc == 0 and raw.get("complete") else 1
 
 
+def stage_bench_cascade(args, res: Result) -> int:
+    """Cascade vs per-sequence paged decode attention, the CUDA kernels (bench_kv.py --only cascade
+    --device cuda): the figure issue 14 could not measure without a GPU. --tiny: the CPU kernels
+    at the quick size. A kernel pair that disagrees fails the stage."""
+    import torch
+
+    out = _work() / "bench_cascade.json"
+    out.unlink(missing_ok=True)
+    cmd = [sys.executable, BENCH / "bench_kv.py", "--only", "cascade", "--json", out]
+    cmd += ["--quick"] if args.tiny else ["--repeats", "20"]
+    if torch.cuda.is_available():
+        cmd += ["--device", "cuda"]
+    rc = _run(cmd, cwd=REPO)
+    raw = json.loads(out.read_text()) if out.is_file() else {}
+    res.save(bench=raw, bench_exit_code=rc)
+    tol = {"float32": 1e-4, "bfloat16": 2e-2, "float16": 4e-3}
+    ok = rc == 0 and raw.get("complete", False) and bool(raw.get("cascade"))
+    for r in raw.get("cascade", []):
+        agree = r["max_abs_diff"] <= tol.get(r["dtype"], 2e-2)
+        ok &= agree
+        res.figure(f"cascade P={r['P']} {r['B']}x{r['G']} heads {r['hq']}/{r['hkv']}x{r['D']} {r['dtype']}: "
+                   f"paged {r['paged_ms']:.3f} ms, cascade {r['cascade_ms']:.3f} ms ({r['speedup']:.2f}x)"
+                   + ("" if agree else f" MISMATCH max |diff| {r['max_abs_diff']:.2e}"))
+    return 0 if ok else 1
+
+
 # ---------------------------------------------------------------- one GRPO step
 
 
@@ -377,7 +405,7 @@ def stage_sleep(args, res: Result) -> int:
 
 
 STAGES = {"env": stage_env, "wheels": stage_wheels, "build": stage_build, "bench-loss": stage_bench_loss,
-          "bench-sampler": stage_bench_sampler, "step": stage_step, "stub": stage_stub, "sleep": stage_sleep}
+          "bench-sampler": stage_bench_sampler, "bench-cascade": stage_bench_cascade, "step": stage_step, "stub": stage_stub, "sleep": stage_sleep}
 
 
 def main(argv=None) -> int:

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-GPU_STAGES = ["build", "pytest_gpu", "pytest_kernels", "bench_loss", "bench_sampler", "step_lora", "step_4bit"]
+GPU_STAGES = ["build", "pytest_gpu", "bench_cascade", "pytest_kernels", "bench_loss", "bench_sampler", "step_lora",
+              "step_4bit"]
 
 
 def load_runner():
@@ -87,7 +88,7 @@ def test_budget_and_junit_parsing(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["bench-loss", "bench-sampler", "step"])
+@pytest.mark.parametrize("stage", ["bench-loss", "bench-sampler", "bench-cascade", "step"])
 def test_stage_bodies_at_toy_size_on_cpu(tmp_path, stage):
     """The GPU stages' own code, end to end at --tiny size: what the GPU runs at full size."""
     result = tmp_path / "result.json"
