@@ -29,6 +29,7 @@ shows.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -157,7 +158,10 @@ def run_trl(a) -> dict:
         logging_steps=1, report_to=[], use_cpu=True, save_strategy="no", seed=0, bf16=False,
         dataloader_num_workers=0, disable_tqdm=True, gradient_checkpointing=a.gradient_checkpointing == "on",
         **({"generation_kwargs": {"min_new_tokens": a.max_completion}} if a.forced_length else {}),
-        **({"max_prompt_length": a.prompt_len + 64} if a.prompt_len else {}))
+        # TRL < 1.16 cuts prompts at max_prompt_length (512 by default); 1.16 dropped the field
+        # and never truncates a prompt
+        **({"max_prompt_length": a.prompt_len + 64}
+           if a.prompt_len and "max_prompt_length" in {f.name for f in dataclasses.fields(GRPOConfig)} else {}))
     peft_cfg = LoraConfig(r=a.lora_r, lora_alpha=2 * a.lora_r, lora_dropout=0.0, target_modules=lora_targets(model),
                           task_type="CAUSAL_LM")
     trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=args, train_dataset=ds,

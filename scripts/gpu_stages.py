@@ -405,7 +405,8 @@ def stage_sleep(args, res: Result) -> int:
 
 
 STAGES = {"env": stage_env, "wheels": stage_wheels, "build": stage_build, "bench-loss": stage_bench_loss,
-          "bench-sampler": stage_bench_sampler, "bench-cascade": stage_bench_cascade, "step": stage_step, "stub": stage_stub, "sleep": stage_sleep}
+          "bench-sampler": stage_bench_sampler, "bench-cascade": stage_bench_cascade, "step": stage_step,
+          "stub": stage_stub, "sleep": stage_sleep}
 
 
 def main(argv=None) -> int:
