@@ -229,7 +229,7 @@ def main() -> None:
     if a.nproc:
         return data_parallel(a)
 
-    results = {}
+    results, failures = {}, {}
     for impl in [a.only] if a.only else ["ours", "trl"] + (["trl_fused"] if a.trl_fused else []):
         cmd = [sys.executable, __file__, "--impl", impl, "--prompts", str(a.prompts), "--generations",
                str(a.generations), "--max-completion", str(a.max_completion), "--steps", str(a.steps),
@@ -240,7 +240,12 @@ def main() -> None:
             proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)  # its stderr (progress, errors) shows live
         line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
         if proc.returncode or not line:
-            print(f"{impl} failed (exit {proc.returncode}; its error is above)", file=sys.stderr)
+            why = (f"killed by signal {-proc.returncode}" + (" (SIGKILL: on Linux most often the kernel's "
+                                                            "out-of-memory killer; see dmesg)"
+                                                            if proc.returncode == -9 else "")
+                   if proc.returncode < 0 else f"exit {proc.returncode}; its error is above")
+            print(f"{impl} failed ({why})", file=sys.stderr)
+            failures[impl] = why
             continue
         results[impl] = json.loads(line[-1][7:])
 
@@ -275,11 +280,13 @@ def main() -> None:
             pass
     case = "".join([f"-c{a.max_completion}" if a.max_completion != 16 or a.forced_length else "",
                     "-forced" if a.forced_length else "", f"-p{a.prompt_len}" if a.prompt_len else "",
+                    f"-mb{a.micro_batch}" if a.micro_batch != 8 else "",
                     f"-busy-{a.busy}" if a.busy != "none" else "", "-trl-fused" if a.trl_fused else "",
                     f"-only-{a.only}" if a.only else ""])  # a one-sided run keeps the two-sided file
     out = HERE / "results" / f"bench_step-gc-{a.gradient_checkpointing}{case}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(a), "results": results, "device": f"cpu x{os.cpu_count()}",
+    out.write_text(json.dumps({"args": vars(a), "results": results, "failures": failures,
+                               "device": f"cpu x{os.cpu_count()}",
                                "platform": platform.platform(), "versions": versions, "commit": commit,
                                "load_avg": os.getloadavg(), "beside": _busy.describe(a.busy)}, indent=2))
     print(f"wrote {out}")
