@@ -241,21 +241,31 @@ def cascade_section(B, G, P, C, hq, hkv, D, dtype, repeats, device=torch.device(
     rows, starts, prefix = (torch.as_tensor(a) for a in groups)
     # QK and PV: a multiply and an add per query head, key and dim, each; both kernels do them all
     flops = 4.0 * hq * D * float(lens.sum())
-    # K/V bytes each kernel must read: every sequence's keys (paged); each group's prefix once
-    # plus every sequence's own keys (cascade)
-    row_bytes = 2 * hkv * D * kc.element_size()
-    paged_bytes = row_bytes * float(lens.sum())
-    cascade_bytes = paged_bytes - row_bytes * float(prefix.sum()) * (G - 1)
+    shape = {"B": B, "G": G, "P": P, "C": C, "hq": hq, "hkv": hkv, "D": D, "dtype": str(dtype).replace("torch.", ""),
+             "shared_prefix": int(prefix.max()), "flops": flops}
     if device.type == "cuda":
-        return _cascade_section_cuda(q, kc, vc, tables, lens, (rows, starts, prefix), scale, repeats, device,
-                                     dict(B=B, G=G, P=P, C=C, hq=hq, hkv=hkv, D=D, flops=flops,
-                                          paged_bytes=paged_bytes, cascade_bytes=cascade_bytes))
+        q, kc, vc, tables, lens, rows, starts, prefix = (
+            t.to(device) for t in (q, kc, vc, tables, lens, rows, starts, prefix))
 
     def paged():
         return kv.paged_decode_attention(q, kc, vc, tables, lens, scale)
 
     def cascade():
         return kv.cascade_decode_attention(q, kc, vc, tables, lens, scale, rows, starts, prefix)
+
+    err = (cascade().float() - paged().float()).abs().max().item()
+    if device.type == "cuda":
+        # op level only, synchronized after each call; the achieved K/V read bandwidth instead of
+        # the CPU's FLOP rate (decode attention is memory-bound there): every sequence's keys
+        # (paged), each group's prefix once plus every sequence's own keys (cascade)
+        (w_paged, _), (w_cas, _) = bench(paged, repeats, torch.cuda.synchronize), \
+            bench(cascade, repeats, torch.cuda.synchronize)
+        row_bytes = 2 * hkv * D * kc.element_size()
+        paged_bytes = row_bytes * float(lens.sum())
+        cascade_bytes = paged_bytes - row_bytes * float(prefix.sum()) * (G - 1)
+        return {**shape, "paged_ms": w_paged * 1e3, "cascade_ms": w_cas * 1e3, "speedup": w_paged / w_cas,
+                "max_abs_diff": err, "paged_bytes": paged_bytes, "cascade_bytes": cascade_bytes,
+                "paged_gbps": paged_bytes / w_paged / 1e9, "cascade_gbps": cascade_bytes / w_cas / 1e9}
 
     # The sampler's own path: one DecodeStep per step, validated once, each layer's attention
     # launched directly (no torch.library dispatch, ~70-80 µs a call here, which the op-level
@@ -264,37 +274,14 @@ def cascade_section(B, G, P, C, hq, hkv, D, dtype, repeats, device=torch.device(
     paged_step = DecodeStep(slots, tables, lens, scale, kc, hq)
     cascade_step = DecodeStep(slots, tables, lens, scale, kc, hq, groups=groups)
 
-    err = (cascade().float() - paged().float()).abs().max().item()
     (w_paged, c_paged), (w_cas, c_cas) = bench(paged, repeats), bench(cascade, repeats)
     (w_sp, _), (w_sc, _) = (bench(lambda: paged_step.attend(q, kc, vc), repeats),
                             bench(lambda: cascade_step.attend(q, kc, vc), repeats))
-    return {"B": B, "G": G, "P": P, "C": C, "hq": hq, "hkv": hkv, "D": D, "dtype": str(dtype).replace("torch.", ""),
-            "shared_prefix": int(prefix.max()), "paged_ms": w_paged * 1e3, "cascade_ms": w_cas * 1e3,
+    return {**shape, "paged_ms": w_paged * 1e3, "cascade_ms": w_cas * 1e3,
             "speedup": w_paged / w_cas, "paged_cpu_ms": c_paged * 1e3, "cascade_cpu_ms": c_cas * 1e3,
             "speedup_cpu_time": c_paged / c_cas, "max_abs_diff": err,
             "step_paged_ms": w_sp * 1e3, "step_cascade_ms": w_sc * 1e3, "step_speedup": w_sp / w_sc,
-            "flops": flops, "paged_gflops": flops / w_paged / 1e9, "cascade_gflops": flops / w_cas / 1e9}
-
-
-def _cascade_section_cuda(q, kc, vc, tables, lens, groups, scale, repeats, device, shape):
-    """The op-level timing on a GPU: both CUDA kernels on the same caches, synchronized after
-    each call; achieved K/V read bandwidth instead of the CPU's FLOP rate (decode attention is
-    memory-bound there)."""
-    q, kc, vc, tables, lens = (t.to(device) for t in (q, kc, vc, tables, lens))
-    rows, starts, prefix = (t.to(device) for t in groups)
-
-    def paged():
-        return kv.paged_decode_attention(q, kc, vc, tables, lens, scale)
-
-    def cascade():
-        return kv.cascade_decode_attention(q, kc, vc, tables, lens, scale, rows, starts, prefix)
-
-    err = (cascade().float() - paged().float()).abs().max().item()
-    sync = torch.cuda.synchronize if device.type == "cuda" else None
-    (w_paged, _), (w_cas, _) = bench(paged, repeats, sync), bench(cascade, repeats, sync)
-    return {**shape, "dtype": str(kc.dtype).replace("torch.", ""), "shared_prefix": int(prefix.max()),
-            "paged_ms": w_paged * 1e3, "cascade_ms": w_cas * 1e3, "speedup": w_paged / w_cas, "max_abs_diff": err,
-            "paged_gbps": shape["paged_bytes"] / w_paged / 1e9, "cascade_gbps": shape["cascade_bytes"] / w_cas / 1e9}
+            "paged_gflops": flops / w_paged / 1e9, "cascade_gflops": flops / w_cas / 1e9}
 
 
 def cascade_table_cuda(result, repeats, quick, device):

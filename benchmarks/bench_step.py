@@ -240,10 +240,12 @@ def main() -> None:
             proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)  # its stderr (progress, errors) shows live
         line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
         if proc.returncode or not line:
-            why = (f"killed by signal {-proc.returncode}" + (" (SIGKILL: on Linux most often the kernel's "
-                                                            "out-of-memory killer; see dmesg)"
-                                                            if proc.returncode == -9 else "")
-                   if proc.returncode < 0 else f"exit {proc.returncode}; its error is above")
+            if proc.returncode == -9:
+                why = "killed by signal 9 (SIGKILL: on Linux most often the kernel's out-of-memory killer; see dmesg)"
+            elif proc.returncode < 0:
+                why = f"killed by signal {-proc.returncode}"
+            else:
+                why = f"exit {proc.returncode}; its error is above"
             print(f"{impl} failed ({why})", file=sys.stderr)
             failures[impl] = why
             continue
