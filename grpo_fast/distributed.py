@@ -37,7 +37,8 @@ from grpo_fast.errors import TrainingStopped
 
 __all__ = ["RankFailed", "init", "world_size", "rank", "local_rank", "is_main", "all_reduce_sum",
            "all_gather_object", "broadcast_object", "barrier", "shard_range", "fail_together",
-           "all_reduce_grads", "broadcast_tensors", "rank_seed", "seed_rank", "on_main", "shutdown"]
+           "all_reduce_grads", "broadcast_tensors", "rank_seed", "seed_rank", "on_main", "shutdown",
+           "release_at_shutdown"]
 
 TIMEOUT_ENV = "GRPO_FAST_COLLECTIVE_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 600.0
@@ -296,8 +297,67 @@ def broadcast_tensors(tensors, src: int = 0) -> None:
                 t.copy_(buf)
 
 
+_RELEASERS: list = []  # weak references to callables that drop what holds the group (release_at_shutdown)
+
+
+def release_at_shutdown(owner, release) -> None:
+    """Call `release(owner)` before shutdown() destroys the group, while `owner` is alive: it drops
+    the owner's references that hold the group (an FSDP-sharded model holds it through its mesh,
+    its parameters and their optimizer state). Held only weakly: registering keeps nothing alive."""
+    import weakref
+
+    _RELEASERS.append((weakref.ref(owner), release))
+
+
+def _release_group_holders() -> None:
+    """Drop every reference to the group that is ours to drop, so that destroying it really ends
+    it and joins its worker threads: the registered owners' (release_at_shutdown), DTensor's
+    sharding caches (they keep the specs, hence the mesh, of every op an FSDP model ran), then
+    the reference cycles that still hold any of these."""
+    import gc
+    import sys
+
+    while _RELEASERS:
+        owner, release = _RELEASERS.pop()
+        if (alive := owner()) is not None:
+            release(alive)
+    if "torch.distributed.tensor" in sys.modules:
+        _clear_dtensor_caches()
+    gc.collect()
+
+
+# DTensor's process-wide caches that keep a DeviceMesh (hence its group) alive: (module, the
+# function that clears one). Private torch API, so each is looked up and skipped where absent;
+# tests/test_distributed.py counts the gloo threads left at exit and fails if one is missed.
+_DTENSOR_CACHE_CLEARERS = (
+    ("torch.distributed.tensor.debug", "_clear_sharding_prop_cache"),  # specs of every op run
+    ("torch.distributed.tensor._redistribute", "_gen_transform_infos.cache_clear"),
+    ("torch.distributed.tensor._redistribute", "clear_redistribute_planner_cache"),
+    ("torch.distributed.tensor._collective_utils", "MeshTopoInfo.build_from_mesh.cache_clear"),
+)
+
+
+def _clear_dtensor_caches() -> None:
+    import importlib
+
+    for module_name, path in _DTENSOR_CACHE_CLEARERS:
+        try:
+            target = importlib.import_module(module_name)
+            for name in path.split("."):
+                target = getattr(target, name)
+        except (ImportError, AttributeError):
+            continue
+        target()
+
+
 def shutdown() -> None:
     """Leave the process group (end of a run; also run at interpreter exit for a group init()
-    made, so a script that never calls it still exits cleanly). Idempotent."""
+    made, so a script that never calls it still exits cleanly). Idempotent.
+
+    A group that is destroyed but still referenced (by a sharded model, DTensor's caches) keeps
+    its gloo worker threads, and one of them releasing the last collective's tensors while the
+    interpreter finalizes aborts the process (`terminate called without an active exception`,
+    pytorch#179291). So the references that are ours go first (_release_group_holders)."""
     if _active():
+        _release_group_holders()
         tdist.destroy_process_group()

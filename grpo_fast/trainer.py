@@ -168,6 +168,8 @@ class GRPOTrainer:
         dist.broadcast_tensors(trainable_parameters(self.model))  # every rank starts from rank 0's weights
         # then each keeps its 1/W of them (train/sharding.py); one process: nothing to shard
         self.sharded = bool(t.fsdp) and sharding.shard_policy(self.model)
+        if self.sharded:  # at exit, a trainer still alive (a script's global) lets go of the group
+            dist.release_at_shutdown(self, GRPOTrainer._drop_sharded_state)
         if t.fsdp:
             echo(f"model: sharded across {dist.world_size()} ranks (FSDP2)" if self.sharded else
                  "train.fsdp: one process, nothing to shard (launch with torchrun --nproc-per-node N)")
@@ -182,6 +184,16 @@ class GRPOTrainer:
         self.state = TrainerState(max_steps=self.max_steps, skipped_prompts=skipped)
         self.out_dir = out
         self._phase, self._last_saved = "setup", 0
+
+    _SHARDED_STATE = ("model", "params", "optimizer", "scheduler", "generator")
+
+    def _drop_sharded_state(self) -> None:
+        """At shutdown (grpo_fast.distributed): the sharded model, its parameters, their optimizer
+        state and the sampler that reads them all hold the process group (through the FSDP mesh);
+        the trainer is done with them once the group is gone. A model object the caller passed in
+        and still holds keeps the group alive all the same: that reference is theirs."""
+        for name in self._SHARDED_STATE:
+            self.__dict__.pop(name, None)
 
     # ---------------------------------------------------------------- setup pieces
 

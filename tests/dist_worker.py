@@ -216,13 +216,17 @@ def run_fsdp(model_dir, out_dir, runs=("a", "b", "c")):
         return
     GRPOTrainer(model=model_dir, reward_funcs=[parity], args=trainer_args(f"{out_dir}/b", max_steps=2, **FSDP_ARGS),
                 train_dataset=rows).train()
-    GRPOTrainer(model=model_dir, reward_funcs=[parity], args=trainer_args(f"{out_dir}/b", **FSDP_ARGS),
-                train_dataset=rows).train(resume_from_checkpoint=True)
+    # kept alive to the end, as a script's module-level `trainer = GRPOTrainer(...)` is: its sharded
+    # model holds the group at exit, and shutdown() must release it (GLOO_THREADS_AT_EXIT=0)
+    global LIVE_TRAINER
+    LIVE_TRAINER = GRPOTrainer(model=model_dir, reward_funcs=[parity],
+                               args=trainer_args(f"{out_dir}/b", **FSDP_ARGS), train_dataset=rows)
+    LIVE_TRAINER.train(resume_from_checkpoint=True)
 
 
 def report_group_at_exit():
-    """Registered before the trainer joins the group, so it runs after every exit handler the
-    trainer registered (atexit runs them last-in first-out): prints whether the process group
+    """Registered (in every mode) before the trainer joins the group, so it runs after every exit
+    handler the trainer registered (atexit runs them last-in first-out): prints whether the process group
     is still alive then, and how many gloo threads are left (a group destroyed but still held
     somewhere keeps its worker threads, which can abort the rank while the interpreter
     finalizes)."""
@@ -345,6 +349,7 @@ def run_tools(model_dir, out_dir):
 
 if __name__ == "__main__":
     mode, model_dir, target = sys.argv[1:4]
+    report_group_at_exit()
     if mode == "grads":
         grads = step_grads(model_dir)
         from grpo_fast import distributed as dist
@@ -356,7 +361,6 @@ if __name__ == "__main__":
     elif mode == "fsdp":
         run_fsdp(model_dir, target, *([tuple(sys.argv[4].split(","))] if len(sys.argv) > 4 else []))
     elif mode == "eval":
-        report_group_at_exit()
         run_eval(model_dir, target)
     elif mode == "reward_error":
         run_reward_error(model_dir, target)

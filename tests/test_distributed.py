@@ -42,7 +42,18 @@ def launch(args: list[str], *, nproc: int = 2, timeout: float = 150.0, collectiv
     results = _launch_once(args, nproc, timeout, collective_timeout)
     if any(rc != 0 and "address already in use" in out.lower() for rc, out in results):
         results = _launch_once(args, nproc, timeout, collective_timeout)
+    for _, out in results:  # every rank, a failing one included, left no group behind
+        assert CLEAN_EXIT in out and "terminate called" not in out, out[-3000:]
     return results
+
+
+# What dist_worker.report_group_at_exit prints when the group is gone and its gloo threads joined
+# by the time the interpreter finalizes. A group destroyed but still referenced (DTensor's caches,
+# a sharded model still alive) keeps its threads, and one of them releasing the last collective's
+# tensors during finalization sometimes aborts the rank with `terminate called without an active
+# exception` (pytorch#179291); counting the threads catches the leak on every run, not only the
+# rare run that aborts.
+CLEAN_EXIT = "GROUP_ALIVE_AT_EXIT=False GLOO_THREADS_AT_EXIT=0"
 
 
 def _launch_once(args, nproc, timeout, collective_timeout):
@@ -85,6 +96,25 @@ def test_helpers_are_the_identity_in_one_process():
         with dist.fail_together("testing"):
             raise KeyError("raw")
     assert dist.init() == 1  # no torchrun environment: nothing to join
+
+
+def test_release_at_shutdown_calls_live_owners_once_and_keeps_none_alive():
+    """Owners are held weakly (registering a trainer must not keep it, and its model, alive) and
+    each live owner's release runs once, before the group goes (shutdown() calls this first)."""
+    import gc
+
+    class Owner:
+        pass
+
+    released = []
+    live, gone = Owner(), Owner()
+    dist.release_at_shutdown(live, lambda o: released.append(("live", o)))
+    dist.release_at_shutdown(gone, lambda o: released.append(("gone", o)))
+    del gone
+    gc.collect()
+    dist._release_group_holders()
+    dist._release_group_holders()  # idempotent: shutdown() may run twice (explicit, then atexit)
+    assert released == [("live", live)]
 
 
 def test_cpu_ranks_each_keep_their_share_of_the_cores(monkeypatch):
@@ -244,16 +274,14 @@ def test_two_rank_eval_splits_the_prompts_and_gives_the_one_process_metrics(tiny
     """10 eval prompts x 4 sampled completions: each rank evaluates its 5 and the metrics
     gathered are one process's (each prompt's completions are seeded by its index in the set).
     The worker never calls shutdown(): the group init() made is left at exit all the same, and
-    its gloo threads end with it (a group alive at exit, or destroyed but still held, sometimes
-    ends a gloo rank with SIGABRT, pytorch#190489). The trainer imports torch._dynamo after
-    init(), which used to hold the group through torch.distributed.nn.functional's defaults."""
+    its gloo threads end with it (launch checks every rank's exit; a group alive at exit, or
+    destroyed but still held, sometimes ends a gloo rank with SIGABRT). The trainer imports
+    torch._dynamo after init(), which used to hold the group through
+    torch.distributed.nn.functional's defaults."""
     import dist_worker
 
     results = launch(["eval", tiny, tmp_path / "two.json"])
     assert all(rc == 0 for rc, _ in results), results[0][1][-3000:] + results[1][1][-3000:]
-    for _, out in results:
-        assert "GROUP_ALIVE_AT_EXIT=False GLOO_THREADS_AT_EXIT=0" in out, out[-3000:]
-        assert "terminate called" not in out, out[-3000:]
     dist_worker.run_eval(str(tiny), str(tmp_path / "one.json"))
     two, one = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("two", "one"))
     assert "eval/accuracy/pass@4" in one and "eval/completions/mean_length" in one
