@@ -12,6 +12,8 @@ pass is the oracle the tests hold both to.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from transformers import DynamicCache
 
@@ -19,7 +21,8 @@ from grpo_fast.models.llama_family import active_sliding_window
 from grpo_fast.train.rollout_batch import SequenceBatch
 
 
-def completion_hidden(decoder, batch: SequenceBatch, *, share_prompts: bool = True, layout: str = "auto") -> torch.Tensor:
+def completion_hidden(decoder, batch: SequenceBatch, *, share_prompts: bool = True, layout: str = "auto",
+                      prefix: PromptPrefix | None = None) -> torch.Tensor:
     """Final-norm hidden states that predict each completion token: [N, C, H]. decoder: the
     causal LM's decoder stack (grpo_fast.models.causal_lm.decoder_and_head).
 
@@ -45,7 +48,11 @@ def completion_hidden(decoder, batch: SequenceBatch, *, share_prompts: bool = Tr
     (`cached_pays`: long completions after short prompts, where a group's packed sequence is
     long and its dense T x T attention mostly masked), and never cached under gradient
     checkpointing.
+    prefix: the rows' prompts already run (grpo_fast.train.group_prompts: a group split across
+    micro-batches runs its prompt once for all of them); only the completions run here.
     """
+    if prefix is not None:
+        return completions_over_prefix(decoder, batch, prefix)
     if layout not in ("auto", "packed", "cached"):
         raise ValueError(f"layout must be auto, packed or cached, got {layout!r}")
     P = batch.prompt_width
@@ -159,24 +166,55 @@ def _packed_forward(decoder, batch: SequenceBatch, runs: list[int]) -> torch.Ten
     return flat[index]  # [N, C, H]
 
 
-def _cached_prompt_forward(decoder, batch: SequenceBatch, runs: list[int]) -> torch.Tensor:
-    """Prompt once with a cache, its K/V repeated for its rows, completions over it (see completion_hidden)."""
-    P, C = batch.prompt_width, batch.targets.shape[1]
-    counts = torch.tensor(runs, device=batch.input_ids.device)  # [B'] rows per distinct prompt
-    firsts = counts.cumsum(0) - counts  # [B'] first row of each run
+@dataclass
+class PromptPrefix:
+    """What completions need of their prompt, for n rows: the prompt's K/V at every layer
+    (keys[l], values[l]: [n, Hkv, P, D]) and the final-norm hidden state of its last position
+    ([n, 1, H]: it predicts the first completion token)."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    last_hidden: torch.Tensor
+
+    def map(self, fn) -> "PromptPrefix":
+        """The same prefix with `fn` applied to every tensor (repeat for rows, detach, ...)."""
+        return PromptPrefix([fn(k) for k in self.keys], [fn(v) for v in self.values], fn(self.last_hidden))
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [*self.keys, *self.values, self.last_hidden]
+
+
+def run_prompts(decoder, batch: SequenceBatch, rows: torch.Tensor) -> PromptPrefix:
+    """The prompts of batch rows `rows` [B'] through the decoder once, with a cache: [B'] prefixes."""
+    P = batch.prompt_width
     cache = DynamicCache(config=getattr(decoder, "config", None))
-    prompt_out = decoder(input_ids=batch.input_ids[firsts, :P], attention_mask=batch.attention_mask[firsts, :P],
-                         position_ids=batch.position_ids[firsts, :P], past_key_values=cache, use_cache=True)
-    for layer in cache.layers:  # [B', Hkv, P, D] -> [N, Hkv, P, D], still differentiable
-        layer.keys = layer.keys.repeat_interleave(counts, dim=0)
-        layer.values = layer.values.repeat_interleave(counts, dim=0)
-    last_prompt = prompt_out.last_hidden_state[:, -1:].repeat_interleave(counts, dim=0)  # [N, 1, H]
+    out = decoder(input_ids=batch.input_ids[rows, :P], attention_mask=batch.attention_mask[rows, :P],
+                  position_ids=batch.position_ids[rows, :P], past_key_values=cache, use_cache=True)
+    return PromptPrefix([layer.keys for layer in cache.layers], [layer.values for layer in cache.layers],
+                        out.last_hidden_state[:, -1:])  # [B', 1, H]
+
+
+def completions_over_prefix(decoder, batch: SequenceBatch, prefix: PromptPrefix) -> torch.Tensor:
+    """Completion tokens 0..C-2 (the last one predicts nothing) over each row's prompt K/V:
+    [N, C, H], row i's first position being its prompt's last hidden state. `prefix` has one
+    row per batch row; gradients reach its tensors (and through them the prompt's pass)."""
+    P, C = batch.prompt_width, batch.targets.shape[1]
     if C == 1:
-        return last_prompt
-    # Completion tokens 0..C-2 (the last one predicts nothing), over the shared prompt K/V.
+        return prefix.last_hidden
+    cache = DynamicCache(config=getattr(decoder, "config", None))
+    for layer, (k, v) in enumerate(zip(prefix.keys, prefix.values)):
+        cache.update(k, v, layer)
     out = decoder(input_ids=batch.input_ids[:, P:P + C - 1], attention_mask=batch.attention_mask[:, :P + C - 1],
                   position_ids=batch.position_ids[:, P:P + C - 1], past_key_values=cache, use_cache=True)
-    return torch.cat([last_prompt, out.last_hidden_state], dim=1)  # [N, C, H]
+    return torch.cat([prefix.last_hidden, out.last_hidden_state], dim=1)  # [N, C, H]
+
+
+def _cached_prompt_forward(decoder, batch: SequenceBatch, runs: list[int]) -> torch.Tensor:
+    """Prompt once with a cache, its K/V repeated for its rows, completions over it (see completion_hidden)."""
+    counts = torch.tensor(runs, device=batch.input_ids.device)  # [B'] rows per distinct prompt
+    firsts = counts.cumsum(0) - counts  # [B'] first row of each run
+    prefix = run_prompts(decoder, batch, firsts)  # [B'] -> [N] rows, still differentiable
+    return completions_over_prefix(decoder, batch, prefix.map(lambda t: t.repeat_interleave(counts, dim=0)))
 
 
 def prompt_runs(prompts: torch.Tensor) -> list[int] | None:

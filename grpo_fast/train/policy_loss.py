@@ -14,8 +14,9 @@ import torch
 from grpo_fast.errors import ModelError
 from grpo_fast.loss.head import LogitTransform, logit_transform_of
 from grpo_fast.ops import fused_grpo_loss, selective_logprobs
+from grpo_fast.train.group_prompts import GroupPrompts
 from grpo_fast.train.model import PolicyModules, policy_modules, reference_policy
-from grpo_fast.train.packed_forward import completion_hidden
+from grpo_fast.train.packed_forward import PromptPrefix, completion_hidden
 from grpo_fast.train.rollout_batch import SequenceBatch
 from grpo_fast.train.sharding import idle_pass
 from grpo_fast.train.threads import ThreadGovernor, paced
@@ -73,6 +74,7 @@ def score_logprobs(policy: PolicyModules, batch: SequenceBatch, *, temperature: 
     step = micro_batch_size or len(batch)
     cuts = cuts or [slice(start, start + step) for start in range(0, len(batch), step)]
     outs, ents = [], []
+    prompts = None  # a group split across `cuts` runs its prompt once (grpo_fast.train.group_prompts)
     for rows in cuts:
         if rows is None:  # FSDP: this rank's share of a pass it has no rows for
             with _scorer(policy, reference) as scorer:
@@ -83,7 +85,11 @@ def score_logprobs(policy: PolicyModules, batch: SequenceBatch, *, temperature: 
         # (the frozen weights are swapped in only inside the block), and a sharded head is whole
         # only after its model's forward.
         with _scorer(policy, reference) as scorer, paced(threads):
-            hidden = completion_hidden(scorer.decoder, part)
+            if prompts is None:
+                prompts = GroupPrompts.for_pass(scorer.decoder, batch, cuts) or False
+            hidden = completion_hidden(scorer.decoder, part, prefix=prompts.prefix(rows) if prompts else None)
+            if prompts:
+                prompts.finish(rows)
             head = scorer.head
             out = selective_logprobs(hidden, head.weight.to(hidden.dtype), part.targets, temperature=temperature,
                                      bias=head.bias, mask=part.mask, return_entropy=return_entropy,
@@ -113,15 +119,17 @@ def _scorer(policy: PolicyModules, reference: bool):
 def policy_loss(policy: PolicyModules, batch: SequenceBatch, advantages: torch.Tensor, old_logprobs, ref_logprobs, *,
                 loss_cfg, temperature: float, max_completion_length: int, num_items_in_batch: float,
                 num_sequences_in_batch: int, entropy_threshold=None, num_entropy_items_in_batch=None,
-                entropy_coef: float | None = None, sampling_logprobs: torch.Tensor | None = None):
+                entropy_coef: float | None = None, sampling_logprobs: torch.Tensor | None = None,
+                prompt_prefix: PromptPrefix | None = None):
     """fused_grpo_loss on one micro-batch with every option of the loss section. The normalizers
     (num_items_in_batch, num_sequences_in_batch, and for the high-entropy mask and the entropy
     bonus entropy_threshold and num_entropy_items_in_batch) are those of the whole step, so the
     micro-batch losses add up to the step's loss and their gradients to the step's gradient.
-    entropy_coef: this step's coefficient (adaptive control), default loss_cfg.entropy_coef."""
+    entropy_coef: this step's coefficient (adaptive control), default loss_cfg.entropy_coef.
+    prompt_prefix: the rows' prompts already run (grpo_fast.train.group_prompts)."""
     head = policy.head
     transform = logit_transform(policy, temperature)
-    hidden = completion_hidden(policy.decoder, batch)
+    hidden = completion_hidden(policy.decoder, batch, prefix=prompt_prefix)
     lc = loss_cfg
     return fused_grpo_loss(
         hidden, head.weight.to(hidden.dtype), batch.targets, batch.mask, advantages, old_logprobs, ref_logprobs,

@@ -21,6 +21,7 @@ from grpo_fast import distributed as dist
 from grpo_fast.loss.entropy_control import EntropyControl
 from grpo_fast.loss.objective import step_entropy_threshold
 from grpo_fast.train.data_parallel import gather_values
+from grpo_fast.train.group_prompts import GroupPrompts
 from grpo_fast.train.memory import release_free_memory
 from grpo_fast.train.micro_batches import micro_batches
 from grpo_fast.train.model import PolicyModules
@@ -119,8 +120,11 @@ def optimizer_update(policy: PolicyModules, optimizer, scheduler, params, rollou
     sampling = rollout.sampling_logprobs
     parts = []
     total_loss = 0.0
+    cuts = cuts or micro_batches(rollout.batch, t.micro_batch_size)
+    # a group split across micro-batches runs its prompt once, backpropagated after its last one
+    prompts = GroupPrompts.for_pass(policy.decoder, rollout.batch, cuts)
     with dist.fail_together("computing its loss and gradient"):  # an OOM on one rank ends every rank
-        for rows in cuts or micro_batches(rollout.batch, t.micro_batch_size):
+        for rows in cuts:
             if rows is None:  # FSDP: this rank's share of a pass it has no rows for
                 idle_pass(policy, backward=True)
                 continue
@@ -132,8 +136,11 @@ def optimizer_update(policy: PolicyModules, optimizer, scheduler, params, rollou
                     max_completion_length=cfg.sampling.max_completion_length, num_items_in_batch=num_items,
                     num_sequences_in_batch=num_seqs, entropy_threshold=entropy_threshold,
                     num_entropy_items_in_batch=num_entropy_items, entropy_coef=entropy_coef,
-                    sampling_logprobs=None if sampling is None else sampling[rows])
+                    sampling_logprobs=None if sampling is None else sampling[rows],
+                    prompt_prefix=prompts.prefix(rows) if prompts else None)
                 loss.backward()
+                if prompts:
+                    prompts.finish(rows)
             release_free_memory()  # this micro-batch's activations, so the next one starts from the live set
             total_loss += float(loss.detach())
             parts.append({k: float(v) for k, v in metrics.items()})
