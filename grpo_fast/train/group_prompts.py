@@ -19,10 +19,12 @@ in each). Scoring passes (no_grad) reuse the K/V the same way and keep no graph.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from grpo_fast.models.llama_family import active_sliding_window
-from grpo_fast.train.packed_forward import CACHED_OVERHEAD, PromptPrefix, prompt_runs, run_prompts
+from grpo_fast.train.packed_forward import CACHED_OVERHEAD, PromptPrefix, is_checkpointed, prompt_runs, run_prompts
 from grpo_fast.train.rollout_batch import SequenceBatch
 
 
@@ -39,7 +41,7 @@ class GroupPrompts:
 
     def __init__(self, decoder, batch: SequenceBatch, runs: list[int]):
         self.decoder, self.batch = decoder, batch
-        self.starts = [sum(runs[:i]) for i in range(len(runs))]  # first row of each run
+        self.starts = run_starts(runs)
         self.ends = [s + n for s, n in zip(self.starts, runs)]
         # run -> (the leaves of the decoder call that ran its prompt, its index there, that call)
         self._leaves: dict[int, tuple[PromptPrefix, int, int]] = {}
@@ -53,7 +55,7 @@ class GroupPrompts:
         (each micro-batch then runs its own rows whole: completion_hidden's layouts)."""
         if not cuts or any(rows is None for rows in cuts) or getattr(decoder, "collective", False):
             return None  # FSDP: every rank runs the same (packed) decoder calls
-        if decoder.training and any(getattr(m, "gradient_checkpointing", False) for m in decoder.modules()):
+        if is_checkpointed(decoder):
             return None  # HF drops caches under gradient checkpointing
         P = batch.prompt_width
         window = active_sliding_window(getattr(decoder, "config", None))
@@ -109,6 +111,11 @@ class GroupPrompts:
                     torch.autograd.backward([g for g, _ in pairs], [d for _, d in pairs])
 
 
+def run_starts(runs: list[int]) -> list[int]:
+    """The first row of each run of rows sharing a prompt."""
+    return [0, *itertools.accumulate(runs)][:-1]
+
+
 def _concat(parts: list[PromptPrefix]) -> PromptPrefix:
     if len(parts) == 1:
         return parts[0]
@@ -125,7 +132,7 @@ def saves_enough(batch: SequenceBatch, runs: list[int], cuts: list[slice]) -> bo
     P = batch.prompt_width
     prompt_lens = batch.attention_mask[:, :P].sum(1).tolist()  # [N]
     real = batch.attention_mask.sum(1).tolist()  # [N]
-    starts = [sum(runs[:i]) for i in range(len(runs))]
+    starts = run_starts(runs)
     bounds = [rows.indices(len(batch))[:2] for rows in cuts]
     saved = total = 0
     for s, n in zip(starts, runs):

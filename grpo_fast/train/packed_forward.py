@@ -62,7 +62,7 @@ def completion_hidden(decoder, batch: SequenceBatch, *, share_prompts: bool = Tr
     if runs is not None and window is not None and int(batch.attention_mask.sum(1).max()) > window:
         runs = None  # a row longer than the sliding window: HF's own masks (plain pass) apply it
     attn = getattr(config, "_attn_implementation", "sdpa") or "sdpa"
-    checkpointed = decoder.training and any(getattr(m, "gradient_checkpointing", False) for m in decoder.modules())
+    checkpointed = is_checkpointed(decoder)
     if getattr(decoder, "collective", False) and runs is not None:
         layout = "packed"  # one decoder call on every rank (FSDP's gathers), whatever the rank's rows
     if layout == "auto" and runs is not None and not attn.startswith("flash"):
@@ -215,6 +215,11 @@ def _cached_prompt_forward(decoder, batch: SequenceBatch, runs: list[int]) -> to
     firsts = counts.cumsum(0) - counts  # [B'] first row of each run
     prefix = run_prompts(decoder, batch, firsts)  # [B'] -> [N] rows, still differentiable
     return completions_over_prefix(decoder, batch, prefix.map(lambda t: t.repeat_interleave(counts, dim=0)))
+
+
+def is_checkpointed(decoder) -> bool:
+    """Whether this forward runs under gradient checkpointing (training mode only), where HF drops caches."""
+    return decoder.training and any(getattr(m, "gradient_checkpointing", False) for m in decoder.modules())
 
 
 def prompt_runs(prompts: torch.Tensor) -> list[int] | None:

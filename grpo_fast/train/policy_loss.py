@@ -74,7 +74,9 @@ def score_logprobs(policy: PolicyModules, batch: SequenceBatch, *, temperature: 
     step = micro_batch_size or len(batch)
     cuts = cuts or [slice(start, start + step) for start in range(0, len(batch), step)]
     outs, ents = [], []
-    prompts = None  # a group split across `cuts` runs its prompt once (grpo_fast.train.group_prompts)
+    # a group split across `cuts` runs its prompt once (grpo_fast.train.group_prompts); decided
+    # with the scorer's decoder, which exists only inside its block: None until then, False for no
+    prompts: GroupPrompts | bool | None = None
     for rows in cuts:
         if rows is None:  # FSDP: this rank's share of a pass it has no rows for
             with _scorer(policy, reference) as scorer:
