@@ -164,3 +164,40 @@ def test_only_split_groups_with_prompts_worth_sharing_run_once(tiny):
                                      LoraConfig(r=4, lora_alpha=8), seed=0)
     checkpointed.train()
     assert gp.GroupPrompts.for_pass(policy_modules(checkpointed).decoder, batch, SPLIT) is None
+
+
+FAMILIES = {  # model_type -> (config class, causal LM class, config fields beyond the shared ones)
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 8}),  # q/k norms
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 64}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 8, "sliding_window": 64}),  # hybrid cache layers
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_other_families_give_the_whole_pass_hidden_states(family):
+    """The prompt's cache handed from one decoder call to the next holds for other architectures'
+    caches too (q/k norms, sliding-window layers within their window, Gemma's hybrid layers)."""
+    import transformers
+
+    config_cls, model_cls, extra = FAMILIES[family]
+    torch.manual_seed(0)
+    config = getattr(transformers, config_cls)(vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                               num_attention_heads=4, num_key_value_heads=2,
+                                               max_position_embeddings=128, **extra)
+    decoder = getattr(transformers, model_cls)(config).eval().model
+
+    class Tok:
+        pad_token_id = 0
+
+    batch = grouped_batch(Tok)
+    mask = batch.mask.unsqueeze(-1)
+    with torch.no_grad():
+        whole = completion_hidden(decoder, batch, share_prompts=False) * mask
+        prompts = gp.GroupPrompts.for_pass(decoder, batch, SPLIT)
+        assert prompts is not None
+        parts = []
+        for rows in SPLIT:
+            parts.append(completion_hidden(decoder, batch.select(rows), prefix=prompts.prefix(rows)) * mask[rows])
+            prompts.finish(rows)
+    torch.testing.assert_close(torch.cat(parts), whole, atol=1e-5, rtol=1e-5)
