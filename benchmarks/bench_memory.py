@@ -32,6 +32,7 @@ BASE = {"train.prompts_per_step": 4, "sampling.num_generations": 8, "sampling.ma
         "train.micro_batch_size": 8, "lora.r": 16, "lora.lora_alpha": 32, "train.eval_before": False,
         "data.eval_size": 0, "train.progress": False, "train.report_to": "none", "train.save_steps": 0,
         "sampling.max_prompt_length": 64, "rewards.funcs": "accuracy"}
+PROMPT_LEN = "prompt_len"  # not a config field: bring every prompt to ~this many tokens
 CONFIGS = {
     "base": {},
     "long": {"sampling.max_completion_length": 128, "train.prompts_per_step": 2},
@@ -45,6 +46,10 @@ CONFIGS = {
     # both sizes from the plan under a 2.5 GiB limit on the whole process: the run must stay inside it
     "auto-2.5GiB": {"sampling.max_completion_length": 128, "train.micro_batch_size": 0,
                     "train.micro_batch_tokens": "auto", "sampling.kv_budget": "auto"},
+    # ~1,024-token prompts (bench_step.py's few-shot system message), 128 tokens: the cached
+    # training layout with whole groups (8), and the group prompts of micro-batches of 2
+    "p1024-mb8": {"sampling.max_completion_length": 128, PROMPT_LEN: 1024},
+    "p1024-mb2": {"sampling.max_completion_length": 128, "train.micro_batch_size": 2, PROMPT_LEN: 1024},
 }
 LIMITS = {"auto-2.5GiB": "2.5GiB"}  # GRPO_FAST_MEMORY_LIMIT for the config
 
@@ -71,10 +76,20 @@ def run_one(name: str, steps: int) -> dict:
     from grpo_fast.train import rollout, update
     from grpo_fast.train.memory import release_free_memory
 
-    release_free_memory()
-    baseline = _status("VmRSS")
     out = tempfile.mkdtemp(prefix="bench_memory_")
     overrides = {**BASE, **CONFIGS[name], "train.output_dir": out, "train.max_steps": steps}
+    prompt_len = overrides.pop(PROMPT_LEN, 0)
+    if prompt_len:  # the system message is built before the baseline: its tokenizer is not the run's
+        from bench_step import _arithmetic_rows, few_shot_system
+
+        from grpo_fast.train.model import load_tokenizer
+
+        tok = load_tokenizer(load_config(None, {}, base=DEFAULT_JOB).model)
+        overrides["data.system_prompt"] = few_shot_system(tok, _arithmetic_rows()[0]["prompt"], prompt_len)
+        overrides["sampling.max_prompt_length"] = prompt_len + 64
+        del tok
+    release_free_memory()
+    baseline = _status("VmRSS")
     cfg = load_config(None, overrides, base=DEFAULT_JOB)
     measured: dict[str, int] = {}
 
