@@ -23,8 +23,8 @@ import itertools
 
 import torch
 
-from grpo_fast.models.llama_family import active_sliding_window
-from grpo_fast.train.packed_forward import CACHED_OVERHEAD, PromptPrefix, is_checkpointed, prompt_runs, run_prompts
+from grpo_fast.train.packed_forward import (CACHED_OVERHEAD, PromptPrefix, exceeds_window, is_checkpointed, prompt_runs,
+                                            run_prompts)
 from grpo_fast.train.rollout_batch import SequenceBatch
 
 
@@ -57,11 +57,9 @@ class GroupPrompts:
             return None  # FSDP: every rank runs the same (packed) decoder calls
         if is_checkpointed(decoder):
             return None  # HF drops caches under gradient checkpointing
-        P = batch.prompt_width
-        window = active_sliding_window(getattr(decoder, "config", None))
-        if window is not None and int(batch.attention_mask.sum(1).max()) > window:
+        if exceeds_window(getattr(decoder, "config", None), batch):
             return None  # HF's own masks (the plain pass) apply the window
-        runs = prompt_runs(batch.input_ids[:, :P])
+        runs = prompt_runs(batch.input_ids[:, :batch.prompt_width])
         if runs is None or not saves_enough(batch, runs, cuts):
             return None
         return cls(decoder, batch, runs)

@@ -58,8 +58,7 @@ def completion_hidden(decoder, batch: SequenceBatch, *, share_prompts: bool = Tr
     P = batch.prompt_width
     runs = prompt_runs(batch.input_ids[:, :P]) if share_prompts else None
     config = getattr(decoder, "config", None)
-    window = active_sliding_window(config)
-    if runs is not None and window is not None and int(batch.attention_mask.sum(1).max()) > window:
+    if runs is not None and exceeds_window(config, batch):
         runs = None  # a row longer than the sliding window: HF's own masks (plain pass) apply it
     attn = getattr(config, "_attn_implementation", "sdpa") or "sdpa"
     checkpointed = is_checkpointed(decoder)
@@ -215,6 +214,13 @@ def _cached_prompt_forward(decoder, batch: SequenceBatch, runs: list[int]) -> to
     firsts = counts.cumsum(0) - counts  # [B'] first row of each run
     prefix = run_prompts(decoder, batch, firsts)  # [B'] -> [N] rows, still differentiable
     return completions_over_prefix(decoder, batch, prefix.map(lambda t: t.repeat_interleave(counts, dim=0)))
+
+
+def exceeds_window(config, batch: SequenceBatch) -> bool:
+    """Whether a row of `batch` is longer than the model's sliding window (the shared-prompt
+    layouts have no window; HF's own masks in the plain pass apply it)."""
+    window = active_sliding_window(config)
+    return window is not None and int(batch.attention_mask.sum(1).max()) > window
 
 
 def is_checkpointed(decoder) -> bool:
