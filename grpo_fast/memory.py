@@ -349,15 +349,64 @@ def _rows_within(budget: int, prompt: int, completion: int, G: int, rows: int) -
 
 def _kv_pool_tokens(cfg, prompt: int, kv_per_token: int) -> int:
     """The tokens of KV the trainer's sampler pool holds: sampling.kv_budget when it is a size (in
-    tokens or bytes), else (None, auto) one step's B x G sequences at full length (what the
+    tokens or bytes), else (None, auto) what one step's generate call needs at once (what the
     trainer asks for; auto is then capped by what the device leaves)."""
     budget = cfg.sampling.kv_budget
     if budget not in (None, "auto"):
         from grpo_fast.sampler.kv_budget import budget_tokens
 
         return budget_tokens(budget, bytes_per_token=kv_per_token)
-    rows = cfg.train.prompts_per_step * cfg.sampling.num_generations
-    return rows * (prompt + max(cfg.sampling.max_completion_length, cfg.eval.max_completion_length or 0)) + 64
+    return step_pool_tokens(cfg, prompt)
+
+
+def step_pool_tokens(cfg, prompt: int, *, prompts: int | None = None) -> int:
+    """KV tokens for a step's generate call: `prompts` groups (default train.prompts_per_step, a
+    rank's share under torchrun) x sampling.num_generations completions of up to
+    max(sampling, eval max_completion_length) tokens after prompts of up to `prompt` tokens, each
+    group's prompt shared (shared_pool_tokens)."""
+    s = cfg.sampling
+    completion = max(s.max_completion_length, cfg.eval.max_completion_length or 0)
+    return shared_pool_tokens(prompts or cfg.train.prompts_per_step, s.num_generations, prompt, completion)
+
+
+# Tokens per KV block of the trainer's sampler: Sampler's default block_size (a test holds them equal;
+# this module stays free of torch, which the sampler imports).
+SAMPLER_BLOCK_SIZE = 16
+
+
+def group_blocks(prompt: int, completion: int, generations: int, block_size: int = SAMPLER_BLOCK_SIZE) -> int:
+    """KV blocks one group holds in the paged sampler once each of its `generations` sequences has
+    `completion` tokens after its `prompt`-token prompt (prefilled once, then forked). The prompt's
+    full blocks are shared; each sequence owns the rest of its blocks (copy-on-write gives all but
+    one their own copy of the prompt's last, partly filled block). With b = block_size,
+    G = generations, p = prompt, C = completion:
+
+        floor(p / b) + G * (ceil((p + C) / b) - floor(p / b))
+
+    (a sequence writes K/V for at most C - 1 of its tokens, the last one is never fed back: this
+    counts C, at most one block per sequence over)."""
+    shared = prompt // block_size
+    return shared + generations * (-(-(prompt + completion) // block_size) - shared)
+
+
+def group_peak_blocks(prompt: int, completion: int, generations: int, block_size: int = SAMPLER_BLOCK_SIZE) -> int:
+    """The most blocks a group with a prompt of AT MOST `prompt` tokens holds (group_blocks over
+    every prompt length p <= prompt). group_blocks(p + b) = group_blocks(p) + 1, so the largest
+    lies among the last b lengths; it is not always p = prompt (a prompt that just fills a block
+    shares all of it)."""
+    lengths = range(max(1, prompt - block_size + 1), prompt + 1)
+    return max(group_blocks(p, completion, generations, block_size) for p in lengths)
+
+
+def shared_pool_tokens(groups: int, generations: int, prompt: int, completion: int,
+                       block_size: int = SAMPLER_BLOCK_SIZE) -> int:
+    """Tokens of KV that run one generate call of `groups` prompts x `generations` completions
+    without a preemption: every group at its peak (group_peak_blocks), plus the one free block
+    per sequence the scheduler keeps for its next token. Prompts that share a head across groups
+    (a common system message) need less; that is not counted. Without the sharing, a call of
+    B x G sequences needs B x G x (P + C): 4x more at P = 1,024, C = 128, G = 8."""
+    blocks = groups * (group_peak_blocks(prompt, completion, generations, block_size) + generations)
+    return blocks * block_size
 
 
 # Each knob the fit search turns, one at a time, the others as configured: (section.field, ceiling).

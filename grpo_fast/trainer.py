@@ -43,7 +43,7 @@ from grpo_fast.rollout.agent_loop import ToolSetup
 from grpo_fast.train import checkpoint as ckpt
 from grpo_fast.train import resume, rollout, run_folder, sharding
 from grpo_fast.train.data_parallel import check_divisible, rank_config, shard_rollout
-from grpo_fast.train.evaluate import EvalResult, evaluate
+from grpo_fast.train.evaluate import EVAL_BATCH_COMPLETIONS, EvalResult, evaluate
 from grpo_fast.train.generation import Generator
 from grpo_fast.train.interrupts import StopRequests
 from grpo_fast.train.memory import release_free_memory
@@ -269,13 +269,17 @@ class GRPOTrainer:
 
     def _kv_tokens(self) -> str:
         """A KV budget that holds the largest generate call of this run at once (this rank's
-        share of a step's B × G sequences, or an eval batch), instead of the sampler's fixed default."""
+        share of a step's B groups of G, or an eval batch), each group's prompt shared
+        (memory.shared_pool_tokens), instead of the sampler's fixed default."""
         cfg = self.args
         longest = self._longest_prompt() or cfg.sampling.max_prompt_length
-        longest += max(cfg.sampling.max_completion_length, cfg.eval.max_completion_length or 0)
-        rows = max(cfg.train.prompts_per_step // dist.world_size() * cfg.sampling.num_generations,
-                   min(64, len(self.eval_prompts) * cfg.eval.num_generations))
-        return f"{rows * longest + 64} tokens"
+        tokens = memory.step_pool_tokens(cfg, longest, prompts=max(1, cfg.train.prompts_per_step // dist.world_size()))
+        if self.eval_prompts:
+            n = cfg.eval.num_generations
+            groups = min(len(self.eval_prompts), max(1, EVAL_BATCH_COMPLETIONS // n))
+            completion = cfg.eval.max_completion_length or cfg.sampling.max_completion_length
+            tokens = max(tokens, memory.shared_pool_tokens(groups, n, longest, completion))
+        return f"{tokens} tokens"
 
     # ---------------------------------------------------------------- public API
 

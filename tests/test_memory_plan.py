@@ -51,6 +51,15 @@ def test_components_by_hand(tiny):
     assert "scoring" in memory.plan(cfg_for(tiny, **{"loss.beta": 0.1})).phases
 
 
+def test_the_default_kv_pool_is_a_step_with_each_prompt_once(tiny):
+    """kv_budget None / auto: the pool the trainer asks for (memory.shared_pool_tokens), its K/V bytes."""
+    per_token = 2 * 2 * 2 * 8 * 4  # K,V x layers x kv heads x dim x fp32
+    for prompt in (20, 300):
+        p = memory.plan(cfg_for(tiny, **{"sampling.kv_budget": None, "sampling.max_prompt_length": prompt}))
+        assert p.components["kv cache"] == memory.shared_pool_tokens(2, 4, prompt, 10) * per_token
+    assert p.components["kv cache"] < 2 * 4 * (300 + 10) * per_token / 2  # the prompt once per group, not per row
+
+
 def test_full_finetuning_counts_every_weights_gradient_and_state_sharded_under_fsdp(tiny, monkeypatch):
     from grpo_fast import distributed
 

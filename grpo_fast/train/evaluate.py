@@ -19,6 +19,9 @@ import torch
 from grpo_fast import distributed as dist
 from grpo_fast.rewards import RewardSet, as_completions, compute_rewards
 
+# Completions per generate call of an evaluation (whole prompts: batch_size // num_generations of them).
+EVAL_BATCH_COMPLETIONS = 64
+
 
 @dataclass
 class EvalResult:
@@ -50,7 +53,7 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 def evaluate(generator, tokenizer, encoded: list, rewards: RewardSet, *, max_tokens: int, num_generations: int = 1,
-             temperature: float = 1.0, stop=None, success_threshold: float = 1.0, seed: int = 0, batch_size: int = 64,
+             temperature: float = 1.0, stop=None, success_threshold: float = 1.0, seed: int = 0, batch_size: int = EVAL_BATCH_COMPLETIONS,
              num_samples: int = 3, trainer_state=None, tools=None, data_cfg=None) -> EvalResult:
     """Evaluate `encoded` prompts (EncodedPrompt list) with `rewards` (see the module docstring).
     tools (a grpo_fast.rollout.ToolSetup, with data_cfg to render the rows): multi-turn, as in
