@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from grpo_fast.errors import UserError
+from grpo_fast.train import layout_cost
 
 GiB = 2**30
 MiB = 2**20
@@ -197,6 +198,21 @@ def _saved_per_token(s: ModelShape, r: int, lora_targets: int) -> int:
     return 4 * s.hidden + 2 + (q + kv) + (q + 2 * kv) + q + s.q_heads + 3 * s.intermediate + lora_targets * r
 
 
+def _row_prompt_kv_per_layer(s: ModelShape, rows: int, prompts: int, prompt: int, completion: int) -> int:
+    """Elements a layer saves beyond the packed count (_saved_per_token) when `rows` completions
+    attend over their `prompts` prompts run once with a cache (the cached and group-prompts
+    layouts): SDPA keeps its K and V inputs, each row's own copy of its prompt's K/V (repeated to
+    the query heads, as HF does under a mask) ahead of its completion's, and the float mask
+    [rows, 1, C-1, P+C-1]; while the prompts' own pass, unmasked, runs SDPA on the K/V heads and
+    keeps P x 2 x (H_q - H_kv) x D less each than the packed count (prompts of unequal length are
+    masked, and keep that much more). Checked against autograd's saved tensors, SmolLM2 + LoRA:
+    planned / counted 465.0 / 460.0 MiB at 1,024 + 4 x 32 tokens, 502.2 / 500.7 at 512 + 8 x 16,
+    255.6 / 254.7 at 256 + 8 x 32."""
+    P, C, D = prompt, completion, s.head_dim
+    return (rows * P * 2 * s.q_heads * D + rows * max(C - 1, 0) * (P + C - 1)
+            - prompts * P * 2 * (s.q_heads - s.kv_heads) * D)
+
+
 def plan(cfg, device_memory: int | None = None, *, shape: ModelShape | None = None,
          prompt_tokens: int | None = None, world_size: int | None = None) -> MemoryPlan:
     """The plan of `cfg` (a Config). prompt_tokens: the longest prompt (default:
@@ -267,13 +283,22 @@ def plan(cfg, device_memory: int | None = None, *, shape: ModelShape | None = No
     else:
         saved = mb_tokens * s.layers * per_token_layer
     mask = groups_in_mb * (mb_tokens / groups_in_mb) ** 2 * act  # the packed block mask [R, 1, T, T]
+    layout = layout_cost.training_layout(
+        hidden=s.hidden, q_heads=s.q_heads, head_dim=s.head_dim, kv_heads=s.kv_heads, intermediate=s.intermediate,
+        prompt=prompt, completion=completion, generations=G, rows=rows, micro_batch=mb_rows,
+        shares_prompts=not cfg.model.gradient_checkpointing and shards == 1)
+    if layout != "packed":  # the completions' attention saves each row's own copy of its prompt's K/V
+        saved_kv = _row_prompt_kv_per_layer(s, mb_rows, groups_in_mb, prompt, completion) * s.layers * act
+        comp["prompt K/V per row"] = int(saved_kv)
+        saved, mask = saved + saved_kv, 0
     comp["training activations"] = int(saved + mask)
     loss_tokens = mb_rows * completion
     comp["fused loss"] = loss_tokens * s.hidden * 4 * 2 + 2 * _logit_rows(loss_tokens, s.vocab, device) * s.vocab * 4
     backward_temps = mb_tokens * (2 * s.intermediate + 2 * s.hidden) * 4  # one layer's gradients in flight
     if device == "cpu":
         growth = CPU_HEAP_GROWTH[bool(cfg.model.gradient_checkpointing)]
-        comp["heap growth (cpu)"] = int(growth * mb_tokens * s.layers * per_token_layer)
+        comp["heap growth (cpu)"] = int(growth * (mb_tokens * s.layers * per_token_layer
+                                                  + comp.get("prompt K/V per row", 0)))
     training = (resident + comp["training activations"] + comp["fused loss"] + backward_temps
                 + comp.get("heap growth (cpu)", 0) + gathered_training)
 
@@ -302,7 +327,7 @@ def plan(cfg, device_memory: int | None = None, *, shape: ModelShape | None = No
     if scoring:
         phases["scoring"] = int(scoring * slack)
     peak_phase = max(phases, key=phases.get)
-    notes = [f"micro-batch: {mb_rows} completions, {mb_tokens} packed tokens; KV pool {kv_tokens} tokens",
+    notes = [f"micro-batch: {mb_rows} completions, {mb_tokens} tokens ({layout} layout); KV pool {kv_tokens} tokens",
              f"optimizer {optim}; " + (f"full fine-tuning, every weight trains" + (
                  f", sharded across {shards} ranks (FSDP2)" if shards > 1 else "") if full else
                  f"lora r={cfg.lora.r} on {', '.join(t_ for t_ in s.linears() if t_ in targets)}")]
@@ -310,9 +335,10 @@ def plan(cfg, device_memory: int | None = None, *, shape: ModelShape | None = No
     if kv_tokens < longest:
         notes.append(f"the KV pool ({kv_tokens} tokens) cannot hold one sequence of {longest} tokens: the sampler "
                       f"cannot run; lower sampling.max_completion_length or free memory")
-    elif kv_tokens < rows * longest:
-        notes.append(f"the KV pool holds {kv_tokens // longest} of the step's {rows} sequences at full length at "
-                     f"once: the sampler preempts and recomputes the rest")
+    elif kv_tokens < step_pool_tokens(cfg, prompt):
+        held = _sequences_held(kv_tokens, prompt, completion, G, rows)
+        notes.append(f"the KV pool holds {held} of the step's {rows} sequences at full length at once (each group's "
+                     f"prompt shared): the sampler preempts and recomputes the rest")
     if overhead:
         notes.append(f"plus ~{_fmt(overhead)} of CUDA context outside the allocator (counted against a device size)")
     result = MemoryPlan(device, phases[peak_phase], peak_phase, phases, comp, notes, overhead)
@@ -367,6 +393,22 @@ def step_pool_tokens(cfg, prompt: int, *, prompts: int | None = None) -> int:
     s = cfg.sampling
     completion = max(s.max_completion_length, cfg.eval.max_completion_length or 0)
     return shared_pool_tokens(prompts or cfg.train.prompts_per_step, s.num_generations, prompt, completion)
+
+
+def _sequences_held(pool_tokens: int, prompt: int, completion: int, G: int, rows: int) -> int:
+    """How many of a step's sequences a pool of `pool_tokens` holds at full length at once, taken
+    as whole groups of G and then a part of one (at least one: the caller checked that one fits)."""
+    def fits(k: int) -> bool:
+        whole, part = divmod(k, G)
+        need = shared_pool_tokens(whole, G, prompt, completion) + (shared_pool_tokens(1, part, prompt, completion)
+                                                                    if part else 0)
+        return need <= pool_tokens
+
+    lo, hi = 1, rows
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo
 
 
 # Tokens per KV block of the trainer's sampler: Sampler's default block_size (a test holds them equal;

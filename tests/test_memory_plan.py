@@ -42,13 +42,48 @@ def test_components_by_hand(tiny):
     # a budget in bytes holds what fits of it (256 bytes a token here)
     assert memory.plan(cfg_for(tiny, **{"sampling.kv_budget": "64KiB"})).components["kv cache"] == 65536
     assert p.peak_bytes == max(p.phases.values()) and p.peak_phase in p.phases
-    # the micro-batch: 4 completions of one group = 20 prompt + 4 x 9 = 56 packed tokens; CPU heap
-    # growth = 0.9 x the saved activations (no gradient checkpointing)
+    # the micro-batch: 4 completions of one group = 20 prompt + 4 x 9 = 56 tokens, in the cached
+    # layout (its attention saves 3x less than the packed mask's): per layer, each row's copy of
+    # the prompt's K/V at the 4 query heads, the [4, 1, 9, 29] mask, less the prompt pass's
+    # unrepeated K/V; CPU heap growth = 0.9 x the saved activations (no gradient checkpointing)
+    assert "(cached layout)" in p.notes[0]
     per_token_layer = 4 * 32 + 2 + (32 + 16) + (32 + 32) + 32 + 4 + 3 * 64 + 7 * 2
-    assert p.components["training activations"] == int(56 * 2 * per_token_layer * 4 + 56 ** 2 * 4)  # + the mask
-    assert p.components["heap growth (cpu)"] == int(0.9 * 56 * 2 * per_token_layer * 4)
+    row_kv = 2 * (4 * 20 * 2 * 4 * 8 + 4 * 9 * 29 - 20 * 2 * (4 - 2) * 8) * 4
+    assert p.components["prompt K/V per row"] == row_kv
+    assert p.components["training activations"] == int(56 * 2 * per_token_layer * 4 + row_kv)
+    assert p.components["heap growth (cpu)"] == int(0.9 * (56 * 2 * per_token_layer * 4 + row_kv))
+    short = memory.plan(cfg_for(tiny, **{"sampling.max_completion_length": 2}))  # 20 + 4 x 1 = 24 tokens: packed
+    assert "(packed layout)" in short.notes[0] and "prompt K/V per row" not in short.components
+    assert short.components["training activations"] == int(24 * 2 * per_token_layer * 4 + 24 ** 2 * 4)  # + the mask
     assert "scoring" not in p.phases  # beta = 0, num_iterations = 1: no scoring pass
     assert "scoring" in memory.plan(cfg_for(tiny, **{"loss.beta": 0.1})).phases
+
+
+@pytest.mark.parametrize("P,C,G,B,mb", [(20, 10, 4, 2, 4), (20, 2, 4, 2, 4), (300, 10, 4, 2, 2), (3, 10, 4, 2, 2),
+                                        (300, 10, 4, 2, 8), (40, 30, 8, 1, 3), (5, 40, 2, 3, 6)])
+def test_the_plan_counts_the_layout_the_training_pass_takes(tiny, P, C, G, B, mb):
+    """The plan's layout (its note) is the one packed_forward / group_prompts pick for a step of
+    full-length rows of those sizes."""
+    from grpo_fast.train import packed_forward as pf
+    from grpo_fast.train.group_prompts import saves_enough
+    from grpo_fast.train.rollout_batch import make_batch
+
+    from transformers import AutoConfig
+
+    cfg = cfg_for(tiny, **{"sampling.max_prompt_length": P, "sampling.max_completion_length": C,
+                           "sampling.num_generations": G, "train.prompts_per_step": B, "train.micro_batch_size": mb})
+    prompts = [[5 + g] * P for g in range(B) for _ in range(G)]
+    batch = make_batch(prompts, [[9] * C] * (B * G), pad_id=0)
+    runs = pf.prompt_runs(batch.input_ids[:, :P])
+    cuts = [slice(a, min(a + mb, B * G)) for a in range(0, B * G, mb)]
+    first = batch.select(cuts[0])
+    if len(cuts) > 1 and saves_enough(batch, runs, cuts):
+        taken = "group prompts"
+    elif pf.cached_pays(AutoConfig.from_pretrained(tiny), first, pf.prompt_runs(first.input_ids[:, :P])):
+        taken = "cached"
+    else:
+        taken = "packed"
+    assert f"({taken} layout)" in memory.plan(cfg).notes[0]
 
 
 def test_the_default_kv_pool_is_a_step_with_each_prompt_once(tiny):
@@ -58,6 +93,16 @@ def test_the_default_kv_pool_is_a_step_with_each_prompt_once(tiny):
         p = memory.plan(cfg_for(tiny, **{"sampling.kv_budget": None, "sampling.max_prompt_length": prompt}))
         assert p.components["kv cache"] == memory.shared_pool_tokens(2, 4, prompt, 10) * per_token
     assert p.components["kv cache"] < 2 * 4 * (300 + 10) * per_token / 2  # the prompt once per group, not per row
+
+
+def test_the_plan_says_how_many_sequences_a_short_pool_holds(tiny):
+    five = memory.shared_pool_tokens(1, 4, 20, 10) + memory.shared_pool_tokens(1, 1, 20, 10)  # a group and one more
+    notes = " ".join(memory.plan(cfg_for(tiny, **{"sampling.kv_budget": f"{five} tokens"})).notes)
+    assert "holds 5 of the step's 8 sequences" in notes
+    notes = " ".join(memory.plan(cfg_for(tiny, **{"sampling.kv_budget": f"{five - 16} tokens"})).notes)
+    assert "holds 4 of the step's 8 sequences" in notes
+    whole = memory.shared_pool_tokens(2, 4, 20, 10)
+    assert "preempts" not in " ".join(memory.plan(cfg_for(tiny, **{"sampling.kv_budget": f"{whole} tokens"})).notes)
 
 
 def test_full_finetuning_counts_every_weights_gradient_and_state_sharded_under_fsdp(tiny, monkeypatch):

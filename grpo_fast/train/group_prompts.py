@@ -19,11 +19,10 @@ in each). Scoring passes (no_grad) reuse the K/V the same way and keep no graph.
 
 from __future__ import annotations
 
-import itertools
-
 import torch
 
-from grpo_fast.train.packed_forward import (CACHED_OVERHEAD, PromptPrefix, exceeds_window, is_checkpointed, prompt_runs,
+from grpo_fast.train.layout_cost import group_prompts_pay, run_starts
+from grpo_fast.train.packed_forward import (PromptPrefix, exceeds_window, is_checkpointed, prompt_runs,
                                             run_prompts)
 from grpo_fast.train.rollout_batch import SequenceBatch
 
@@ -109,11 +108,6 @@ class GroupPrompts:
                     torch.autograd.backward([g for g, _ in pairs], [d for _, d in pairs])
 
 
-def run_starts(runs: list[int]) -> list[int]:
-    """The first row of each run of rows sharing a prompt."""
-    return [0, *itertools.accumulate(runs)][:-1]
-
-
 def _concat(parts: list[PromptPrefix]) -> PromptPrefix:
     if len(parts) == 1:
         return parts[0]
@@ -124,17 +118,11 @@ def _concat(parts: list[PromptPrefix]) -> PromptPrefix:
 
 
 def saves_enough(batch: SequenceBatch, runs: list[int], cuts: list[slice]) -> bool:
-    """Whether running each split group's prompt once saves enough: the prompt tokens the split
-    passes would repeat, Σ over groups (micro-batches touching it - 1) x its prompt length, must
-    exceed CACHED_OVERHEAD (grpo_fast.train.packed_forward) of the tokens those passes run."""
+    """Whether running each split group's prompt once saves enough (layout_cost.group_prompts_pay,
+    on the batch's real prompt and completion lengths)."""
     P = batch.prompt_width
     prompt_lens = batch.attention_mask[:, :P].sum(1).tolist()  # [N]
     real = batch.attention_mask.sum(1).tolist()  # [N]
-    starts = run_starts(runs)
-    bounds = [rows.indices(len(batch))[:2] for rows in cuts]
-    saved = total = 0
-    for s, n in zip(starts, runs):
-        touched = sum(1 for a, b in bounds if a < s + n and b > s)
-        saved += (touched - 1) * prompt_lens[s]
-        total += touched * prompt_lens[s] + sum(max(real[i] - prompt_lens[s] - 1, 0) for i in range(s, s + n))
-    return saved > 0 and saved > CACHED_OVERHEAD * total
+    groups = [(s, prompt_lens[s], [real[i] - prompt_lens[s] for i in range(s, s + n)])
+              for s, n in zip(run_starts(runs), runs)]
+    return group_prompts_pay(groups, [rows.indices(len(batch))[:2] for rows in cuts])

@@ -18,6 +18,8 @@ import torch
 from transformers import DynamicCache
 
 from grpo_fast.models.llama_family import active_sliding_window
+from grpo_fast.train import layout_cost
+from grpo_fast.train.layout_cost import CACHED_OVERHEAD  # noqa: F401 (re-exported: the layouts' threshold)
 from grpo_fast.train.rollout_batch import SequenceBatch
 
 
@@ -73,42 +75,23 @@ def completion_hidden(decoder, batch: SequenceBatch, *, share_prompts: bool = Tr
     return _cached_prompt_forward(decoder, batch, runs)
 
 
-# The cached layout's own cost (two decoder calls, the repeated prompt K/V, smaller products),
-# as a share of the linear layers' work. Measured on the CPU, SmolLM2 + LoRA r = 16, one group of
-# G = 8 per micro-batch (benchmarks/RESULTS.md "Training forward layouts"), with the share of the
-# linear work the packed mask adds: P = 40, C = 16 (0.035): packed 3.4 s vs cached 4.1; P = 40,
-# C = 64 (0.146): cached 8.3 vs 9.1; P = 512, C = 64 (0.153): equal; P = 40, C = 128: cached 18.2
-# vs 27.5. The threshold sits between the first two.
-CACHED_OVERHEAD = 0.08
-
-
 def cached_pays(config, batch: SequenceBatch, runs: list[int]) -> bool:
-    """Whether the cached layout beats the packed one on this batch, by attention work:
-
-        packed  R x T^2 query-key pairs (T the longest run: prompt + its completions, dense mask)
-        cached  B' x P^2 + N x (C - 1) x (P + C - 1) pairs (prompt once, completions over it)
-
-    each pair costs 4 H flops a layer; the linear layers cost 2 x (their parameters) per token
-    and layer, over the same T_total tokens either way. cached when the pairs it saves cost
-    more than CACHED_OVERHEAD of the linear work."""
+    """Whether the cached layout beats the packed one on this batch, by attention work
+    (layout_cost.cached_pays, on the batch's real prompt and completion lengths)."""
     if config is None or not getattr(config, "hidden_size", None):
         return False
     h = config.hidden_size
     heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or h // heads
-    kv = getattr(config, "num_key_value_heads", None) or heads
-    inter = getattr(config, "intermediate_size", 4 * h)
-    linear = 2 * h * heads * head_dim + 2 * h * kv * head_dim + 3 * h * inter  # per layer: q, o, k, v, MLP
     P, C = batch.prompt_width, batch.targets.shape[1]
     real = batch.attention_mask.sum(1).tolist()  # [N]
-    prompt_lens = batch.attention_mask[:, :P].sum(1).tolist()
-    longest, tokens, row = 0, 0, 0
-    for count in runs:
-        t = prompt_lens[row] + sum(max(real[i] - prompt_lens[row] - 1, 0) for i in range(row, row + count))
-        longest, tokens, row = max(longest, t), tokens + t, row + count
-    packed_pairs = len(runs) * longest ** 2
-    cached_pairs = len(runs) * P ** 2 + len(batch) * (C - 1) * (P + C - 1)
-    return (packed_pairs - cached_pairs) * 4 * h > CACHED_OVERHEAD * tokens * 2 * linear
+    prompt_lens = batch.attention_mask[:, :P].sum(1).tolist()  # [N]
+    groups = []
+    for first, count in zip(layout_cost.run_starts(runs), runs):
+        groups.append((prompt_lens[first], [real[i] - prompt_lens[first] for i in range(first, first + count)]))
+    return layout_cost.cached_pays(
+        hidden=h, q_heads=heads, head_dim=getattr(config, "head_dim", None) or h // heads,
+        kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+        intermediate=getattr(config, "intermediate_size", 4 * h), prompt_width=P, completion_width=C, runs=groups)
 
 
 def _plain_forward(decoder, batch: SequenceBatch) -> torch.Tensor:
