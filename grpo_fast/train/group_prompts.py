@@ -123,6 +123,10 @@ def saves_enough(batch: SequenceBatch, runs: list[int], cuts: list[slice]) -> bo
     P = batch.prompt_width
     prompt_lens = batch.attention_mask[:, :P].sum(1).tolist()  # [N]
     real = batch.attention_mask.sum(1).tolist()  # [N]
-    groups = [(s, prompt_lens[s], [real[i] - prompt_lens[s] for i in range(s, s + n)])
-              for s, n in zip(run_starts(runs), runs)]
-    return group_prompts_pay(groups, [rows.indices(len(batch))[:2] for rows in cuts])
+    bounds = [rows.indices(len(batch))[:2] for rows in cuts]
+    groups = []  # (prompt tokens, completion tokens run, micro-batches touching it) per group
+    for s, n in zip(run_starts(runs), runs):
+        p = prompt_lens[s]
+        touched = sum(1 for a, b in bounds if a < s + n and b > s)
+        groups.append((p, sum(max(real[i] - p - 1, 0) for i in range(s, s + n)), touched))
+    return group_prompts_pay(groups)

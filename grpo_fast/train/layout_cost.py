@@ -27,10 +27,11 @@ def run_starts(runs: list[int]) -> list[int]:
 
 
 def cached_pays(*, hidden: int, q_heads: int, head_dim: int, kv_heads: int, intermediate: int, prompt_width: int,
-                completion_width: int, runs: list[tuple[int, list[int]]]) -> bool:
-    """Whether the cached layout beats the packed one, by attention work. runs: per group of rows
-    sharing a prompt, (its prompt's tokens, [each row's completion tokens]); prompt_width and
-    completion_width: the batch's padded P and C.
+                completion_width: int, runs: list[tuple[int, int, int]]) -> bool:
+    """Whether the cached layout beats the packed one, by attention work. runs: per run of rows
+    sharing a prompt, (its prompt's tokens, its rows, the tokens its completions run:
+    Σ max(c - 1, 0), the last token predicts nothing); prompt_width and completion_width: the
+    batch's padded P and C.
 
         packed  R x T^2 query-key pairs (T the longest run: prompt + its completions, dense mask)
         cached  R x P^2 + N x (C - 1) x (P + C - 1) pairs (prompt once, completions over it)
@@ -40,26 +41,21 @@ def cached_pays(*, hidden: int, q_heads: int, head_dim: int, kv_heads: int, inte
     CACHED_OVERHEAD of the linear work."""
     h, P, C = hidden, prompt_width, completion_width
     linear = 2 * h * q_heads * head_dim + 2 * h * kv_heads * head_dim + 3 * h * intermediate  # q, o, k, v, MLP
-    longest = tokens = rows = 0
-    for prompt, completions in runs:
-        t = prompt + sum(max(c - 1, 0) for c in completions)
-        longest, tokens, rows = max(longest, t), tokens + t, rows + len(completions)
+    longest = max(prompt + completions for prompt, _, completions in runs)
+    tokens = sum(prompt + completions for prompt, _, completions in runs)
+    rows = sum(n for _, n, _ in runs)
     packed_pairs = len(runs) * longest ** 2
     cached_pairs = len(runs) * P ** 2 + rows * (C - 1) * (P + C - 1)
     return (packed_pairs - cached_pairs) * 4 * h > CACHED_OVERHEAD * tokens * 2 * linear
 
 
-def group_prompts_pay(groups: list[tuple[int, int, list[int]]], cuts: list[tuple[int, int]]) -> bool:
+def group_prompts_pay(groups: list[tuple[int, int, int]]) -> bool:
     """Whether running each split group's prompt once (group_prompts.py) saves enough. groups:
-    (first row, prompt tokens, [each row's completion tokens]); cuts: each micro-batch's rows
-    [start, stop). The prompt tokens the split passes would repeat, Σ over groups (micro-batches
-    touching it - 1) x its prompt, must exceed CACHED_OVERHEAD of the tokens those passes run."""
-    saved = total = 0
-    for first, prompt, completions in groups:
-        last = first + len(completions)
-        touched = sum(1 for a, b in cuts if a < last and b > first)
-        saved += (touched - 1) * prompt
-        total += touched * prompt + sum(max(c - 1, 0) for c in completions)
+    (prompt tokens, the tokens its completions run: Σ max(c - 1, 0), micro-batches touching it).
+    The prompt tokens the split passes would repeat, Σ over groups (micro-batches touching it - 1)
+    x its prompt, must exceed CACHED_OVERHEAD of the tokens those passes run."""
+    saved = sum((touched - 1) * prompt for prompt, _, touched in groups)
+    total = sum(touched * prompt + completions for prompt, completions, touched in groups)
     return saved > 0 and saved > CACHED_OVERHEAD * total
 
 
@@ -69,16 +65,19 @@ def training_layout(*, hidden: int, q_heads: int, head_dim: int, kv_heads: int, 
     """The layout the training pass takes on a step of `rows` full-length rows (groups of
     `generations`, every prompt `prompt` tokens, every completion `completion`) in micro-batches
     of `micro_batch` rows: "group prompts", "cached" or "packed" (the memory plan's question).
-    shares_prompts False (gradient checkpointing, FSDP's collective calls): "packed"."""
+    shares_prompts False (gradient checkpointing, FSDP's collective calls): "packed". Arithmetic
+    in the number of groups (the plan's fit search calls it often)."""
     if not shares_prompts or generations < 2:
         return "packed"
-    cuts = [(a, min(a + micro_batch, rows)) for a in range(0, rows, micro_batch)]
-    groups = [(g, prompt, [completion] * min(generations, rows - g)) for g in range(0, rows, generations)]
-    if len(cuts) > 1 and group_prompts_pay(groups, cuts):
+    G, m, run = generations, min(micro_batch, rows), max(completion - 1, 0)
+    groups = []
+    for first in range(0, rows, G):
+        last = min(first + G, rows) - 1
+        groups.append((prompt, (last - first + 1) * run, last // m - first // m + 1))  # micro-batches of m rows
+    if m < rows and group_prompts_pay(groups):
         return "group prompts"
-    stop = cuts[0][1]  # the first micro-batch's rows: [0, stop)
-    runs = [(p, completions[:stop - g]) for g, p, completions in groups if g < stop]
-    if len(runs) == stop:  # one row per prompt: nothing shared (the plain pass, as packed in memory)
+    runs = [(prompt, min(G, m - first), min(G, m - first) * run) for first in range(0, m, G)]  # the first micro-batch
+    if len(runs) == m:  # one row per prompt: nothing shared (the plain pass, as packed in memory)
         return "packed"
     pays = cached_pays(hidden=hidden, q_heads=q_heads, head_dim=head_dim, kv_heads=kv_heads, intermediate=intermediate,
                        prompt_width=prompt, completion_width=completion, runs=runs)

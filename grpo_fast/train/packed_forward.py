@@ -85,9 +85,10 @@ def cached_pays(config, batch: SequenceBatch, runs: list[int]) -> bool:
     P, C = batch.prompt_width, batch.targets.shape[1]
     real = batch.attention_mask.sum(1).tolist()  # [N]
     prompt_lens = batch.attention_mask[:, :P].sum(1).tolist()  # [N]
-    groups = []
+    groups = []  # (prompt tokens, rows, completion tokens run) per run
     for first, count in zip(layout_cost.run_starts(runs), runs):
-        groups.append((prompt_lens[first], [real[i] - prompt_lens[first] for i in range(first, first + count)]))
+        p = prompt_lens[first]
+        groups.append((p, count, sum(max(real[i] - p - 1, 0) for i in range(first, first + count))))
     return layout_cost.cached_pays(
         hidden=h, q_heads=heads, head_dim=getattr(config, "head_dim", None) or h // heads,
         kv_heads=getattr(config, "num_key_value_heads", None) or heads,
