@@ -185,32 +185,42 @@ def kv_bytes_per_token(shape: ModelShape, cfg) -> int:
     return 2 * shape.layers * shape.kv_heads * shape.head_dim * _dtype_bytes(cfg.model.dtype, plan_device(cfg))
 
 
-def _saved_per_token(s: ModelShape, r: int, lora_targets: int) -> int:
+def _sdpa_kv_heads(s: ModelShape, device: str) -> int:
+    """The heads K and V reach SDPA with in the training forward: their own on the CPU (the
+    training pass asks for it, grpo_fast/train/kv_head_attention.py); on CUDA HF repeats them to
+    every query head under a mask (the packed layout's, padding)."""
+    return s.kv_heads if device == "cpu" else s.q_heads
+
+
+def _saved_per_token(s: ModelShape, r: int, lora_targets: int, sdpa_kv_heads: int) -> int:
     """Elements autograd keeps per token and layer in the training forward (LoRA on the block
-    linears, the lean SwiGLU of grpo_fast.swiglu, SDPA attention, RMSNorm):
-        2 norms: input and normalized output (2 H each, the inv-rms per token is 1)
-        q and k before RoPE (H_q + H_kv), q, k, v after it (H_q + 2 H_kv), the attention output
-        (H_q) and its logsumexp (heads)
+    linears, the lean SwiGLU of grpo_fast.swiglu, SDPA attention, RMSNorm), as its saved-tensor
+    hooks list them for SmolLM2:
+        the two norms' inputs and outputs (4 H) and inverse RMS (2)
+        attention: q after RoPE and the output (H_q each), K and V as SDPA takes them
+        (sdpa_kv_heads each), the logsumexp (one per head)
         the MLP's gate and up (2 I: silu is recomputed) and down's input (I)
         per LoRA layer: x A^T (r), the input of B
-    (SmolLM2-135M: 9,339 elements; autograd's saved tensors measure 9,350 per token and layer.)"""
-    q, kv = s.q_heads * s.head_dim, s.kv_heads * s.head_dim
-    return 4 * s.hidden + 2 + (q + kv) + (q + 2 * kv) + q + s.q_heads + 3 * s.intermediate + lora_targets * r
+    (SmolLM2-135M, r = 16 on the 7 linears: 8,571 elements with K/V at their 3 heads, as autograd's
+    saved tensors count; 9,339 repeated to the 9 query heads.)"""
+    q, kvs = s.q_heads * s.head_dim, sdpa_kv_heads * s.head_dim
+    return 4 * s.hidden + 2 + 2 * q + 2 * kvs + s.q_heads + 3 * s.intermediate + lora_targets * r
 
 
-def _row_prompt_kv_per_layer(s: ModelShape, rows: int, prompts: int, prompt: int, completion: int) -> int:
+def _row_prompt_kv_per_layer(s: ModelShape, rows: int, prompts: int, prompt: int, completion: int,
+                             sdpa_kv_heads: int) -> int:
     """Elements a layer saves beyond the packed count (_saved_per_token) when `rows` completions
     attend over their `prompts` prompts run once with a cache (the cached and group-prompts
-    layouts): SDPA keeps its K and V inputs, each row's own copy of its prompt's K/V (repeated to
-    the query heads, as HF does under a mask) ahead of its completion's, and the float mask
-    [rows, 1, C-1, P+C-1]; while the prompts' own pass, unmasked, runs SDPA on the K/V heads and
-    keeps P x 2 x (H_q - H_kv) x D less each than the packed count (prompts of unequal length are
-    masked, and keep that much more). Checked against autograd's saved tensors, SmolLM2 + LoRA:
+    layouts): SDPA keeps its K and V inputs, each row's own copy of its prompt's K/V (at
+    sdpa_kv_heads) ahead of its completion's, and the float mask [rows, 1, C-1, P+C-1]; while the
+    prompts' own pass, unmasked, runs SDPA on the K/V heads (a repeat the packed count has
+    counted and it does not make; prompts of unequal length are masked and make it). Checked
+    against autograd's saved tensors, SmolLM2 + LoRA, K/V repeated to the query heads:
     planned / counted 465.0 / 460.0 MiB at 1,024 + 4 x 32 tokens, 502.2 / 500.7 at 512 + 8 x 16,
     255.6 / 254.7 at 256 + 8 x 32."""
     P, C, D = prompt, completion, s.head_dim
-    return (rows * P * 2 * s.q_heads * D + rows * max(C - 1, 0) * (P + C - 1)
-            - prompts * P * 2 * (s.q_heads - s.kv_heads) * D)
+    return (rows * P * 2 * sdpa_kv_heads * D + rows * max(C - 1, 0) * (P + C - 1)
+            - prompts * P * 2 * (sdpa_kv_heads - s.kv_heads) * D)
 
 
 def plan(cfg, device_memory: int | None = None, *, shape: ModelShape | None = None,
@@ -277,7 +287,8 @@ def plan(cfg, device_memory: int | None = None, *, shape: ModelShape | None = No
     groups_in_mb = max(1, math.ceil(mb_rows / G))
     mb_tokens = _packed_tokens(mb_rows, prompt, completion, G)  # packed: prompt once per group
     lora_per_layer = len([n for n in s.linears() if n in targets])
-    per_token_layer = _saved_per_token(s, cfg.lora.r, lora_per_layer) * act
+    sdpa_kv = _sdpa_kv_heads(s, device)
+    per_token_layer = _saved_per_token(s, cfg.lora.r, lora_per_layer, sdpa_kv) * act
     if cfg.model.gradient_checkpointing:
         saved = mb_tokens * s.layers * s.hidden * act + mb_tokens * per_token_layer  # inputs + one layer
     else:
@@ -288,7 +299,7 @@ def plan(cfg, device_memory: int | None = None, *, shape: ModelShape | None = No
         prompt=prompt, completion=completion, generations=G, rows=rows, micro_batch=mb_rows,
         shares_prompts=not cfg.model.gradient_checkpointing and shards == 1)
     if layout != "packed":  # the completions' attention saves each row's own copy of its prompt's K/V
-        saved_kv = _row_prompt_kv_per_layer(s, mb_rows, groups_in_mb, prompt, completion) * s.layers * act
+        saved_kv = _row_prompt_kv_per_layer(s, mb_rows, groups_in_mb, prompt, completion, sdpa_kv) * s.layers * act
         comp["prompt K/V per row"] = int(saved_kv)
         saved, mask = saved + saved_kv, 0
     comp["training activations"] = int(saved + mask)

@@ -43,12 +43,14 @@ def test_components_by_hand(tiny):
     assert memory.plan(cfg_for(tiny, **{"sampling.kv_budget": "64KiB"})).components["kv cache"] == 65536
     assert p.peak_bytes == max(p.phases.values()) and p.peak_phase in p.phases
     # the micro-batch: 4 completions of one group = 20 prompt + 4 x 9 = 56 tokens, in the cached
-    # layout (its attention saves 3x less than the packed mask's): per layer, each row's copy of
-    # the prompt's K/V at the 4 query heads, the [4, 1, 9, 29] mask, less the prompt pass's
-    # unrepeated K/V; CPU heap growth = 0.9 x the saved activations (no gradient checkpointing)
+    # layout (its attention saves 3x less than the packed mask's). Per token and layer: norms
+    # (4 x 32 + 2), q and the attention output (2 x 32), K and V at their 2 heads on the CPU
+    # (2 x 16), logsumexp (4), gate, up, down's input (3 x 64), LoRA x A^T (7 x 2). Per layer on
+    # top: each row's copy of the prompt's K/V, the [4, 1, 9, 29] mask. CPU heap growth = 0.9 x
+    # the saved activations (no gradient checkpointing)
     assert "(cached layout)" in p.notes[0]
-    per_token_layer = 4 * 32 + 2 + (32 + 16) + (32 + 32) + 32 + 4 + 3 * 64 + 7 * 2
-    row_kv = 2 * (4 * 20 * 2 * 4 * 8 + 4 * 9 * 29 - 20 * 2 * (4 - 2) * 8) * 4
+    per_token_layer = 4 * 32 + 2 + 2 * 32 + 2 * 16 + 4 + 3 * 64 + 7 * 2
+    row_kv = 2 * (4 * 20 * 2 * 16 + 4 * 9 * 29) * 4
     assert p.components["prompt K/V per row"] == row_kv
     assert p.components["training activations"] == int(56 * 2 * per_token_layer * 4 + row_kv)
     assert p.components["heap growth (cpu)"] == int(0.9 * (56 * 2 * per_token_layer * 4 + row_kv))

@@ -19,6 +19,7 @@ from transformers import DynamicCache
 
 from grpo_fast.models.llama_family import active_sliding_window
 from grpo_fast.train import layout_cost
+from grpo_fast.train.kv_head_attention import kv_head_attention
 from grpo_fast.train.layout_cost import CACHED_OVERHEAD  # noqa: F401 (re-exported: the layouts' threshold)
 from grpo_fast.train.rollout_batch import SequenceBatch
 
@@ -52,7 +53,14 @@ def completion_hidden(decoder, batch: SequenceBatch, *, share_prompts: bool = Tr
     checkpointing.
     prefix: the rows' prompts already run (grpo_fast.train.group_prompts: a group split across
     micro-batches runs its prompt once for all of them); only the completions run here.
+    Attention takes K/V at their own heads on the CPU (kv_head_attention.py).
     """
+    with kv_head_attention(enabled=not is_checkpointed(decoder)):
+        return _completion_hidden(decoder, batch, share_prompts=share_prompts, layout=layout, prefix=prefix)
+
+
+def _completion_hidden(decoder, batch: SequenceBatch, *, share_prompts: bool, layout: str,
+                       prefix: PromptPrefix | None) -> torch.Tensor:
     if prefix is not None:
         return completions_over_prefix(decoder, batch, prefix)
     if layout not in ("auto", "packed", "cached"):
