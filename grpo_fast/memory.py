@@ -185,11 +185,12 @@ def kv_bytes_per_token(shape: ModelShape, cfg) -> int:
     return 2 * shape.layers * shape.kv_heads * shape.head_dim * _dtype_bytes(cfg.model.dtype, plan_device(cfg))
 
 
-def _sdpa_kv_heads(s: ModelShape, device: str) -> int:
+def _sdpa_kv_heads(s: ModelShape, device: str, checkpointing: bool) -> int:
     """The heads K and V reach SDPA with in the training forward: their own on the CPU (the
-    training pass asks for it, grpo_fast/train/kv_head_attention.py); on CUDA HF repeats them to
-    every query head under a mask (the packed layout's, padding)."""
-    return s.kv_heads if device == "cpu" else s.q_heads
+    training pass asks for it, grpo_fast/train/kv_head_attention.py, except under gradient
+    checkpointing); elsewhere HF repeats them to every query head under a mask (the packed
+    layout's, padding)."""
+    return s.kv_heads if device == "cpu" and not checkpointing else s.q_heads
 
 
 def _saved_per_token(s: ModelShape, r: int, lora_targets: int, sdpa_kv_heads: int) -> int:
@@ -287,7 +288,7 @@ def plan(cfg, device_memory: int | None = None, *, shape: ModelShape | None = No
     groups_in_mb = max(1, math.ceil(mb_rows / G))
     mb_tokens = _packed_tokens(mb_rows, prompt, completion, G)  # packed: prompt once per group
     lora_per_layer = len([n for n in s.linears() if n in targets])
-    sdpa_kv = _sdpa_kv_heads(s, device)
+    sdpa_kv = _sdpa_kv_heads(s, device, bool(cfg.model.gradient_checkpointing))
     per_token_layer = _saved_per_token(s, cfg.lora.r, lora_per_layer, sdpa_kv) * act
     if cfg.model.gradient_checkpointing:
         saved = mb_tokens * s.layers * s.hidden * act + mb_tokens * per_token_layer  # inputs + one layer

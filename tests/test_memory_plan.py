@@ -54,6 +54,12 @@ def test_components_by_hand(tiny):
     assert p.components["prompt K/V per row"] == row_kv
     assert p.components["training activations"] == int(56 * 2 * per_token_layer * 4 + row_kv)
     assert p.components["heap growth (cpu)"] == int(0.9 * (56 * 2 * per_token_layer * 4 + row_kv))
+    # gradient checkpointing: every layer's input plus one layer's saved tensors, packed, with K/V
+    # repeated to the 4 query heads (kv_head_attention is off there: the recompute runs without it)
+    ckpt = memory.plan(cfg_for(tiny, **{"model.gradient_checkpointing": True}))
+    repeated = per_token_layer + 2 * (32 - 16)
+    assert "(packed layout)" in ckpt.notes[0]
+    assert ckpt.components["training activations"] == int(56 * 2 * 32 * 4 + 56 * repeated * 4 + 56 ** 2 * 4)
     short = memory.plan(cfg_for(tiny, **{"sampling.max_completion_length": 2}))  # 20 + 4 x 1 = 24 tokens: packed
     assert "(packed layout)" in short.notes[0] and "prompt K/V per row" not in short.components
     assert short.components["training activations"] == int(24 * 2 * per_token_layer * 4 + 24 ** 2 * 4)  # + the mask
