@@ -8,12 +8,13 @@ LoRA r = 16, random tokens, 3 repeats alternating after a warm-up of each:
 
     python benchmarks/bench_train_layout.py P C [MB] [--repeat-kv]
         # prompt, completion lengths, rows per micro-batch (default 40 128 8); --repeat-kv adds
-        # each layout with HF's K/V repeated to the query heads (without kv_head_attention.py),
+        # each layout with HF's K/V repeated to the query heads where completions attend over a
+        # cached prompt (without kv_head_attention.py),
         # interleaved with ours
 """
 import contextlib, sys, time, torch
 from _bench_utils import lora_policy_and_batch
-from grpo_fast.train import group_prompts as gp, packed_forward as pf
+from grpo_fast.train import packed_forward as pf
 from grpo_fast.train.group_prompts import GroupPrompts
 from grpo_fast.train.packed_forward import completion_hidden
 REPEAT = "--repeat-kv" in sys.argv
@@ -26,11 +27,11 @@ def step(variant):
     layout, _, repeat = variant.partition("+")
     own = pf.kv_head_attention
     if repeat:  # HF's own choice: K/V repeated under a mask
-        pf.kv_head_attention = gp.kv_head_attention = lambda enabled=True: contextlib.nullcontext(False)
+        pf.kv_head_attention = lambda enabled=True: contextlib.nullcontext(False)
     try:
         return _step(layout)
     finally:
-        pf.kv_head_attention = gp.kv_head_attention = own
+        pf.kv_head_attention = own
 def _step(layout):
     t0 = time.perf_counter()
     prompts = GroupPrompts.for_pass(pol.decoder, batch, cuts) if layout == "group-prompts" else None

@@ -185,43 +185,43 @@ def kv_bytes_per_token(shape: ModelShape, cfg) -> int:
     return 2 * shape.layers * shape.kv_heads * shape.head_dim * _dtype_bytes(cfg.model.dtype, plan_device(cfg))
 
 
-def _sdpa_kv_heads(s: ModelShape, device: str, checkpointing: bool) -> int:
-    """The heads K and V reach SDPA with in the training forward: their own on the CPU (the
-    training pass asks for it, grpo_fast/train/kv_head_attention.py, except under gradient
-    checkpointing); elsewhere HF repeats them to every query head under a mask (the packed
-    layout's, padding)."""
-    return s.kv_heads if device == "cpu" and not checkpointing else s.q_heads
-
-
-def _saved_per_token(s: ModelShape, r: int, lora_targets: int, sdpa_kv_heads: int) -> int:
+def _saved_per_token(s: ModelShape, r: int, lora_targets: int) -> int:
     """Elements autograd keeps per token and layer in the training forward (LoRA on the block
     linears, the lean SwiGLU of grpo_fast.swiglu, SDPA attention, RMSNorm), as its saved-tensor
     hooks list them for SmolLM2:
         the two norms' inputs and outputs (4 H) and inverse RMS (2)
-        attention: q after RoPE and the output (H_q each), K and V as SDPA takes them
-        (sdpa_kv_heads each), the logsumexp (one per head)
+        attention: q after RoPE, K and V repeated to the query heads (HF does under a mask), the
+        output (H_q each), the logsumexp (one per head)
         the MLP's gate and up (2 I: silu is recomputed) and down's input (I)
         per LoRA layer: x A^T (r), the input of B
-    (SmolLM2-135M, r = 16 on the 7 linears: 8,571 elements with K/V at their 3 heads, as autograd's
-    saved tensors count; 9,339 repeated to the 9 query heads.)"""
-    q, kvs = s.q_heads * s.head_dim, sdpa_kv_heads * s.head_dim
-    return 4 * s.hidden + 2 + 2 * q + 2 * kvs + s.q_heads + 3 * s.intermediate + lora_targets * r
+    (SmolLM2-135M, r = 16 on the 7 linears: 9,339 elements; autograd's saved tensors count 9,350.)"""
+    q = s.q_heads * s.head_dim
+    return 4 * s.hidden + 2 + 4 * q + s.q_heads + 3 * s.intermediate + lora_targets * r
+
+
+def _cached_kv_heads(s: ModelShape, device: str) -> int:
+    """The heads K/V reach SDPA with where completions attend over a cached prompt: their own on
+    the CPU (grpo_fast/train/kv_head_attention.py), repeated to the query heads elsewhere."""
+    return s.kv_heads if device == "cpu" else s.q_heads
 
 
 def _row_prompt_kv_per_layer(s: ModelShape, rows: int, prompts: int, prompt: int, completion: int,
-                             sdpa_kv_heads: int) -> int:
+                             device: str) -> int:
     """Elements a layer saves beyond the packed count (_saved_per_token) when `rows` completions
     attend over their `prompts` prompts run once with a cache (the cached and group-prompts
-    layouts): SDPA keeps its K and V inputs, each row's own copy of its prompt's K/V (at
-    sdpa_kv_heads) ahead of its completion's, and the float mask [rows, 1, C-1, P+C-1]; while the
-    prompts' own pass, unmasked, runs SDPA on the K/V heads (a repeat the packed count has
-    counted and it does not make; prompts of unequal length are masked and make it). Checked
-    against autograd's saved tensors, SmolLM2 + LoRA, K/V repeated to the query heads:
-    planned / counted 465.0 / 460.0 MiB at 1,024 + 4 x 32 tokens, 502.2 / 500.7 at 512 + 8 x 16,
-    255.6 / 254.7 at 256 + 8 x 32."""
-    P, C, D = prompt, completion, s.head_dim
-    return (rows * P * 2 * sdpa_kv_heads * D + rows * max(C - 1, 0) * (P + C - 1)
-            - prompts * P * 2 * (sdpa_kv_heads - s.kv_heads) * D)
+    layouts):
+        + each row's own copy of its prompt's K and V (SDPA keeps its inputs), at the heads SDPA
+          gets them there (_cached_kv_heads), and the float mask [rows, 1, C-1, P+C-1]
+        - the completions' own K/V at those heads, not repeated, where the packed count repeats
+        - the prompts' own pass, unmasked, runs SDPA on the K/V heads (prompts of unequal length
+          are masked and repeat theirs)
+    Checked against autograd's saved tensors beyond the packed count, SmolLM2 + LoRA r = 16,
+    planned / counted: 94.1 / 94.6 MiB at 1,024 + 4 x 32 tokens, 131.7 / 132.0 at 512 + 8 x 16,
+    53.8 / 54.1 at 256 + 8 x 32 (with K/V repeated, before kv_head_attention: 465.0 / 460.0,
+    502.2 / 500.7, 255.6 / 254.7)."""
+    P, C, D, kvs = prompt, max(completion - 1, 0), s.head_dim, _cached_kv_heads(s, device)
+    return (rows * P * 2 * kvs * D + rows * C * (P + C)
+            - rows * C * 2 * (s.q_heads - kvs) * D - prompts * P * 2 * (s.q_heads - s.kv_heads) * D)
 
 
 def plan(cfg, device_memory: int | None = None, *, shape: ModelShape | None = None,
@@ -288,8 +288,7 @@ def plan(cfg, device_memory: int | None = None, *, shape: ModelShape | None = No
     groups_in_mb = max(1, math.ceil(mb_rows / G))
     mb_tokens = _packed_tokens(mb_rows, prompt, completion, G)  # packed: prompt once per group
     lora_per_layer = len([n for n in s.linears() if n in targets])
-    sdpa_kv = _sdpa_kv_heads(s, device, bool(cfg.model.gradient_checkpointing))
-    per_token_layer = _saved_per_token(s, cfg.lora.r, lora_per_layer, sdpa_kv) * act
+    per_token_layer = _saved_per_token(s, cfg.lora.r, lora_per_layer) * act
     if cfg.model.gradient_checkpointing:
         saved = mb_tokens * s.layers * s.hidden * act + mb_tokens * per_token_layer  # inputs + one layer
     else:
@@ -300,7 +299,7 @@ def plan(cfg, device_memory: int | None = None, *, shape: ModelShape | None = No
         prompt=prompt, completion=completion, generations=G, rows=rows, micro_batch=mb_rows,
         shares_prompts=not cfg.model.gradient_checkpointing and shards == 1)
     if layout != "packed":  # the completions' attention saves each row's own copy of its prompt's K/V
-        saved_kv = _row_prompt_kv_per_layer(s, mb_rows, groups_in_mb, prompt, completion, sdpa_kv) * s.layers * act
+        saved_kv = _row_prompt_kv_per_layer(s, mb_rows, groups_in_mb, prompt, completion, device) * s.layers * act
         comp["prompt K/V per row"] = int(saved_kv)
         saved, mask = saved + saved_kv, 0
     comp["training activations"] = int(saved + mask)

@@ -1,6 +1,7 @@
-"""Attention on the K/V heads in the CPU training forward (grpo_fast.train.kv_head_attention): the
-same hidden states and LoRA gradients as HF's repeated K/V, in every layout, with autograd saving
-exactly the repeat's share less; restored on exit, and off under gradient checkpointing."""
+"""Attention on the K/V heads where completions attend over a cached prompt, on the CPU
+(grpo_fast.train.kv_head_attention): the same hidden states and LoRA gradients as HF's repeated
+K/V, with autograd saving exactly the repeat's share less (and the packed layout untouched);
+restored on exit, and off under gradient checkpointing."""
 
 import contextlib
 
@@ -64,10 +65,10 @@ def test_same_hidden_and_gradients_with_the_repeat_saved_less(tiny, layout, monk
     torch.testing.assert_close(hidden, want_hidden, rtol=1e-5, atol=1e-6)
     for got, want in zip(grads, want_grads):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
-    # K and V reach SDPA at 2 heads instead of 4 in every layer: over the keys each query row
-    # sees (packed: the group's one sequence of P + G (C - 1) tokens; cached: each row's prompt
-    # + its completion, P + C - 1; the cached prompt pass, unmasked, took its K/V heads already)
-    keys = P + G * (C - 1) if layout == "packed" else G * (P + C - 1)
+    # cached: K and V reach the completions' SDPA at 2 heads instead of 4 in every layer, over
+    # each row's prompt + its completion (P + C - 1 keys); the prompt pass, unmasked, took its K/V
+    # heads already. packed: left to HF (one long masked sequence runs slower on the K/V heads)
+    keys = 0 if layout == "packed" else G * (P + C - 1)
     assert repeated - saved == LAYERS * keys * 2 * (Q_HEADS - KV_HEADS) * HEAD_DIM * 4
 
 
@@ -93,16 +94,20 @@ def test_the_hook_is_restored_nests_and_is_off_when_asked():
 
 def test_off_under_gradient_checkpointing(tiny, monkeypatch):
     """Its recompute runs in the backward, outside the context: the forward must save what the
-    recompute will. The checkpointed forward never switches the hook on."""
-    from grpo_fast.config import LoraConfig, ModelConfig
-    from grpo_fast.train.model import load_policy, policy_modules
+    recompute will. Completions over a prefix ask for it off when the decoder is checkpointed
+    (HF drops caches there, so the training pass never takes this path checkpointed; this holds
+    the guard anyway)."""
+    from grpo_fast.train.model import policy_modules
 
-    model, tok, _ = load_policy(ModelConfig(name_or_path=str(tiny), gradient_checkpointing=True),
-                                LoraConfig(r=2, lora_alpha=4))
+    model, tok = policy_with_lora(tiny)
     model.train()
+    decoder = policy_modules(model).decoder
+    batch = one_group(tok)
+    prefix = pf.run_prompts(decoder, batch, torch.tensor([0])).map(lambda t: t.expand(len(batch), *t.shape[1:]))
     asked = []
     real = pf.kv_head_attention
     monkeypatch.setattr(pf, "kv_head_attention", lambda enabled=True: (asked.append(enabled), real(enabled))[1])
-    hidden = pf.completion_hidden(policy_modules(model).decoder, one_group(tok))
-    hidden.sum().backward()
-    assert asked == [False]
+    pf.completions_over_prefix(decoder, batch, prefix)
+    monkeypatch.setattr(pf, "is_checkpointed", lambda d: True)
+    pf.completions_over_prefix(decoder, batch, prefix)
+    assert asked == [True, False]

@@ -44,22 +44,21 @@ def test_components_by_hand(tiny):
     assert p.peak_bytes == max(p.phases.values()) and p.peak_phase in p.phases
     # the micro-batch: 4 completions of one group = 20 prompt + 4 x 9 = 56 tokens, in the cached
     # layout (its attention saves 3x less than the packed mask's). Per token and layer: norms
-    # (4 x 32 + 2), q and the attention output (2 x 32), K and V at their 2 heads on the CPU
-    # (2 x 16), logsumexp (4), gate, up, down's input (3 x 64), LoRA x A^T (7 x 2). Per layer on
-    # top: each row's copy of the prompt's K/V, the [4, 1, 9, 29] mask. CPU heap growth = 0.9 x
-    # the saved activations (no gradient checkpointing)
+    # (4 x 32 + 2), q, K and V repeated to the 4 query heads, the attention output (4 x 32),
+    # logsumexp (4), gate, up, down's input (3 x 64), LoRA x A^T (7 x 2). Per layer on top: each
+    # row's copy of the prompt's K/V at their 2 heads (16 wide) and the [4, 1, 9, 29] mask, less
+    # the completions' own K/V and the prompt pass's, not repeated. CPU heap growth = 0.9 x the
+    # saved activations (no gradient checkpointing)
     assert "(cached layout)" in p.notes[0]
-    per_token_layer = 4 * 32 + 2 + 2 * 32 + 2 * 16 + 4 + 3 * 64 + 7 * 2
-    row_kv = 2 * (4 * 20 * 2 * 16 + 4 * 9 * 29) * 4
+    per_token_layer = 4 * 32 + 2 + 4 * 32 + 4 + 3 * 64 + 7 * 2
+    row_kv = 2 * (4 * 20 * 2 * 16 + 4 * 9 * 29 - 4 * 9 * 2 * (32 - 16) - 20 * 2 * (32 - 16)) * 4
     assert p.components["prompt K/V per row"] == row_kv
     assert p.components["training activations"] == int(56 * 2 * per_token_layer * 4 + row_kv)
     assert p.components["heap growth (cpu)"] == int(0.9 * (56 * 2 * per_token_layer * 4 + row_kv))
-    # gradient checkpointing: every layer's input plus one layer's saved tensors, packed, with K/V
-    # repeated to the 4 query heads (kv_head_attention is off there: the recompute runs without it)
+    # gradient checkpointing: every layer's input plus one layer's saved tensors, packed
     ckpt = memory.plan(cfg_for(tiny, **{"model.gradient_checkpointing": True}))
-    repeated = per_token_layer + 2 * (32 - 16)
     assert "(packed layout)" in ckpt.notes[0]
-    assert ckpt.components["training activations"] == int(56 * 2 * 32 * 4 + 56 * repeated * 4 + 56 ** 2 * 4)
+    assert ckpt.components["training activations"] == int(56 * 2 * 32 * 4 + 56 * per_token_layer * 4 + 56 ** 2 * 4)
     short = memory.plan(cfg_for(tiny, **{"sampling.max_completion_length": 2}))  # 20 + 4 x 1 = 24 tokens: packed
     assert "(packed layout)" in short.notes[0] and "prompt K/V per row" not in short.components
     assert short.components["training activations"] == int(24 * 2 * per_token_layer * 4 + 24 ** 2 * 4)  # + the mask

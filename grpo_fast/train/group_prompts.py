@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import torch
 
-from grpo_fast.train.kv_head_attention import kv_head_attention
 from grpo_fast.train.layout_cost import group_prompts_pay, run_starts
 from grpo_fast.train.packed_forward import (PromptPrefix, exceeds_window, is_checkpointed, prompt_runs,
                                             run_prompts)
@@ -77,8 +76,7 @@ class GroupPrompts:
         new = [r for r, _ in overlap if r not in self._leaves]
         if new:
             first_rows = torch.tensor([self.starts[r] for r in new], device=self.batch.input_ids.device)
-            with kv_head_attention(enabled=True):  # never under checkpointing (for_pass)
-                graph = run_prompts(self.decoder, self.batch, first_rows)  # [len(new)] prompts
+            graph = run_prompts(self.decoder, self.batch, first_rows)  # [len(new)] prompts
             grad = torch.is_grad_enabled()
             leaves = graph.map(lambda t: t.detach().requires_grad_(grad))
             self._calls.append((graph, leaves, set(new)) if grad else None)

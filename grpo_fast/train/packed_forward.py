@@ -53,14 +53,7 @@ def completion_hidden(decoder, batch: SequenceBatch, *, share_prompts: bool = Tr
     checkpointing.
     prefix: the rows' prompts already run (grpo_fast.train.group_prompts: a group split across
     micro-batches runs its prompt once for all of them); only the completions run here.
-    Attention takes K/V at their own heads on the CPU (kv_head_attention.py).
     """
-    with kv_head_attention(enabled=not is_checkpointed(decoder)):
-        return _completion_hidden(decoder, batch, share_prompts=share_prompts, layout=layout, prefix=prefix)
-
-
-def _completion_hidden(decoder, batch: SequenceBatch, *, share_prompts: bool, layout: str,
-                       prefix: PromptPrefix | None) -> torch.Tensor:
     if prefix is not None:
         return completions_over_prefix(decoder, batch, prefix)
     if layout not in ("auto", "packed", "cached"):
@@ -188,15 +181,19 @@ def run_prompts(decoder, batch: SequenceBatch, rows: torch.Tensor) -> PromptPref
 def completions_over_prefix(decoder, batch: SequenceBatch, prefix: PromptPrefix) -> torch.Tensor:
     """Completion tokens 0..C-2 (the last one predicts nothing) over each row's prompt K/V:
     [N, C, H], row i's first position being its prompt's last hidden state. `prefix` has one
-    row per batch row; gradients reach its tensors (and through them the prompt's pass)."""
+    row per batch row; gradients reach its tensors (and through them the prompt's pass).
+    Attention takes K/V at their own heads on the CPU (kv_head_attention.py)."""
     P, C = batch.prompt_width, batch.targets.shape[1]
     if C == 1:
         return prefix.last_hidden
     cache = DynamicCache(config=getattr(decoder, "config", None))
     for layer, (k, v) in enumerate(zip(prefix.keys, prefix.values)):
         cache.update(k, v, layer)
-    out = decoder(input_ids=batch.input_ids[:, P:P + C - 1], attention_mask=batch.attention_mask[:, :P + C - 1],
-                  position_ids=batch.position_ids[:, P:P + C - 1], past_key_values=cache, use_cache=True)
+    # K/V at their own heads on the CPU (each row's copy of its prompt's, not repeated to every
+    # query head: kv_head_attention.py); not under gradient checkpointing (HF drops caches there anyway)
+    with kv_head_attention(enabled=not is_checkpointed(decoder)):
+        out = decoder(input_ids=batch.input_ids[:, P:P + C - 1], attention_mask=batch.attention_mask[:, :P + C - 1],
+                      position_ids=batch.position_ids[:, P:P + C - 1], past_key_values=cache, use_cache=True)
     return torch.cat([prefix.last_hidden, out.last_hidden_state], dim=1)  # [N, C, H]
 
 
