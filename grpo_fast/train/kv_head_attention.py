@@ -7,9 +7,10 @@ head instead. In the cached and group-prompts layouts (packed_forward.completion
 each row attends over its own copy of its prompt's K/V under a mask, and autograd saves those
 copies repeated: for SmolLM2 (9 query / 3 K/V heads) 3x their size. torch's CPU kernel takes a
 mask and enable_gqa together and gives the same output (tests/test_kv_head_attention.py), there
-faster too (8 rows x 63 queries over 575 keys: 26-32 vs 38-45 ms forward + backward a layer).
-Not in the packed layout: one long sequence under a T x T mask runs ~10% slower with it on this
-machine's kernel (1,056 x 1,056: 80 vs 73 ms), for 8% less saved.
+faster too (benchmarks/bench_sdpa_kv_heads.py, one SmolLM2 layer forward + backward, 8 rows x 63
+queries over 575 keys: 20-26 vs 33-37 ms, and 23 MiB less saved). Not in the packed layout: one
+long sequence under a T x T mask ran slower with it (1,056 x 1,056: 77-94 vs 69-80 ms), for 3 MiB
+less saved.
 
 `kv_head_attention()` answers yes for CPU tensors while a forward runs, by swapping the module's
 `use_gqa_in_sdpa` for the duration of the call (sdpa_attention_forward looks it up at each call,
