@@ -211,16 +211,17 @@ def _row_prompt_kv_per_layer(s: ModelShape, rows: int, prompts: int, prompt: int
     attend over their `prompts` prompts run once with a cache (the cached and group-prompts
     layouts):
         + each row's own copy of its prompt's K and V (SDPA keeps its inputs), at the heads SDPA
-          gets them there (_cached_kv_heads), and the float mask [rows, 1, C-1, P+C-1]
+          gets them there (_cached_kv_heads)
         - the completions' own K/V at those heads, not repeated, where the packed count repeats
         - the prompts' own pass, unmasked, runs SDPA on the K/V heads (prompts of unequal length
           are masked and repeat theirs)
+    The plan adds the float mask [rows, 1, C-1, P+C-1] once (packed_forward.completion_mask).
     Checked against autograd's saved tensors beyond the packed count, SmolLM2 + LoRA r = 16,
-    planned / counted: 94.1 / 94.6 MiB at 1,024 + 4 x 32 tokens, 131.7 / 132.0 at 512 + 8 x 16,
-    53.8 / 54.1 at 256 + 8 x 32 (with K/V repeated, before kv_head_attention: 465.0 / 460.0,
-    502.2 / 500.7, 255.6 / 254.7)."""
+    planned (these terms and the mask) / counted: 79.6 / 80.2 MiB at 1,024 + 4 x 32 tokens,
+    46.0 / 46.2 at 256 + 8 x 32 (with K/V repeated and HF's mask in every layer, before
+    kv_head_attention and completion_mask: 465.0 / 460.0 and 255.6 / 254.7)."""
     P, C, D, kvs = prompt, max(completion - 1, 0), s.head_dim, _cached_kv_heads(s, device)
-    return (rows * P * 2 * kvs * D + rows * C * (P + C)
+    return (rows * P * 2 * kvs * D
             - rows * C * 2 * (s.q_heads - kvs) * D - prompts * P * 2 * (s.q_heads - s.kv_heads) * D)
 
 
@@ -301,7 +302,8 @@ def plan(cfg, device_memory: int | None = None, *, shape: ModelShape | None = No
     if layout != "packed":  # the completions' attention saves each row's own copy of its prompt's K/V
         saved_kv = _row_prompt_kv_per_layer(s, mb_rows, groups_in_mb, prompt, completion, device) * s.layers * act
         comp["prompt K/V per row"] = int(saved_kv)
-        saved, mask = saved + saved_kv, 0
+        c = max(completion - 1, 0)
+        saved, mask = saved + saved_kv, mb_rows * c * (prompt + c) * act  # the mask [rows, 1, C-1, P+C-1], once
     comp["training activations"] = int(saved + mask)
     loss_tokens = mb_rows * completion
     comp["fused loss"] = loss_tokens * s.hidden * 4 * 2 + 2 * _logit_rows(loss_tokens, s.vocab, device) * s.vocab * 4

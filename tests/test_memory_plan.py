@@ -46,14 +46,14 @@ def test_components_by_hand(tiny):
     # layout (its attention saves 3x less than the packed mask's). Per token and layer: norms
     # (4 x 32 + 2), q, K and V repeated to the 4 query heads, the attention output (4 x 32),
     # logsumexp (4), gate, up, down's input (3 x 64), LoRA x A^T (7 x 2). Per layer on top: each
-    # row's copy of the prompt's K/V at their 2 heads (16 wide) and the [4, 1, 9, 29] mask, less
-    # the completions' own K/V and the prompt pass's, not repeated. CPU heap growth = 0.9 x the
+    # row's copy of the prompt's K/V at their 2 heads (16 wide), less the completions' own K/V and
+    # the prompt pass's, not repeated; once: the [4, 1, 9, 29] mask. CPU heap growth = 0.9 x the
     # saved activations (no gradient checkpointing)
     assert "(cached layout)" in p.notes[0]
     per_token_layer = 4 * 32 + 2 + 4 * 32 + 4 + 3 * 64 + 7 * 2
-    row_kv = 2 * (4 * 20 * 2 * 16 + 4 * 9 * 29 - 4 * 9 * 2 * (32 - 16) - 20 * 2 * (32 - 16)) * 4
+    row_kv = 2 * (4 * 20 * 2 * 16 - 4 * 9 * 2 * (32 - 16) - 20 * 2 * (32 - 16)) * 4
     assert p.components["prompt K/V per row"] == row_kv
-    assert p.components["training activations"] == int(56 * 2 * per_token_layer * 4 + row_kv)
+    assert p.components["training activations"] == int(56 * 2 * per_token_layer * 4 + row_kv + 4 * 9 * 29 * 4)
     assert p.components["heap growth (cpu)"] == int(0.9 * (56 * 2 * per_token_layer * 4 + row_kv))
     # gradient checkpointing: every layer's input plus one layer's saved tensors, packed
     ckpt = memory.plan(cfg_for(tiny, **{"model.gradient_checkpointing": True}))

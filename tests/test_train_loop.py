@@ -327,6 +327,37 @@ def test_shared_prompt_forward_equals_full_forward(tiny, comp_lens, checkpointin
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
+def test_cached_layout_mask_is_built_once_and_means_what_it_says(tiny):
+    """completion_mask: query t (position P + t) sees key j iff j <= P + t and j is no padding;
+    the cached layout hands that one tensor to every layer (autograd saves it once, not a float
+    copy of HF's bool mask per layer)."""
+    from grpo_fast.config import LoraConfig, ModelConfig
+    from grpo_fast.train.model import load_policy, policy_modules
+    from grpo_fast.train.packed_forward import completion_hidden, completion_mask
+    from grpo_fast.train.rollout_batch import make_batch
+
+    model, tok, _ = load_policy(ModelConfig(name_or_path=str(tiny)), LoraConfig(r=4, lora_alpha=8), seed=0)
+    model.train()
+    batch = make_batch([[5, 6, 7]] * 2 + [[8, 9]] * 2, [[3, 4, 5, 6], [3], [4, 4], [7, 7, 7]], tok.pad_token_id)
+    P, T = batch.prompt_width, batch.input_ids.shape[1]
+    mask = completion_mask(batch.attention_mask[:, :T - 1], P, torch.float32)  # [N, 1, C-1, P+C-1]
+    for n in range(len(batch)):
+        for t in range(T - 1 - P):
+            for j in range(T - 1):
+                seen = j <= P + t and bool(batch.attention_mask[n, j])
+                assert (mask[n, 0, t, j] == 0) == seen, (n, t, j)
+    masks = set()
+
+    def pack(x):
+        if x.shape == (len(batch), 1, T - 1 - P, T - 1):
+            masks.add(x.untyped_storage().data_ptr())
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        completion_hidden(policy_modules(model).decoder, batch, layout="cached")
+    assert len(masks) == 1
+
+
 def test_auto_layout_packs_short_completions_and_caches_long_ones(tiny, monkeypatch):
     """auto: packed while the block mask's extra attention is small against the linear work;
     the cached prompt K/V once the completions make a group's packed sequence long (the dense

@@ -189,12 +189,28 @@ def completions_over_prefix(decoder, batch: SequenceBatch, prefix: PromptPrefix)
     cache = DynamicCache(config=getattr(decoder, "config", None))
     for layer, (k, v) in enumerate(zip(prefix.keys, prefix.values)):
         cache.update(k, v, layer)
+    mask = batch.attention_mask[:, :P + C - 1]  # [N, P+C-1]: flash-attention's varlen kernels unpad by it
+    attn = getattr(getattr(decoder, "config", None), "_attn_implementation", "sdpa") or "sdpa"
+    if attn in ("sdpa", "eager"):  # one additive mask for every layer
+        mask = completion_mask(mask, P, decoder.get_input_embeddings().weight.dtype)  # [N, 1, C-1, P+C-1]
     # K/V at their own heads on the CPU (each row's copy of its prompt's, not repeated to every
     # query head: kv_head_attention.py); not under gradient checkpointing (HF drops caches there anyway)
     with kv_head_attention(enabled=not is_checkpointed(decoder)):
-        out = decoder(input_ids=batch.input_ids[:, P:P + C - 1], attention_mask=batch.attention_mask[:, :P + C - 1],
+        out = decoder(input_ids=batch.input_ids[:, P:P + C - 1], attention_mask=mask.to(batch.input_ids.device),
                       position_ids=batch.position_ids[:, P:P + C - 1], past_key_values=cache, use_cache=True)
     return torch.cat([prefix.last_hidden, out.last_hidden_state], dim=1)  # [N, C, H]
+
+
+def completion_mask(attention_mask: torch.Tensor, prompt_width: int, dtype: torch.dtype) -> torch.Tensor:
+    """The additive mask of completions over their cached prompt, [N, 1, T - P, T] from the rows'
+    padding mask [N, T]: query t (position P + t) sees key j when j <= P + t and j is not padding.
+    Built once in the model's dtype, so every layer's SDPA takes the same tensor (HF's bool mask
+    was turned into a new float one, and saved, in each layer)."""
+    T, P = attention_mask.shape[1], prompt_width
+    causal = torch.ones(T - P, T, dtype=torch.bool, device=attention_mask.device).tril(P)  # [T-P, T]
+    allowed = causal[None] & attention_mask[:, None, :].bool()  # [N, T-P, T]
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(
+        ~allowed, torch.finfo(dtype).min)[:, None]  # [N, 1, T-P, T]
 
 
 def _cached_prompt_forward(decoder, batch: SequenceBatch, runs: list[int]) -> torch.Tensor:
