@@ -205,24 +205,22 @@ def _cached_kv_heads(s: ModelShape, device: str) -> int:
     return s.kv_heads if device == "cpu" else s.q_heads
 
 
-def _row_prompt_kv_per_layer(s: ModelShape, rows: int, prompts: int, prompt: int, completion: int,
-                             device: str) -> int:
-    """Elements a layer saves beyond the packed count (_saved_per_token) when `rows` completions
-    attend over their `prompts` prompts run once with a cache (the cached and group-prompts
-    layouts):
-        + each row's own copy of its prompt's K and V (SDPA keeps its inputs), at the heads SDPA
-          gets them there (_cached_kv_heads)
-        - the completions' own K/V at those heads, not repeated, where the packed count repeats
-        - the prompts' own pass, unmasked, runs SDPA on the K/V heads (prompts of unequal length
-          are masked and repeat theirs)
-    The plan adds the float mask [rows, 1, C-1, P+C-1] once (packed_forward.completion_mask).
-    Checked against autograd's saved tensors beyond the packed count, SmolLM2 + LoRA r = 16,
-    planned (these terms and the mask) / counted: 79.6 / 80.2 MiB at 1,024 + 4 x 32 tokens,
-    46.0 / 46.2 at 256 + 8 x 32 (with K/V repeated and HF's mask in every layer, before
-    kv_head_attention and completion_mask: 465.0 / 460.0 and 255.6 / 254.7)."""
-    P, C, D, kvs = prompt, max(completion - 1, 0), s.head_dim, _cached_kv_heads(s, device)
-    return (rows * P * 2 * kvs * D
-            - rows * C * 2 * (s.q_heads - kvs) * D - prompts * P * 2 * (s.q_heads - s.kv_heads) * D)
+def _cached_layout_kv_per_layer(s: ModelShape, rows: int, prompts: int, prompt: int, completion: int,
+                                device: str) -> int:
+    """K/V elements a layer's SDPA keeps for the backward when `rows` completions attend over their
+    `prompts` prompts run once with a cache (the cached and group-prompts layouts), in place of
+    the packed count's repeated K/V (2 H_q per token in _saved_per_token):
+        the prompts' own pass, unmasked: their K/V at the K/V heads (prompts of unequal length are
+        masked, and repeat theirs)
+        the completions' pass: each row's own copy of its prompt's K/V ahead of its completion's,
+        at the heads SDPA gets them there (_cached_kv_heads)
+    The mask [rows, 1, C-1, P+C-1] is built once (packed_forward.completion_mask); the plan adds it
+    to the activations. Checked against autograd's saved tensors beyond the packed count, SmolLM2
+    + LoRA r = 16, planned / counted: 79.6 / 80.2 MiB at 1,024 + 4 x 32 tokens, 46.0 / 46.2 at
+    256 + 8 x 32 (with K/V repeated and HF's mask in every layer, before kv_head_attention and
+    completion_mask: 465.0 / 460.0 and 255.6 / 254.7)."""
+    P, C, D = prompt, max(completion - 1, 0), s.head_dim
+    return rows * (P + C) * 2 * _cached_kv_heads(s, device) * D + prompts * P * 2 * s.kv_heads * D
 
 
 def plan(cfg, device_memory: int | None = None, *, shape: ModelShape | None = None,
@@ -299,21 +297,23 @@ def plan(cfg, device_memory: int | None = None, *, shape: ModelShape | None = No
         hidden=s.hidden, q_heads=s.q_heads, head_dim=s.head_dim, kv_heads=s.kv_heads, intermediate=s.intermediate,
         prompt=prompt, completion=completion, generations=G, rows=rows, micro_batch=mb_rows,
         shares_prompts=not cfg.model.gradient_checkpointing and shards == 1)
-    if layout != "packed":  # the completions' attention saves each row's own copy of its prompt's K/V
-        saved_kv = _row_prompt_kv_per_layer(s, mb_rows, groups_in_mb, prompt, completion, device) * s.layers * act
-        comp["prompt K/V per row"] = int(saved_kv)
+    heap_basis = mb_tokens * s.layers * per_token_layer  # what the forward saves, checkpointed or not
+    if layout != "packed":  # the completions' SDPA keeps each row's own copy of its prompt's K/V
+        kv_saved = _cached_layout_kv_per_layer(s, mb_rows, groups_in_mb, prompt, completion, device) * s.layers * act
+        comp["attention K/V (cached prompt)"] = int(kv_saved)
+        saved -= mb_tokens * s.layers * 2 * s.q_heads * s.head_dim * act  # the packed count's repeated K/V
         c = max(completion - 1, 0)
-        saved, mask = saved + saved_kv, mb_rows * c * (prompt + c) * act  # the mask [rows, 1, C-1, P+C-1], once
+        mask = mb_rows * c * (prompt + c) * act  # [rows, 1, C-1, P+C-1], once for every layer
+        heap_basis = saved + kv_saved
     comp["training activations"] = int(saved + mask)
     loss_tokens = mb_rows * completion
     comp["fused loss"] = loss_tokens * s.hidden * 4 * 2 + 2 * _logit_rows(loss_tokens, s.vocab, device) * s.vocab * 4
     backward_temps = mb_tokens * (2 * s.intermediate + 2 * s.hidden) * 4  # one layer's gradients in flight
     if device == "cpu":
         growth = CPU_HEAP_GROWTH[bool(cfg.model.gradient_checkpointing)]
-        comp["heap growth (cpu)"] = int(growth * (mb_tokens * s.layers * per_token_layer
-                                                  + comp.get("prompt K/V per row", 0)))
-    training = (resident + comp["training activations"] + comp["fused loss"] + backward_temps
-                + comp.get("heap growth (cpu)", 0) + gathered_training)
+        comp["heap growth (cpu)"] = int(growth * heap_basis)
+    training = (resident + comp["training activations"] + comp.get("attention K/V (cached prompt)", 0)
+                + comp["fused loss"] + backward_temps + comp.get("heap growth (cpu)", 0) + gathered_training)
 
     # ---- sampling: the KV pool plus a decode step's logits and temporaries
     kv_per_token = kv_bytes_per_token(s, cfg)

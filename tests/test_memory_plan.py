@@ -45,22 +45,23 @@ def test_components_by_hand(tiny):
     # the micro-batch: 4 completions of one group = 20 prompt + 4 x 9 = 56 tokens, in the cached
     # layout (its attention saves 3x less than the packed mask's). Per token and layer: norms
     # (4 x 32 + 2), q, K and V repeated to the 4 query heads, the attention output (4 x 32),
-    # logsumexp (4), gate, up, down's input (3 x 64), LoRA x A^T (7 x 2). Per layer on top: each
-    # row's copy of the prompt's K/V at their 2 heads (16 wide), less the completions' own K/V and
-    # the prompt pass's, not repeated; once: the [4, 1, 9, 29] mask. CPU heap growth = 0.9 x the
-    # saved activations (no gradient checkpointing)
+    # logsumexp (4), gate, up, down's input (3 x 64), LoRA x A^T (7 x 2). In the cached layout the
+    # repeated K/V give way to what its SDPA calls keep, per layer: the prompt pass's K/V at their
+    # 2 heads (16 wide), each row's copy of prompt + completion K/V at the 2 heads; and the
+    # [4, 1, 9, 29] mask once. CPU heap growth = 0.9 x the saved tensors (no checkpointing)
     assert "(cached layout)" in p.notes[0]
     per_token_layer = 4 * 32 + 2 + 4 * 32 + 4 + 3 * 64 + 7 * 2
-    row_kv = 2 * (4 * 20 * 2 * 16 - 4 * 9 * 2 * (32 - 16) - 20 * 2 * (32 - 16)) * 4
-    assert p.components["prompt K/V per row"] == row_kv
-    assert p.components["training activations"] == int(56 * 2 * per_token_layer * 4 + row_kv + 4 * 9 * 29 * 4)
-    assert p.components["heap growth (cpu)"] == int(0.9 * (56 * 2 * per_token_layer * 4 + row_kv))
+    without_kv = 56 * 2 * (per_token_layer - 2 * 32) * 4
+    kv = 2 * (20 * 2 * 16 + 4 * (20 + 9) * 2 * 16) * 4
+    assert p.components["attention K/V (cached prompt)"] == kv
+    assert p.components["training activations"] == int(without_kv + 4 * 9 * 29 * 4)
+    assert p.components["heap growth (cpu)"] == int(0.9 * (without_kv + kv))
     # gradient checkpointing: every layer's input plus one layer's saved tensors, packed
     ckpt = memory.plan(cfg_for(tiny, **{"model.gradient_checkpointing": True}))
     assert "(packed layout)" in ckpt.notes[0]
     assert ckpt.components["training activations"] == int(56 * 2 * 32 * 4 + 56 * per_token_layer * 4 + 56 ** 2 * 4)
     short = memory.plan(cfg_for(tiny, **{"sampling.max_completion_length": 2}))  # 20 + 4 x 1 = 24 tokens: packed
-    assert "(packed layout)" in short.notes[0] and "prompt K/V per row" not in short.components
+    assert "(packed layout)" in short.notes[0] and "attention K/V (cached prompt)" not in short.components
     assert short.components["training activations"] == int(24 * 2 * per_token_layer * 4 + 24 ** 2 * 4)  # + the mask
     assert "scoring" not in p.phases  # beta = 0, num_iterations = 1: no scoring pass
     assert "scoring" in memory.plan(cfg_for(tiny, **{"loss.beta": 0.1})).phases

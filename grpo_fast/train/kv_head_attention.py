@@ -17,7 +17,7 @@ less saved.
 in every transformers version we support). Not under gradient checkpointing: its recompute runs
 in the backward, outside the context, and must save the same tensors as the forward did. The
 memory plan counts those K/V at their own heads on the CPU (grpo_fast/memory.py,
-`_row_prompt_kv_per_layer`).
+`_cached_layout_kv_per_layer`).
 """
 
 from __future__ import annotations
