@@ -23,7 +23,7 @@ import torch
 
 from grpo_fast.train.layout_cost import group_prompts_pay, run_starts
 from grpo_fast.train.packed_forward import (PromptPrefix, exceeds_window, is_checkpointed, prompt_runs,
-                                            run_prompts)
+                                            run_lengths, run_prompts)
 from grpo_fast.train.rollout_batch import SequenceBatch
 
 
@@ -120,13 +120,7 @@ def _concat(parts: list[PromptPrefix]) -> PromptPrefix:
 def saves_enough(batch: SequenceBatch, runs: list[int], cuts: list[slice]) -> bool:
     """Whether running each split group's prompt once saves enough (layout_cost.group_prompts_pay,
     on the batch's real prompt and completion lengths)."""
-    P = batch.prompt_width
-    prompt_lens = batch.attention_mask[:, :P].sum(1).tolist()  # [N]
-    real = batch.attention_mask.sum(1).tolist()  # [N]
     bounds = [rows.indices(len(batch))[:2] for rows in cuts]
-    groups = []  # (prompt tokens, completion tokens run, micro-batches touching it) per group
-    for s, n in zip(run_starts(runs), runs):
-        p = prompt_lens[s]
-        touched = sum(1 for a, b in bounds if a < s + n and b > s)
-        groups.append((p, sum(max(real[i] - p - 1, 0) for i in range(s, s + n)), touched))
+    groups = [(prompt, completions, sum(1 for a, b in bounds if a < first + n and b > first))  # micro-batches touching it
+              for first, n, prompt, completions in run_lengths(batch, runs)]
     return group_prompts_pay(groups)

@@ -63,7 +63,7 @@ def completion_hidden(decoder, batch: SequenceBatch, *, share_prompts: bool = Tr
     config = getattr(decoder, "config", None)
     if runs is not None and exceeds_window(config, batch):
         runs = None  # a row longer than the sliding window: HF's own masks (plain pass) apply it
-    attn = getattr(config, "_attn_implementation", "sdpa") or "sdpa"
+    attn = attention_implementation(config)
     checkpointed = is_checkpointed(decoder)
     if getattr(decoder, "collective", False) and runs is not None:
         layout = "packed"  # one decoder call on every rank (FSDP's gathers), whatever the rank's rows
@@ -84,16 +84,35 @@ def cached_pays(config, batch: SequenceBatch, runs: list[int]) -> bool:
     h = config.hidden_size
     heads = config.num_attention_heads
     P, C = batch.prompt_width, batch.targets.shape[1]
-    real = batch.attention_mask.sum(1).tolist()  # [N]
-    prompt_lens = batch.attention_mask[:, :P].sum(1).tolist()  # [N]
-    groups = []  # (prompt tokens, rows, completion tokens run) per run
-    for first, count in zip(layout_cost.run_starts(runs), runs):
-        p = prompt_lens[first]
-        groups.append((p, count, sum(max(real[i] - p - 1, 0) for i in range(first, first + count))))
+    groups = [(prompt, count, completions) for _, count, prompt, completions in run_lengths(batch, runs)]
     return layout_cost.cached_pays(
         hidden=h, q_heads=heads, head_dim=getattr(config, "head_dim", None) or h // heads,
         kv_heads=getattr(config, "num_key_value_heads", None) or heads,
         intermediate=getattr(config, "intermediate_size", 4 * h), prompt_width=P, completion_width=C, runs=groups)
+
+
+def run_lengths(batch: SequenceBatch, runs: list[int]) -> list[tuple[int, int, int, int]]:
+    """Per run of rows sharing a prompt: (its first row, its rows, its prompt's real tokens, the
+    tokens its completions run: Σ max(c - 1, 0), the last token predicting nothing), the lengths
+    layout_cost decides with."""
+    P = batch.prompt_width
+    real = batch.attention_mask.sum(1).tolist()  # [N] prompt + completion tokens of each row
+    prompt_lens = batch.attention_mask[:, :P].sum(1).tolist()  # [N]
+    out = []
+    for first, count in zip(layout_cost.run_starts(runs), runs):
+        p = prompt_lens[first]
+        out.append((first, count, p, sum(max(real[i] - p - 1, 0) for i in range(first, first + count))))
+    return out
+
+
+def attention_implementation(config) -> str:
+    """The model's attention implementation (HF's config._attn_implementation), sdpa when unset."""
+    return getattr(config, "_attn_implementation", "sdpa") or "sdpa"
+
+
+def _additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """0 where `allowed`, the dtype's most negative value elsewhere (same shape)."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
 
 
 def _plain_forward(decoder, batch: SequenceBatch) -> torch.Tensor:
@@ -141,7 +160,7 @@ def _packed_forward(decoder, batch: SequenceBatch, runs: list[int]) -> torch.Ten
     sq, sk = seg_ids[:, :, None], seg_ids[:, None, :]
     allowed = torch.ones(T, T, dtype=torch.bool).tril() & ((sk == sq) | ((sk == -1) & (sq != -2)))
     dtype = decoder.get_input_embeddings().weight.dtype
-    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+    mask = _additive_mask(allowed, dtype)
     out = decoder(input_ids=ids.to(device), attention_mask=mask[:, None].to(device),
                   position_ids=positions.to(device), use_cache=False).last_hidden_state  # [R, T, H]
     flat = torch.cat([out.reshape(-1, out.shape[-1]), out.new_zeros(1, out.shape[-1])])  # [R*T + 1, H]
@@ -190,8 +209,7 @@ def completions_over_prefix(decoder, batch: SequenceBatch, prefix: PromptPrefix)
     for layer, (k, v) in enumerate(zip(prefix.keys, prefix.values)):
         cache.update(k, v, layer)
     mask = batch.attention_mask[:, :P + C - 1]  # [N, P+C-1]: flash-attention's varlen kernels unpad by it
-    attn = getattr(getattr(decoder, "config", None), "_attn_implementation", "sdpa") or "sdpa"
-    if attn in ("sdpa", "eager"):  # one additive mask for every layer
+    if attention_implementation(getattr(decoder, "config", None)) in ("sdpa", "eager"):  # one additive mask for every layer
         mask = completion_mask(mask, P, decoder.get_input_embeddings().weight.dtype)  # [N, 1, C-1, P+C-1]
     # K/V at their own heads on the CPU (each row's copy of its prompt's, not repeated to every
     # query head: kv_head_attention.py); not under gradient checkpointing (HF drops caches there anyway)
@@ -209,8 +227,7 @@ def completion_mask(attention_mask: torch.Tensor, prompt_width: int, dtype: torc
     T, P = attention_mask.shape[1], prompt_width
     causal = torch.ones(T - P, T, dtype=torch.bool, device=attention_mask.device).tril(P)  # [T-P, T]
     allowed = causal[None] & attention_mask[:, None, :].bool()  # [N, T-P, T]
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(
-        ~allowed, torch.finfo(dtype).min)[:, None]  # [N, 1, T-P, T]
+    return _additive_mask(allowed, dtype)[:, None]  # [N, 1, T-P, T]
 
 
 def _cached_prompt_forward(decoder, batch: SequenceBatch, runs: list[int]) -> torch.Tensor:
