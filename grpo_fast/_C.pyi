@@ -69,6 +69,12 @@ def cuda_prefill_attention(out: int, query: int, key: int, value: int, cu_seqlen
                            num_kv_heads: int, head_dim: int, scale: float, dtype: int,
                            stream: int) -> None: ...
 
+# The gated MLP's activation (csrc/swiglu_cpu.h), contiguous fp32 [n]; grad_gate / grad_up 0 =
+# not wanted.
+def cpu_silu_mul(out: int, gate: int, up: int, n: int) -> None: ...
+def cpu_silu_mul_backward(grad_gate: int, grad_up: int, grad: int, gate: int, up: int,
+                          n: int) -> None: ...
+
 # Token sampler (csrc/sampling_cpu.h, csrc/cuda/sampling_cuda.h): tokens int64 [S], logprobs
 # fp32 [S]; cuda_sample's workspace is fp32 [num_rows, vocab] scratch.
 def cpu_sample(tokens: int, logprobs: int, logits: int, temperature: int, top_k: int, top_p: int,

@@ -27,6 +27,61 @@ def test_only_the_needed_gradient_is_computed():
     torch.testing.assert_close(gate.grad, torch.autograd.grad((F.silu(gate) * up).sum(), gate)[0])
 
 
+_NATIVE_CHECK = """
+import torch
+from grpo_fast.swiglu import _native, silu_mul
+
+g = torch.Generator().manual_seed(0)
+for n in (1, 7, 8, 13, 100_003):  # tails of the 8-lane loops, and several of the pool's chunks
+    gate = torch.randn(n, generator=g) * 6
+    gate[: min(n, 6)] = torch.tensor([0.0, -0.0, 100.0, -100.0, 88.5, -90.0])[: min(n, 6)]  # sigmoid's ends
+    up = torch.randn(n, generator=g)
+    w = torch.randn(n, generator=g)
+    assert _native(gate, up) is not None  # the core takes fp32 CPU tensors
+    for want in ((True, True), (True, False), (False, True)):
+        gt, ut = gate.clone().requires_grad_(want[0]), up.clone().requires_grad_(want[1])
+        out = silu_mul(gt, ut)
+        gd, ud = gate.double().requires_grad_(want[0]), up.double().requires_grad_(want[1])
+        ref = torch.nn.functional.silu(gd) * ud
+        torch.testing.assert_close(out.double(), ref, rtol=2e-6, atol=1e-6)
+        got = torch.autograd.grad((out * w).sum(), [t for t in (gt, ut) if t.requires_grad])
+        exp = torch.autograd.grad((ref * w.double()).sum(), [t for t in (gd, ud) if t.requires_grad])
+        for a, b in zip(got, exp):
+            torch.testing.assert_close(a.double(), b, rtol=2e-6, atol=1e-6)
+print("ok")
+"""
+
+
+@pytest.mark.skipif(__import__("grpo_fast.native").native._C is None, reason="needs the native core (pip install -e .)")
+@pytest.mark.parametrize("avx2", ["1", "0"])
+def test_native_silu_mul_matches_float64_reference(avx2):
+    """The CPU core's one-pass forward and backward (csrc/swiglu_cpu.cpp), AVX2 and baseline
+    x86 builds (a fresh process each: the choice is made once per process), against autograd
+    in float64 over sigmoid's whole range, each gradient alone and both."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "GRPO_FAST_NO_AVX2": "0" if avx2 == "1" else "1"}
+    r = subprocess.run([sys.executable, "-c", _NATIVE_CHECK], capture_output=True, text=True, env=env)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
+
+
+def test_inputs_the_core_cannot_take_run_the_torch_ops():
+    from grpo_fast.swiglu import _native
+
+    g = torch.randn(4, 6)
+    assert _native(g.t(), g.t()) is None  # not contiguous
+    assert _native(g.bfloat16(), g.bfloat16()) is None
+    assert _native(g, g[:, :1].expand(4, 6)) is None  # broadcast
+    gate = torch.randn(6, 4).t().requires_grad_()
+    up = torch.randn(4, 6).bfloat16().float().requires_grad_()
+    ours = torch.autograd.grad(silu_mul(gate, up).sum(), (gate, up))
+    ref = torch.autograd.grad((F.silu(gate) * up).sum(), (gate, up))
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b)
+
+
 def _tiny_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 

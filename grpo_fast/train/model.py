@@ -125,11 +125,13 @@ def load_policy(model_cfg, lora_cfg, *, seed: int = 0, model=None, peft_config=N
     asked) or an already loaded transformers causal LM, peft-wrapped (trained as it is) or not.
     An unwrapped model gets fresh LoRA adapters (seeded init) from peft_config (a peft
     LoraConfig) or else lora_cfg (echo says so when the user gave
-    no peft_config). The gated MLPs run through grpo_fast.swiglu (leaner backward, same math).
+    no peft_config). The gated MLPs run through grpo_fast.swiglu and the LoRA layers through
+    grpo_fast.lean_lora (fewer passes over activations, same math).
     """
     from peft import LoraConfig as PeftLoraConfig
     from peft import PeftModel, get_peft_model
 
+    from grpo_fast.lean_lora import use_lean_lora
     from grpo_fast.swiglu import use_lean_swiglu
 
     full = peft_config is None and not getattr(lora_cfg, "enabled", True)
@@ -150,6 +152,7 @@ def load_policy(model_cfg, lora_cfg, *, seed: int = 0, model=None, peft_config=N
                 model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
                 model.enable_input_require_grads()
             use_lean_swiglu(model.get_base_model())
+            use_lean_lora(model)
             keep_4bit_layout(model)
             return model, tokenizer, device
         base = model
@@ -172,6 +175,7 @@ def load_policy(model_cfg, lora_cfg, *, seed: int = 0, model=None, peft_config=N
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         policy = get_peft_model(base, peft_config)
+    use_lean_lora(policy)  # same math; the adapter term added inside its GEMM
     return policy, tokenizer, device
 
 

@@ -1,0 +1,85 @@
+"""LoRA linear layers whose adapter term is added by the GEMM that computes it.
+
+peft's LoRA layer computes
+
+    y = base(x) + B(A(dropout(x))) * s                      x [N, in], A [r, in], B [out, r]
+
+as four passes over [N, out] tensors: the product x A^T B^T is written, read and written again
+scaled by s, then read with base(x) and written as y; and in the backward dL/dy is read and
+written once more (times s) before it reaches B. With r = 16 and out = 1536, those passes cost
+more than the rank-16 product itself. Here the same sum is one `addmm`:
+
+    y = addmm(base(x), A(dropout(x)), B^T, alpha=s)         = base(x) + s * (x A^T) B^T
+
+which writes y once, and whose backward scales the small [N, r] and [r, out] products instead of
+dL/dy (dL/d(base) is dL/dy itself, not copied). Same math and the same saved tensors (x A^T and
+B, as lora_B kept before). Training at 128-token completions: benchmarks/RESULTS.md, "Lean LoRA
+and SwiGLU".
+
+`use_lean_lora(model)` switches every peft LoRA linear layer (plain or bitsandbytes 4-/8-bit
+base) of a model to it. A call the lean path does not cover runs peft's own forward unchanged:
+adapters disabled or merged, per-sample `adapter_names`, variants (DoRA...), a bias on lora_B,
+hooks on lora_B (which the addmm would bypass), or dtypes that differ between base output and
+adapter.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+
+_LORA_LAYER_NAMES = ("Linear", "Linear4bit", "Linear8bitLt")
+
+
+def _lean_path_covers(layer, args, kwargs) -> bool:
+    if args or kwargs or layer.disable_adapters or layer.merged:
+        return False
+    variants = getattr(layer, "lora_variant", {}) or {}
+    for name in layer.active_adapters:
+        if name not in layer.lora_A:
+            continue
+        if name in variants or getattr(layer, "use_dora", {}).get(name, False):
+            return False
+        b = layer.lora_B[name]
+        if b.bias is not None or b._forward_hooks or b._forward_pre_hooks:
+            return False
+    return True
+
+
+def _lean_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    if not _lean_path_covers(self, args, kwargs):
+        return self._peft_forward(x, *args, **kwargs)
+    result = self.base_layer(x)  # [..., out]
+    shape = result.shape
+    for name in self.active_adapters:
+        if name not in self.lora_A:
+            continue
+        a, b = self.lora_A[name], self.lora_B[name]
+        if result.dtype != b.weight.dtype or a.weight.dtype != b.weight.dtype:
+            return self._peft_forward(x, *args, **kwargs)
+        xa = a(self.lora_dropout[name](x.to(a.weight.dtype)))  # [..., r]
+        result = torch.addmm(result.reshape(-1, shape[-1]), xa.reshape(-1, xa.shape[-1]), b.weight.t(),
+                             alpha=self.scaling[name]).view(shape)  # [N, out]
+    return result
+
+
+def _is_peft_lora_linear(module) -> bool:
+    cls = type(module)
+    return (cls.__name__ in _LORA_LAYER_NAMES and cls.__module__.startswith("peft.tuners.lora")
+            and hasattr(module, "lora_A") and hasattr(module, "base_layer"))
+
+
+def use_lean_lora(model: torch.nn.Module) -> int:
+    """Route every peft LoRA linear layer of `model` through the addmm forward above; returns how
+    many were switched (a layer already switched counts again, unchanged). Other modules (LoRA
+    embeddings, convolutions, non-peft layers) are left as they are."""
+    count = 0
+    for module in model.modules():
+        if not _is_peft_lora_linear(module):
+            continue
+        if "_peft_forward" not in module.__dict__:
+            module._peft_forward = module.forward  # peft's bound forward, for the calls above
+            module.forward = types.MethodType(_lean_forward, module)
+        count += 1
+    return count
