@@ -1,14 +1,16 @@
-"""The training pass's lean LoRA (grpo_fast/lean_lora.py: the adapter term added inside one addmm)
-and native SwiGLU (csrc/swiglu_cpu.cpp: silu(gate) * up forward and backward in one pass each),
-each against what ran before (peft's forward; PyTorch's tensor ops), interleaved in one process.
+"""The training pass's lean LoRA (grpo_fast/lean_lora.py: the adapter term added inside one addmm),
+native SwiGLU (csrc/swiglu_cpu.cpp: silu(gate) * up forward and backward in one pass each) and
+native RMSNorm (grpo_fast/rms_norm.py: one pass per row each way), each against what ran before
+(peft's forward; PyTorch's tensor ops; HF's module), interleaved in one process.
 
 1. ops: forward + backward of one op at SmolLM2-135M's shapes over 1,016 rows (8 completions of
    127 tokens), r = 16, median of --repeats runs (every run printed):
    - silu_mul over [1016, 1536];
+   - SmolLM2's RMSNorm over [1016, 576];
    - a LoRA linear for each projection shape (576 -> 1536, 1536 -> 576, 576 -> 576, 576 -> 192).
 2. step: forward + backward of `completion_hidden` over B x G = 4 x 8 rows (cached layout, one
-   group per micro-batch, as bench_train_layout.py) at P, C, with both switched off (the code
-   before) and both on, alternating; seconds per step, every repeat printed.
+   group per micro-batch, as bench_train_layout.py) at P, C, with all three switched off (the
+   code before) and on, alternating; seconds per step, every repeat printed.
 
     python benchmarks/bench_lean_ops.py [--repeats 20] [--steps 3] [--prompt-len 40] [--completion-len 128]
 """
@@ -26,7 +28,8 @@ from _bench_utils import lora_policy_and_batch
 
 @contextlib.contextmanager
 def torch_swiglu():
-    """silu_mul's PyTorch ops instead of the core (native_for answers None under this variable)."""
+    """silu_mul's PyTorch ops and HF's RMSNorm module instead of the core (native_for answers None
+    under this variable)."""
     os.environ["GRPO_FAST_KV_REFERENCE"] = "1"
     try:
         yield
@@ -78,6 +81,24 @@ def bench_ops(repeats):
             before += timed(swiglu, 1)
         after += timed(swiglu, 1)
     show("silu_mul [1016, 1536]", before, after)
+
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from grpo_fast.rms_norm import use_lean_rms_norm
+    norm = LlamaRMSNorm(576, eps=1e-5)
+    norm.requires_grad_(False)
+    use_lean_rms_norm(norm)
+    h = torch.randn(n, 576, generator=g, requires_grad=True)
+    dh = torch.randn(n, 576, generator=g)
+
+    def rmsnorm():
+        norm(h).backward(dh)
+    before, after = [], []
+    for _ in range(repeats):
+        with torch_swiglu():
+            before += timed(rmsnorm, 1)
+        after += timed(rmsnorm, 1)
+    show("RMSNorm [1016, 576]", before, after)
 
     for k, m in ((576, 1536), (1536, 576), (576, 576), (576, 192)):
         lin = torch.nn.Sequential(torch.nn.Linear(k, m, bias=False))

@@ -1,7 +1,7 @@
 // pybind11 registrations of the CPU decode-step kernels: few-row linear layers with LoRA terms
 // (linear_cpu.h), RMSNorm (rms_norm_cpu.h), RoPE (rope_cpu.h), the whole decoder stack
 // (decode_layer_cpu.h), the size of the kernels' thread pool (parallel.h), and the training
-// pass's silu(gate) * up forward and backward (swiglu_cpu.h).
+// pass's silu(gate) * up forward and backward (swiglu_cpu.h) and RMSNorm backward.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -77,6 +77,7 @@ void register_decode(py::module_& m) {
       py::arg("lora_gate") = std::vector<LoraTuple>{},
       py::arg("lora_up") = std::vector<LoraTuple>{});
   m.def("cpu_rms_norm", &cpu_rms_norm, py::call_guard<py::gil_scoped_release>());
+  m.def("cpu_rms_norm_backward", &cpu_rms_norm_backward, py::call_guard<py::gil_scoped_release>());
   m.def("cpu_rope_qk", &cpu_rope_qk, py::call_guard<py::gil_scoped_release>());
   m.def("cpu_silu_mul", &cpu_silu_mul, py::call_guard<py::gil_scoped_release>());
   m.def("cpu_silu_mul_backward", &cpu_silu_mul_backward, py::call_guard<py::gil_scoped_release>());

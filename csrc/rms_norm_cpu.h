@@ -10,4 +10,10 @@ namespace grpo_fast {
 void cpu_rms_norm(uintptr_t out, uintptr_t x, uintptr_t weight, int64_t rows, int64_t dim,
                   float eps);
 
+// dL/dx of the above for the given dL/dout, weight held fixed (its gradient is the caller's):
+// grad_x[r, :] = inv * weight * grad_out[r, :] - x[r, :] * inv^3 * mean(weight * grad_out[r, :] * x[r, :]),
+// inv = 1 / sqrt(mean(x[r, :]^2) + eps). All contiguous fp32; grad_x must not overlap the inputs.
+void cpu_rms_norm_backward(uintptr_t grad_x, uintptr_t grad_out, uintptr_t x, uintptr_t weight,
+                           int64_t rows, int64_t dim, float eps);
+
 }  // namespace grpo_fast

@@ -9,10 +9,12 @@ scaled by s, then read with base(x) and written as y; and in the backward dL/dy 
 written once more (times s) before it reaches B. With r = 16 and out = 1536, those passes cost
 more than the rank-16 product itself. Here the same sum is one `addmm`:
 
-    y = addmm(base(x), A(dropout(x)), B^T, alpha=s)         = base(x) + s * (x A^T) B^T
+    y = base(x).addmm_(A(dropout(x)), B^T, alpha=s)         = base(x) + s * (x A^T) B^T
 
-which writes y once, and whose backward scales the small [N, r] and [r, out] products instead of
-dL/dy (dL/d(base) is dL/dy itself, not copied). Same math and the same saved tensors (x A^T and
+which adds into the base product in place, and whose backward scales the small [N, r] and
+[r, out] products instead of dL/dy (dL/d(base) is dL/dy itself, not copied). Base layers other
+than torch / bitsandbytes linears get the out-of-place `addmm` (their output might be held
+elsewhere). Same math and the same saved tensors (x A^T and
 B, as lora_B kept before). Training at 128-token completions: benchmarks/RESULTS.md, "Lean LoRA
 and SwiGLU".
 
@@ -47,21 +49,33 @@ def _lean_path_covers(layer, args, kwargs) -> bool:
     return True
 
 
+def _writes_fresh_output(base) -> bool:
+    """Whether base(x) returns a new tensor that nothing else holds (a linear layer's product), so
+    the adapter term may be added into it in place. Unknown base layers get an out-of-place sum."""
+    return type(base) is torch.nn.Linear or type(base).__name__ in ("Linear4bit", "Linear8bitLt")
+
+
 def _lean_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if not _lean_path_covers(self, args, kwargs):
         return self._peft_forward(x, *args, **kwargs)
-    result = self.base_layer(x)  # [..., out]
-    shape = result.shape
+    fresh = _writes_fresh_output(self.base_layer)
+    rows = x.reshape(-1, x.shape[-1])  # [N, in]
+    # A fresh 2-D product takes the sum in place (addmm_: no copy of it; the mm's backward keeps
+    # its inputs, not its output). A 3-D one would be a view, which autograd would rebase.
+    result = self.base_layer(rows) if fresh else self.base_layer(x).reshape(rows.shape[0], -1)  # [N, out]
     for name in self.active_adapters:
         if name not in self.lora_A:
             continue
         a, b = self.lora_A[name], self.lora_B[name]
         if result.dtype != b.weight.dtype or a.weight.dtype != b.weight.dtype:
             return self._peft_forward(x, *args, **kwargs)
-        xa = a(self.lora_dropout[name](x.to(a.weight.dtype)))  # [..., r]
-        result = torch.addmm(result.reshape(-1, shape[-1]), xa.reshape(-1, xa.shape[-1]), b.weight.t(),
-                             alpha=self.scaling[name]).view(shape)  # [N, out]
-    return result
+        xa = a(self.lora_dropout[name](rows.to(a.weight.dtype)))  # [N, r]
+        if fresh:
+            result.addmm_(xa, b.weight.t(), alpha=self.scaling[name])
+        else:
+            result = torch.addmm(result, xa, b.weight.t(), alpha=self.scaling[name])
+            fresh = True  # addmm's output is its own
+    return result.view(*x.shape[:-1], result.shape[-1])
 
 
 def _is_peft_lora_linear(module) -> bool:

@@ -64,3 +64,11 @@ def has_native(op: str, device: str = "cpu") -> bool:
     if _reference_forced():
         return False
     return hasattr(_C, ("cuda_" if device.startswith("cuda") else "cpu_") + op)
+
+
+def cpu_fp32_backend(op: str, *tensors: torch.Tensor) -> Backend | None:
+    """The CPU core, when it has `op` and every tensor is a contiguous fp32 CPU tensor (what the
+    training pass's one-pass kernels take); else None (the caller runs its PyTorch ops)."""
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() for t in tensors):
+        return None
+    return native_for(tensors[0], op)

@@ -27,17 +27,14 @@ import torch
 import torch.nn.functional as F
 
 from grpo_fast.models.causal_lm import SILU_ACTIVATIONS
-from grpo_fast.native import native_for
+from grpo_fast.native import cpu_fp32_backend
 
 
 def _native(*tensors: torch.Tensor):
     """The CPU core's functions when it can take these tensors (fp32, contiguous, one shape), else None."""
-    first = tensors[0]
-    if first.dtype != torch.float32 or any(t.shape != first.shape or t.dtype != first.dtype or
-                                           t.device != first.device or not t.is_contiguous() for t in tensors):
+    if any(t.shape != tensors[0].shape for t in tensors):
         return None
-    backend = native_for(first, "silu_mul_backward")
-    return backend if backend is not None and not backend.cuda else None
+    return cpu_fp32_backend("silu_mul_backward", *tensors)
 
 
 class SiluMulFunction(torch.autograd.Function):

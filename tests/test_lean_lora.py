@@ -198,3 +198,24 @@ def test_a_4bit_base_matches_peft_forward(tmp_path):
     torch.testing.assert_close(out_l, out_p)
     for n in grads_p:
         torch.testing.assert_close(grads_l[n], grads_p[n], atol=1e-6, rtol=1e-5)
+
+
+def test_an_unknown_base_layer_keeps_its_output():
+    """The sum goes into a linear's fresh product in place; a base layer of another type might
+    hold its output (here: it keeps the last one), so that gets an out-of-place sum."""
+    class Remembering(torch.nn.Linear):
+        def forward(self, x):
+            self.last = super().forward(x)
+            return self.last
+
+    plain = _peft(torch.nn.Sequential(Remembering(8, 12)), target_modules=["0"]).base_model.model[0]
+    lean = copy.deepcopy(plain)
+    use_lean_lora(lean)
+    x = torch.randn(2, 5, 8, requires_grad=True)
+    y = lean(x)
+    kept = torch.nn.functional.linear(x, lean.base_layer.weight, lean.base_layer.bias)
+    torch.testing.assert_close(lean.base_layer.last.reshape(kept.shape), kept)  # not added into
+    torch.testing.assert_close(y, plain(x))
+    gx_lean, = torch.autograd.grad(y.sum(), x)
+    gx_plain, = torch.autograd.grad(plain(x).sum(), x)
+    torch.testing.assert_close(gx_lean, gx_plain)

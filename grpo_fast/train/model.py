@@ -125,13 +125,15 @@ def load_policy(model_cfg, lora_cfg, *, seed: int = 0, model=None, peft_config=N
     asked) or an already loaded transformers causal LM, peft-wrapped (trained as it is) or not.
     An unwrapped model gets fresh LoRA adapters (seeded init) from peft_config (a peft
     LoraConfig) or else lora_cfg (echo says so when the user gave
-    no peft_config). The gated MLPs run through grpo_fast.swiglu and the LoRA layers through
-    grpo_fast.lean_lora (fewer passes over activations, same math).
+    no peft_config). The gated MLPs run through grpo_fast.swiglu, the RMSNorms through
+    grpo_fast.rms_norm and the LoRA layers through grpo_fast.lean_lora (fewer passes over
+    activations, same math).
     """
     from peft import LoraConfig as PeftLoraConfig
     from peft import PeftModel, get_peft_model
 
     from grpo_fast.lean_lora import use_lean_lora
+    from grpo_fast.rms_norm import use_lean_rms_norm
     from grpo_fast.swiglu import use_lean_swiglu
 
     full = peft_config is None and not getattr(lora_cfg, "enabled", True)
@@ -152,6 +154,7 @@ def load_policy(model_cfg, lora_cfg, *, seed: int = 0, model=None, peft_config=N
                 model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
                 model.enable_input_require_grads()
             use_lean_swiglu(model.get_base_model())
+            use_lean_rms_norm(model)
             use_lean_lora(model)
             keep_4bit_layout(model)
             return model, tokenizer, device
@@ -162,6 +165,7 @@ def load_policy(model_cfg, lora_cfg, *, seed: int = 0, model=None, peft_config=N
             echo(f"model: training LoRA adapters (r={lora_cfg.r}, alpha={lora_cfg.lora_alpha}, the lora section); "
                  f"pass peft_config to choose the adapters, or lora.enabled=false to train every weight")
     use_lean_swiglu(base)  # same math; one [T, I] activation per layer fewer kept for the backward
+    use_lean_rms_norm(base)  # same math; one pass per row each way on the CPU
     keep_4bit_layout(base)
     if model_cfg.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

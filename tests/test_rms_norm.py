@@ -1,0 +1,104 @@
+"""grpo_fast.rms_norm: the families' RMSNorm with one native pass per row each way on the CPU,
+against HF's module in float64 (outputs, dL/dx, dL/dw), AVX2 and baseline x86 builds, and the
+inputs it leaves to the module."""
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from grpo_fast.native import _C
+from grpo_fast.rms_norm import rms_norm, use_lean_rms_norm
+from test_swiglu import _tiny_llama
+
+needs_core = pytest.mark.skipif(_C is None, reason="needs the native core (pip install -e .)")
+
+_NATIVE_CHECK = """
+import torch
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+from grpo_fast.rms_norm import rms_norm
+
+g = torch.Generator().manual_seed(0)
+# 3 rows stay on one thread; 300 x 576 is spread over the pool; 4-D is Qwen3's per-head q/k norm
+for shape in ((3, 13), (300, 576), (2, 5, 3, 64)):
+    D = shape[-1]
+    x = torch.randn(shape, generator=g) * torch.rand(shape[:-1] + (1,), generator=g) * 4
+    x.view(-1, D)[0] = 0.0  # an all-zero row: r = 1 / sqrt(eps)
+    w = torch.randn(D, generator=g)
+    dy = torch.randn(shape, generator=g)
+    ref = LlamaRMSNorm(D, eps=1e-5).double()
+    with torch.no_grad():
+        ref.weight.copy_(w.double())
+    for train_w in (False, True):
+        xt, wt = x.clone().requires_grad_(), w.clone().requires_grad_(train_w)
+        out = rms_norm(xt, wt, 1e-5)
+        assert out is not None  # the core takes contiguous fp32 CPU tensors
+        xd = x.double().requires_grad_()
+        ref.weight.requires_grad_(train_w)
+        want = ref(xd)
+        torch.testing.assert_close(out.double(), want, rtol=2e-6, atol=2e-6)
+        got = torch.autograd.grad((out * dy).sum(), [xt] + ([wt] if train_w else []))
+        exp = torch.autograd.grad((want * dy.double()).sum(), [xd] + ([ref.weight] if train_w else []))
+        for a, b in zip(got, exp):
+            torch.testing.assert_close(a.double(), b, rtol=2e-5, atol=2e-5)
+print("ok")
+"""
+
+
+@needs_core
+@pytest.mark.parametrize("avx2", ["1", "0"])
+def test_native_rms_norm_matches_hf_in_float64(avx2):
+    """A fresh process each: the AVX2 / baseline choice is made once per process."""
+    env = {**os.environ, "GRPO_FAST_NO_AVX2": "0" if avx2 == "1" else "1"}
+    r = subprocess.run([sys.executable, "-c", _NATIVE_CHECK], capture_output=True, text=True, env=env)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
+
+
+def test_inputs_the_core_cannot_take_are_left_to_the_module():
+    x = torch.randn(4, 8)
+    w = torch.randn(8)
+    assert rms_norm(x.t().contiguous().t(), w, 1e-6) is None  # not contiguous
+    assert rms_norm(x.bfloat16(), w.bfloat16(), 1e-6) is None
+    assert rms_norm(x, torch.randn(4), 1e-6) is None  # weight not [H]
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    norm = LlamaRMSNorm(8)
+    plain = copy.deepcopy(norm)
+    assert use_lean_rms_norm(norm) == 1
+    for inp in (x.t().contiguous().t(), x.bfloat16()):
+        torch.testing.assert_close(norm.to(inp.dtype)(inp), plain.to(inp.dtype)(inp))
+
+
+def test_other_norms_are_not_switched():
+    class GemmaRMSNorm(torch.nn.Module):  # y = (1 + w) * ...: another formula under a similar name
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(4))
+            self.variance_epsilon = 1e-6
+
+    m = torch.nn.Sequential(GemmaRMSNorm(), torch.nn.LayerNorm(4))
+    assert use_lean_rms_norm(m) == 0
+    assert "forward" not in m[0].__dict__
+
+
+@needs_core
+def test_switched_model_has_the_same_outputs_and_gradients():
+    """A tiny Llama trained in full (the norms' weights get gradients too), switched vs not."""
+    plain = _tiny_llama()
+    lean = copy.deepcopy(plain)
+    assert use_lean_rms_norm(lean) == 2 * 2 + 1  # two per layer, and the final norm
+    assert use_lean_rms_norm(lean) == 5  # again: unchanged
+    ids = torch.randint(0, 97, (3, 11), generator=torch.Generator().manual_seed(1))
+    outs, grads = [], []
+    for model in (plain, lean):
+        out = model(input_ids=ids).logits
+        out.pow(2).mean().backward()
+        outs.append(out.detach())
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    torch.testing.assert_close(outs[1], outs[0])
+    for n, g in grads[0].items():
+        torch.testing.assert_close(grads[1][n], g, atol=1e-6, rtol=1e-4, msg=n)
+    with torch.no_grad(), torch.profiler.profile() as prof:  # and it ran the core, not the module's ops
+        lean(input_ids=ids)
+    assert not any(e.key == "aten::pow" for e in prof.key_averages())
