@@ -12,7 +12,9 @@ native RMSNorm (grpo_fast/rms_norm.py: one pass per row each way), each against 
    group per micro-batch, as bench_train_layout.py) at P, C, with all three switched off (the
    code before) and on, alternating; seconds per step, every repeat printed.
 
-    python benchmarks/bench_lean_ops.py [--repeats 20] [--steps 3] [--prompt-len 40] [--completion-len 128]
+3. --profile: one step each way under torch.profiler, the ops with the most self CPU time.
+
+    python benchmarks/bench_lean_ops.py [--repeats 20] [--steps 3] [--prompt-len 40] [--completion-len 128] [--profile]
 """
 import argparse
 import contextlib
@@ -120,7 +122,7 @@ def bench_ops(repeats):
         show(f"LoRA linear {k} -> {m}, r 16", before, after)
 
 
-def bench_step(steps, P, C):
+def bench_step(steps, P, C, profile=False):
     from grpo_fast.train.packed_forward import completion_hidden
 
     model, pol, batch, w = lora_policy_and_batch(4, 8, P, C)
@@ -141,6 +143,12 @@ def bench_step(steps, P, C):
         set_lean_lora(model, True)
         step()
     before(), lean()  # warm-up
+    if profile:
+        for name, fn in (("before", before), ("lean", lean)):
+            with torch.profiler.profile() as prof:
+                fn()
+            print(f"profile, {name}:")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12), flush=True)
     b, a = [], []
     print(f"step: completion_hidden forward + backward, 4 x 8 rows, P = {P}, C = {C}, cached layout", flush=True)
     for i in range(steps):
@@ -158,12 +166,13 @@ def main():
     ap.add_argument("--prompt-len", type=int, default=40)
     ap.add_argument("--completion-len", type=int, default=128)
     ap.add_argument("--only", choices=["ops", "step"])
+    ap.add_argument("--profile", action="store_true")
     a = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()}", flush=True)
     if a.only != "step":
         bench_ops(a.repeats)
     if a.only != "ops":
-        bench_step(a.steps, a.prompt_len, a.completion_len)
+        bench_step(a.steps, a.prompt_len, a.completion_len, a.profile)
     print(f"load average after {os.getloadavg()}")
 
 
