@@ -11,9 +11,9 @@ Llama block's activation memory, for one extra sigmoid pass:
     dL/dg  = dL/dh * u * s * (1 + g * (1 - s))         (d silu / dg = s + g * s * (1 - s))
 
 On the CPU, for fp32 tensors, the forward and the backward are one pass each in the native core
-(csrc/swiglu_cpu.cpp) instead of two and nine tensor ops: ~10x less time on this activation,
-~5% of a LoRA training step at 128-token completions (benchmarks/RESULTS.md, "Lean LoRA and
-SwiGLU"). Elsewhere (CUDA, bf16, a build without the core) the PyTorch ops below run.
+(csrc/swiglu_cpu.cpp) instead of two and nine tensor ops: 4-6x less time on this activation,
+most of the training pass's 1.06-1.15x at 128-token completions (benchmarks/RESULTS.md, "Lean
+LoRA and SwiGLU"). Elsewhere (CUDA, bf16, a build without the core) the PyTorch ops below run.
 
 `use_lean_swiglu(model)` switches every Llama-style gated MLP (gate_proj, up_proj, down_proj,
 SiLU) of a model to it; the math of the forward is unchanged.
