@@ -46,12 +46,23 @@ SAMPLING_SLACK = {"cpu": 0.0, "cuda": 0.08}
 # temporaries it frees (their sizes change from op to op, and glibc's mmap threshold moves with
 # them), so the resident set grows by about this share of the saved activations again; less with
 # gradient checkpointing, whose recomputed layers free theirs one at a time. Measured by
-# benchmarks/bench_memory.py over packed micro-batches of 167 to 1,575 tokens (benchmarks/
-# RESULTS.md "Memory plan"); CUDA's caching allocator reuses its blocks, so none there.
-CPU_HEAP_GROWTH = {False: 0.9, True: 0.6}  # by gradient checkpointing
+# benchmarks/bench_memory.py over micro-batches of 167 to 2,107 tokens, 12 configs (benchmarks/
+# RESULTS.md "Memory plan" and "Lean LoRA and SwiGLU"); CUDA's caching allocator reuses its
+# blocks, so none there. With the native core's one-pass SwiGLU and RMSNorm (grpo_fast.swiglu,
+# grpo_fast.rms_norm) far fewer odd-sized temporaries are left: 0.4 / 0.2 (the 12 configs'
+# training peaks within -6% / +14%); without the core (a source checkout) PyTorch's ops leave
+# the 0.9 / 0.6 measured before them.
+CPU_HEAP_GROWTH = {False: 0.4, True: 0.2}  # by gradient checkpointing
+CPU_HEAP_GROWTH_TORCH_OPS = {False: 0.9, True: 0.6}
 # The CPU log-prob backend holds two fp32 [rows, V] buffers of at most this many rows and bytes
 # (grpo_fast logprob_cpu: CHUNK_BYTES, MAX_CHUNK_ROWS); the Triton kernels tile the vocabulary.
 CPU_CHUNK_ROWS, CPU_CHUNK_BYTES = 256, 160 * MiB
+
+
+def _native_core_built() -> bool:
+    """Whether grpo_fast._C is there (without importing it, or torch)."""
+    import importlib.util
+    return importlib.util.find_spec("grpo_fast._C") is not None
 
 
 def _logit_rows(tokens: int, vocab: int, device: str) -> int:
@@ -310,7 +321,8 @@ def plan(cfg, device_memory: int | None = None, *, shape: ModelShape | None = No
     comp["fused loss"] = loss_tokens * s.hidden * 4 * 2 + 2 * _logit_rows(loss_tokens, s.vocab, device) * s.vocab * 4
     backward_temps = mb_tokens * (2 * s.intermediate + 2 * s.hidden) * 4  # one layer's gradients in flight
     if device == "cpu":
-        growth = CPU_HEAP_GROWTH[bool(cfg.model.gradient_checkpointing)]
+        growth = (CPU_HEAP_GROWTH if _native_core_built() else CPU_HEAP_GROWTH_TORCH_OPS)[
+            bool(cfg.model.gradient_checkpointing)]
         comp["heap growth (cpu)"] = int(growth * heap_basis)
     training = (resident + comp["training activations"] + comp.get("attention K/V (cached prompt)", 0)
                 + comp["fused loss"] + backward_temps + comp.get("heap growth (cpu)", 0) + gathered_training)
