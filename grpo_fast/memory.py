@@ -50,7 +50,7 @@ SAMPLING_SLACK = {"cpu": 0.0, "cuda": 0.08}
 # RESULTS.md "Memory plan" and "Lean LoRA and SwiGLU"); CUDA's caching allocator reuses its
 # blocks, so none there. With the native core's one-pass SwiGLU and RMSNorm (grpo_fast.swiglu,
 # grpo_fast.rms_norm) far fewer odd-sized temporaries are left: 0.4 / 0.2 (the 12 configs'
-# training peaks within -6% / +14%); without the core (a source checkout) PyTorch's ops leave
+# training peaks within -2% / +16%); without the core (a source checkout) PyTorch's ops leave
 # the 0.9 / 0.6 measured before them.
 CPU_HEAP_GROWTH = {False: 0.4, True: 0.2}  # by gradient checkpointing
 CPU_HEAP_GROWTH_TORCH_OPS = {False: 0.9, True: 0.6}
