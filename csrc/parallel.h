@@ -61,4 +61,15 @@ inline std::pair<int64_t, int64_t> chunk_range(int64_t i, int64_t chunks, int64_
   return {total * i / chunks, total * (i + 1) / chunks};
 }
 
+// f(begin, end) over [0, total), cut into chunk_count(total, threads, target_items) equal ranges
+// spread over the pool (the chunk_count / chunk_range pattern in one call).
+template <typename F>
+void parallel_for_ranges(int64_t total, int64_t target_items, F&& f) {
+  const int64_t chunks = chunk_count(total, parallel_threads(), target_items);
+  parallel_for(chunks, [&](int64_t c) {
+    const auto [begin, end] = chunk_range(c, chunks, total);
+    f(begin, end);
+  });
+}
+
 }  // namespace grpo_fast

@@ -72,11 +72,7 @@ void over_rows(int64_t rows, int64_t dim, F&& fn) {
   constexpr int64_t kChunkFloats = 1 << 14;
   if (rows * dim < 4 * kChunkFloats) return fn(int64_t{0}, rows);
   const int64_t per = kChunkFloats / dim > 0 ? kChunkFloats / dim : 1;
-  const int64_t chunks = chunk_count(rows, parallel_threads(), per);
-  parallel_for(chunks, [&](int64_t c) {
-    const auto [b, e] = chunk_range(c, chunks, rows);
-    fn(b, e - b);
-  });
+  parallel_for_ranges(rows, per, [&](int64_t b, int64_t e) { fn(b, e - b); });
 }
 
 }  // namespace

@@ -107,16 +107,6 @@ void backward_any(float* gg, float* gu, const float* d, const float* g, const fl
   backward_span(gg, gu, d, g, u, n);
 }
 
-// f(begin, end) over [0, n) in chunks of about kChunk, spread over the pool.
-template <typename F>
-void over_chunks(int64_t n, F&& f) {
-  const int64_t chunks = chunk_count(n, parallel_threads(), kChunk);
-  parallel_for(chunks, [&](int64_t c) {
-    const auto [b, e] = chunk_range(c, chunks, n);
-    f(b, e);
-  });
-}
-
 }  // namespace
 
 void cpu_silu_mul(uintptr_t out, uintptr_t gate, uintptr_t up, int64_t n) {
@@ -125,7 +115,7 @@ void cpu_silu_mul(uintptr_t out, uintptr_t gate, uintptr_t up, int64_t n) {
   auto* o = reinterpret_cast<float*>(out);
   const auto* g = reinterpret_cast<const float*>(gate);
   const auto* u = reinterpret_cast<const float*>(up);
-  over_chunks(n, [&](int64_t b, int64_t e) { forward_any(o + b, g + b, u + b, e - b); });
+  parallel_for_ranges(n, kChunk, [&](int64_t b, int64_t e) { forward_any(o + b, g + b, u + b, e - b); });
 }
 
 void cpu_silu_mul_backward(uintptr_t grad_gate, uintptr_t grad_up, uintptr_t grad, uintptr_t gate,
@@ -138,7 +128,7 @@ void cpu_silu_mul_backward(uintptr_t grad_gate, uintptr_t grad_up, uintptr_t gra
   const auto* d = reinterpret_cast<const float*>(grad);
   const auto* g = reinterpret_cast<const float*>(gate);
   const auto* u = reinterpret_cast<const float*>(up);
-  over_chunks(n, [&](int64_t b, int64_t e) {
+  parallel_for_ranges(n, kChunk, [&](int64_t b, int64_t e) {
     backward_any(gg ? gg + b : nullptr, gu ? gu + b : nullptr, d + b, g + b, u + b, e - b);
   });
 }

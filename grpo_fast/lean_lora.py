@@ -33,7 +33,8 @@ import types
 
 import torch
 
-_LORA_LAYER_NAMES = ("Linear", "Linear4bit", "Linear8bitLt")
+_BNB_LINEARS = ("Linear4bit", "Linear8bitLt")  # bitsandbytes' quantized linears (and peft's LoRA over them)
+_LORA_LAYER_NAMES = ("Linear", *_BNB_LINEARS)
 
 
 def _lean_path_covers(layer, args, kwargs) -> bool:
@@ -54,7 +55,7 @@ def _lean_path_covers(layer, args, kwargs) -> bool:
 def _writes_fresh_output(base) -> bool:
     """Whether base(x) returns a new tensor that nothing else holds (a linear layer's product), so
     the adapter term may be added into it in place. Unknown base layers get an out-of-place sum."""
-    return type(base) is torch.nn.Linear or type(base).__name__ in ("Linear4bit", "Linear8bitLt")
+    return type(base) is torch.nn.Linear or type(base).__name__ in _BNB_LINEARS
 
 
 def _lean_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:

@@ -21,6 +21,7 @@ measured peaks (benchmarks/RESULTS.md "Memory plan").
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,8 +60,9 @@ CPU_HEAP_GROWTH_TORCH_OPS = {False: 0.9, True: 0.6}
 CPU_CHUNK_ROWS, CPU_CHUNK_BYTES = 256, 160 * MiB
 
 
+@functools.cache
 def _native_core_built() -> bool:
-    """Whether grpo_fast._C is there (without importing it, or torch)."""
+    """Whether grpo_fast._C is there (without importing it, or torch); fixed for the process."""
     import importlib.util
     return importlib.util.find_spec("grpo_fast._C") is not None
 
