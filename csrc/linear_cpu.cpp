@@ -45,12 +45,25 @@ GF_AVX2 GF_INLINE void micro_tile(float* tile, const float* xt, const float* w, 
     __m256 acc[NR][MV];
     for (int r = 0; r < NR; ++r)
       for (int v = 0; v < MV; ++v) acc[r][v] = _mm256_setzero_ps();
-    for (int64_t k = k0; k < k1; ++k) {
-      const float* xk = xt + k * kCols;
-      for (int r = 0; r < NR; ++r) {
-        const __m256 b = _mm256_broadcast_ss(w + r * ldw + k);
-        for (int v = 0; v < MV; ++v)
-          acc[r][v] = _mm256_fmadd_ps(b, _mm256_loadu_ps(xk + 8 * v), acc[r][v]);
+    for (int64_t kk = k0; kk < k1; kk += 16) {
+      // One cache line of each row of the *next* block of weight rows (the thread's next tile
+      // as a rule: rows are consecutive in memory) per 16 k steps. The hardware prefetcher alone
+      // kept 3 interleaved row streams fed at ~70% of the FMA rate on this AMD EPYC (a weight
+      // read once per call comes from memory); a block ahead it runs at 80-90%.
+      // (Address arithmetic in integers: past the last block it points outside the weight, which
+      // a prefetch may do but a pointer may not.)
+      for (int r = 0; r < NR; ++r)
+        _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(w) +
+                                                   ((NR + r) * ldw + kk) * sizeof(float)),
+                     _MM_HINT_T0);
+      const int64_t ke = std::min<int64_t>(k1, kk + 16);
+      for (int64_t k = kk; k < ke; ++k) {
+        const float* xk = xt + k * kCols;
+        for (int r = 0; r < NR; ++r) {
+          const __m256 b = _mm256_broadcast_ss(w + r * ldw + k);
+          for (int v = 0; v < MV; ++v)
+            acc[r][v] = _mm256_fmadd_ps(b, _mm256_loadu_ps(xk + 8 * v), acc[r][v]);
+        }
       }
     }
     for (int r = 0; r < NR; ++r)

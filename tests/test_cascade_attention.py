@@ -64,11 +64,12 @@ def test_native_cascade_is_built():
 
 
 @pytest.mark.parametrize("hq,hkv", [(9, 3), (12, 2), (4, 4), (40, 2)])
-@pytest.mark.parametrize("D", [64, 128, 36])
+@pytest.mark.parametrize("D", [64, 128, 40, 36])
 def test_cascade_equals_paged_and_sdpa(hq, hkv, D):
     """Prefixes of 8 (inside one block), 37 (crossing blocks, ending mid-block), 300 (past a
     256-key work split) tokens, a lone sequence; rep = 1, 3, 6 and 20 (> the 16 query heads of
-    one CPU work item); D = 36 takes the scalar prefix path."""
+    one CPU work item); D = 40 ends the AVX2 P.V in an 8-wide panel after a 32-wide one; D = 36
+    takes the scalar prefix path."""
     for dtype in (torch.float32, torch.bfloat16):
         kc, vc, tables, lens, gids = grpo_layout([8, 37, 300], G=3, C=5, hkv=hkv, D=D, dtype=dtype,
                                                  seed=hq + D, extra_lone=1)
