@@ -192,6 +192,8 @@ def test_ops_trace_under_torch_compile():
     want = step(q, nk)
     got = torch.compile(step, backend="aot_eager", fullgraph=True)(q, nk)
     torch.testing.assert_close(got, want)
+    import grpo_fast.sampler.sampling_op  # noqa: F401  (registers grpo_fast::sample; run alone, nothing else has)
+
     for op in ("append_kv", "copy_blocks", "paged_decode_attention", "prefill_attention", "sample"):
         assert hasattr(torch.ops.grpo_fast, op)
 
