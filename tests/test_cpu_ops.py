@@ -19,9 +19,10 @@ def ref_linear(x, w, b=None):
 
 
 # M around the 8-row vector and 32-row tile edges, N around the 3-row weight tile, K around the
-# 128-step register block.
+# 128-step register block; N = 1,000: chunks of more than one run of 8 blocks written together,
+# ending in a short run and a 1-row block.
 @pytest.mark.parametrize("m", [1, 7, 8, 9, 31, 32, 33, 70])
-@pytest.mark.parametrize("n,k", [(1, 5), (2, 128), (3, 129), (97, 300), (64, 1)])
+@pytest.mark.parametrize("n,k", [(1, 5), (2, 128), (3, 129), (97, 300), (64, 1), (1000, 40)])
 def test_linear_matches_torch(m, n, k):
     g = torch.Generator().manual_seed(m * 1000 + n * 10 + k)
     x, w, b = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g), torch.randn(n, generator=g)
