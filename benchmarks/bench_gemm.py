@@ -1,16 +1,22 @@
 """Few-row linear layers, our native CPU kernel (grpo_fast.models.cpu_ops.linear) vs torch's
-F.linear (MKL), on SmolLM2-135M's projection shapes: 30 distinct weights per shape so they stream
-from memory as in a decode step; rows = the decode batch. Best of 5, GFLOPS.
+F.linear (MKL), on SmolLM2-135M's projection shapes and its LM head: distinct weights per shape
+(30, as many as the layers; the LM head's 113 MB twice) so they stream from memory as in a decode
+step; rows = the decode batch. Best of 5, GFLOPS.
 
     python benchmarks/bench_gemm.py
+    python benchmarks/bench_gemm.py --rows 32      # the sampler's decode batch at 4 x 8
 """
-import time, torch
+import argparse, time, torch
 from grpo_fast.models import cpu_ops
+ap = argparse.ArgumentParser()
+ap.add_argument("--rows", default="1,8,32,64", help="comma-separated row counts")
+args = ap.parse_args()
 torch.manual_seed(0)
-shapes = [(1536, 576), (576, 1536), (576, 576), (192, 576)]
-for rows in (1, 8, 32, 64):
+shapes = [(1536, 576), (576, 1536), (576, 576), (192, 576), (49152, 576)]
+for rows in (int(r) for r in args.rows.split(",")):
     for n, k in shapes:
-        ws = [torch.randn(n, k) for _ in range(30)]  # 30 layers' weights: stream from memory
+        copies = 30 if n * k < 10**7 else 2  # 30 layers' weights, or the LM head twice: from memory
+        ws = [torch.randn(n, k) for _ in range(copies)]
         x = torch.randn(rows, k)
         flops = 2.0 * rows * n * k * len(ws)
         res = {}

@@ -117,6 +117,30 @@ def bench(fn, repeats, sync=None):
     return statistics.median(wall), statistics.median(cpu)
 
 
+def bench_pair(fa, fb, repeats, batch_s=0.02):
+    """Two kernels timed in alternation: each of `repeats` rounds runs a batch of calls of fa
+    (~batch_s seconds), then the same number of fb. Per call: (median wall of fa, of fb, median
+    CPU time of fa, of fb, median over rounds of wall(fa) / wall(fb)). On a VM whose speed drifts
+    by a third within minutes, one kernel timed after the other measures the drift; the ratio of
+    neighbouring batches does not."""
+    fa(), fb()
+    t = time.perf_counter()
+    fa()
+    calls = max(1, int(batch_s / max(time.perf_counter() - t, 1e-6)))
+    rounds = {"a": [], "b": []}
+    for _ in range(repeats):
+        for key, fn in (("a", fa), ("b", fb)):
+            t, c = time.perf_counter(), time.process_time()
+            for _ in range(calls):
+                fn()
+            rounds[key].append(((time.perf_counter() - t) / calls, (time.process_time() - c) / calls))
+    wall = {k: [w for w, _ in v] for k, v in rounds.items()}
+    cpu = {k: [c for _, c in v] for k, v in rounds.items()}
+    ratio = statistics.median(a / b for a, b in zip(wall["a"], wall["b"]))
+    return (statistics.median(wall["a"]), statistics.median(wall["b"]), statistics.median(cpu["a"]),
+            statistics.median(cpu["b"]), ratio)
+
+
 def decode_section(S, L, hq, hkv, D, dtype, repeats, bs=16, seed=0):
     gen = torch.Generator().manual_seed(seed)
     nb = S * L // bs
@@ -274,13 +298,14 @@ def cascade_section(B, G, P, C, hq, hkv, D, dtype, repeats, device=torch.device(
     paged_step = DecodeStep(slots, tables, lens, scale, kc, hq)
     cascade_step = DecodeStep(slots, tables, lens, scale, kc, hq, groups=groups)
 
-    (w_paged, c_paged), (w_cas, c_cas) = bench(paged, repeats), bench(cascade, repeats)
-    (w_sp, _), (w_sc, _) = (bench(lambda: paged_step.attend(q, kc, vc), repeats),
-                            bench(lambda: cascade_step.attend(q, kc, vc), repeats))
+    # in alternation (bench_pair): speedups are medians of neighbouring batches' ratios
+    w_paged, w_cas, c_paged, c_cas, speedup = bench_pair(paged, cascade, repeats)
+    w_sp, w_sc, _, _, step_speedup = bench_pair(lambda: paged_step.attend(q, kc, vc),
+                                                lambda: cascade_step.attend(q, kc, vc), repeats)
     return {**shape, "paged_ms": w_paged * 1e3, "cascade_ms": w_cas * 1e3,
-            "speedup": w_paged / w_cas, "paged_cpu_ms": c_paged * 1e3, "cascade_cpu_ms": c_cas * 1e3,
+            "speedup": speedup, "paged_cpu_ms": c_paged * 1e3, "cascade_cpu_ms": c_cas * 1e3,
             "speedup_cpu_time": c_paged / c_cas, "max_abs_diff": err,
-            "step_paged_ms": w_sp * 1e3, "step_cascade_ms": w_sc * 1e3, "step_speedup": w_sp / w_sc,
+            "step_paged_ms": w_sp * 1e3, "step_cascade_ms": w_sc * 1e3, "step_speedup": step_speedup,
             "paged_gflops": flops / w_paged / 1e9, "cascade_gflops": flops / w_cas / 1e9}
 
 
@@ -327,7 +352,8 @@ def gemm_ceiling_gflops(repeats: int = 5) -> float:
 def cascade_table(result, repeats, quick):
     C = 64
     print(f"\nCascade vs per-sequence paged decode attention: B x G sequences after {C} decoded tokens, "
-          f"median of {repeats}")
+          f"{repeats} rounds of ~20 ms batches of each kernel in alternation (medians; speedup: median of the "
+          f"rounds' ratios)")
     print("(op: through kv.*_decode_attention; sampler path: DecodeStep.attend, as the sampler calls them;"
           " GFLOPS: both kernels' QK + PV FLOPs over the op-level time)")
     ceiling = gemm_ceiling_gflops()
