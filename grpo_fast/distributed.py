@@ -34,6 +34,7 @@ import torch
 import torch.distributed as tdist
 
 from grpo_fast.errors import TrainingStopped
+from grpo_fast.torch_threads import set_torch_threads
 
 __all__ = ["RankFailed", "init", "world_size", "rank", "local_rank", "is_main", "all_reduce_sum",
            "all_gather_object", "broadcast_object", "barrier", "shard_range", "fail_together",
@@ -133,7 +134,7 @@ def pin_cpu_rank() -> list[int] | None:
     k = len(cores) // local
     mine = cores[local_rank() * k:(local_rank() + 1) * k]
     os.sched_setaffinity(0, mine)
-    torch.set_num_threads(k)
+    set_torch_threads(k)
     return mine
 
 

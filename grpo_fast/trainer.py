@@ -40,6 +40,7 @@ from grpo_fast.data.sources import is_streaming, normalize_row
 from grpo_fast.errors import ConfigError, ResumeError, TrainingStopped
 from grpo_fast.rewards import add_rewards, build_rewards
 from grpo_fast.rollout.agent_loop import ToolSetup
+from grpo_fast.torch_threads import set_torch_threads
 from grpo_fast.train import checkpoint as ckpt
 from grpo_fast.train import resume, rollout, run_folder, sharding
 from grpo_fast.train.data_parallel import check_divisible, rank_config, shard_rollout
@@ -127,7 +128,7 @@ class GRPOTrainer:
             model = None
         t.report_to = resolve_report_to(t.report_to)  # a missing tracker package fails now, not after setup
         if t.num_threads:
-            torch.set_num_threads(t.num_threads)
+            set_torch_threads(t.num_threads)  # keeps MKL's dynamic mode (grpo_fast.torch_threads)
         # The memory plan, before the weights load: a run the device cannot hold stops now, with
         # settings that fit (grpo_fast.memory). Capacity unknown (a CPU without limits): no check.
         shape = memory.ModelShape.from_config(model.config) if model is not None else memory.read_shape(cfg.model)

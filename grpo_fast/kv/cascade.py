@@ -22,13 +22,14 @@ from typing import NamedTuple
 import numpy as np
 
 # The shortest shared prefix, in tokens, at which a group of >= 2 sequences is attended as a
-# cascade on the CPU. Measured (benchmarks/RESULTS.md, issue 14, "Cascade decode attention"):
-# at SmolLM2's 9/3 x 64 fp32 heads the cascade is within noise of the paged kernel from P = 48
-# to 4,096 (0.93-1.12x; 0.69x at P = 32); in bf16 and at Qwen2.5-1.5B's 12/2 x 128 it reaches
-# 1.2-2.5x at P >= 1,024 (one case 0.93x). So 64 is where it stops losing, not where it clearly
-# pays: the CPU kernel does the paged kernel's FLOPs at about its rate (~22 GFLOPS), so reading
-# the prefix once saves little on this 2-core CPU (see RESULTS.md for the arithmetic).
-CPU_MIN_PREFIX = 64
+# cascade on the CPU. Measured (benchmarks/RESULTS.md, "Decode kernels on the AVX512 machine",
+# 7 Dec): with both kernels timed in alternation, at SmolLM2's 9/3 x 64 fp32 heads, 4 x 8, the
+# cascade loses below ~100 shared keys (0.85-0.99x at P = 16-96) and wins from 128 on (1.03-1.06x
+# at 128, 1.10x at 192, 1.2x at 256, 1.45-1.6x at 1,024); the sampler's own path agrees (1.10-1.12x
+# at 128). Its prefix pass is a register-blocked GEMM; below ~128 keys the packing and the
+# softmax merge cost more than the G-fold K/V reads they save. (It was 64 until then, measured
+# with one kernel timed after the other, which on this VM measured its speed drift.)
+CPU_MIN_PREFIX = 128
 
 
 class CascadeGroups(NamedTuple):

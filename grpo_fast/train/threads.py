@@ -20,7 +20,9 @@ with 0.2 of a core of slack for background noise), at least 1, at most torch's t
 load that comes or goes is followed one micro-batch later (a load that starts during a training
 phase costs that one micro-batch). Torch's thread count is restored after each block, so the
 sampler (whose own pool, csrc/parallel.cpp, adapts per region) and everything else keep torch's
-setting.
+setting. The count is set through `grpo_fast.torch_threads.set_torch_threads`: plain
+`torch.set_num_threads` also switched MKL's dynamic mode off for good, and the sampler decoded 25%
+slower from the second step on (see that module).
 
 Not on Linux (no /proc/stat): torch's thread count, unchanged.
 """
@@ -34,6 +36,8 @@ from collections import Counter
 from contextlib import contextmanager, nullcontext
 
 import torch
+
+from grpo_fast.torch_threads import set_torch_threads
 
 SLACK_CORES = 0.2  # others' use below this counts as idle (kernel threads, the tracker, ...)
 MIN_WALL_S = 0.2  # shorter blocks: too few clock ticks (10 ms each) to measure others' use
@@ -128,13 +132,13 @@ class ThreadGovernor:
             return
         self._learn(self.meter.start())  # a load that came or went since the last block
         before = torch.get_num_threads()
-        torch.set_num_threads(self.choice)
+        set_torch_threads(self.choice)  # no call when unchanged; MKL's dynamic mode kept on
         self.last = self.choice
         self.blocks[self.choice] += 1
         try:
             yield
         finally:
-            torch.set_num_threads(before)
+            set_torch_threads(before)
         self._learn(self.meter.stop())
 
     def _learn(self, others: float | None):
