@@ -816,10 +816,7 @@ void cpu_cascade_decode_attention(uintptr_t out, uintptr_t query, uintptr_t key_
                     std::min(kMaxRep, rep - w.c * kMaxRep), c.prefix[w.g], dst);
   });
   // merge: out[s, h] from its 1 + splits partial states
-  const int64_t merges = num_seqs * hq;
-  const int64_t mchunks = chunk_count(merges, parallel_threads(), 64);
-  parallel_for(mchunks, [&](int64_t mc) {
-    const auto [m0, m1] = chunk_range(mc, mchunks, merges);
+  parallel_for_ranges(num_seqs * hq, 64, [&](int64_t m0, int64_t m1) {
     for (int64_t it = m0; it < m1; ++it) {
       const int64_t s = it / hq, h = it % hq, g = group_of[s];
       const int64_t G = c.starts[g + 1] - c.starts[g];
@@ -851,9 +848,7 @@ void cpu_prefill_attention(uintptr_t out, uintptr_t query, uintptr_t key, uintpt
   const int64_t items = num_tokens * num_kv_heads * chunks;
   const bool avx2 = use_avx2();
   // chunks of consecutive items (a query token's heads, then the next token's)
-  const int64_t nchunks = chunk_count(items, parallel_threads(), 8);
-  parallel_for(nchunks, [&](int64_t ci) {
-    const auto [i0, i1] = chunk_range(ci, nchunks, items);
+  parallel_for_ranges(items, 8, [&](int64_t i0, int64_t i1) {
     for (int64_t it = i0; it < i1; ++it) {
       const int c = static_cast<int>(it % chunks);
       const int g = static_cast<int>((it / chunks) % num_kv_heads);
