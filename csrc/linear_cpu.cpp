@@ -5,7 +5,7 @@
 // which for a weight read exactly once is an extra pass over it; measured here (AMD EPYC, AVX2,
 // 2 threads, weights not in cache) x @ W^T runs at 44-54 GFLOPS, this kernel at 58-67 (the
 // machine's FMA peak is ~69). On the Zen 4 EPYC (AVX512; MKL's best GEMM ~190 GFLOPS), with the
-// weight prefetch and the run-wise output below: 99-153 GFLOPS at 32 rows vs MKL's 64-108, the LM
+// weight prefetch and the run-wise output below: 80-153 GFLOPS at 32 rows vs MKL's 63-108, the LM
 // head 137-153 vs 63-64 (benchmarks/bench_gemm.py).
 //
 // Layout: x is packed once per call into x^T tiles [K][32] (zero padded past M), so one k step

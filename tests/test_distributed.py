@@ -124,6 +124,7 @@ def test_cpu_ranks_each_keep_their_share_of_the_cores(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5})
     monkeypatch.setattr(os, "sched_setaffinity", lambda pid, cores: kept.update(cores=list(cores)))
     monkeypatch.setattr(torch, "set_num_threads", lambda n: kept.update(threads=n))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 6)  # torch's count before the split
     monkeypatch.setattr(dist, "local_rank", lambda: 1)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
     assert dist.pin_cpu_rank() == [2, 3] and kept == {"cores": [2, 3], "threads": 2}
