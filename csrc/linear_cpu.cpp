@@ -259,7 +259,8 @@ void for_each_run(const Problem& p, const std::vector<Segment*>& segs, RunFn fn)
 }
 
 #ifdef GF_X86_DISPATCH
-// The tiles of a run, [block][3][32], for weight rows [n0, n0 + nn) of segment sg and x tile t.
+// The tiles of a run for weight rows [n0, n0 + nn) of segment sg and x tile t: block b's 3 rows
+// follow block b - 1's, so the buffer is [nn][32], row j holding output n0 + j of the 32 x rows.
 GF_AVX2 void run_tiles(float* tiles, int64_t nn, int mr, const Packed& pk, int64_t t,
                        const Segment& sg, size_t si, int64_t n0) {
   for (int64_t b = 0; b * kRows < nn; ++b)
@@ -267,11 +268,6 @@ GF_AVX2 void run_tiles(float* tiles, int64_t nn, int mr, const Packed& pk, int64
                  tiles + b * kRows * kCols, pk, t, sg, si, n0 + b * kRows);
 }
 #endif
-
-// Output n0 + j of x row m in a run's tiles.
-inline float run_value(const float* tiles, int64_t j, int m) {
-  return tiles[(j / kRows) * kRows * kCols + (j % kRows) * kCols + m];
-}
 
 // out_i (+)= alpha * (x @ w_i^T + LoRA_i(x)) + bias_i for every segment.
 void run_linear(const Problem& p, std::vector<Segment>& segs, float alpha, bool accumulate) {
@@ -286,7 +282,7 @@ void run_linear(const Problem& p, std::vector<Segment>& segs, float alpha, bool 
     for (int m = 0; m < mr; ++m) {
       float* dst = sg.out + (m0 + m) * sg.ldo + n0;
       for (int64_t j = 0; j < nn; ++j) {
-        const float v = alpha * run_value(tiles, j, m) + (sg.bias ? sg.bias[n0 + j] : 0.f);
+        const float v = alpha * tiles[j * kCols + m] + (sg.bias ? sg.bias[n0 + j] : 0.f);
         dst[j] = accumulate ? dst[j] + v : v;
       }
     }
@@ -304,10 +300,10 @@ void run_silu_mul(const Problem& p, Segment gate, Segment up) {
     alignas(32) float g[kRunBlocks * kRows * kCols], u[kRunBlocks * kRows * kCols];
     run_tiles(g, nn, mr, pk, t, gate, 0, n0);
     run_tiles(u, nn, mr, pk, t, up, 1, n0);
-    silu_mul_tile(g, u, static_cast<int>((nn + kRows - 1) / kRows) * kRows * kCols);
+    silu_mul_tile(g, u, static_cast<int>(nn) * kCols);
     for (int m = 0; m < mr; ++m) {
       float* dst = gate.out + (m0 + m) * gate.ldo + n0;
-      for (int64_t j = 0; j < nn; ++j) dst[j] = run_value(g, j, m);
+      for (int64_t j = 0; j < nn; ++j) dst[j] = g[j * kCols + m];
     }
   });
 #endif
