@@ -18,7 +18,9 @@ interleaved (the order alternating), and must return the same metadata.
 (4) cascade vs per-sequence paged decode attention on a real GRPO layout: B prompts of P tokens
 prefilled, forked into G sequences each (the real BlockManager), C tokens decoded, then one
 decode attention call over the B x G sequences (SmolLM2's 9/3 heads x 64, and Qwen2.5-1.5B's
-12/2 x 128), each kernel checked against the other and timed (median of --repeats); then the
+12/2 x 128), each kernel checked against the other and the two timed in alternation (bench_pair:
+--repeats rounds of ~20 ms batches; the speed-up is the median of neighbouring batches' ratios,
+which this VM's drift in speed does not move); then the
 shortest prefix at which the cascade pays (the sampler's threshold, kv.cascade.CPU_MIN_PREFIX).
 
   python benchmarks/bench_kv.py            # full run, JSON to benchmarks/results/bench_kv.json
