@@ -1,7 +1,8 @@
 // pybind11 registrations of the CPU decode-step kernels: few-row linear layers with LoRA terms
 // (linear_cpu.h), RMSNorm (rms_norm_cpu.h), RoPE (rope_cpu.h), the whole decoder stack
 // (decode_layer_cpu.h), the size of the kernels' thread pool (parallel.h), and the training
-// pass's silu(gate) * up forward and backward (swiglu_cpu.h) and RMSNorm backward.
+// pass's silu(gate) * up forward and backward (swiglu_cpu.h) and RMSNorm backward; and peft's
+// fp32 LoRA terms over a bf16 base layer's output (lora_bf16_cpu.h).
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -9,6 +10,7 @@
 
 #include "decode_layer_cpu.h"
 #include "linear_cpu.h"
+#include "lora_bf16_cpu.h"
 #include "parallel.h"
 #include "rms_norm_cpu.h"
 #include "rope_cpu.h"
@@ -76,6 +78,16 @@ void register_decode(py::module_& m) {
       py::arg("N"), py::arg("K"), py::arg("ldx"), py::arg("ldo"),
       py::arg("lora_gate") = std::vector<LoraTuple>{},
       py::arg("lora_up") = std::vector<LoraTuple>{});
+  m.def(
+      "cpu_lora_add_bf16",
+      [](uintptr_t out, uintptr_t x, int64_t M, int64_t N, int64_t K, int64_t ldx, int64_t ldo,
+         const std::vector<LoraTuple>& lora) {
+        const auto terms = lora_terms(lora);
+        py::gil_scoped_release release;
+        cpu_lora_add_bf16(out, x, M, N, K, ldx, ldo, terms);
+      },
+      py::arg("out"), py::arg("x"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("ldx"),
+      py::arg("ldo"), py::arg("lora"));
   m.def("cpu_rms_norm", &cpu_rms_norm, py::call_guard<py::gil_scoped_release>());
   m.def("cpu_rms_norm_backward", &cpu_rms_norm_backward, py::call_guard<py::gil_scoped_release>());
   m.def("cpu_rope_qk", &cpu_rope_qk, py::call_guard<py::gil_scoped_release>());

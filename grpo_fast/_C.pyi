@@ -75,6 +75,11 @@ def cpu_silu_mul(out: int, gate: int, up: int, n: int) -> None: ...
 def cpu_silu_mul_backward(grad_gate: int, grad_up: int, grad: int, gate: int, up: int,
                           n: int) -> None: ...
 
+# peft's fp32 LoRA terms added into a bf16 base product (csrc/lora_bf16_cpu.h): out, x bf16
+# rows; lora = [(A [r, K] fp32, B [N, r] fp32 pointers, r, scale)].
+def cpu_lora_add_bf16(out: int, x: int, M: int, N: int, K: int, ldx: int, ldo: int,
+                      lora: list[tuple[int, int, int, float]]) -> None: ...
+
 # Token sampler (csrc/sampling_cpu.h, csrc/cuda/sampling_cuda.h): tokens int64 [S], logprobs
 # fp32 [S]; cuda_sample's workspace is fp32 [num_rows, vocab] scratch.
 def cpu_sample(tokens: int, logprobs: int, logits: int, temperature: int, top_k: int, top_p: int,

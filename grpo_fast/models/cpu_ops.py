@@ -12,6 +12,9 @@ v) and ``silu_mul_linear`` (a gated MLP's silu(x Wg^T) * (x Wu^T) in one pass).
 ``rms_norm(x, w, eps)`` = w * x / sqrt(mean(x^2, -1) + eps) in one pass per row (HF's RMSNorm
 module runs seven tensor ops, each a few microseconds of dispatch on a [32, 576] tensor).
 
+``lora_add_bf16_(out, x, lora)``: peft's fp32 LoRA terms added into a bf16 base product in one
+call (torch runs ~8 ops), as peft computes them (csrc/lora_bf16_cpu.cpp).
+
 ``rope_qk(q, k, cos, sin)``: HF's rotary embedding of q and k in one call (torch: ~8 ops a layer).
 
 ``DecodeModel`` / ``decode_layers``: a whole decoder stack of a decode step in one call, LoRA
@@ -39,6 +42,7 @@ from grpo_fast.native import _C
 
 _BUILT_AND_SUPPORTED = _C is not None and hasattr(_C, "cpu_linear") and bool(_C.cpu_linear_available())
 _F32 = (torch.float32,)
+_BF16 = (torch.bfloat16,)
 
 
 def available() -> bool:
@@ -141,6 +145,28 @@ def silu_mul_linear(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, *
     if m:
         _C.cpu_silu_mul_linear(out.data_ptr(), x.data_ptr(), w_gate.data_ptr(), w_up.data_ptr(),
                                m, n, x.shape[1], x.stride(0), out.stride(0), gate_terms, up_terms)
+    return out
+
+
+def lora_add_bf16_(out: torch.Tensor, x: torch.Tensor, lora: LoraTerms) -> torch.Tensor:
+    """out = bf16(float(out) + sum_l s_l (float(x) A_l^T) B_l^T), in place: peft's fp32 adapters
+    (its default over a bf16 base) added into the bf16 base product out = x W^T + b, as peft's
+    forward computes them. x [M, K] and out [M, N] bf16 rows (may be strided), A [r, K] and
+    B [N, r] fp32. Returns out."""
+    checks.tensor("x", x, ndim=2, dtypes=_BF16, device="cpu", contiguous=False, unit_stride=True)
+    checks.tensor("out", out, ndim=2, dtypes=_BF16, device="cpu", contiguous=False, unit_stride=True)
+    m, n = out.shape
+    if x.shape[0] != m:
+        raise ValueError(f"out has {m} rows, x has {x.shape[0]}")
+    return lora_add_bf16_checked_(out, x, lora_args("lora", lora, x.shape[1], n))
+
+
+def lora_add_bf16_checked_(out: torch.Tensor, x: torch.Tensor, args: list[tuple[int, int, int, float]]) -> torch.Tensor:
+    """lora_add_bf16_ with the terms already checked (``lora_args``) and x, out known to be bf16
+    CPU rows of matching shapes: a decode step's per-call path, its checks done once per scope."""
+    if out.shape[0] and args:
+        _C.cpu_lora_add_bf16(out.data_ptr(), x.data_ptr(), out.shape[0], out.shape[1], x.shape[1], x.stride(0),
+                             out.stride(0), args)
     return out
 
 

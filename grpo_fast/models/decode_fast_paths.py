@@ -75,10 +75,16 @@ def lora_terms(module: nn.Module) -> LoraTerms | None:
             return None
         if dropout.training and type(dropout) is not nn.Identity:
             return None
-        if lora_a.weight.dtype != base.weight.dtype:
+        adapter_dtypes = {lora_a.weight.dtype, lora_b.weight.dtype}
+        if adapter_dtypes != {base.weight.dtype} and not _fp32_over_bf16(base.weight.dtype, adapter_dtypes):
             return None
         terms.append((lora_a.weight, lora_b.weight, float(module.scaling[name])))
     return terms
+
+
+def _fp32_over_bf16(base_dtype: torch.dtype, adapter_dtypes: set[torch.dtype]) -> bool:
+    """peft's default for a bf16 model (autocast_adapter_dtype): fp32 adapters over a bf16 base."""
+    return base_dtype == torch.bfloat16 and adapter_dtypes == {torch.float32}
 
 
 class Parts(NamedTuple):
@@ -87,8 +93,11 @@ class Parts(NamedTuple):
 
     base: nn.Linear
     terms: LoraTerms
-    dtype: torch.dtype
+    dtype: torch.dtype  # the base weight's (x's, on a fast path)
     contiguous: bool  # every weight contiguous (the native kernel reads them in place)
+    # fp32 adapters over a bf16 base: the terms' checked native arguments (cpu_ops.lora_args)
+    # when the native kernel can add them, [] when torch must; None when the dtypes are one.
+    mixed: list | None = None
 
 
 def _compute_parts(module: nn.Module) -> Parts | None:
@@ -100,7 +109,26 @@ def _compute_parts(module: nn.Module) -> Parts | None:
     if base is None:
         return None
     weights = [base.weight] + [w for a, b, _ in terms for w in (a, b)]
-    return Parts(base, terms, base.weight.dtype, all(w.is_contiguous() for w in weights))
+    contiguous = all(w.is_contiguous() for w in weights)
+    mixed = None
+    if any(a.dtype != base.weight.dtype for a, _, _ in terms):
+        native = contiguous and base.weight.device.type == "cpu" and cpu_ops.available()
+        mixed = cpu_ops.lora_args("lora", terms, base.in_features, base.out_features) if native else []
+    return Parts(base, terms, base.weight.dtype, contiguous, mixed)
+
+
+def _mixed(x: torch.Tensor, parts: Parts) -> torch.Tensor:
+    """module(x) for fp32 adapters over a bf16 base, as peft computes it: the base product in bf16
+    (F.linear, as the base layer), then bf16(float(y) + sum_i s_i (float(x) A_i^T) B_i^T); the
+    adapter terms in one native call where it runs, else in torch's ops, peft's order."""
+    base = parts.base
+    out = torch.nn.functional.linear(x, base.weight, base.bias)  # [M, N] bf16
+    if parts.mixed and x.stride(1) == 1:
+        return cpu_ops.lora_add_bf16_checked_(out, x, parts.mixed)
+    result, x32 = out, x.float()
+    for weight_a, weight_b, scaling in parts.terms:
+        result = result + torch.nn.functional.linear(torch.nn.functional.linear(x32, weight_a), weight_b) * scaling
+    return result.to(out.dtype)
 
 
 def _native(x: torch.Tensor, parts: Parts) -> bool:
@@ -181,6 +209,8 @@ class FastPaths:
         parts = self.fast_parts(module, x)
         if parts is None:
             return module(x)
+        if parts.mixed is not None:
+            return _mixed(x, parts)
         if _native(x, parts):
             out = torch.empty(x.shape[0], parts.base.out_features, dtype=x.dtype)
             return _native_into(out, x, parts, accumulate=False)
@@ -231,6 +261,9 @@ class FastPaths:
         gate, up, down = parts
         if _native(x, gate) and _native(x, up):
             return self.linear_add_(into, mlp.down_proj, self._gated_inner(mlp, x, gate, up))
+        if any(p.mixed is not None for p in parts):
+            inner = mlp.act_fn(self.linear(mlp.gate_proj, x)).mul_(self.linear(mlp.up_proj, x))  # [M, I]
+            return into.add_(self.linear(mlp.down_proj, inner))
         xt = x.t()  # [H, M]
         inner_t = mlp.act_fn(_transposed(gate, xt)).mul_(_transposed(up, xt))  # [I, M]
         return into.add_(_transposed(down, inner_t).t())

@@ -1,0 +1,189 @@
+"""peft's fp32 adapters over a bf16 base on the sampler's decode path (csrc/lora_bf16_cpu.cpp,
+models/decode_fast_paths._mixed): out = bf16(float(x W^T + b) + sum_l s_l (float(x) A_l^T) B_l^T),
+peft's forward for a bf16 model (its adapters stay fp32: autocast_adapter_dtype).
+
+The kernel against that math in float64 (within one bf16 step, plus fp32 summation error), its bf16 rounding against torch's bit for bit, both x86 builds; the sampler on a
+LoRA-wrapped bf16 model against the module path (peft's own forward), tokens equal and log-probs
+to bf16 noise, with live adapter updates seen by the next call.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from grpo_fast.models import cpu_ops
+from grpo_fast.sampler import Sampler, SamplingParams
+from test_sampler import _one_thread, random_prompts, tiny_model  # noqa: F401 (autouse fixture)
+
+pytestmark = pytest.mark.skipif(not cpu_ops.available(), reason="native CPU kernels need AVX2+FMA")
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def exact(y, x, terms):
+    """The math in float64 (the reference the fp32 kernel and torch both approximate)."""
+    out = y.double()
+    for a, b, s in terms:
+        out = out + (x.double() @ a.double().T) @ b.double().T * s
+    return out
+
+
+def bf16_step(v: torch.Tensor) -> torch.Tensor:
+    """The spacing of bf16 numbers at |v| (8 significant bits)."""
+    return torch.exp2(torch.floor(torch.log2(v.abs().clamp_min(1e-30))) - 7)
+
+
+def tolerance(y, x, terms):
+    """What the kernel may be off from the exact value: its final bf16 rounding (half a step;
+    one allowed) plus its fp32 sums' error, which scales with the magnitudes summed, not with
+    the result (y and the adapter term can cancel): 1e-5 of sum |y| + |x| |A|^T |B|^T s."""
+    magnitude = y.double().abs()
+    for a, b, s in terms:
+        magnitude = magnitude + (x.double().abs() @ a.double().abs().T) @ b.double().abs().T * abs(s)
+    return bf16_step(exact(y, x, terms).float()).double() + 1e-5 * magnitude
+
+
+@pytest.mark.parametrize("M,K,N", [(32, 576, 1536), (5, 64, 37), (9, 33, 16), (1, 8, 1)])
+@pytest.mark.parametrize("ranks", [(16,), (3, 8)])
+def test_kernel_matches_the_math_within_a_bf16_step(M, K, N, ranks):
+    """Ragged N (a last block under 16 lanes), M not a multiple of the 4-row tile, two terms
+    (scaled one after the other), and x and out as column slices of wider matrices."""
+    g = torch.Generator().manual_seed(M * K + N)
+    x = torch.randn(M, K + 3, generator=g).bfloat16()[:, 2:K + 2]  # rows with a stride
+    y = torch.randn(M, N + 5, generator=g).bfloat16()
+    terms = [(torch.randn(r, K, generator=g) / K ** 0.5, torch.randn(N, r, generator=g), 0.5 + i)
+             for i, r in enumerate(ranks)]
+    want = exact(y[:, 1:N + 1], x, terms)
+    out = y.clone()
+    cpu_ops.lora_add_bf16_(out[:, 1:N + 1], x, terms)
+    assert torch.equal(out[:, 0], y[:, 0]) and torch.equal(out[:, N + 1:], y[:, N + 1:])  # untouched
+    err = (out[:, 1:N + 1].double() - want).abs()
+    assert (err <= tolerance(y[:, 1:N + 1], x, terms)).all(), err.max()
+    # and against peft's own torch ops: mostly bit-equal (fp32 sums in another order can round
+    # the other way at a bf16 tie)
+    peft = y[:, 1:N + 1]
+    for a, b, s in terms:
+        peft = peft + torch.nn.functional.linear(torch.nn.functional.linear(x.float(), a), b) * s
+    assert (out[:, 1:N + 1] != peft.bfloat16()).float().mean() < 0.01
+
+
+def test_rounding_is_torchs():
+    """x = 1, A = 1, s = 1: the kernel rounds 0 + B[n] to bf16 (no summation error), as torch's
+    float -> bfloat16 conversion does: ties to even, overflow to inf, NaN, subnormals, zeros."""
+    one = 1.0
+    vals = [one + 2 ** -8, one + 3 * 2 ** -8, -(one + 2 ** -8), 1.00390625 + 2 ** -20, 3.0e38, -3.4e38,
+            float("inf"), float("-inf"), float("nan"), 1e-40, -0.0, 0.0, 65504.0, 2 ** -126, 1 / 3]
+    vals = vals * 3  # 45 outputs: two whole 16-lane blocks and a ragged one
+    b = torch.tensor(vals, dtype=torch.float32).reshape(-1, 1)  # [N, 1]
+    for rows in (1, 5):
+        x = torch.ones(rows, 1).bfloat16()
+        out = torch.zeros(rows, len(vals)).bfloat16()
+        want = (out.float() + (x.float() @ torch.ones(1, 1)) @ b.T).bfloat16()  # exact sums: only the rounding
+        cpu_ops.lora_add_bf16_(out, x, [(torch.ones(1, 1), b, 1.0)])
+        assert torch.equal(out.view(torch.int16)[:, ~torch.isnan(b[:, 0])],
+                           want.view(torch.int16)[:, ~torch.isnan(b[:, 0])])
+        assert torch.isnan(out[:, torch.isnan(b[:, 0])].float()).all()
+
+
+def test_the_baseline_x86_build_agrees():
+    """GRPO_FAST_NO_AVX2=1 (read once per process, so in a fresh one): the portable loops give
+    the AVX2 kernel's results."""
+    code = (
+        "import torch; from grpo_fast.models import cpu_ops\n"
+        "g = torch.Generator().manual_seed(3)\n"
+        "x = torch.randn(7, 40, generator=g).bfloat16(); y = torch.randn(7, 37, generator=g).bfloat16()\n"
+        "terms = [(torch.randn(5, 40, generator=g), torch.randn(37, 5, generator=g), 1.5)]\n"
+        "torch.save((x, y, terms, cpu_ops.lora_add_bf16_(y.clone(), x, terms)), __import__('sys').argv[1])\n")
+    results = []
+    for flag in ("0", "1"):
+        path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"lora_bf16_{os.getpid()}_{flag}.pt")
+        subprocess.run([sys.executable, "-c", code, path], check=True, env={**os.environ, "GRPO_FAST_NO_AVX2": flag})
+        results.append(torch.load(path))
+        os.remove(path)
+    (x, y, terms, avx2), (_, _, _, portable) = results
+    err = (avx2.double() - portable.double()).abs()
+    assert (err <= tolerance(y, x, terms)).all(), err.max()
+
+
+def test_arguments_are_checked():
+    x, out = torch.randn(4, 8).bfloat16(), torch.zeros(4, 6).bfloat16()
+    term = [(torch.randn(2, 8), torch.randn(6, 2), 1.0)]
+    with pytest.raises(ValueError, match="out"):
+        cpu_ops.lora_add_bf16_(out.float(), x, term)
+    with pytest.raises(ValueError, match="out has 4 rows, x has 3"):
+        cpu_ops.lora_add_bf16_(out, x[:3], term)
+    with pytest.raises(ValueError, match=r"lora\[0\] B"):
+        cpu_ops.lora_add_bf16_(out, x, [(torch.randn(2, 8), torch.randn(5, 2), 1.0)])
+    with pytest.raises(ValueError, match=r"lora\[0\] A"):
+        cpu_ops.lora_add_bf16_(out, x, [(torch.randn(2, 8).bfloat16(), torch.randn(6, 2), 1.0)])
+
+
+def bf16_lora_model(seed=0):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    base = tiny_model("llama", seed=seed).to(torch.bfloat16)
+    cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False, target_modules=TARGETS)
+    model = get_peft_model(base, cfg).eval()
+    q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert q_proj.lora_A["default"].weight.dtype == torch.float32  # peft's default over bf16
+    return model
+
+
+def greedy(sampler, prompts):
+    return sampler.generate(prompts, SamplingParams(n=3, temperature=0.0, max_tokens=8))
+
+
+def logprobs(outs):
+    return torch.tensor([lp for o in outs for c in o.completions for lp in c.logprobs])
+
+
+def tokens(outs):
+    return [c.token_ids for o in outs for c in o.completions]
+
+
+def test_sampler_takes_the_native_add_and_equals_peft(monkeypatch):
+    """Every adapter of a bf16 LoRA policy goes through the native add (counted), and the sampler
+    gives peft's forward's tokens and log-probs (to bf16 noise); an in-place update of lora_B
+    (an optimizer step) shows in the next call's log-probs."""
+    from grpo_fast.models import decode_fast_paths
+
+    model = bf16_lora_model()
+    calls = []
+    real = cpu_ops.lora_add_bf16_checked_
+    monkeypatch.setattr(cpu_ops, "lora_add_bf16_checked_", lambda *a: calls.append(1) or real(*a))
+    sampler = Sampler(model, None, block_size=4, kv_budget="2048 tokens")
+    prompts = random_prompts((3, 9, 17), seed=5)
+    fast = greedy(sampler, prompts)
+    # 7 linears x 2 layers per decode step, 7 decode steps after the prefill's first token
+    assert len(calls) >= 7 * 2 * 7
+    with monkeypatch.context() as m:  # peft's own forward for every LoRA linear
+        m.setattr(decode_fast_paths, "_fp32_over_bf16", lambda *_: False)
+        taken = len(calls)
+        module_path = greedy(sampler, prompts)
+        assert len(calls) == taken
+    assert tokens(fast) == tokens(module_path)
+    torch.testing.assert_close(logprobs(fast), logprobs(module_path), atol=3e-2, rtol=0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.mul_(-3.0)
+    updated = greedy(sampler, prompts)
+    assert (logprobs(updated) - logprobs(fast)).abs().max() > 0.1
+
+
+def test_torch_fallback_is_pefts_math(monkeypatch):
+    """Without the native kernels (GRPO_FAST_NO_CPU_LINEAR=1) a mixed layer runs peft's ops in
+    peft's order: bit-equal to the module."""
+    from grpo_fast.models.decode_fast_paths import FastPaths
+
+    model = bf16_lora_model(seed=2)
+    monkeypatch.setenv("GRPO_FAST_NO_CPU_LINEAR", "1")
+    v_proj = model.base_model.model.model.layers[1].self_attn.v_proj
+    fast = FastPaths()
+    parts = fast.parts(v_proj)
+    assert parts is not None and parts.mixed == []
+    x = torch.randn(6, v_proj.in_features).bfloat16()
+    with torch.no_grad():
+        assert torch.equal(fast.linear(v_proj, x), v_proj(x))
