@@ -23,8 +23,12 @@ memory-bound kernel (not measured).
 `use_lean_lora(model)` switches every peft LoRA linear layer (plain or bitsandbytes 4-/8-bit
 base) of a model to it. A call the lean path does not cover runs peft's own forward unchanged:
 adapters disabled or merged, per-sample `adapter_names`, variants (DoRA...), a bias on lora_B,
-hooks on lora_B (which the addmm would bypass), or dtypes that differ between base output and
-adapter.
+hooks on lora_B (which the addmm would bypass), or A and B in different dtypes.
+
+Adapters in a wider dtype than the base (peft's default for a bf16 model: fp32 adapters,
+`autocast_adapter_dtype`): peft promotes the base product to fp32 for the sum and casts it back;
+here the promoted copy takes the addmm in place and is cast back once (peft: the fp32 product,
+its scaled copy, the promoted sum, then the cast; and dL/dy scaled in fp32 in the backward).
 """
 
 from __future__ import annotations
@@ -66,19 +70,32 @@ def _lean_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     # A fresh 2-D product takes the sum in place (addmm_: no copy of it; the mm's backward keeps
     # its inputs, not its output). A 3-D one would be a view, which autograd would rebase.
     result = self.base_layer(rows) if fresh else self.base_layer(x).reshape(rows.shape[0], -1)  # [N, out]
+    out_dtype = result.dtype
     for name in self.active_adapters:
         if name not in self.lora_A:
             continue
         a, b = self.lora_A[name], self.lora_B[name]
-        if result.dtype != b.weight.dtype or a.weight.dtype != b.weight.dtype:
+        if a.weight.dtype != b.weight.dtype:
             return self._peft_forward(x, *args, **kwargs)
+        if result.dtype != b.weight.dtype:
+            if not _promotes_to(result.dtype, b.weight.dtype):
+                return self._peft_forward(x, *args, **kwargs)
+            # peft's sum promotes the base product to the adapters' dtype (fp32 adapters over a
+            # bf16 base: peft's default) and casts back at the end; the cast is a fresh tensor
+            result, fresh = result.to(b.weight.dtype), True
         xa = a(self.lora_dropout[name](rows.to(a.weight.dtype)))  # [N, r]
         if fresh:
             result.addmm_(xa, b.weight.t(), alpha=self.scaling[name])
         else:
             result = torch.addmm(result, xa, b.weight.t(), alpha=self.scaling[name])
             fresh = True  # addmm's output is its own
-    return result.view(*x.shape[:-1], result.shape[-1])
+    return result.to(out_dtype).view(*x.shape[:-1], result.shape[-1])
+
+
+def _promotes_to(base: torch.dtype, adapter: torch.dtype) -> bool:
+    """Whether peft's `base + adapter` sum is computed in the adapter's dtype (torch's promotion),
+    as the lean path then computes it: a half-precision base under fp32 adapters."""
+    return torch.promote_types(base, adapter) == adapter
 
 
 def _is_peft_lora_linear(module) -> bool:

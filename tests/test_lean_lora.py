@@ -219,3 +219,56 @@ def test_an_unknown_base_layer_keeps_its_output():
     gx_lean, = torch.autograd.grad(y.sum(), x)
     gx_plain, = torch.autograd.grad(plain(x).sum(), x)
     torch.testing.assert_close(gx_lean, gx_plain)
+
+
+def test_fp32_adapters_over_a_bf16_base_match_peft_bit_for_bit():
+    """peft's default for a bf16 model: fp32 adapters (autocast_adapter_dtype). peft promotes the
+    base product to fp32 for the sum and casts back; the lean path does the same sums in the same
+    dtypes (its addmm into the promoted copy): per layer, output and gradients bit-equal,
+    and it leaves no scaled fp32 [N, out] pass behind (peft: the product's `* s`, forward and back).
+    Through a whole model the gradients differ by bf16 rounding only (the backward's order of
+    scaling differs, and bf16 activations carry that to the layers below)."""
+    plain = _peft(_tiny_llama().to(torch.bfloat16))
+    q_proj = plain.base_model.model.model.layers[0].self_attn.q_proj
+    assert q_proj.base_layer.weight.dtype == torch.bfloat16 and q_proj.lora_A["default"].weight.dtype == torch.float32
+    lean = copy.deepcopy(plain)
+    assert use_lean_lora(lean) == 2 * len(ALL_LINEARS)
+    out_p, grads_p, _ = _run(plain, _ids())
+    out_l, grads_l, _ = _run(lean, _ids())
+    assert out_l.dtype == torch.bfloat16 and torch.equal(out_l, out_p)
+    assert grads_p.keys() == grads_l.keys() and len(grads_p) == 2 * 2 * len(ALL_LINEARS)
+    for n in grads_p:  # the backward scales (g B) where peft scales g: bf16 rounding apart, deeper down
+        rel = (grads_l[n] - grads_p[n]).norm() / grads_p[n].norm()
+        assert grads_l[n].dtype == torch.float32 and rel < 2e-2, (n, rel)
+    layer, peft_layer = copy.deepcopy(q_proj), copy.deepcopy(q_proj)
+    use_lean_lora(layer)
+    x = torch.randn(5, q_proj.in_features, dtype=torch.bfloat16)
+    results = []
+    for m in (peft_layer, layer):  # one layer: the same ops on the same inputs, bit for bit
+        xx = x.clone().requires_grad_(True)
+        y = m(xx)
+        y.float().square().sum().backward()
+        results.append((y, xx.grad, m.lora_A["default"].weight.grad, m.lora_B["default"].weight.grad))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    assert "aten::mul" in _elementwise_over_output(peft_layer, x.requires_grad_(True))
+    assert "aten::mul" not in _elementwise_over_output(layer, x)
+
+
+def test_adapters_in_a_narrower_dtype_than_the_base_run_peft_forward():
+    """bf16 adapters over an fp32 base: peft's sum is fp32 (promotion goes the other way), which
+    the lean path does not reproduce, so the call is peft's own (same output, and A, B in
+    different dtypes likewise)."""
+    plain = _peft(_tiny_llama())
+    for m in plain.modules():
+        if hasattr(m, "lora_A") and hasattr(m, "base_layer"):
+            m.lora_A["default"].to(torch.bfloat16), m.lora_B["default"].to(torch.bfloat16)
+    lean = copy.deepcopy(plain)
+    use_lean_lora(lean)
+    calls = []
+    for m in lean.modules():
+        if "_peft_forward" in m.__dict__:
+            real = m._peft_forward
+            m._peft_forward = lambda *a, _real=real, **k: calls.append(1) or _real(*a, **k)
+    _same_forward(plain, lean)
+    assert len(calls) == 2 * len(ALL_LINEARS)
