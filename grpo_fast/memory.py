@@ -208,8 +208,18 @@ def _saved_per_token(s: ModelShape, r: int, lora_targets: int) -> int:
         the MLP's gate and up (2 I: silu is recomputed) and down's input (I)
         per LoRA layer: x A^T (r), the input of B
     (SmolLM2-135M, r = 16 on the 7 linears: 9,339 elements; autograd's saved tensors count 9,350.)"""
-    q = s.q_heads * s.head_dim
-    return 4 * s.hidden + 2 + 4 * q + s.q_heads + 3 * s.intermediate + lora_targets * r
+    return 4 * s.hidden + 2 + _attention_saved_per_token(s) + 3 * s.intermediate + lora_targets * r
+
+
+def _attention_saved_per_token(s: ModelShape) -> int:
+    """SDPA's part of _saved_per_token: q, K and V at the query heads, the output, the logsumexp."""
+    return 4 * s.q_heads * s.head_dim + s.q_heads
+
+
+def _attention_bytes(cfg, device: str, act: int) -> int:
+    """Bytes per element of what SDPA keeps: fp32 for a half-precision model on the CPU outside
+    gradient checkpointing (grpo_fast/train/fp32_attention.py casts q, k, v up), else `act`."""
+    return 4 if device == "cpu" and act == 2 and not cfg.model.gradient_checkpointing else act
 
 
 def _cached_kv_heads(s: ModelShape, device: str) -> int:
@@ -300,7 +310,9 @@ def plan(cfg, device_memory: int | None = None, *, shape: ModelShape | None = No
     groups_in_mb = max(1, math.ceil(mb_rows / G))
     mb_tokens = _packed_tokens(mb_rows, prompt, completion, G)  # packed: prompt once per group
     lora_per_layer = len([n for n in s.linears() if n in targets])
-    per_token_layer = _saved_per_token(s, cfg.lora.r, lora_per_layer) * act
+    attn = _attention_bytes(cfg, device, act)
+    per_token_layer = (_saved_per_token(s, cfg.lora.r, lora_per_layer) * act
+                       + _attention_saved_per_token(s) * (attn - act))
     if cfg.model.gradient_checkpointing:
         saved = mb_tokens * s.layers * s.hidden * act + mb_tokens * per_token_layer  # inputs + one layer
     else:
@@ -312,9 +324,9 @@ def plan(cfg, device_memory: int | None = None, *, shape: ModelShape | None = No
         shares_prompts=not cfg.model.gradient_checkpointing and shards == 1)
     heap_basis = mb_tokens * s.layers * per_token_layer  # what the forward saves, checkpointed or not
     if layout != "packed":  # the completions' SDPA keeps each row's own copy of its prompt's K/V
-        kv_saved = _cached_layout_kv_per_layer(s, mb_rows, groups_in_mb, prompt, completion, device) * s.layers * act
+        kv_saved = _cached_layout_kv_per_layer(s, mb_rows, groups_in_mb, prompt, completion, device) * s.layers * attn
         comp["attention K/V (cached prompt)"] = int(kv_saved)
-        saved -= mb_tokens * s.layers * 2 * s.q_heads * s.head_dim * act  # the packed count's repeated K/V
+        saved -= mb_tokens * s.layers * 2 * s.q_heads * s.head_dim * attn  # the packed count's repeated K/V
         c = max(completion - 1, 0)
         mask = mb_rows * c * (prompt + c) * act  # [rows, 1, C-1, P+C-1], once for every layer
         heap_basis = saved + kv_saved

@@ -69,6 +69,22 @@ def test_components_by_hand(tiny):
     assert "scoring" in memory.plan(cfg_for(tiny, **{"loss.beta": 0.1})).phases
 
 
+def test_a_bf16_model_on_the_cpu_keeps_its_attention_tensors_in_fp32(tiny):
+    """bf16 on the CPU: activations 2 bytes, but SDPA's saved q, K, V, output and logsumexp 4
+    (grpo_fast/train/fp32_attention.py runs it in fp32 there), the cached prompt K/V too; under
+    gradient checkpointing attention stays bf16 (the cast is off there). Same micro-batch as
+    test_components_by_hand."""
+    p = memory.plan(cfg_for(tiny, **{"model.dtype": "bfloat16"}))
+    attention = 4 * 32 + 4  # q, K, V repeated to the query heads, the output, the logsumexp
+    others = 4 * 32 + 2 + 3 * 64 + 7 * 2
+    without_kv = 56 * 2 * (others * 2 + (attention - 2 * 32) * 4)
+    kv = 2 * (20 * 2 * 16 + 4 * (20 + 9) * 2 * 16) * 4
+    assert p.components["attention K/V (cached prompt)"] == kv
+    assert p.components["training activations"] == int(without_kv + 4 * 9 * 29 * 2)  # the mask: bf16
+    ckpt = memory.plan(cfg_for(tiny, **{"model.dtype": "bfloat16", "model.gradient_checkpointing": True}))
+    assert ckpt.components["training activations"] == int(56 * 2 * 32 * 2 + 56 * (others + attention) * 2 + 56 ** 2 * 2)
+
+
 @pytest.mark.parametrize("P,C,G,B,mb", [(20, 10, 4, 2, 4), (20, 2, 4, 2, 4), (300, 10, 4, 2, 2), (3, 10, 4, 2, 2),
                                         (300, 10, 4, 2, 8), (40, 30, 8, 1, 3), (5, 40, 2, 3, 6)])
 def test_the_plan_counts_the_layout_the_training_pass_takes(tiny, P, C, G, B, mb):
