@@ -85,7 +85,7 @@ def run_ours(a) -> dict:
         "train.eval_before": False, "data.eval_size": 0, "train.progress": False, "train.time_budget_s": 0,
         "lora.r": a.lora_r, "lora.lora_alpha": 2 * a.lora_r, "train.seed": 0, "sampling.backend": a.backend,
         "train.micro_batch_size": a.micro_batch, "model.gradient_checkpointing": a.gradient_checkpointing == "on",
-        "train.num_threads": a.threads,
+        "train.num_threads": a.threads, "model.dtype": a.dtype,
     }
     if a.prompt_len:
         from transformers import AutoTokenizer
@@ -136,7 +136,7 @@ def run_trl(a) -> dict:
     tok = AutoTokenizer.from_pretrained(folder)
     # Our loader drops the stale GGUF quantization_config of the converted folder (TRL refuses
     # to train a model marked GGUF-quantized); the weights are the same fp32 ones.
-    model = load_base_model(ModelConfig(), torch.device("cpu"))
+    model = load_base_model(ModelConfig(dtype=a.dtype), torch.device("cpu"))
     train_rows, _ = make_task("arithmetic", train_size=2000, eval_size=100, seed=1234)
     system = few_shot_system(tok, train_rows[0]["prompt"], a.prompt_len)
     head = [{"role": "system", "content": system}] if system else []
@@ -155,7 +155,7 @@ def run_trl(a) -> dict:
         gradient_accumulation_steps=a.prompts * a.generations // a.micro_batch,
         num_generations=a.generations, max_completion_length=a.max_completion, max_steps=a.steps + 1,
         learning_rate=1e-3, loss_type="dapo", beta=0.0, epsilon=0.2, epsilon_high=0.28, temperature=1.0,
-        logging_steps=1, report_to=[], use_cpu=True, save_strategy="no", seed=0, bf16=False,
+        logging_steps=1, report_to=[], use_cpu=True, save_strategy="no", seed=0, bf16=a.dtype == "bfloat16",
         dataloader_num_workers=0, disable_tqdm=True, gradient_checkpointing=a.gradient_checkpointing == "on",
         **({"generation_kwargs": {"min_new_tokens": a.max_completion}} if a.forced_length else {}),
         # TRL < 1.16 cuts prompts at max_prompt_length (512 by default); 1.16 dropped the field
@@ -214,6 +214,8 @@ def main() -> None:
     p.add_argument("--impl", choices=["ours", "trl", "trl_fused"], help=argparse.SUPPRESS)  # subprocess mode
     p.add_argument("--only", choices=["ours", "trl", "trl_fused"], help="run one side only")
     p.add_argument("--threads", type=int, default=0, help="our torch threads (0: torch's default)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="model weights on both sides (bfloat16: ours model.dtype, TRL bf16=True)")
     p.add_argument("--nproc", type=int, default=0,
                    help="data parallel: N torchrun ranks x 1 thread vs 1 process x N threads (ours only)")
     p.add_argument("--trl-fused", action="store_true",
@@ -236,6 +238,7 @@ def main() -> None:
                "--lora-r", str(a.lora_r), "--backend", a.backend, "--micro-batch", str(a.micro_batch),
                "--gradient-checkpointing", a.gradient_checkpointing, "--prompt-len", str(a.prompt_len)]
         cmd += ["--forced-length"] if a.forced_length else []
+        cmd += ["--dtype", a.dtype]
         with _busy.busy(a.busy):
             proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)  # its stderr (progress, errors) shows live
         line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
@@ -254,7 +257,7 @@ def main() -> None:
     print(f"\nGRPO step: B={a.prompts} x G={a.generations} (micro-batches of {a.micro_batch}), "
           f"max_completion={a.max_completion}{' (forced)' if a.forced_length else ''}, "
           f"prompts ~{a.prompt_len or 'natural'} tokens, LoRA r={a.lora_r}, gradient checkpointing "
-          f"{a.gradient_checkpointing}, SmolLM2-135M fp32, CPU ({os.cpu_count()} cores), {_busy.describe(a.busy)}, "
+          f"{a.gradient_checkpointing}, SmolLM2-135M {a.dtype}, CPU ({os.cpu_count()} cores), {_busy.describe(a.busy)}, "
           f"mean of {a.steps} steps after 1 warm-up")
     print(f"{'impl':<6} {'sample s':>9} {'train s':>9} {'step s':>9} {'peak RSS MiB':>13}  every step s (sampling s)")
     for impl, r in results.items():
@@ -282,7 +285,7 @@ def main() -> None:
             pass
     case = "".join([f"-c{a.max_completion}" if a.max_completion != 16 or a.forced_length else "",
                     "-forced" if a.forced_length else "", f"-p{a.prompt_len}" if a.prompt_len else "",
-                    f"-mb{a.micro_batch}" if a.micro_batch != 8 else "",
+                    f"-mb{a.micro_batch}" if a.micro_batch != 8 else "", "-bf16" if a.dtype == "bfloat16" else "",
                     f"-busy-{a.busy}" if a.busy != "none" else "", "-trl-fused" if a.trl_fused else "",
                     f"-only-{a.only}" if a.only else ""])  # a one-sided run keeps the two-sided file
     out = HERE / "results" / f"bench_step-gc-{a.gradient_checkpointing}{case}.json"

@@ -1,0 +1,151 @@
+"""bf16 on the CPU: what each of the bf16 paths changes, measured by switching it off and on in
+one process (alternating, every repeat printed), SmolLM2-135M + LoRA r = 16 in bf16 (peft keeps
+the adapters fp32: its default over a bf16 base).
+
+1. train: forward + backward of the training pass (`completion_hidden`, cached layout) over
+   B x G = 4 x 8 rows of P = 40 prompt and C = 128 completion tokens, one group per micro-batch,
+   in four configurations:
+   - neither: peft's forward for the LoRA layers (fp32 adapters over the bf16 base) and HF's SDPA
+     in bf16 (the code before);
+   - lean: grpo_fast.lean_lora's promoted-copy addmm for those layers;
+   - fp32 attention: grpo_fast/train/fp32_attention.py (SDPA over bf16 CPU tensors in fp32);
+   - both (what runs now).
+2. sample: the group sampler on the LoRA-wrapped bf16 model, 4 x 8 x 64 forced tokens, with the
+   adapters' terms through the native add (csrc/lora_bf16_cpu.cpp) and through peft's forward
+   (the code before), and the plain (unwrapped) bf16 model beside them: tokens/s.
+
+    python benchmarks/bench_bf16_cpu.py [--repeats 4] [--only train|sample]
+
+Run it alone: it measures the machine as much as the code otherwise.
+"""
+import argparse
+import contextlib
+import statistics
+import time
+
+import torch
+
+
+def _train_case(P: int, C: int, B: int = 4, G: int = 8):
+    from grpo_fast.config import load_config
+    from grpo_fast.train.model import load_policy, policy_modules
+    from grpo_fast.train.rollout_batch import make_batch
+
+    cfg = load_config(None, {"lora.r": 16, "lora.lora_alpha": 32, "model.dtype": "bfloat16"})
+    model, _, _ = load_policy(cfg.model, cfg.lora, seed=0)
+    model.train()
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(100, 40000, (P,), generator=g).tolist() for _ in range(B)]
+    comps = [torch.randint(100, 40000, (C,), generator=g).tolist() for _ in range(B * G)]
+    batch = make_batch([p for p in prompts for _ in range(G)], comps, pad_id=0)
+    w = torch.randn(model.config.hidden_size, generator=g).bfloat16()
+    return policy_modules(model).decoder, batch, w, B, G
+
+
+@contextlib.contextmanager
+def _switched(lean: bool, fp32_attention: bool):
+    """The two training-pass paths off (peft's forward, bf16 SDPA) or on, for the duration."""
+    import grpo_fast.lean_lora as lean_lora
+    import grpo_fast.train.packed_forward as packed_forward
+    from grpo_fast.train import fp32_attention as fa
+
+    promotes, attention = lean_lora._promotes_to, packed_forward.fp32_cpu_attention
+    if not lean:
+        lean_lora._promotes_to = lambda *_: False  # the lean path hands the call to peft's forward
+    if not fp32_attention:
+        packed_forward.fp32_cpu_attention = lambda enabled=True: fa.fp32_cpu_attention(False)
+    try:
+        yield
+    finally:
+        lean_lora._promotes_to, packed_forward.fp32_cpu_attention = promotes, attention
+
+
+def bench_train(repeats: int, P: int, C: int) -> None:
+    from grpo_fast.train.packed_forward import completion_hidden
+
+    decoder, batch, w, B, G = _train_case(P, C)
+
+    def one_pass():
+        for k in range(B):
+            hidden = completion_hidden(decoder, batch.select(slice(k * G, (k + 1) * G)))
+            (hidden @ w).float().sum().backward()
+
+    configs = {"neither (before)": (False, False), "lean LoRA": (True, False), "fp32 attention": (False, True),
+               "both (now)": (True, True)}
+    times = {name: [] for name in configs}
+    print(f"train: forward + backward, {B} x {G} rows, P = {P}, C = {C}, bf16, seconds", flush=True)
+    for rep in range(repeats + 1):  # the first round warms up
+        for name, (lean, attn) in configs.items():
+            with _switched(lean, attn):
+                t = time.perf_counter()
+                one_pass()
+                seconds = time.perf_counter() - t
+            if rep:
+                times[name].append(seconds)
+            print(f"  {'warm-up ' if not rep else ''}{name:18s} {seconds:6.2f}", flush=True)
+    base = statistics.median(times["neither (before)"])
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        print(f"{name:18s} median {med:6.2f} s  ({base / med:4.2f}x)  runs {[round(t, 2) for t in ts]}")
+
+
+def bench_sample(repeats: int) -> None:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from grpo_fast.models import decode_fast_paths, default_model_dir
+    from grpo_fast.sampler import Sampler, SamplingParams
+
+    path = str(default_model_dir())
+    tok = AutoTokenizer.from_pretrained(path)
+    plain = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    torch.manual_seed(0)
+    wrapped = get_peft_model(AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16),
+                             LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, init_lora_weights=False,
+                                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                        "up_proj", "down_proj"])).eval()
+    questions = ["What is 12 + 35?", "What is 7 * 8?", "Compute 100 - 37.", "What is 9 + 10?"]
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True)
+               for q in questions]
+    prompts = [p["input_ids"] if hasattr(p, "keys") else p for p in prompts]
+    params = SamplingParams(n=8, temperature=1.0, max_tokens=64, ignore_eos=True, seed=0)
+    samplers = {"plain bf16": Sampler(plain, tok), "LoRA, native add (now)": Sampler(wrapped, tok),
+                "LoRA, peft forward (before)": Sampler(wrapped, tok)}
+    mixed = decode_fast_paths._fp32_over_bf16
+    rates = {name: [] for name in samplers}
+    print("sample: 4 x 8 x 64 forced tokens, bf16, tokens/s", flush=True)
+    for rep in range(repeats + 1):
+        for name, sampler in samplers.items():
+            if "before" in name:  # LoRA layers called as modules (peft's forward), as before
+                decode_fast_paths._fp32_over_bf16 = lambda *_: False
+            try:
+                t = time.perf_counter()
+                outs = sampler.generate(prompts, params)
+                rate = sum(len(c.token_ids) for o in outs for c in o.completions) / (time.perf_counter() - t)
+            finally:
+                decode_fast_paths._fp32_over_bf16 = mixed
+            if rep:
+                rates[name].append(rate)
+            print(f"  {'warm-up ' if not rep else ''}{name:28s} {rate:7.1f}", flush=True)
+    plain_rate = statistics.median(rates["plain bf16"])
+    for name, rs in rates.items():
+        med = statistics.median(rs)
+        print(f"{name:28s} median {med:7.1f} tok/s  ({med / plain_rate:4.2f}x plain)  runs {[round(r) for r in rs]}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repeats", type=int, default=4)
+    p.add_argument("--only", choices=["train", "sample"])
+    p.add_argument("--prompt-len", type=int, default=40)
+    p.add_argument("--completion-len", type=int, default=128)
+    a = p.parse_args()
+    print(f"threads={torch.get_num_threads()} torch={torch.__version__}")
+    if a.only in (None, "train"):
+        bench_train(a.repeats, a.prompt_len, a.completion_len)
+    if a.only in (None, "sample"):
+        bench_sample(a.repeats)
+
+
+if __name__ == "__main__":
+    main()
