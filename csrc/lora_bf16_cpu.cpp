@@ -78,6 +78,16 @@ GF_INLINE void down_rows(const Problem& p, float* u, int64_t m0, int64_t m1) {
   }
 }
 
+// bt[c, i] = B[n0 + i, j] for the terms' columns c (term t's j-th), zero for i >= lanes: one
+// output block's rows of every B, transposed so a tile reads kLanes outputs' weights at once.
+GF_INLINE void transpose_block(const Problem& p, float* bt, int64_t n0, int64_t lanes) {
+  for (const LoraTerm& t : *p.terms) {
+    for (int64_t j = 0; j < t.r; ++j)
+      for (int64_t i = 0; i < kLanes; ++i) bt[j * kLanes + i] = i < lanes ? t.b[(n0 + i) * t.r + j] : 0.f;
+    bt += t.r * kLanes;
+  }
+}
+
 // Output blocks [b0, b1) of kLanes columns: the block's rows of every B transposed once
 // ([ranks][kLanes], zero past N), then kRows rows of out at a time get their kLanes outputs,
 // each term's sum scaled and added in turn (peft's order).
@@ -85,12 +95,7 @@ GF_INLINE void up_blocks(const Problem& p, const float* u, int64_t b0, int64_t b
   std::vector<float> bt(p.ranks * kLanes);
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t n0 = b * kLanes, lanes = p.N - n0 < kLanes ? p.N - n0 : kLanes;
-    float* dst = bt.data();
-    for (const LoraTerm& t : *p.terms) {
-      for (int64_t j = 0; j < t.r; ++j)
-        for (int64_t i = 0; i < kLanes; ++i) dst[j * kLanes + i] = i < lanes ? t.b[(n0 + i) * t.r + j] : 0.f;
-      dst += t.r * kLanes;
-    }
+    transpose_block(p, bt.data(), n0, lanes);
     for (int64_t m = 0; m < p.M; m += kRows) {
       const int64_t n_rows = p.M - m < kRows ? p.M - m : kRows;
       float y[kRows][kLanes] = {};
@@ -169,12 +174,7 @@ GF_AVX2 void up_blocks_avx2(const Problem& p, const float* u, int64_t b0, int64_
   alignas(32) uint16_t tail[kRows][kLanes] = {};
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t n0 = b * kLanes, lanes = p.N - n0 < kLanes ? p.N - n0 : kLanes;
-    float* dst = bt.data();
-    for (const LoraTerm& t : *p.terms) {
-      for (int64_t j = 0; j < t.r; ++j)
-        for (int64_t i = 0; i < kLanes; ++i) dst[j * kLanes + i] = i < lanes ? t.b[(n0 + i) * t.r + j] : 0.f;
-      dst += t.r * kLanes;
-    }
+    transpose_block(p, bt.data(), n0, lanes);
     for (int64_t m = 0; m < p.M; m += kRows) {
       const int64_t n_rows = p.M - m < kRows ? p.M - m : kRows;
       const bool whole = n_rows == kRows && lanes == kLanes;
