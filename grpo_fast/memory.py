@@ -51,8 +51,8 @@ SAMPLING_SLACK = {"cpu": 0.0, "cuda": 0.08}
 # RESULTS.md "Memory plan" and "Lean LoRA and SwiGLU"); CUDA's caching allocator reuses its
 # blocks, so none there. With the native core's one-pass SwiGLU and RMSNorm (grpo_fast.swiglu,
 # grpo_fast.rms_norm) far fewer odd-sized temporaries are left: 0.4 / 0.2 (the 12 configs'
-# training peaks within -2% / +16%); without the core (a source checkout) PyTorch's ops leave
-# the 0.9 / 0.6 measured before them.
+# training peaks within -2% / +16%); without the core (a source checkout), or in bf16 / fp16
+# (those kernels are fp32 only), PyTorch's ops leave the 0.9 / 0.6 measured before them.
 CPU_HEAP_GROWTH = {False: 0.4, True: 0.2}  # by gradient checkpointing
 CPU_HEAP_GROWTH_TORCH_OPS = {False: 0.9, True: 0.6}
 # The CPU log-prob backend holds two fp32 [rows, V] buffers of at most this many rows and bytes
@@ -335,8 +335,9 @@ def plan(cfg, device_memory: int | None = None, *, shape: ModelShape | None = No
     comp["fused loss"] = loss_tokens * s.hidden * 4 * 2 + 2 * _logit_rows(loss_tokens, s.vocab, device) * s.vocab * 4
     backward_temps = mb_tokens * (2 * s.intermediate + 2 * s.hidden) * 4  # one layer's gradients in flight
     if device == "cpu":
-        growth = (CPU_HEAP_GROWTH if _native_core_built() else CPU_HEAP_GROWTH_TORCH_OPS)[
-            bool(cfg.model.gradient_checkpointing)]
+        # the one-pass SwiGLU / RMSNorm kernels are fp32 only: a bf16 model runs PyTorch's ops
+        lean = _native_core_built() and act == 4
+        growth = (CPU_HEAP_GROWTH if lean else CPU_HEAP_GROWTH_TORCH_OPS)[bool(cfg.model.gradient_checkpointing)]
         comp["heap growth (cpu)"] = int(growth * heap_basis)
     training = (resident + comp["training activations"] + comp.get("attention K/V (cached prompt)", 0)
                 + comp["fused loss"] + backward_temps + comp.get("heap growth (cpu)", 0) + gathered_training)

@@ -72,8 +72,8 @@ def test_components_by_hand(tiny):
 def test_a_bf16_model_on_the_cpu_keeps_its_attention_tensors_in_fp32(tiny):
     """bf16 on the CPU: activations 2 bytes, but SDPA's saved q, K, V, output and logsumexp 4
     (grpo_fast/train/fp32_attention.py runs it in fp32 there), the cached prompt K/V too; under
-    gradient checkpointing attention stays bf16 (the cast is off there). Same micro-batch as
-    test_components_by_hand."""
+    gradient checkpointing attention stays bf16 (the cast is off there); the heap grows as under
+    PyTorch's SwiGLU / RMSNorm ops. Same micro-batch as test_components_by_hand."""
     p = memory.plan(cfg_for(tiny, **{"model.dtype": "bfloat16"}))
     attention = 4 * 32 + 4  # q, K, V repeated to the query heads, the output, the logsumexp
     others = 4 * 32 + 2 + 3 * 64 + 7 * 2
@@ -81,6 +81,8 @@ def test_a_bf16_model_on_the_cpu_keeps_its_attention_tensors_in_fp32(tiny):
     kv = 2 * (20 * 2 * 16 + 4 * (20 + 9) * 2 * 16) * 4
     assert p.components["attention K/V (cached prompt)"] == kv
     assert p.components["training activations"] == int(without_kv + 4 * 9 * 29 * 2)  # the mask: bf16
+    # the one-pass SwiGLU / RMSNorm kernels are fp32 only: PyTorch's ops' heap growth (0.9)
+    assert p.components["heap growth (cpu)"] == int(0.9 * (without_kv + kv))
     ckpt = memory.plan(cfg_for(tiny, **{"model.dtype": "bfloat16", "model.gradient_checkpointing": True}))
     assert ckpt.components["training activations"] == int(56 * 2 * 32 * 2 + 56 * (others + attention) * 2 + 56 ** 2 * 2)
 
