@@ -55,6 +55,13 @@ GF_INLINE float exp_nonpos(float x) {
 }
 
 #ifdef GF_X86_DISPATCH
+// 8 bf16 -> 8 fp32, exactly (the 16 bits shifted into the high half): common.h's bf16_to_f32 on
+// 8 lanes.
+GF_AVX2 GF_INLINE __m256 bf16x8_to_f32(const uint16_t* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
 // exp_nonpos on 8 lanes, the same operations in the same order (so the same results).
 GF_AVX2 GF_INLINE __m256 exp_nonpos8(__m256 x) {
   x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));

@@ -123,10 +123,7 @@ GF_INLINE void attend(T* out, const T* q, const T* kc, const T* vc, RowFn row, i
 // over the head dim and one horizontal sum; P.V keeps a 64-wide panel of the output (8 ymm
 // registers) in registers across the whole key chunk instead of a load/store per key.
 GF_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-GF_AVX2 inline __m256 load8(const uint16_t* p) {  // 8 bf16 -> 8 fp32 (shift into the high half)
-  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
+GF_AVX2 inline __m256 load8(const uint16_t* p) { return bf16x8_to_f32(p); }
 GF_AVX2 inline float hmax8(__m256 v) {
   __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   x = _mm_max_ps(x, _mm_movehl_ps(x, x));

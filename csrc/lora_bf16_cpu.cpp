@@ -9,14 +9,14 @@
 //     u_t[m, j] = sum_k float(x[m, k]) A_t[j, k]                 (fp32, [M, r] per term)
 //     y[m, n]   = bf16(float(y[m, n]) + sum_t (sum_j u_t[m, j] B_t[n, j]) * s_t)
 // terms added in peft's order, each scaled after its dot product as peft does; the bf16 rounding
-// is torch's (round to nearest even, NaN kept). Summation order inside the dot products differs
+// is common.h's f32_to_bf16 (torch's round to nearest even; NaN stays NaN). Summation order inside the dot products differs
 // from MKL's, so results agree with peft's to fp32 rounding before the final bf16 rounding.
 #include "lora_bf16_cpu.h"
 
-#include <cstring>
 #include <stdexcept>
 #include <vector>
 
+#include "common.h"
 #include "cpu_common.h"
 
 namespace grpo_fast {
@@ -24,21 +24,6 @@ namespace {
 
 constexpr int64_t kLanes = 16;  // outputs per block of the up pass, adapter ranks per block of the down pass
 constexpr int64_t kRows = 4;    // x rows per tile: 4 x 16 independent sums hide the FMA latency
-
-GF_INLINE float bf16_to_float(uint16_t h) {
-  const uint32_t bits = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
-
-// torch's float -> bfloat16: round to nearest, ties to even; NaN -> a quiet NaN.
-GF_INLINE uint16_t float_to_bf16(float f) {
-  uint32_t bits;
-  std::memcpy(&bits, &f, 4);
-  const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
-  return f != f ? uint16_t{0x7FC0} : static_cast<uint16_t>(rounded);
-}
 
 struct Problem {
   uint16_t* out;
@@ -60,7 +45,7 @@ GF_INLINE void down_rows(const Problem& p, float* u, int64_t m0, int64_t m1) {
       const uint16_t* xm = p.x + (m + r) * p.ldx;
       float* dst = rows.data() + r * p.K;
 #pragma omp simd
-      for (int64_t k = 0; k < p.K; ++k) dst[k] = bf16_to_float(xm[k]);
+      for (int64_t k = 0; k < p.K; ++k) dst[k] = bf16_to_f32(xm[k]);
     }
     for (int64_t c0 = 0; c0 < p.ranks_padded; c0 += kLanes) {
       float acc[kRows][kLanes] = {};
@@ -103,9 +88,9 @@ GF_INLINE void up_blocks(const Problem& p, const float* u, int64_t b0, int64_t b
         const uint16_t* ym = p.out + (m + r) * p.ldo + n0;
         if (lanes == kLanes) {
 #pragma omp simd
-          for (int64_t i = 0; i < kLanes; ++i) y[r][i] = bf16_to_float(ym[i]);
+          for (int64_t i = 0; i < kLanes; ++i) y[r][i] = bf16_to_f32(ym[i]);
         } else {
-          for (int64_t i = 0; i < lanes; ++i) y[r][i] = bf16_to_float(ym[i]);
+          for (int64_t i = 0; i < lanes; ++i) y[r][i] = bf16_to_f32(ym[i]);
         }
       }
       const float* bj = bt.data();
@@ -129,9 +114,9 @@ GF_INLINE void up_blocks(const Problem& p, const float* u, int64_t b0, int64_t b
         uint16_t* ym = p.out + (m + r) * p.ldo + n0;
         if (lanes == kLanes) {
 #pragma omp simd
-          for (int64_t i = 0; i < kLanes; ++i) ym[i] = float_to_bf16(y[r][i]);
+          for (int64_t i = 0; i < kLanes; ++i) ym[i] = f32_to_bf16(y[r][i]);
         } else {
-          for (int64_t i = 0; i < lanes; ++i) ym[i] = float_to_bf16(y[r][i]);
+          for (int64_t i = 0; i < lanes; ++i) ym[i] = f32_to_bf16(y[r][i]);
         }
       }
     }
@@ -143,21 +128,15 @@ void up_blocks_base(const Problem& p, const float* u, int64_t b0, int64_t b1) { 
 #ifdef GF_X86_DISPATCH
 GF_AVX2 void down_rows_avx2(const Problem& p, float* u, int64_t m0, int64_t m1) { down_rows(p, u, m0, m1); }
 
-// 16 bf16 -> two vectors of 8 floats.
-GF_AVX2 GF_INLINE void load16_bf16(const uint16_t* src, __m256& lo, __m256& hi) {
-  const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
-  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 8));
-  lo = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(a), 16));
-  hi = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(b), 16));
-}
-
-// float_to_bf16 on 8 lanes, as 8 32-bit lanes holding the 16-bit results.
+// common.h's f32_to_bf16 on 8 lanes (ties to even; a NaN keeps its sign and top payload bits,
+// quieted), as 8 32-bit lanes holding the 16-bit results.
 GF_AVX2 GF_INLINE __m256i to_bf16_bits(__m256 v) {
   const __m256i bits = _mm256_castps_si256(v);
-  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  const __m256i high = _mm256_srli_epi32(bits, 16);
+  const __m256i lsb = _mm256_and_si256(high, _mm256_set1_epi32(1));
   const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7FFF)), lsb), 16);
   const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-  return _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC0), nan);
+  return _mm256_blendv_epi8(rounded, _mm256_or_si256(high, _mm256_set1_epi32(0x40)), nan);
 }
 
 GF_AVX2 GF_INLINE void store16_bf16(uint16_t* dst, __m256 lo, __m256 hi) {
@@ -188,7 +167,7 @@ GF_AVX2 void up_blocks_avx2(const Problem& p, const float* u, int64_t b0, int64_
         }
       }
       __m256 y[kRows][2];
-      for (int64_t r = 0; r < kRows; ++r) load16_bf16(rows[r], y[r][0], y[r][1]);
+      for (int64_t r = 0; r < kRows; ++r) y[r][0] = bf16x8_to_f32(rows[r]), y[r][1] = bf16x8_to_f32(rows[r] + 8);
       const float* bj = bt.data();
       const float* um = u + m * p.ranks;
       for (const LoraTerm& t : *p.terms) {
