@@ -6,16 +6,13 @@ The kernel against that math in float64 (within one bf16 step, plus fp32 summati
 LoRA-wrapped bf16 model against the module path (peft's own forward), tokens equal and log-probs
 to bf16 noise, with live adapter updates seen by the next call.
 """
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from grpo_fast.models import cpu_ops
 from grpo_fast.sampler import Sampler, SamplingParams
 from test_sampler import _one_thread, random_prompts, tiny_model  # noqa: F401 (autouse fixture)
+from test_torch_threads import run_fresh
 
 pytestmark = pytest.mark.skipif(not cpu_ops.available(), reason="native CPU kernels need AVX2+FMA")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -86,23 +83,21 @@ def test_rounding_is_torchs():
         assert torch.isnan(out[:, torch.isnan(b[:, 0])].float()).all()
 
 
-def test_the_baseline_x86_build_agrees():
+def test_the_baseline_x86_build_agrees(tmp_path):
     """GRPO_FAST_NO_AVX2=1 (read once per process, so in a fresh one): the portable loops give
     the AVX2 kernel's results."""
-    code = (
-        "import torch; from grpo_fast.models import cpu_ops\n"
-        "g = torch.Generator().manual_seed(3)\n"
-        "x = torch.randn(7, 40, generator=g).bfloat16(); y = torch.randn(7, 37, generator=g).bfloat16()\n"
-        "terms = [(torch.randn(5, 40, generator=g), torch.randn(37, 5, generator=g), 1.5)]\n"
-        "torch.save((x, y, terms, cpu_ops.lora_add_bf16_(y.clone(), x, terms)), __import__('sys').argv[1])\n")
-    results = []
-    for flag in ("0", "1"):
-        path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"lora_bf16_{os.getpid()}_{flag}.pt")
-        subprocess.run([sys.executable, "-c", code, path], check=True, env={**os.environ, "GRPO_FAST_NO_AVX2": flag})
-        results.append(torch.load(path))
-        os.remove(path)
-    (x, y, terms, avx2), (_, _, _, portable) = results
-    err = (avx2.double() - portable.double()).abs()
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(7, 40, generator=g).bfloat16(), torch.randn(7, 37, generator=g).bfloat16()
+    terms = [(torch.randn(5, 40, generator=g), torch.randn(37, 5, generator=g), 1.5)]
+    torch.save((x, y, terms), tmp_path / "inputs.pt")
+    run_fresh(f"""
+        import torch
+        from grpo_fast.models import cpu_ops
+        x, y, terms = torch.load({str(tmp_path / "inputs.pt")!r})
+        torch.save(cpu_ops.lora_add_bf16_(y, x, terms), {str(tmp_path / "portable.pt")!r})
+        """, env={"GRPO_FAST_NO_AVX2": "1"})
+    avx2 = cpu_ops.lora_add_bf16_(y.clone(), x, terms)
+    err = (avx2.double() - torch.load(tmp_path / "portable.pt").double()).abs()
     assert (err <= tolerance(y, x, terms)).all(), err.max()
 
 

@@ -3,6 +3,7 @@
 Each test that changes torch's thread count or MKL's mode runs in a fresh process: both are
 process-wide and would leak into the other tests."""
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -13,8 +14,10 @@ import torch
 from grpo_fast import torch_threads
 
 
-def run_fresh(code: str) -> str:
-    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120)
+def run_fresh(code: str, env: dict[str, str] | None = None) -> str:
+    """`code` in a fresh Python process (with `env` added to this one's environment): its stdout."""
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, **env} if env else None)
     assert out.returncode == 0, out.stderr
     return out.stdout.strip()
 
