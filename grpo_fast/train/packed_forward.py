@@ -57,12 +57,14 @@ def completion_hidden(decoder, batch: SequenceBatch, *, share_prompts: bool = Tr
 
     Attention over bf16 / fp16 CPU tensors computes in fp32 (fp32_attention.py: faster there).
     """
-    with fp32_cpu_attention(enabled=not is_checkpointed(decoder)):
-        return _completion_hidden(decoder, batch, share_prompts=share_prompts, layout=layout, prefix=prefix)
+    checkpointed = is_checkpointed(decoder)
+    with fp32_cpu_attention(enabled=not checkpointed):
+        return _completion_hidden(decoder, batch, share_prompts=share_prompts, layout=layout, prefix=prefix,
+                                  checkpointed=checkpointed)
 
 
 def _completion_hidden(decoder, batch: SequenceBatch, *, share_prompts: bool, layout: str,
-                       prefix: PromptPrefix | None) -> torch.Tensor:
+                       prefix: PromptPrefix | None, checkpointed: bool) -> torch.Tensor:
     if prefix is not None:
         return completions_over_prefix(decoder, batch, prefix)
     if layout not in ("auto", "packed", "cached"):
@@ -73,7 +75,6 @@ def _completion_hidden(decoder, batch: SequenceBatch, *, share_prompts: bool, la
     if runs is not None and exceeds_window(config, batch):
         runs = None  # a row longer than the sliding window: HF's own masks (plain pass) apply it
     attn = attention_implementation(config)
-    checkpointed = is_checkpointed(decoder)
     if getattr(decoder, "collective", False) and runs is not None:
         layout = "packed"  # one decoder call on every rank (FSDP's gathers), whatever the rank's rows
     if layout == "auto" and runs is not None and not attn.startswith("flash"):
