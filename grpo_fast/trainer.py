@@ -332,10 +332,14 @@ class GRPOTrainer:
             self.state.max_steps = self.max_steps
             start = self._last_saved = self.state.global_step
             resume.apply_optimizer_settings(self.optimizer, self.scheduler, t)
-            dropped = dist.on_main("truncating the logs", resume.truncate_logs, out_dir, start)
+            finishing = start == self.max_steps
+            dropped = dist.on_main("truncating the logs", resume.truncate_logs, out_dir, start, finishing)
             self.echo(f"resumed from {resumable.path} at step {start}"
-                      + (f" (dropped {dropped} log rows of later steps that the checkpoint does not hold)"
-                         if dropped else ""))
+                      + (f" (dropped {dropped} log rows that the checkpoint does not hold or that the run's end "
+                         f"writes again)" if dropped else ""))
+            if finishing:
+                self.echo(f"the checkpoint is at train.max_steps={start}: no step is left, so only the run's end "
+                          f"runs (the adapter, final eval, merge, plots); raise train.max_steps to train further")
             _echo_all(self.echo, [f"applied on resume: {c}" for c in changes])
         dist.on_main("writing config.yaml", run_folder.write_config, out_dir,
                      _yaml(self.args.to_dict()))  # only now: the setup is valid

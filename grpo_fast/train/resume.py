@@ -6,6 +6,10 @@ the new config: learning rate and schedule (the optimizer's and scheduler's save
 are replaced, the step count kept), a higher max_steps, logging, saving, evaluation. The logs
 continue from the checkpoint's step: rows of steps after it (written by the interrupted run
 after its last save) are dropped, so no step appears twice.
+
+A checkpoint at max_steps (the run was killed after its last save, during the final eval, merge
+or plots, or it had finished) resumes with no step left: the run's end is done again, as HF's
+Trainer does for a checkpoint at max_steps. The final eval's row is then replaced, not repeated.
 """
 
 from __future__ import annotations
@@ -36,9 +40,10 @@ def check_compatible(saved: dict | None, new: dict, step: int) -> list[str]:
     """Refuse what cannot be resumed (ResumeError); return the applied changes as
     'section.field: old -> new' lines. saved is None for checkpoints without a config record."""
     max_steps = new["train"]["max_steps"]
-    if max_steps <= step:
+    if max_steps < step:
         raise ResumeError(f"train.max_steps is {max_steps}, but the checkpoint is at step {step}: a resumed run "
-                          f"continues after it; raise train.max_steps, or start afresh with --overwrite")
+                          f"continues after it; raise train.max_steps (or set it to {step} to finish that run: "
+                          f"the final eval, merge and plots), or start afresh with --overwrite")
     if saved is None:
         return []
     old, cur = _flatten(saved), _flatten(new)
@@ -66,9 +71,16 @@ def apply_optimizer_settings(optimizer, scheduler, train_cfg) -> None:
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
-def truncate_logs(out_dir: Path, step: int) -> int:
+def _is_final_eval(row: dict) -> bool:
+    """The row the run's end logs: eval metrics alone (a step's own eval rides in its step row)."""
+    keys = [k for k in row if k != "step"]
+    return bool(keys) and all(k.startswith("eval/") for k in keys)
+
+
+def truncate_logs(out_dir: Path, step: int, finishing: bool = False) -> int:
     """Drop rows of steps after `step` from metrics.jsonl and completions.jsonl (atomically);
-    returns how many rows went."""
+    finishing (a resume with no step left, whose end logs the final eval again) also drops the
+    final eval's row at `step`. Returns how many rows went."""
     dropped = 0
     for name in ("metrics.jsonl", "completions.jsonl"):
         path = out_dir / name
@@ -77,10 +89,12 @@ def truncate_logs(out_dir: Path, step: int) -> int:
         keep = []
         for line in path.read_text().splitlines():
             try:
-                row_step = json.loads(line).get("step", 0)
+                row = json.loads(line)
+                row_step = row.get("step", 0)
             except ValueError:
                 continue  # a line torn by a kill -9: never a finished step's record
-            if row_step <= step:
+            again = finishing and name == "metrics.jsonl" and row_step == step and _is_final_eval(row)
+            if row_step <= step and not again:
                 keep.append(line)
             else:
                 dropped += 1
