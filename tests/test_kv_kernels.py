@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fresh_process import run_fresh
 from grpo_fast import kv
 from grpo_fast.kv import reference as ref
 from grpo_fast.native import has_native
@@ -309,13 +310,7 @@ print("ok")
 
 def test_baseline_x86_kernels_match_reference():
     """The non-AVX2 build of the CPU attention (what a machine without AVX2 runs)."""
-    import os
-    import subprocess
-    import sys
-    env = {**os.environ, "GRPO_FAST_NO_AVX2": "1"}
-    r = subprocess.run([sys.executable, "-c", _BASELINE_CHECK], capture_output=True, text=True,
-                       env=env)
-    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
+    assert run_fresh(_BASELINE_CHECK, env={"GRPO_FAST_NO_AVX2": "1"}) == "ok"
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -12,7 +12,7 @@ import torch
 from grpo_fast.models import cpu_ops
 from grpo_fast.sampler import Sampler, SamplingParams
 from test_sampler import _one_thread, random_prompts, tiny_model  # noqa: F401 (autouse fixture)
-from test_torch_threads import run_fresh
+from fresh_process import run_fresh
 
 pytestmark = pytest.mark.skipif(not cpu_ops.available(), reason="native CPU kernels need AVX2+FMA")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -3,12 +3,12 @@ links the CUDA runtime statically, and shares its hash / RNG definitions with Py
 import os
 import shutil
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
+from fresh_process import run_fresh
 from grpo_fast import _C
 from grpo_fast.sampler import sampling_reference as ref
 from grpo_fast.kv._hash import ROOT_HASH, block_hash
@@ -35,10 +35,7 @@ def test_import_and_cpu_ops_work_without_a_gpu():
     code = ("import torch, grpo_fast.kv as kv; "
             "bm = kv.BlockManager(4, 2); bm.allocate(0, [1, 2, 3]); "
             "print(bm.block_table(0), torch.cuda.is_available())")
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == "[0, 1] False"
+    assert run_fresh(code, env={"CUDA_VISIBLE_DEVICES": ""}) == "[0, 1] False"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-driver error path")
@@ -50,8 +47,7 @@ def test_cuda_launch_without_driver_raises_instead_of_crashing():
             "    C.cuda_copy_blocks(0, 0, 0, 1, 1, 16, 0, 0)\n"
             "except RuntimeError as e:\n"
             "    print('raised', e)\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert r.returncode == 0 and r.stdout.startswith("raised"), (r.returncode, r.stdout, r.stderr)
+    assert run_fresh(code).startswith("raised")
 
 
 def test_block_hash_and_rng_agree_with_python():

@@ -2,13 +2,11 @@
 against HF's module in float64 (outputs, dL/dx, dL/dw), AVX2 and baseline x86 builds, and the
 inputs it leaves to the module."""
 import copy
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from fresh_process import run_fresh
 from grpo_fast.native import _C
 from grpo_fast.rms_norm import rms_norm, use_lean_rms_norm
 from test_swiglu import _tiny_llama
@@ -51,9 +49,7 @@ print("ok")
 @pytest.mark.parametrize("avx2", ["1", "0"])
 def test_native_rms_norm_matches_hf_in_float64(avx2):
     """A fresh process each: the AVX2 / baseline choice is made once per process."""
-    env = {**os.environ, "GRPO_FAST_NO_AVX2": "0" if avx2 == "1" else "1"}
-    r = subprocess.run([sys.executable, "-c", _NATIVE_CHECK], capture_output=True, text=True, env=env)
-    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
+    assert run_fresh(_NATIVE_CHECK, env={"GRPO_FAST_NO_AVX2": "0" if avx2 == "1" else "1"}) == "ok"
 
 
 def test_inputs_the_core_cannot_take_are_left_to_the_module():

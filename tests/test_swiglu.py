@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fresh_process import run_fresh
 from grpo_fast.swiglu import silu_mul, use_lean_swiglu
 
 
@@ -58,13 +59,7 @@ def test_native_silu_mul_matches_float64_reference(avx2):
     """The CPU core's one-pass forward and backward (csrc/swiglu_cpu.cpp), AVX2 and baseline
     x86 builds (a fresh process each: the choice is made once per process), against autograd
     in float64 over sigmoid's whole range, each gradient alone and both."""
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, "GRPO_FAST_NO_AVX2": "0" if avx2 == "1" else "1"}
-    r = subprocess.run([sys.executable, "-c", _NATIVE_CHECK], capture_output=True, text=True, env=env)
-    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
+    assert run_fresh(_NATIVE_CHECK, env={"GRPO_FAST_NO_AVX2": "0" if avx2 == "1" else "1"}) == "ok"
 
 
 def test_inputs_the_core_cannot_take_run_the_torch_ops():

@@ -3,23 +3,11 @@
 Each test that changes torch's thread count or MKL's mode runs in a fresh process: both are
 process-wide and would leak into the other tests."""
 
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
 
+from fresh_process import run_fresh
 from grpo_fast import torch_threads
-
-
-def run_fresh(code: str, env: dict[str, str] | None = None) -> str:
-    """`code` in a fresh Python process (with `env` added to this one's environment): its stdout."""
-    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120,
-                         env={**os.environ, **env} if env else None)
-    assert out.returncode == 0, out.stderr
-    return out.stdout.strip()
 
 
 needs_mkl = pytest.mark.skipif(torch_threads.mkl_dynamic() is None,
