@@ -44,6 +44,8 @@ CONFIGS = {
     # bf16 weights and activations, fp32 adapters, SDPA's saved tensors in fp32 (fp32_attention)
     "bf16": {"model.dtype": "bfloat16"},
     "bf16-long": {"model.dtype": "bfloat16", "sampling.max_completion_length": 128, "train.prompts_per_step": 2},
+    "bf16-checkpointing": {"model.dtype": "bfloat16", "model.gradient_checkpointing": True,
+                           "sampling.max_completion_length": 64},
     "full-ft": {"lora.enabled": False, "loss.beta": 0.04},  # every weight trains, a frozen reference copy
     "long-192": {"sampling.max_completion_length": 192, "train.prompts_per_step": 2},
     # both sizes from the plan under a 2.5 GiB limit on the whole process: the run must stay inside it

@@ -50,11 +50,24 @@ SAMPLING_SLACK = {"cpu": 0.0, "cuda": 0.08}
 # benchmarks/bench_memory.py over micro-batches of 167 to 2,107 tokens, 12 configs (benchmarks/
 # RESULTS.md "Memory plan" and "Lean LoRA and SwiGLU"); CUDA's caching allocator reuses its
 # blocks, so none there. With the native core's one-pass SwiGLU and RMSNorm (grpo_fast.swiglu,
-# grpo_fast.rms_norm) far fewer odd-sized temporaries are left: 0.4 / 0.2 (the 12 configs'
-# training peaks within -2% / +16%); without the core (a source checkout), or in bf16 / fp16
-# (those kernels are fp32 only), PyTorch's ops leave the 0.9 / 0.6 measured before them.
-CPU_HEAP_GROWTH = {False: 0.4, True: 0.2}  # by gradient checkpointing
+# grpo_fast.rms_norm) far fewer odd-sized temporaries are left: 0.35 / 0.2 beside the process's
+# own growth (CPU_PROCESS_GROWTH below; 0.4 / 0.2 when that was not counted apart); without the
+# core (a source checkout), PyTorch's ops leave the 0.9 / 0.6 measured before them; bf16 / fp16
+# below (the one-pass kernels are fp32 only).
+CPU_HEAP_GROWTH = {False: 0.35, True: 0.2}  # by gradient checkpointing
 CPU_HEAP_GROWTH_TORCH_OPS = {False: 0.9, True: 0.6}
+# A bf16 / fp16 model's training pass on the CPU: PyTorch's ops leave about the saved tensors
+# again (HF's RMSNorm and our fp32 attention keep fp32 temporaries of 2-byte activations), little
+# under gradient checkpointing (its recompute runs attention in bf16 and frees layer by layer);
+# measured by bench_memory.py's bf16, bf16-long and bf16-checkpointing configs.
+CPU_HEAP_GROWTH_HALF = {False: 1.0, True: 0.1}
+# CPU only: what the process holds outside tensors once the model is built and has taken a step,
+# in every phase after the first: the model's and tokenizer's Python objects (~34 MiB for
+# SmolLM2-135M, ~54 MiB with NF4), the code pages the first update touches (~19 MiB of libtorch)
+# and the heap it leaves that malloc_trim cannot return (~30 MiB in fp32, ~50 MiB in bf16).
+# Measured by benchmarks/bench_memory.py (RESULTS.md "The memory plan's sampling phase"): the
+# sampling phase read 42-61 MiB (fp32) and 86-99 MiB (bf16, NF4) above the plan without it.
+CPU_PROCESS_GROWTH = {"fp32": 64 * MiB, "half": 100 * MiB}
 # The CPU log-prob backend holds two fp32 [rows, V] buffers of at most this many rows and bytes
 # (grpo_fast logprob_cpu: CHUNK_BYTES, MAX_CHUNK_ROWS); the Triton kernels tile the vocabulary.
 CPU_CHUNK_ROWS, CPU_CHUNK_BYTES = 256, 160 * MiB
@@ -337,10 +350,15 @@ def plan(cfg, device_memory: int | None = None, *, shape: ModelShape | None = No
     if device == "cpu":
         # the one-pass SwiGLU / RMSNorm kernels are fp32 only: a bf16 model runs PyTorch's ops
         lean = _native_core_built() and act == 4
-        growth = (CPU_HEAP_GROWTH if lean else CPU_HEAP_GROWTH_TORCH_OPS)[bool(cfg.model.gradient_checkpointing)]
+        growth = (CPU_HEAP_GROWTH if lean else CPU_HEAP_GROWTH_TORCH_OPS if act == 4 else
+                  CPU_HEAP_GROWTH_HALF)[bool(cfg.model.gradient_checkpointing)]
         comp["heap growth (cpu)"] = int(growth * heap_basis)
+        half = act != 4 or cfg.model.load_in_4bit  # weights converted at load: NF4 or bf16 / fp16
+        comp["process growth (cpu)"] = CPU_PROCESS_GROWTH["half" if half else "fp32"]
     training = (resident + comp["training activations"] + comp.get("attention K/V (cached prompt)", 0)
                 + comp["fused loss"] + backward_temps + comp.get("heap growth (cpu)", 0) + gathered_training)
+    process = comp.get("process growth (cpu)", 0)
+    training += process
 
     # ---- sampling: the KV pool plus a decode step's logits and temporaries
     kv_per_token = kv_bytes_per_token(s, cfg)
@@ -353,14 +371,15 @@ def plan(cfg, device_memory: int | None = None, *, shape: ModelShape | None = No
     decode_temps = rows * (4 * s.hidden + 2 * s.intermediate) * act
     if gathered_sampling:
         comp["gathered weights (fsdp sampling)"] = gathered_sampling
-    sampling = resident - grads + comp["kv cache"] + comp["sampler logits"] + decode_temps + gathered_sampling
+    sampling = (resident - grads + comp["kv cache"] + comp["sampler logits"] + decode_temps + gathered_sampling
+                + process)
 
     # ---- scoring: old / reference log-probs, no grad
     scoring = 0
     if lc.beta > 0 or lc.num_iterations > 1:
         scoring = (resident - grads + gathered_training + mb_tokens * (4 * s.hidden + 2 * s.intermediate) * act
                    + int(mask) + 2 * _logit_rows(loss_tokens, s.vocab, device) * s.vocab * 4
-                   + rows * completion * 4 * 2)
+                   + rows * completion * 4 * 2 + process)
 
     slack = 1 + SLACK[device]
     phases = {"sampling": int(sampling * (1 + SAMPLING_SLACK[device])), "training": int(training * slack)}
