@@ -49,7 +49,7 @@ from grpo_fast.train.generation import Generator
 from grpo_fast.train.interrupts import StopRequests
 from grpo_fast.train.memory import release_free_memory
 from grpo_fast.train.metrics import plot_run
-from grpo_fast.train.model import (build_optimizer, build_scheduler, load_policy, policy_modules, save_merged,
+from grpo_fast.train.model import (build_optimizer, build_scheduler, dtype_hint, load_policy, policy_modules, save_merged,
                                    trainable_parameters)
 from grpo_fast.train.state import TrainerState
 from grpo_fast.train.threads import ThreadGovernor
@@ -140,6 +140,9 @@ class GRPOTrainer:
         self.model, self.tokenizer, self.device = load_policy(
             cfg.model, cfg.lora, seed=t.seed, model=model, peft_config=peft_config, tokenizer=processing_class,
             echo=echo, keep_reference=cfg.loss.beta > 0)
+        hint = dtype_hint(cfg.model, self.device) if model is None else None  # a model passed in: its dtype
+        if hint:
+            echo(hint)
         if not cfg.lora.enabled and peft_config is None:
             if t.merge:
                 raise ConfigError("train.merge: a full fine-tuning run (lora.enabled: false) saves the whole model "

@@ -251,3 +251,33 @@ def test_loaded_model_with_peft_config(tiny, tmp_path):
     adapter_cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert adapter_cfg["r"] == 2 and sorted(adapter_cfg["target_modules"]) == ["q_proj", "v_proj"]
     assert all(torch.isfinite(p).all() for p in trainer.params)
+
+
+def test_auto_dtype_on_a_cpu_with_native_bf16_says_how_to_run_in_bf16(tiny, tmp_path, monkeypatch):
+    """model.dtype auto stays fp32 on the CPU; where the CPU computes bf16 natively, the run says
+    that bfloat16 is faster there; never for an explicit dtype, NF4, CUDA or a model passed in."""
+    from grpo_fast.config import ModelConfig
+    from grpo_fast.train import model as model_mod
+    from transformers import AutoModelForCausalLM
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for native in (True, False):
+        monkeypatch.setattr(model_mod, "native_bf16_cpu", lambda native=native: native)
+        hint = model_mod.dtype_hint(ModelConfig(), cpu)
+        assert (hint is not None) == native
+        for other in (model_mod.dtype_hint(ModelConfig(dtype="float32"), cpu),
+                      model_mod.dtype_hint(ModelConfig(dtype="bfloat16"), cpu),
+                      model_mod.dtype_hint(ModelConfig(load_in_4bit=True), cpu), model_mod.dtype_hint(ModelConfig(), cuda)):
+            assert other is None
+    monkeypatch.setattr(model_mod, "native_bf16_cpu", lambda: True)
+    assert "--model.dtype bfloat16" in model_mod.dtype_hint(ModelConfig(), cpu)
+    ds = [{"prompt": "What is 1 + 1?", "answer": "2"}] * 4
+    for passed_in in (False, True):
+        lines = []
+        model = AutoModelForCausalLM.from_pretrained(tiny) if passed_in else str(tiny)
+        GRPOTrainer(model=model, reward_funcs="accuracy", args=args(tmp_path / str(passed_in), max_steps=1),
+                    train_dataset=ds, echo=lines.append)
+        assert any("--model.dtype bfloat16" in x for x in lines) != passed_in, lines
+    # the real probe answers for this machine (a bool, whichever it is)
+    monkeypatch.undo()
+    assert isinstance(model_mod.native_bf16_cpu(), bool)

@@ -32,6 +32,23 @@ def resolve_dtype(cfg, device: torch.device) -> torch.dtype:
     return getattr(torch, cfg.dtype)
 
 
+def native_bf16_cpu() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX). There torch's bf16 GEMMs ran
+    ~4x its fp32 ones and a GRPO step in bf16 1.55x one in fp32 (benchmarks/RESULTS.md, "bf16 on
+    the CPU"); elsewhere bf16 is emulated, slower than fp32."""
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(probe is not None and probe() for probe in probes)
+
+
+def dtype_hint(cfg, device: torch.device) -> str | None:
+    """A one-line hint when model.dtype auto chose fp32 on a CPU that computes bf16 natively (auto
+    stays fp32 there: the run's numbers do not change with the machine)."""
+    if cfg.dtype != "auto" or device.type != "cpu" or cfg.load_in_4bit or not native_bf16_cpu():
+        return None
+    return ("model.dtype auto is float32 on the CPU; this CPU computes bf16 natively (AVX512-BF16 / AMX): "
+            "--model.dtype bfloat16 ran a GRPO step 1.55x faster here (benchmarks/RESULTS.md, \"bf16 on the CPU\")")
+
+
 def load_tokenizer(cfg):
     from transformers import AutoTokenizer
 
