@@ -4,15 +4,17 @@ the adapters fp32: its default over a bf16 base).
 
 1. train: forward + backward of the training pass (`completion_hidden`, cached layout) over
    B x G = 4 x 8 rows of P = 40 prompt and C = 128 completion tokens, one group per micro-batch,
-   in four configurations:
-   - neither: peft's forward for the LoRA layers (fp32 adapters over the bf16 base) and HF's SDPA
-     in bf16 (the code before);
+   in five configurations:
+   - neither: peft's forward for the LoRA layers (fp32 adapters over the bf16 base), HF's SDPA in
+     bf16 and PyTorch's SwiGLU / RMSNorm ops (the code before);
    - lean: grpo_fast.lean_lora's promoted-copy addmm for those layers;
    - fp32 attention: grpo_fast/train/fp32_attention.py (SDPA over bf16 CPU tensors in fp32);
-   - both (what runs now).
-2. sample: the group sampler on the LoRA-wrapped bf16 model, 4 x 8 x 64 forced tokens, with the
-   adapters' terms through the native add (csrc/lora_bf16_cpu.cpp) and through peft's forward
-   (the code before), and the plain (unwrapped) bf16 model beside them: tokens/s.
+   - both;
+   - both + one-pass: the bf16 one-pass SwiGLU and RMSNorm kernels too (what runs now).
+2. sample: the group sampler, 4 x 8 x 64 forced tokens, tokens/s, on the plain bf16 model and
+   the LoRA-wrapped one: with the native bf16 RMSNorm and SiLU * up (csrc/rms_norm_cpu.cpp,
+   swiglu_cpu.cpp) or the modules' ops; LoRA's terms through the native add
+   (csrc/lora_bf16_cpu.cpp) or peft's forward (the code before both).
 
     python benchmarks/bench_bf16_cpu.py [--repeats 4] [--only train|sample]
 
@@ -43,21 +45,25 @@ def _train_case(P: int, C: int, B: int = 4, G: int = 8):
 
 
 @contextlib.contextmanager
-def _switched(lean: bool, fp32_attention: bool):
-    """The two training-pass paths off (peft's forward, bf16 SDPA) or on, for the duration."""
+def _switched(lean: bool, fp32_attention: bool, one_pass: bool = True):
+    """The training-pass paths off (peft's forward, bf16 SDPA, PyTorch's SwiGLU / RMSNorm ops) or
+    on, for the duration."""
     import grpo_fast.lean_lora as lean_lora
+    import grpo_fast.native as native
     import grpo_fast.train.packed_forward as packed_forward
     from grpo_fast.train import fp32_attention as fa
 
-    promotes, attention = lean_lora._promotes_to, packed_forward.fp32_cpu_attention
+    promotes, attention, kernels = lean_lora._promotes_to, packed_forward.fp32_cpu_attention, native._LEAN
     if not lean:
         lean_lora._promotes_to = lambda *_: False  # the lean path hands the call to peft's forward
     if not fp32_attention:
         packed_forward.fp32_cpu_attention = lambda enabled=True: fa.fp32_cpu_attention(False)
+    if not one_pass:  # the bf16 one-pass kernels unknown: SiluMulFunction / RMSNorm run PyTorch's ops
+        native._LEAN = {torch.float32: kernels[torch.float32]}
     try:
         yield
     finally:
-        lean_lora._promotes_to, packed_forward.fp32_cpu_attention = promotes, attention
+        lean_lora._promotes_to, packed_forward.fp32_cpu_attention, native._LEAN = promotes, attention, kernels
 
 
 def bench_train(repeats: int, P: int, C: int) -> None:
@@ -70,30 +76,31 @@ def bench_train(repeats: int, P: int, C: int) -> None:
             hidden = completion_hidden(decoder, batch.select(slice(k * G, (k + 1) * G)))
             (hidden @ w).float().sum().backward()
 
-    configs = {"neither (before)": (False, False), "lean LoRA": (True, False), "fp32 attention": (False, True),
-               "both (now)": (True, True)}
+    configs = {"neither (before)": (False, False, False), "lean LoRA": (True, False, False),
+               "fp32 attention": (False, True, False), "both": (True, True, False),
+               "both + one-pass (now)": (True, True, True)}
     times = {name: [] for name in configs}
     print(f"train: forward + backward, {B} x {G} rows, P = {P}, C = {C}, bf16, seconds", flush=True)
     for rep in range(repeats + 1):  # the first round warms up
-        for name, (lean, attn) in configs.items():
-            with _switched(lean, attn):
+        for name, (lean, attn, one_pass) in configs.items():
+            with _switched(lean, attn, one_pass):
                 t = time.perf_counter()
                 one_pass()
                 seconds = time.perf_counter() - t
             if rep:
                 times[name].append(seconds)
-            print(f"  {'warm-up ' if not rep else ''}{name:18s} {seconds:6.2f}", flush=True)
+            print(f"  {'warm-up ' if not rep else ''}{name:22s} {seconds:6.2f}", flush=True)
     base = statistics.median(times["neither (before)"])
     for name, ts in times.items():
         med = statistics.median(ts)
-        print(f"{name:18s} median {med:6.2f} s  ({base / med:4.2f}x)  runs {[round(t, 2) for t in ts]}")
+        print(f"{name:22s} median {med:6.2f} s  ({base / med:4.2f}x)  runs {[round(t, 2) for t in ts]}")
 
 
 def bench_sample(repeats: int) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from grpo_fast.models import decode_fast_paths, default_model_dir
+    from grpo_fast.models import default_model_dir
     from grpo_fast.sampler import Sampler, SamplingParams
 
     path = str(default_model_dir())
@@ -109,28 +116,44 @@ def bench_sample(repeats: int) -> None:
                for q in questions]
     prompts = [p["input_ids"] if hasattr(p, "keys") else p for p in prompts]
     params = SamplingParams(n=8, temperature=1.0, max_tokens=64, ignore_eos=True, seed=0)
-    samplers = {"plain bf16": Sampler(plain, tok), "LoRA, native add (now)": Sampler(wrapped, tok),
-                "LoRA, peft forward (before)": Sampler(wrapped, tok)}
-    mixed = decode_fast_paths._fp32_over_bf16
-    rates = {name: [] for name in samplers}
+    # (name, model, the native add, the native bf16 norms and SiLU * up)
+    runs = [("plain bf16 (now)", plain, True, True), ("plain bf16, module norms/SwiGLU", plain, True, False),
+            ("LoRA (now)", wrapped, True, True), ("LoRA, module norms/SwiGLU", wrapped, True, False),
+            ("LoRA, peft forward (before)", wrapped, False, False)]
+    samplers = {model_id: Sampler(model, tok) for model_id, model in ((id(plain), plain), (id(wrapped), wrapped))}
+    rates = {name: [] for name, *_ in runs}
     print("sample: 4 x 8 x 64 forced tokens, bf16, tokens/s", flush=True)
     for rep in range(repeats + 1):
-        for name, sampler in samplers.items():
-            if "before" in name:  # LoRA layers called as modules (peft's forward), as before
-                decode_fast_paths._fp32_over_bf16 = lambda *_: False
-            try:
+        for name, model, native_add, native_norms in runs:
+            with _decode_paths(native_add, native_norms):
                 t = time.perf_counter()
-                outs = sampler.generate(prompts, params)
+                outs = samplers[id(model)].generate(prompts, params)
                 rate = sum(len(c.token_ids) for o in outs for c in o.completions) / (time.perf_counter() - t)
-            finally:
-                decode_fast_paths._fp32_over_bf16 = mixed
             if rep:
                 rates[name].append(rate)
-            print(f"  {'warm-up ' if not rep else ''}{name:28s} {rate:7.1f}", flush=True)
-    plain_rate = statistics.median(rates["plain bf16"])
+            print(f"  {'warm-up ' if not rep else ''}{name:32s} {rate:7.1f}", flush=True)
+    plain_rate = statistics.median(rates["plain bf16 (now)"])
     for name, rs in rates.items():
         med = statistics.median(rs)
-        print(f"{name:28s} median {med:7.1f} tok/s  ({med / plain_rate:4.2f}x plain)  runs {[round(r) for r in rs]}")
+        print(f"{name:32s} median {med:7.1f} tok/s  ({med / plain_rate:4.2f}x plain)  runs {[round(r) for r in rs]}")
+
+
+@contextlib.contextmanager
+def _decode_paths(native_add: bool, native_norms: bool):
+    """The decode's bf16 paths off or on for the duration: the native LoRA add (else peft's
+    forward for the LoRA layers) and the native bf16 RMSNorm / SiLU * up (else the modules' ops)."""
+    from grpo_fast.models import decode_fast_paths, llama_family
+
+    saved = decode_fast_paths._fp32_over_bf16, llama_family.rms_norm, decode_fast_paths.act_mul_
+    if not native_add:
+        decode_fast_paths._fp32_over_bf16 = lambda *_: False
+    if not native_norms:
+        llama_family.rms_norm = lambda norm, x: norm(x)
+        decode_fast_paths.act_mul_ = lambda mlp, g, u: mlp.act_fn(g).mul_(u)
+    try:
+        yield
+    finally:
+        decode_fast_paths._fp32_over_bf16, llama_family.rms_norm, decode_fast_paths.act_mul_ = saved
 
 
 def main() -> None:

@@ -62,6 +62,43 @@ GF_AVX2 GF_INLINE __m256 bf16x8_to_f32(const uint16_t* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 
+// 8 lanes of a float or bf16 array as fp32.
+GF_AVX2 GF_INLINE __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+GF_AVX2 GF_INLINE __m256 load8(const uint16_t* p) { return bf16x8_to_f32(p); }
+
+// common.h's f32_to_bf16 on 8 lanes (ties to even; a NaN keeps its sign and top payload bits,
+// quieted), as 8 32-bit lanes holding the 16-bit results.
+GF_AVX2 GF_INLINE __m256i to_bf16_bits(__m256 v) {
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i high = _mm256_srli_epi32(bits, 16);
+  const __m256i lsb = _mm256_and_si256(high, _mm256_set1_epi32(1));
+  const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7FFF)), lsb), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  return _mm256_blendv_epi8(rounded, _mm256_or_si256(high, _mm256_set1_epi32(0x40)), nan);
+}
+
+// 8 fp32 lanes into a float or bf16 array (bf16: rounded as f32_to_bf16).
+GF_AVX2 GF_INLINE void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+GF_AVX2 GF_INLINE void store8(uint16_t* p, __m256 v) {
+  const __m256i b = to_bf16_bits(v);  // values <= 0xFFFF: packus's unsigned saturation keeps them
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                   _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1)));
+}
+
+// v as an array of T holds it: itself for float; rounded to bf16 for bf16 (the rounding PyTorch
+// applies between two ops on bf16 tensors).
+GF_AVX2 GF_INLINE __m256 stored8(const float*, __m256 v) { return v; }
+GF_AVX2 GF_INLINE __m256 stored8(const uint16_t*, __m256 v) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(to_bf16_bits(v), 16));
+}
+
+GF_AVX2 GF_INLINE float hsum8(__m256 v) {
+  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+  x = _mm_add_ss(x, _mm_movehdup_ps(x));
+  return _mm_cvtss_f32(x);
+}
+
 // exp_nonpos on 8 lanes, the same operations in the same order (so the same results).
 GF_AVX2 GF_INLINE __m256 exp_nonpos8(__m256 x) {
   x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));

@@ -90,9 +90,13 @@ void register_decode(py::module_& m) {
       py::arg("ldo"), py::arg("lora"));
   m.def("cpu_rms_norm", &cpu_rms_norm, py::call_guard<py::gil_scoped_release>());
   m.def("cpu_rms_norm_backward", &cpu_rms_norm_backward, py::call_guard<py::gil_scoped_release>());
+  m.def("cpu_rms_norm_bf16", &cpu_rms_norm_bf16, py::call_guard<py::gil_scoped_release>());
+  m.def("cpu_rms_norm_backward_bf16", &cpu_rms_norm_backward_bf16, py::call_guard<py::gil_scoped_release>());
   m.def("cpu_rope_qk", &cpu_rope_qk, py::call_guard<py::gil_scoped_release>());
   m.def("cpu_silu_mul", &cpu_silu_mul, py::call_guard<py::gil_scoped_release>());
   m.def("cpu_silu_mul_backward", &cpu_silu_mul_backward, py::call_guard<py::gil_scoped_release>());
+  m.def("cpu_silu_mul_bf16", &cpu_silu_mul_bf16, py::call_guard<py::gil_scoped_release>());
+  m.def("cpu_silu_mul_backward_bf16", &cpu_silu_mul_backward_bf16, py::call_guard<py::gil_scoped_release>());
 
   py::class_<DecodeModel>(m, "CpuDecodeModel")
       .def(py::init([](int64_t hidden, int64_t intermediate, int hq, int hkv, int head_dim) {

@@ -122,8 +122,6 @@ GF_INLINE void attend(T* out, const T* q, const T* kc, const T* vc, RowFn row, i
 // Same math as `attend`, with the register blocking spelled out: a score is two FMA chains
 // over the head dim and one horizontal sum; P.V keeps a 64-wide panel of the output (8 ymm
 // registers) in registers across the whole key chunk instead of a load/store per key.
-GF_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-GF_AVX2 inline __m256 load8(const uint16_t* p) { return bf16x8_to_f32(p); }
 GF_AVX2 inline float hmax8(__m256 v) {
   __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   x = _mm_max_ps(x, _mm_movehl_ps(x, x));
@@ -147,12 +145,6 @@ GF_AVX2 inline void transpose8x8(__m256* r) {
     r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
     r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
   }
-}
-GF_AVX2 inline float hsum8(__m256 v) {
-  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
-  x = _mm_add_ss(x, _mm_movehdup_ps(x));
-  return _mm_cvtss_f32(x);
 }
 
 // The 8 horizontal sums of a[0..7], as one vector: [sum(a[0]), ..., sum(a[7])].

@@ -128,17 +128,6 @@ void up_blocks_base(const Problem& p, const float* u, int64_t b0, int64_t b1) { 
 #ifdef GF_X86_DISPATCH
 GF_AVX2 void down_rows_avx2(const Problem& p, float* u, int64_t m0, int64_t m1) { down_rows(p, u, m0, m1); }
 
-// common.h's f32_to_bf16 on 8 lanes (ties to even; a NaN keeps its sign and top payload bits,
-// quieted), as 8 32-bit lanes holding the 16-bit results.
-GF_AVX2 GF_INLINE __m256i to_bf16_bits(__m256 v) {
-  const __m256i bits = _mm256_castps_si256(v);
-  const __m256i high = _mm256_srli_epi32(bits, 16);
-  const __m256i lsb = _mm256_and_si256(high, _mm256_set1_epi32(1));
-  const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7FFF)), lsb), 16);
-  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-  return _mm256_blendv_epi8(rounded, _mm256_or_si256(high, _mm256_set1_epi32(0x40)), nan);
-}
-
 GF_AVX2 GF_INLINE void store16_bf16(uint16_t* dst, __m256 lo, __m256 hi) {
   // packus interleaves 128-bit halves: [lo 0-3, hi 0-3, lo 4-7, hi 4-7] -> reorder the quarters
   const __m256i packed = _mm256_packus_epi32(to_bf16_bits(lo), to_bf16_bits(hi));

@@ -16,4 +16,12 @@ void cpu_rms_norm(uintptr_t out, uintptr_t x, uintptr_t weight, int64_t rows, in
 void cpu_rms_norm_backward(uintptr_t grad_x, uintptr_t grad_out, uintptr_t x, uintptr_t weight,
                            int64_t rows, int64_t dim, float eps);
 
+// The same two over bf16 x, weight, out / grad_out, grad_x (contiguous), as HF's module computes
+// the forward in bf16: out = bf16(weight * bf16(x * inv)), the sum of squares and the backward in
+// fp32 from the bf16 values, each result rounded once (torch's round to nearest even).
+void cpu_rms_norm_bf16(uintptr_t out, uintptr_t x, uintptr_t weight, int64_t rows, int64_t dim,
+                       float eps);
+void cpu_rms_norm_backward_bf16(uintptr_t grad_x, uintptr_t grad_out, uintptr_t x, uintptr_t weight,
+                                int64_t rows, int64_t dim, float eps);
+
 }  // namespace grpo_fast

@@ -13,7 +13,9 @@
 
 #include <cmath>
 #include <stdexcept>
+#include <string>
 
+#include "common.h"
 #include "cpu_common.h"
 #include "parallel.h"
 
@@ -93,6 +95,66 @@ GF_AVX2 void backward_span_avx2(float* gg, float* gu, const float* d, const floa
 }
 #endif
 
+// bf16: as PyTorch's F.silu(g) * u on bf16 tensors, silu rounded to bf16 before the product,
+// which is rounded again; the backward in fp32 from the bf16 values, each gradient rounded once.
+GF_INLINE void forward_span_bf16(uint16_t* out, const uint16_t* g, const uint16_t* u, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float gv = bf16_to_f32(g[i]);
+    out[i] = f32_to_bf16(bf16_to_f32(f32_to_bf16(gv * sigmoid(gv))) * bf16_to_f32(u[i]));
+  }
+}
+
+GF_INLINE void backward_span_bf16(uint16_t* gg, uint16_t* gu, const uint16_t* d, const uint16_t* g,
+                                  const uint16_t* u, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float gv = bf16_to_f32(g[i]), dv = bf16_to_f32(d[i]), s = sigmoid(gv);
+    if (gu != nullptr) gu[i] = f32_to_bf16(dv * gv * s);
+    if (gg != nullptr) gg[i] = f32_to_bf16(dv * bf16_to_f32(u[i]) * s * (1.f + gv * (1.f - s)));
+  }
+}
+
+#ifdef GF_X86_DISPATCH
+GF_AVX2 void forward_span_bf16_avx2(uint16_t* out, const uint16_t* g, const uint16_t* u, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 gv = load8(g + i);
+    store8(out + i, _mm256_mul_ps(stored8(out, _mm256_mul_ps(gv, sigmoid8(gv))), load8(u + i)));
+  }
+  forward_span_bf16(out + i, g + i, u + i, n - i);
+}
+
+GF_AVX2 void backward_span_bf16_avx2(uint16_t* gg, uint16_t* gu, const uint16_t* d, const uint16_t* g,
+                                     const uint16_t* u, int64_t n) {
+  const __m256 one = _mm256_set1_ps(1.f);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 gv = load8(g + i), dv = load8(d + i);
+    const __m256 s = sigmoid8(gv);
+    if (gu != nullptr) store8(gu + i, _mm256_mul_ps(_mm256_mul_ps(dv, gv), s));
+    if (gg != nullptr) {
+      const __m256 du_s = _mm256_mul_ps(_mm256_mul_ps(dv, load8(u + i)), s);
+      store8(gg + i, _mm256_mul_ps(du_s, _mm256_add_ps(one, _mm256_mul_ps(gv, _mm256_sub_ps(one, s)))));
+    }
+  }
+  backward_span_bf16(gg ? gg + i : nullptr, gu ? gu + i : nullptr, d + i, g + i, u + i, n - i);
+}
+#endif
+
+void forward_any(uint16_t* out, const uint16_t* g, const uint16_t* u, int64_t n) {
+#ifdef GF_X86_DISPATCH
+  if (use_avx2()) return forward_span_bf16_avx2(out, g, u, n);
+#endif
+  forward_span_bf16(out, g, u, n);
+}
+
+void backward_any(uint16_t* gg, uint16_t* gu, const uint16_t* d, const uint16_t* g, const uint16_t* u,
+                  int64_t n) {
+#ifdef GF_X86_DISPATCH
+  if (use_avx2()) return backward_span_bf16_avx2(gg, gu, d, g, u, n);
+#endif
+  backward_span_bf16(gg, gu, d, g, u, n);
+}
+
 void forward_any(float* out, const float* g, const float* u, int64_t n) {
 #ifdef GF_X86_DISPATCH
   if (use_avx2()) return forward_span_avx2(out, g, u, n);
@@ -109,28 +171,50 @@ void backward_any(float* gg, float* gu, const float* d, const float* g, const fl
 
 }  // namespace
 
-void cpu_silu_mul(uintptr_t out, uintptr_t gate, uintptr_t up, int64_t n) {
+namespace {
+template <typename T>
+void silu_mul_all(const char* name, uintptr_t out, uintptr_t gate, uintptr_t up, int64_t n) {
   if (n < 0 || (n > 0 && (out == 0 || gate == 0 || up == 0)))
-    throw std::invalid_argument("cpu_silu_mul: need n >= 0 and non-null pointers");
-  auto* o = reinterpret_cast<float*>(out);
-  const auto* g = reinterpret_cast<const float*>(gate);
-  const auto* u = reinterpret_cast<const float*>(up);
+    throw std::invalid_argument(std::string(name) + ": need n >= 0 and non-null pointers");
+  auto* o = reinterpret_cast<T*>(out);
+  const auto* g = reinterpret_cast<const T*>(gate);
+  const auto* u = reinterpret_cast<const T*>(up);
   parallel_for_ranges(n, kChunk, [&](int64_t b, int64_t e) { forward_any(o + b, g + b, u + b, e - b); });
+}
+
+template <typename T>
+void silu_mul_backward_all(const char* name, uintptr_t grad_gate, uintptr_t grad_up, uintptr_t grad,
+                           uintptr_t gate, uintptr_t up, int64_t n) {
+  if (n < 0 || (n > 0 && (grad == 0 || gate == 0 || up == 0)))
+    throw std::invalid_argument(std::string(name) + ": need n >= 0 and non-null inputs");
+  if (grad_gate == 0 && grad_up == 0) return;
+  auto* gg = reinterpret_cast<T*>(grad_gate);
+  auto* gu = reinterpret_cast<T*>(grad_up);
+  const auto* d = reinterpret_cast<const T*>(grad);
+  const auto* g = reinterpret_cast<const T*>(gate);
+  const auto* u = reinterpret_cast<const T*>(up);
+  parallel_for_ranges(n, kChunk, [&](int64_t b, int64_t e) {
+    backward_any(gg ? gg + b : nullptr, gu ? gu + b : nullptr, d + b, g + b, u + b, e - b);
+  });
+}
+}  // namespace
+
+void cpu_silu_mul(uintptr_t out, uintptr_t gate, uintptr_t up, int64_t n) {
+  silu_mul_all<float>("cpu_silu_mul", out, gate, up, n);
+}
+
+void cpu_silu_mul_bf16(uintptr_t out, uintptr_t gate, uintptr_t up, int64_t n) {
+  silu_mul_all<uint16_t>("cpu_silu_mul_bf16", out, gate, up, n);
 }
 
 void cpu_silu_mul_backward(uintptr_t grad_gate, uintptr_t grad_up, uintptr_t grad, uintptr_t gate,
                            uintptr_t up, int64_t n) {
-  if (n < 0 || (n > 0 && (grad == 0 || gate == 0 || up == 0)))
-    throw std::invalid_argument("cpu_silu_mul_backward: need n >= 0 and non-null inputs");
-  if (grad_gate == 0 && grad_up == 0) return;
-  auto* gg = reinterpret_cast<float*>(grad_gate);
-  auto* gu = reinterpret_cast<float*>(grad_up);
-  const auto* d = reinterpret_cast<const float*>(grad);
-  const auto* g = reinterpret_cast<const float*>(gate);
-  const auto* u = reinterpret_cast<const float*>(up);
-  parallel_for_ranges(n, kChunk, [&](int64_t b, int64_t e) {
-    backward_any(gg ? gg + b : nullptr, gu ? gu + b : nullptr, d + b, g + b, u + b, e - b);
-  });
+  silu_mul_backward_all<float>("cpu_silu_mul_backward", grad_gate, grad_up, grad, gate, up, n);
+}
+
+void cpu_silu_mul_backward_bf16(uintptr_t grad_gate, uintptr_t grad_up, uintptr_t grad, uintptr_t gate,
+                                uintptr_t up, int64_t n) {
+  silu_mul_backward_all<uint16_t>("cpu_silu_mul_backward_bf16", grad_gate, grad_up, grad, gate, up, n);
 }
 
 }  // namespace grpo_fast

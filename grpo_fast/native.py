@@ -66,9 +66,28 @@ def has_native(op: str, device: str = "cpu") -> bool:
     return hasattr(_C, ("cuda_" if device.startswith("cuda") else "cpu_") + op)
 
 
-def cpu_fp32_backend(op: str, *tensors: torch.Tensor) -> Backend | None:
-    """The CPU core, when it has `op` and every tensor is a contiguous fp32 CPU tensor (what the
-    training pass's one-pass kernels take); else None (the caller runs its PyTorch ops)."""
-    if any(t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() for t in tensors):
+class _CpuDtypeKernels:
+    """The `cpu_*` functions for one dtype: ``k.silu_mul(...)`` calls ``_C.cpu_silu_mul`` (fp32) or
+    ``_C.cpu_silu_mul_bf16`` (bf16)."""
+
+    def __init__(self, suffix: str):
+        self.suffix = suffix
+
+    def __getattr__(self, name):
+        return getattr(_C, f"cpu_{name}{self.suffix}")
+
+
+_LEAN_SUFFIX = {torch.float32: "", torch.bfloat16: "_bf16"}
+_LEAN = {dtype: _CpuDtypeKernels(suffix) for dtype, suffix in _LEAN_SUFFIX.items()}
+
+
+def cpu_lean_backend(op: str, *tensors: torch.Tensor) -> _CpuDtypeKernels | None:
+    """The CPU core's one-pass kernels for these tensors' dtype, when it has `op` for it and every
+    tensor is a contiguous CPU tensor of one dtype, fp32 or bf16 (what the training pass's lean
+    kernels take); else None (the caller runs its PyTorch ops)."""
+    dtype = tensors[0].dtype
+    if dtype not in _LEAN or any(t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous() for t in tensors):
         return None
-    return native_for(tensors[0], op)
+    if native_for(tensors[0], op + _LEAN_SUFFIX[dtype]) is None:
+        return None
+    return _LEAN[dtype]

@@ -5,13 +5,14 @@ HF's RMSNorm (Llama, Qwen2, Qwen3, Mistral) is
     y = w * (x * r),    r = 1 / sqrt(mean(x^2) + eps)     over the last dim
 
 in seven tensor ops, and autograd's backward of them is about ten more, each a pass over [T, H].
-On the CPU for fp32 tensors both directions here are one pass per row (csrc/rms_norm_cpu.cpp):
+On the CPU for fp32 and bf16 tensors both directions here are one pass per row (csrc/
+rms_norm_cpu.cpp; bf16 rounds where HF's module does in bf16: y = bf16(w * bf16(x * r))):
 
     dL/dx = r * g - x * r^3 * mean(g * x),    g = w * dL/dy
 
 with r recomputed from x in the backward, so the forward keeps x (and w), as autograd kept
 before. dL/dw = sum over rows of dL/dy * x * r, when w is trained (full fine-tuning), comes
-from PyTorch ops. Elsewhere (CUDA, bf16, a build without the core) the module's own forward runs.
+from PyTorch ops. Elsewhere (CUDA, fp16, a build without the core) the module's own forward runs.
 
 `use_lean_rms_norm(model)` switches every RMSNorm of those families in a model; other norms
 (Gemma's 1 + w, LayerNorm) are left as they are.
@@ -25,7 +26,7 @@ import torch
 
 from grpo_fast.models import cpu_ops
 from grpo_fast.models.causal_lm import RMS_NORMS
-from grpo_fast.native import cpu_fp32_backend
+from grpo_fast.native import cpu_lean_backend
 
 
 class RMSNormFunction(torch.autograd.Function):
@@ -46,17 +47,22 @@ class RMSNormFunction(torch.autograd.Function):
                 ctx.core.rms_norm_backward(grad_x.data_ptr(), grad.data_ptr(), x.data_ptr(), weight.data_ptr(),
                                            x.numel() // x.shape[-1], x.shape[-1], ctx.eps)
         if ctx.needs_input_grad[1]:
-            r = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + ctx.eps)  # [..., 1]
-            grad_w = (grad * x * r).reshape(-1, x.shape[-1]).sum(0)  # [H]
+            if x.dtype == torch.float32:
+                r = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + ctx.eps)  # [..., 1]
+                grad_w = (grad * x * r).reshape(-1, x.shape[-1]).sum(0)  # [H]
+            else:  # bf16: summed in fp32 over the rows, rounded once
+                xf = x.float()
+                r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + ctx.eps)  # [..., 1]
+                grad_w = (grad.float() * (xf * r)).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)  # [H]
         return grad_x, grad_w, None, None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
     """weight * x / sqrt(mean(x^2, -1) + eps) on the native core, or None where it cannot run it
-    (not contiguous fp32 CPU tensors, weight not [H], no native build)."""
+    (not contiguous fp32 / bf16 CPU tensors of one dtype, weight not [H], no native build)."""
     if x.dim() < 1 or weight.shape != (x.shape[-1],):
         return None
-    core = cpu_fp32_backend("rms_norm_backward", x, weight)
+    core = cpu_lean_backend("rms_norm_backward", x, weight)
     return None if core is None else RMSNormFunction.apply(x, weight, float(eps), core)
 
 

@@ -10,10 +10,12 @@ Llama block's activation memory, for one extra sigmoid pass:
     dL/du  = dL/dh * g * s
     dL/dg  = dL/dh * u * s * (1 + g * (1 - s))         (d silu / dg = s + g * s * (1 - s))
 
-On the CPU, for fp32 tensors, the forward and the backward are one pass each in the native core
-(csrc/swiglu_cpu.cpp) instead of two and nine tensor ops: 4-6x less time on this activation,
-most of the training pass's 1.06-1.15x at 128-token completions (benchmarks/RESULTS.md, "Lean
-LoRA and SwiGLU"). Elsewhere (CUDA, bf16, a build without the core) the PyTorch ops below run.
+On the CPU, for fp32 and bf16 tensors, the forward and the backward are one pass each in the
+native core (csrc/swiglu_cpu.cpp) instead of two and nine tensor ops: 4-6x less time on this
+activation, most of the training pass's 1.06-1.15x at 128-token completions (benchmarks/
+RESULTS.md, "Lean LoRA and SwiGLU"). bf16's forward rounds where PyTorch's ops do (silu, then the
+product); its backward computes in fp32 and rounds each gradient once (PyTorch's ops round after
+each of their ~9 steps). Elsewhere (CUDA, fp16, a build without the core) the PyTorch ops below run.
 
 `use_lean_swiglu(model)` switches every Llama-style gated MLP (gate_proj, up_proj, down_proj,
 SiLU) of a model to it; the math of the forward is unchanged.
@@ -27,14 +29,15 @@ import torch
 import torch.nn.functional as F
 
 from grpo_fast.models.causal_lm import SILU_ACTIVATIONS
-from grpo_fast.native import cpu_fp32_backend
+from grpo_fast.native import cpu_lean_backend
 
 
 def _native(*tensors: torch.Tensor):
-    """The CPU core's functions when it can take these tensors (fp32, contiguous, one shape), else None."""
+    """The CPU core's functions when it can take these tensors (fp32 or bf16, contiguous, one
+    shape and dtype), else None."""
     if any(t.shape != tensors[0].shape for t in tensors):
         return None
-    return cpu_fp32_backend("silu_mul_backward", *tensors)
+    return cpu_lean_backend("silu_mul_backward", *tensors)
 
 
 class SiluMulFunction(torch.autograd.Function):

@@ -171,16 +171,27 @@ def lora_add_bf16_checked_(out: torch.Tensor, x: torch.Tensor, args: list[tuple[
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """weight * x / sqrt(mean(x^2 over the last dim) + eps), fp32, any leading shape."""
-    checks.tensor("x", x, dtypes=_F32, device="cpu")
+    """weight * x / sqrt(mean(x^2 over the last dim) + eps), any leading shape; fp32, or bf16 as
+    HF's module computes it in bf16 (bf16(weight * bf16(x * r)), the sum of squares in fp32)."""
+    checks.tensor("x", x, dtypes=(torch.float32, torch.bfloat16), device="cpu")
     if x.dim() < 1:
         raise ValueError("x: need at least one dim")
     dim = x.shape[-1]
-    checks.tensor("weight", weight, dtypes=_F32, shape=(dim,))
+    checks.tensor("weight", weight, dtypes=(x.dtype,), shape=(dim,))
     out = torch.empty_like(x)
     if x.numel():
-        _C.cpu_rms_norm(out.data_ptr(), x.data_ptr(), weight.data_ptr(), x.numel() // dim, dim, float(eps))
+        kernel = _C.cpu_rms_norm if x.dtype == torch.float32 else _C.cpu_rms_norm_bf16
+        kernel(out.data_ptr(), x.data_ptr(), weight.data_ptr(), x.numel() // dim, dim, float(eps))
     return out
+
+
+def silu_mul_bf16_(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """gate = bf16(bf16(silu(gate)) * up) in place, as F.silu(gate) * up rounds on bf16 tensors;
+    contiguous bf16 CPU tensors of one shape."""
+    checks.tensor("gate", gate, dtypes=(torch.bfloat16,), device="cpu")
+    checks.tensor("up", up, dtypes=(torch.bfloat16,), device="cpu", shape=tuple(gate.shape))
+    _C.cpu_silu_mul_bf16(gate.data_ptr(), gate.data_ptr(), up.data_ptr(), gate.numel())
+    return gate
 
 
 def rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
