@@ -71,7 +71,7 @@ def bench_train(repeats: int, P: int, C: int) -> None:
 
     decoder, batch, w, B, G = _train_case(P, C)
 
-    def one_pass():
+    def forward_backward():
         for k in range(B):
             hidden = completion_hidden(decoder, batch.select(slice(k * G, (k + 1) * G)))
             (hidden @ w).float().sum().backward()
@@ -85,7 +85,7 @@ def bench_train(repeats: int, P: int, C: int) -> None:
         for name, (lean, attn, one_pass) in configs.items():
             with _switched(lean, attn, one_pass):
                 t = time.perf_counter()
-                one_pass()
+                forward_backward()
                 seconds = time.perf_counter() - t
             if rep:
                 times[name].append(seconds)

@@ -71,9 +71,23 @@ def _lean_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     return self._module_forward(hidden_states) if out is None else out
 
 
+def _stop_cpu_kernelization(model: torch.nn.Module) -> None:
+    """transformers' hub kernels (`use_kernels`, on by default where the `kernels` package is
+    installed) re-kernelize a model at its first train() / eval(), which puts every RMSNorm's class
+    forward back over the one set here: the lean norm ran until the first sampling phase, then
+    never again. On the CPU there is no hub kernel to run (and nothing may be downloaded), so
+    kernelization is switched off before the norms are switched."""
+    for module in model.modules():
+        params = next(module.parameters(), None)
+        if getattr(module, "use_kernels", False) and params is not None and params.device.type == "cpu":
+            module.use_kernels = False  # resets once (the torch forwards); train() / eval() then leave them
+
+
 def use_lean_rms_norm(model: torch.nn.Module) -> int:
     """Route every RMSNorm of the supported families in `model` through the native pass above;
-    returns how many (a norm already switched counts again, unchanged)."""
+    returns how many (a norm already switched counts again, unchanged). On the CPU the model's
+    hub-kernel switching is turned off first, so that train() / eval() keep them switched."""
+    _stop_cpu_kernelization(model)
     count = 0
     for module in model.modules():
         if type(module).__name__ not in RMS_NORMS or not hasattr(module, "variance_epsilon"):

@@ -151,3 +151,27 @@ def test_switched_model_has_the_same_outputs_and_gradients():
     with torch.no_grad(), torch.profiler.profile() as prof:  # and it ran the core, not the module's ops
         lean(input_ids=ids)
     assert not any(e.key == "aten::pow" for e in prof.key_averages())
+
+
+def test_train_and_eval_keep_the_norms_switched(tmp_path, monkeypatch):
+    """transformers re-kernelizes a model at train() / eval() (hub kernels, on where the `kernels`
+    package is installed), which put the class forward back over every lean norm: after the
+    first sampling phase the training pass ran HF's norms. load_policy's model keeps them
+    through both, and a forward after them runs every norm natively."""
+    import grpo_fast.rms_norm as rn
+    from grpo_fast.config import load_config
+    from grpo_fast.train.model import load_policy
+    from test_train_loop import make_tiny_model
+
+    tiny = make_tiny_model(tmp_path / "tiny")
+    cfg = load_config(None, {"model.name_or_path": str(tiny), "lora.r": 2, "lora.lora_alpha": 4})
+    model, _, _ = load_policy(cfg.model, cfg.lora, seed=0)
+    calls = []
+    real = rn.rms_norm
+    monkeypatch.setattr(rn, "rms_norm", lambda *a: calls.append(1) or real(*a))
+    norms = [m for m in model.modules() if type(m).__name__ == "LlamaRMSNorm"]
+    for switch in (model.eval, model.train, model.eval, model.train):
+        switch()
+        calls.clear()
+        model(input_ids=torch.tensor([[1, 2, 3]]))
+        assert len(calls) == len(norms) > 0
