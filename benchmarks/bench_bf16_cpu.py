@@ -12,9 +12,9 @@ the adapters fp32: its default over a bf16 base).
    - both;
    - both + one-pass: the bf16 one-pass SwiGLU and RMSNorm kernels too (what runs now).
 2. sample: the group sampler, 4 x 8 x 64 forced tokens, tokens/s, on the plain bf16 model and
-   the LoRA-wrapped one: with the native bf16 RMSNorm and SiLU * up (csrc/rms_norm_cpu.cpp,
-   swiglu_cpu.cpp) or the modules' ops; LoRA's terms through the native add
-   (csrc/lora_bf16_cpu.cpp) or peft's forward (the code before both).
+   the LoRA-wrapped one: with the native bf16 RMSNorm (csrc/rms_norm_cpu.cpp) or the modules'
+   ops; LoRA's terms through the native add (csrc/lora_bf16_cpu.cpp) or peft's forward (the code
+   before both).
 
     python benchmarks/bench_bf16_cpu.py [--repeats 4] [--only train|sample]
 
@@ -116,9 +116,9 @@ def bench_sample(repeats: int) -> None:
                for q in questions]
     prompts = [p["input_ids"] if hasattr(p, "keys") else p for p in prompts]
     params = SamplingParams(n=8, temperature=1.0, max_tokens=64, ignore_eos=True, seed=0)
-    # (name, model, the native add, the native bf16 norms and SiLU * up)
-    runs = [("plain bf16 (now)", plain, True, True), ("plain bf16, module norms/SwiGLU", plain, True, False),
-            ("LoRA (now)", wrapped, True, True), ("LoRA, module norms/SwiGLU", wrapped, True, False),
+    # (name, model, the native add, the native bf16 norms)
+    runs = [("plain bf16 (now)", plain, True, True), ("plain bf16, module norms", plain, True, False),
+            ("LoRA (now)", wrapped, True, True), ("LoRA, module norms", wrapped, True, False),
             ("LoRA, peft forward (before)", wrapped, False, False)]
     samplers = {model_id: Sampler(model, tok) for model_id, model in ((id(plain), plain), (id(wrapped), wrapped))}
     rates = {name: [] for name, *_ in runs}
@@ -141,19 +141,18 @@ def bench_sample(repeats: int) -> None:
 @contextlib.contextmanager
 def _decode_paths(native_add: bool, native_norms: bool):
     """The decode's bf16 paths off or on for the duration: the native LoRA add (else peft's
-    forward for the LoRA layers) and the native bf16 RMSNorm / SiLU * up (else the modules' ops)."""
+    forward for the LoRA layers) and the native bf16 RMSNorm (else the modules' ops)."""
     from grpo_fast.models import decode_fast_paths, llama_family
 
-    saved = decode_fast_paths._fp32_over_bf16, llama_family.rms_norm, decode_fast_paths.act_mul_
+    saved = decode_fast_paths._fp32_over_bf16, llama_family.rms_norm
     if not native_add:
         decode_fast_paths._fp32_over_bf16 = lambda *_: False
     if not native_norms:
         llama_family.rms_norm = lambda norm, x: norm(x)
-        decode_fast_paths.act_mul_ = lambda mlp, g, u: mlp.act_fn(g).mul_(u)
     try:
         yield
     finally:
-        decode_fast_paths._fp32_over_bf16, llama_family.rms_norm, decode_fast_paths.act_mul_ = saved
+        decode_fast_paths._fp32_over_bf16, llama_family.rms_norm = saved
 
 
 def main() -> None:

@@ -95,7 +95,6 @@ void register_decode(py::module_& m) {
   m.def("cpu_rope_qk", &cpu_rope_qk, py::call_guard<py::gil_scoped_release>());
   m.def("cpu_silu_mul", &cpu_silu_mul, py::call_guard<py::gil_scoped_release>());
   m.def("cpu_silu_mul_backward", &cpu_silu_mul_backward, py::call_guard<py::gil_scoped_release>());
-  m.def("cpu_silu_mul_bf16", &cpu_silu_mul_bf16, py::call_guard<py::gil_scoped_release>());
   m.def("cpu_silu_mul_backward_bf16", &cpu_silu_mul_backward_bf16, py::call_guard<py::gil_scoped_release>());
 
   py::class_<DecodeModel>(m, "CpuDecodeModel")

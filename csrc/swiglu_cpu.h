@@ -16,10 +16,7 @@ void cpu_silu_mul(uintptr_t out, uintptr_t gate, uintptr_t up, int64_t n);
 void cpu_silu_mul_backward(uintptr_t grad_gate, uintptr_t grad_up, uintptr_t grad, uintptr_t gate,
                            uintptr_t up, int64_t n);
 
-// The same two over bf16 tensors: the forward as PyTorch's F.silu(gate) * up on bf16 computes it
-// (silu rounded to bf16, then the product rounded), the backward in fp32 from the bf16 values,
-// each gradient rounded once.
-void cpu_silu_mul_bf16(uintptr_t out, uintptr_t gate, uintptr_t up, int64_t n);
+// The backward over bf16 tensors: in fp32 from the bf16 values, each gradient rounded once.
 void cpu_silu_mul_backward_bf16(uintptr_t grad_gate, uintptr_t grad_up, uintptr_t grad, uintptr_t gate,
                                 uintptr_t up, int64_t n);
 

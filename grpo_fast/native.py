@@ -67,8 +67,8 @@ def has_native(op: str, device: str = "cpu") -> bool:
 
 
 class _CpuDtypeKernels:
-    """The `cpu_*` functions for one dtype: ``k.silu_mul(...)`` calls ``_C.cpu_silu_mul`` (fp32) or
-    ``_C.cpu_silu_mul_bf16`` (bf16)."""
+    """The `cpu_*` functions for one dtype: ``k.rms_norm_backward(...)`` calls
+    ``_C.cpu_rms_norm_backward`` (fp32) or ``_C.cpu_rms_norm_backward_bf16`` (bf16)."""
 
     def __init__(self, suffix: str):
         self.suffix = suffix

@@ -10,12 +10,13 @@ Llama block's activation memory, for one extra sigmoid pass:
     dL/du  = dL/dh * g * s
     dL/dg  = dL/dh * u * s * (1 + g * (1 - s))         (d silu / dg = s + g * s * (1 - s))
 
-On the CPU, for fp32 and bf16 tensors, the forward and the backward are one pass each in the
-native core (csrc/swiglu_cpu.cpp) instead of two and nine tensor ops: 4-6x less time on this
-activation, most of the training pass's 1.06-1.15x at 128-token completions (benchmarks/
-RESULTS.md, "Lean LoRA and SwiGLU"). bf16's forward rounds where PyTorch's ops do (silu, then the
-product); its backward computes in fp32 and rounds each gradient once (PyTorch's ops round after
-each of their ~9 steps). Elsewhere (CUDA, fp16, a build without the core) the PyTorch ops below run.
+On the CPU, for fp32 tensors, the forward and the backward are one pass each in the native core
+(csrc/swiglu_cpu.cpp) instead of two and nine tensor ops: 4-6x less time on this activation,
+most of the training pass's 1.06-1.15x at 128-token completions (benchmarks/
+RESULTS.md, "Lean LoRA and SwiGLU"). For bf16 the backward is native (fp32 math, each gradient
+rounded once, where PyTorch's ops round after each of their ~9 steps; 2x faster) and the forward
+PyTorch's (its AVX512 bf16 kernel beat a native one that emulates the rounding in AVX2).
+Elsewhere (CUDA, fp16, a build without the core) the PyTorch ops below run.
 
 `use_lean_swiglu(model)` switches every Llama-style gated MLP (gate_proj, up_proj, down_proj,
 SiLU) of a model to it; the math of the forward is unchanged.
@@ -44,7 +45,8 @@ class SiluMulFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(gate, up)
-        core = _native(gate, up)
+        # bf16: PyTorch's forward (faster than a native one with emulated rounding); the backward native
+        core = _native(gate, up) if gate.dtype == torch.float32 else None
         if core is None:
             return F.silu(gate) * up
         out = torch.empty_like(gate)

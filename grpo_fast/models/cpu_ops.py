@@ -185,15 +185,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return out
 
 
-def silu_mul_bf16_(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """gate = bf16(bf16(silu(gate)) * up) in place, as F.silu(gate) * up rounds on bf16 tensors;
-    contiguous bf16 CPU tensors of one shape."""
-    checks.tensor("gate", gate, dtypes=(torch.bfloat16,), device="cpu")
-    checks.tensor("up", up, dtypes=(torch.bfloat16,), device="cpu", shape=tuple(gate.shape))
-    _C.cpu_silu_mul_bf16(gate.data_ptr(), gate.data_ptr(), up.data_ptr(), gate.numel())
-    return gate
-
-
 def rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
             sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(q, k) * cos + rotate_half((q, k)) * sin, rotate_half(x) = cat(-x2, x1) over the halves of

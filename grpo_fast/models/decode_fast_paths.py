@@ -262,10 +262,10 @@ class FastPaths:
         if _native(x, gate) and _native(x, up):
             return self.linear_add_(into, mlp.down_proj, self._gated_inner(mlp, x, gate, up))
         if any(p.mixed is not None for p in parts):
-            inner = act_mul_(mlp, self.linear(mlp.gate_proj, x), self.linear(mlp.up_proj, x))  # [M, I]
+            inner = mlp.act_fn(self.linear(mlp.gate_proj, x)).mul_(self.linear(mlp.up_proj, x))  # [M, I]
             return into.add_(self.linear(mlp.down_proj, inner))
         xt = x.t()  # [H, M]
-        inner_t = act_mul_(mlp, _transposed(gate, xt), _transposed(up, xt))  # [I, M]
+        inner_t = mlp.act_fn(_transposed(gate, xt)).mul_(_transposed(up, xt))  # [I, M]
         return into.add_(_transposed(down, inner_t).t())
 
     def _gated_parts(self, mlp: nn.Module, x: torch.Tensor):
@@ -301,17 +301,6 @@ def rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
             or not cpu_ops.available()):
         return norm(x)
     return cpu_ops.rms_norm(x, *params)
-
-
-def act_mul_(mlp: nn.Module, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """act(gate) * up, into gate. A SiLU over bf16 CPU tensors is one native pass (rounded as
-    PyTorch's two ops round); fp32 keeps PyTorch's ops (the fp32 decoder runs natively anyway)."""
-    act = mlp.act_fn
-    if (type(act).__name__ in SILU_ACTIVATIONS and unhooked(act) and gate.dtype == up.dtype == torch.bfloat16
-            and gate.shape == up.shape and gate.device.type == "cpu" and gate.is_contiguous() and up.is_contiguous()
-            and cpu_ops.available()):
-        return cpu_ops.silu_mul_bf16_(gate, up)
-    return act(gate).mul_(up)
 
 
 class Rotary:
