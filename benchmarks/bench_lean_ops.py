@@ -15,6 +15,7 @@ native RMSNorm (grpo_fast/rms_norm.py: one pass per row each way), each against 
 3. --profile: one step each way under torch.profiler, the ops with the most self CPU time.
 
     python benchmarks/bench_lean_ops.py [--repeats 20] [--steps 3] [--prompt-len 40] [--completion-len 128] [--profile]
+    python benchmarks/bench_lean_ops.py --only ops --dtype bfloat16    # bf16's SwiGLU and RMSNorm
 """
 import argparse
 import contextlib
@@ -62,7 +63,7 @@ def show(name, before, after):
     print(f"  every run, lean:   {' '.join(f'{t:.2f}' for t in after)}", flush=True)
 
 
-def bench_ops(repeats):
+def bench_ops(repeats, dtype=torch.float32):
     from peft import LoraConfig, get_peft_model
 
     from grpo_fast.lean_lora import use_lean_lora
@@ -70,9 +71,10 @@ def bench_ops(repeats):
 
     n = 1016
     g = torch.Generator().manual_seed(0)
-    gate = torch.randn(n, 1536, generator=g, requires_grad=True)
-    up = torch.randn(n, 1536, generator=g, requires_grad=True)
-    d = torch.randn(n, 1536, generator=g)
+    gate = torch.randn(n, 1536, generator=g).to(dtype).requires_grad_()
+    up = torch.randn(n, 1536, generator=g).to(dtype).requires_grad_()
+    d = torch.randn(n, 1536, generator=g).to(dtype)
+    print(f"ops: {dtype}", flush=True)
 
     def swiglu():
         silu_mul(gate, up).backward(d)
@@ -87,11 +89,11 @@ def bench_ops(repeats):
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
     from grpo_fast.rms_norm import use_lean_rms_norm
-    norm = LlamaRMSNorm(576, eps=1e-5)
+    norm = LlamaRMSNorm(576, eps=1e-5).to(dtype)
     norm.requires_grad_(False)
     use_lean_rms_norm(norm)
-    h = torch.randn(n, 576, generator=g, requires_grad=True)
-    dh = torch.randn(n, 576, generator=g)
+    h = torch.randn(n, 576, generator=g).to(dtype).requires_grad_()
+    dh = torch.randn(n, 576, generator=g).to(dtype)
 
     def rmsnorm():
         norm(h).backward(dh)
@@ -101,6 +103,8 @@ def bench_ops(repeats):
             before += timed(rmsnorm, 1)
         after += timed(rmsnorm, 1)
     show("RMSNorm [1016, 576]", before, after)
+    if dtype != torch.float32:  # the LoRA linears: bf16 is bench_bf16_cpu.py's (fp32 adapters over bf16)
+        return
 
     for k, m in ((576, 1536), (1536, 576), (576, 576), (576, 192)):
         lin = torch.nn.Sequential(torch.nn.Linear(k, m, bias=False))
@@ -167,10 +171,12 @@ def main():
     ap.add_argument("--completion-len", type=int, default=128)
     ap.add_argument("--only", choices=["ops", "step"])
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="the ops' dtype (bfloat16: SwiGLU and RMSNorm only)")
     a = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()}", flush=True)
     if a.only != "step":
-        bench_ops(a.repeats)
+        bench_ops(a.repeats, getattr(torch, a.dtype))
     if a.only != "ops":
         bench_step(a.steps, a.prompt_len, a.completion_len, a.profile)
     print(f"load average after {os.getloadavg()}")

@@ -53,13 +53,14 @@ SAMPLING_SLACK = {"cpu": 0.0, "cuda": 0.08}
 # grpo_fast.rms_norm) far fewer odd-sized temporaries are left: 0.35 / 0.2 beside the process's
 # own growth (CPU_PROCESS_GROWTH below; 0.4 / 0.2 when that was not counted apart); without the
 # core (a source checkout), PyTorch's ops leave the 0.9 / 0.6 measured before them; bf16 / fp16
-# below (the one-pass kernels are fp32 only).
+# below.
 CPU_HEAP_GROWTH = {False: 0.35, True: 0.2}  # by gradient checkpointing
 CPU_HEAP_GROWTH_TORCH_OPS = {False: 0.9, True: 0.6}
-# A bf16 / fp16 model's training pass on the CPU: PyTorch's ops leave about the saved tensors
-# again (HF's RMSNorm and our fp32 attention keep fp32 temporaries of 2-byte activations), little
-# under gradient checkpointing (its recompute runs attention in bf16 and frees layer by layer);
-# measured by bench_memory.py's bf16, bf16-long and bf16-checkpointing configs.
+# A bf16 / fp16 model's training pass on the CPU leaves about the saved tensors again (our fp32
+# attention and PyTorch's SwiGLU forward make fp32 / bf16 temporaries of 2-byte activations),
+# little under gradient checkpointing (its recompute runs attention in bf16 and frees layer by
+# layer); measured by bench_memory.py's bf16, bf16-long and bf16-checkpointing configs (with the
+# bf16 one-pass RMSNorm: 1.10 / 1.05 / 0.97 of the measured peaks, 7 Dec 2026).
 CPU_HEAP_GROWTH_HALF = {False: 1.0, True: 0.1}
 # CPU only: what the process holds outside tensors once the model is built and has taken a step,
 # in every phase after the first: the model's and tokenizer's Python objects (~34 MiB for
@@ -348,7 +349,7 @@ def plan(cfg, device_memory: int | None = None, *, shape: ModelShape | None = No
     comp["fused loss"] = loss_tokens * s.hidden * 4 * 2 + 2 * _logit_rows(loss_tokens, s.vocab, device) * s.vocab * 4
     backward_temps = mb_tokens * (2 * s.intermediate + 2 * s.hidden) * 4  # one layer's gradients in flight
     if device == "cpu":
-        # the one-pass SwiGLU / RMSNorm kernels are fp32 only: a bf16 model runs PyTorch's ops
+        # the fp32 one-pass kernels, else PyTorch's ops (no core), else bf16 / fp16's own constants
         lean = _native_core_built() and act == 4
         growth = (CPU_HEAP_GROWTH if lean else CPU_HEAP_GROWTH_TORCH_OPS if act == 4 else
                   CPU_HEAP_GROWTH_HALF)[bool(cfg.model.gradient_checkpointing)]
