@@ -12,6 +12,7 @@
 
 #include <cmath>
 #include <stdexcept>
+#include <string>
 
 #include "common.h"
 #include "cpu_common.h"
@@ -79,7 +80,7 @@ GF_INLINE float inv_rms(float ss, int64_t dim, float eps) {
   return 1.f / std::sqrt(ss / static_cast<float>(dim) + eps);
 }
 
-void norm_rows_bf16(uint16_t* out, const uint16_t* x, const uint16_t* w, int64_t rows, int64_t dim,
+void norm_rows(uint16_t* out, const uint16_t* x, const uint16_t* w, int64_t rows, int64_t dim,
                     float eps) {
   for (int64_t r = 0; r < rows; ++r) {
     const uint16_t* xr = x + r * dim;
@@ -95,7 +96,7 @@ GF_INLINE void norm_backward_tail_bf16(uint16_t* dx, const uint16_t* dy, const u
     dx[i] = f32_to_bf16(inv * (bf16_to_f32(w[i]) * bf16_to_f32(dy[i])) - c * bf16_to_f32(x[i]));
 }
 
-void norm_backward_rows_bf16(uint16_t* dx, const uint16_t* dy, const uint16_t* x, const uint16_t* w,
+void norm_backward_rows(uint16_t* dx, const uint16_t* dy, const uint16_t* x, const uint16_t* w,
                              int64_t rows, int64_t dim, float eps) {
   for (int64_t r = 0; r < rows; ++r) {
     const uint16_t *xr = x + r * dim, *dyr = dy + r * dim;
@@ -112,7 +113,7 @@ void norm_backward_rows_bf16(uint16_t* dx, const uint16_t* dy, const uint16_t* x
 }
 
 #ifdef GF_X86_DISPATCH
-GF_AVX2 void norm_rows_bf16_avx2(uint16_t* out, const uint16_t* x, const uint16_t* w, int64_t rows,
+GF_AVX2 void norm_rows_avx2(uint16_t* out, const uint16_t* x, const uint16_t* w, int64_t rows,
                                  int64_t dim, float eps) {
   for (int64_t r = 0; r < rows; ++r) {
     const uint16_t* xr = x + r * dim;
@@ -133,7 +134,7 @@ GF_AVX2 void norm_rows_bf16_avx2(uint16_t* out, const uint16_t* x, const uint16_
   }
 }
 
-GF_AVX2 void norm_backward_rows_bf16_avx2(uint16_t* dx, const uint16_t* dy, const uint16_t* x,
+GF_AVX2 void norm_backward_rows_avx2(uint16_t* dx, const uint16_t* dy, const uint16_t* x,
                                           const uint16_t* w, int64_t rows, int64_t dim, float eps) {
   for (int64_t r = 0; r < rows; ++r) {
     const uint16_t *xr = x + r * dim, *dyr = dy + r * dim;
@@ -173,43 +174,15 @@ void over_rows(int64_t rows, int64_t dim, F&& fn) {
 
 }  // namespace
 
-void cpu_rms_norm_bf16(uintptr_t out, uintptr_t x, uintptr_t weight, int64_t rows, int64_t dim,
-                       float eps) {
-  if (rows < 0 || dim < 1) throw std::invalid_argument("cpu_rms_norm_bf16: need rows >= 0, dim >= 1");
-  auto* o = reinterpret_cast<uint16_t*>(out);
-  const auto* xp = reinterpret_cast<const uint16_t*>(x);
-  const auto* w = reinterpret_cast<const uint16_t*>(weight);
-  over_rows(rows, dim, [&](int64_t b, int64_t n) {
-#ifdef GF_X86_DISPATCH
-    if (use_avx2()) return norm_rows_bf16_avx2(o + b * dim, xp + b * dim, w, n, dim, eps);
-#endif
-    norm_rows_bf16(o + b * dim, xp + b * dim, w, n, dim, eps);
-  });
-}
-
-void cpu_rms_norm_backward_bf16(uintptr_t grad_x, uintptr_t grad_out, uintptr_t x, uintptr_t weight,
-                                int64_t rows, int64_t dim, float eps) {
-  if (rows < 0 || dim < 1)
-    throw std::invalid_argument("cpu_rms_norm_backward_bf16: need rows >= 0, dim >= 1");
-  auto* dx = reinterpret_cast<uint16_t*>(grad_x);
-  const auto* dy = reinterpret_cast<const uint16_t*>(grad_out);
-  const auto* xp = reinterpret_cast<const uint16_t*>(x);
-  const auto* w = reinterpret_cast<const uint16_t*>(weight);
-  over_rows(rows, dim, [&](int64_t b, int64_t n) {
-#ifdef GF_X86_DISPATCH
-    if (use_avx2()) return norm_backward_rows_bf16_avx2(dx + b * dim, dy + b * dim, xp + b * dim, w, n, dim, eps);
-#endif
-    norm_backward_rows_bf16(dx + b * dim, dy + b * dim, xp + b * dim, w, n, dim, eps);
-  });
-}
-
-void cpu_rms_norm(uintptr_t out, uintptr_t x, uintptr_t weight, int64_t rows, int64_t dim,
-                  float eps) {
-  if (rows < 0 || dim < 1) throw std::invalid_argument("cpu_rms_norm: need rows >= 0, dim >= 1");
-  auto* o = reinterpret_cast<float*>(out);
-  const auto* xp = reinterpret_cast<const float*>(x);
-  const auto* w = reinterpret_cast<const float*>(weight);
-  // A decode step's [32, 576] is ~18k floats: one thread, no fork/join.
+namespace {
+template <typename T>
+void forward_all(const char* name, uintptr_t out, uintptr_t x, uintptr_t weight, int64_t rows, int64_t dim,
+                 float eps) {
+  if (rows < 0 || dim < 1) throw std::invalid_argument(std::string(name) + ": need rows >= 0, dim >= 1");
+  auto* o = reinterpret_cast<T*>(out);
+  const auto* xp = reinterpret_cast<const T*>(x);
+  const auto* w = reinterpret_cast<const T*>(weight);
+  // A decode step's [32, 576] is ~18k values: one thread, no fork/join.
   over_rows(rows, dim, [&](int64_t b, int64_t n) {
 #ifdef GF_X86_DISPATCH
     if (use_avx2()) return norm_rows_avx2(o + b * dim, xp + b * dim, w, n, dim, eps);
@@ -218,20 +191,39 @@ void cpu_rms_norm(uintptr_t out, uintptr_t x, uintptr_t weight, int64_t rows, in
   });
 }
 
-void cpu_rms_norm_backward(uintptr_t grad_x, uintptr_t grad_out, uintptr_t x, uintptr_t weight,
-                           int64_t rows, int64_t dim, float eps) {
-  if (rows < 0 || dim < 1)
-    throw std::invalid_argument("cpu_rms_norm_backward: need rows >= 0, dim >= 1");
-  auto* dx = reinterpret_cast<float*>(grad_x);
-  const auto* dy = reinterpret_cast<const float*>(grad_out);
-  const auto* xp = reinterpret_cast<const float*>(x);
-  const auto* w = reinterpret_cast<const float*>(weight);
+template <typename T>
+void backward_all(const char* name, uintptr_t grad_x, uintptr_t grad_out, uintptr_t x, uintptr_t weight,
+                  int64_t rows, int64_t dim, float eps) {
+  if (rows < 0 || dim < 1) throw std::invalid_argument(std::string(name) + ": need rows >= 0, dim >= 1");
+  auto* dx = reinterpret_cast<T*>(grad_x);
+  const auto* dy = reinterpret_cast<const T*>(grad_out);
+  const auto* xp = reinterpret_cast<const T*>(x);
+  const auto* w = reinterpret_cast<const T*>(weight);
   over_rows(rows, dim, [&](int64_t b, int64_t n) {
 #ifdef GF_X86_DISPATCH
     if (use_avx2()) return norm_backward_rows_avx2(dx + b * dim, dy + b * dim, xp + b * dim, w, n, dim, eps);
 #endif
     norm_backward_rows(dx + b * dim, dy + b * dim, xp + b * dim, w, n, dim, eps);
   });
+}
+}  // namespace
+
+void cpu_rms_norm(uintptr_t out, uintptr_t x, uintptr_t weight, int64_t rows, int64_t dim, float eps) {
+  forward_all<float>("cpu_rms_norm", out, x, weight, rows, dim, eps);
+}
+
+void cpu_rms_norm_bf16(uintptr_t out, uintptr_t x, uintptr_t weight, int64_t rows, int64_t dim, float eps) {
+  forward_all<uint16_t>("cpu_rms_norm_bf16", out, x, weight, rows, dim, eps);
+}
+
+void cpu_rms_norm_backward(uintptr_t grad_x, uintptr_t grad_out, uintptr_t x, uintptr_t weight, int64_t rows,
+                           int64_t dim, float eps) {
+  backward_all<float>("cpu_rms_norm_backward", grad_x, grad_out, x, weight, rows, dim, eps);
+}
+
+void cpu_rms_norm_backward_bf16(uintptr_t grad_x, uintptr_t grad_out, uintptr_t x, uintptr_t weight,
+                                int64_t rows, int64_t dim, float eps) {
+  backward_all<uint16_t>("cpu_rms_norm_backward_bf16", grad_x, grad_out, x, weight, rows, dim, eps);
 }
 
 }  // namespace grpo_fast

@@ -77,29 +77,13 @@ GF_AVX2 void forward_span_avx2(float* out, const float* g, const float* u, int64
   forward_span(out + i, g + i, u + i, n - i);
 }
 
-GF_AVX2 void backward_span_avx2(float* gg, float* gu, const float* d, const float* g, const float* u,
-                                int64_t n) {
-  const __m256 one = _mm256_set1_ps(1.f);
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    const __m256 gv = _mm256_loadu_ps(g + i), dv = _mm256_loadu_ps(d + i);
-    const __m256 s = sigmoid8(gv);
-    if (gu != nullptr) _mm256_storeu_ps(gu + i, _mm256_mul_ps(_mm256_mul_ps(dv, gv), s));
-    if (gg != nullptr) {
-      const __m256 du_s = _mm256_mul_ps(_mm256_mul_ps(dv, _mm256_loadu_ps(u + i)), s);
-      const __m256 slope = _mm256_add_ps(one, _mm256_mul_ps(gv, _mm256_sub_ps(one, s)));
-      _mm256_storeu_ps(gg + i, _mm256_mul_ps(du_s, slope));
-    }
-  }
-  backward_span(gg ? gg + i : nullptr, gu ? gu + i : nullptr, d + i, g + i, u + i, n - i);
-}
 #endif
 
 // bf16's backward: in fp32 from the bf16 values, each gradient rounded once (PyTorch's ops round
 // after each of their ~9 steps). Its forward stays PyTorch's (F.silu(g) * u): with the rounding
 // emulated in AVX2 a native one was 1.7-2x slower than PyTorch's AVX512 bf16 kernels here.
-GF_INLINE void backward_span_bf16(uint16_t* gg, uint16_t* gu, const uint16_t* d, const uint16_t* g,
-                                  const uint16_t* u, int64_t n) {
+GF_INLINE void backward_span(uint16_t* gg, uint16_t* gu, const uint16_t* d, const uint16_t* g,
+                             const uint16_t* u, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
     const float gv = bf16_to_f32(g[i]), dv = bf16_to_f32(d[i]), s = sigmoid(gv);
     if (gu != nullptr) gu[i] = f32_to_bf16(dv * gv * s);
@@ -108,8 +92,9 @@ GF_INLINE void backward_span_bf16(uint16_t* gg, uint16_t* gu, const uint16_t* d,
 }
 
 #ifdef GF_X86_DISPATCH
-GF_AVX2 void backward_span_bf16_avx2(uint16_t* gg, uint16_t* gu, const uint16_t* d, const uint16_t* g,
-                                     const uint16_t* u, int64_t n) {
+// The backward on 8 lanes, for fp32 or bf16 arrays (load8 / store8 convert and round).
+template <typename T>
+GF_AVX2 void backward_span_avx2(T* gg, T* gu, const T* d, const T* g, const T* u, int64_t n) {
   const __m256 one = _mm256_set1_ps(1.f);
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
@@ -118,20 +103,13 @@ GF_AVX2 void backward_span_bf16_avx2(uint16_t* gg, uint16_t* gu, const uint16_t*
     if (gu != nullptr) store8(gu + i, _mm256_mul_ps(_mm256_mul_ps(dv, gv), s));
     if (gg != nullptr) {
       const __m256 du_s = _mm256_mul_ps(_mm256_mul_ps(dv, load8(u + i)), s);
-      store8(gg + i, _mm256_mul_ps(du_s, _mm256_add_ps(one, _mm256_mul_ps(gv, _mm256_sub_ps(one, s)))));
+      const __m256 slope = _mm256_add_ps(one, _mm256_mul_ps(gv, _mm256_sub_ps(one, s)));
+      store8(gg + i, _mm256_mul_ps(du_s, slope));
     }
   }
-  backward_span_bf16(gg ? gg + i : nullptr, gu ? gu + i : nullptr, d + i, g + i, u + i, n - i);
+  backward_span(gg ? gg + i : nullptr, gu ? gu + i : nullptr, d + i, g + i, u + i, n - i);
 }
 #endif
-
-void backward_any(uint16_t* gg, uint16_t* gu, const uint16_t* d, const uint16_t* g, const uint16_t* u,
-                  int64_t n) {
-#ifdef GF_X86_DISPATCH
-  if (use_avx2()) return backward_span_bf16_avx2(gg, gu, d, g, u, n);
-#endif
-  backward_span_bf16(gg, gu, d, g, u, n);
-}
 
 void forward_any(float* out, const float* g, const float* u, int64_t n) {
 #ifdef GF_X86_DISPATCH
@@ -140,7 +118,8 @@ void forward_any(float* out, const float* g, const float* u, int64_t n) {
   forward_span(out, g, u, n);
 }
 
-void backward_any(float* gg, float* gu, const float* d, const float* g, const float* u, int64_t n) {
+template <typename T>
+void backward_any(T* gg, T* gu, const T* d, const T* g, const T* u, int64_t n) {
 #ifdef GF_X86_DISPATCH
   if (use_avx2()) return backward_span_avx2(gg, gu, d, g, u, n);
 #endif
