@@ -79,21 +79,15 @@ def bench_train(repeats: int, P: int, C: int) -> None:
     configs = {"neither (before)": (False, False, False), "lean LoRA": (True, False, False),
                "fp32 attention": (False, True, False), "both": (True, True, False),
                "both + one-pass (now)": (True, True, True)}
-    times = {name: [] for name in configs}
+    def seconds(_name):
+        t = time.perf_counter()
+        forward_backward()
+        return time.perf_counter() - t
+
     print(f"train: forward + backward, {B} x {G} rows, P = {P}, C = {C}, bf16, seconds", flush=True)
-    for rep in range(repeats + 1):  # the first round warms up
-        for name, (lean, attn, one_pass) in configs.items():
-            with _switched(lean, attn, one_pass):
-                t = time.perf_counter()
-                forward_backward()
-                seconds = time.perf_counter() - t
-            if rep:
-                times[name].append(seconds)
-            print(f"  {'warm-up ' if not rep else ''}{name:22s} {seconds:6.2f}", flush=True)
+    times = _alternate({name: lambda c=c: _switched(*c) for name, c in configs.items()}, repeats, seconds)
     base = statistics.median(times["neither (before)"])
-    for name, ts in times.items():
-        med = statistics.median(ts)
-        print(f"{name:22s} median {med:6.2f} s  ({base / med:4.2f}x)  runs {[round(t, 2) for t in ts]}")
+    _summary(times, "s", lambda med: f"{base / med:4.2f}x")
 
 
 def bench_sample(repeats: int) -> None:
@@ -120,22 +114,44 @@ def bench_sample(repeats: int) -> None:
     runs = [("plain bf16 (now)", plain, True, True), ("plain bf16, module norms", plain, True, False),
             ("LoRA (now)", wrapped, True, True), ("LoRA, module norms", wrapped, True, False),
             ("LoRA, peft forward (before)", wrapped, False, False)]
-    samplers = {model_id: Sampler(model, tok) for model_id, model in ((id(plain), plain), (id(wrapped), wrapped))}
-    rates = {name: [] for name, *_ in runs}
+    samplers = {name: Sampler(model, tok) for name, model in (("plain", plain), ("LoRA", wrapped))}
+    sampler_of = {name: samplers["plain" if model is plain else "LoRA"] for name, model, *_ in runs}
+
+    def tokens_per_s(name):
+        t = time.perf_counter()
+        outs = sampler_of[name].generate(prompts, params)
+        return sum(len(c.token_ids) for o in outs for c in o.completions) / (time.perf_counter() - t)
+
     print("sample: 4 x 8 x 64 forced tokens, bf16, tokens/s", flush=True)
-    for rep in range(repeats + 1):
-        for name, model, native_add, native_norms in runs:
-            with _decode_paths(native_add, native_norms):
-                t = time.perf_counter()
-                outs = samplers[id(model)].generate(prompts, params)
-                rate = sum(len(c.token_ids) for o in outs for c in o.completions) / (time.perf_counter() - t)
-            if rep:
-                rates[name].append(rate)
-            print(f"  {'warm-up ' if not rep else ''}{name:32s} {rate:7.1f}", flush=True)
+    rates = _alternate({name: lambda a=add, n=norms: _decode_paths(a, n) for name, _, add, norms in runs}, repeats,
+                       tokens_per_s)
     plain_rate = statistics.median(rates["plain bf16 (now)"])
-    for name, rs in rates.items():
-        med = statistics.median(rs)
-        print(f"{name:32s} median {med:7.1f} tok/s  ({med / plain_rate:4.2f}x plain)  runs {[round(r) for r in rs]}")
+    _summary(rates, "tok/s", lambda med: f"{med / plain_rate:4.2f}x plain")
+
+
+def _alternate(variants: dict, repeats: int, measure) -> dict[str, list[float]]:
+    """Every variant once per round, in order (so the machine's drift hits each alike), for
+    1 + repeats rounds; the first round warms up and is not kept. variants: name -> a context
+    manager factory that switches that variant on; measure(name) -> its figure. Every figure is
+    printed; returns name -> the kept figures."""
+    width = max(map(len, variants))
+    kept = {name: [] for name in variants}
+    for rep in range(repeats + 1):
+        for name, switched in variants.items():
+            with switched():
+                value = measure(name)
+            if rep:
+                kept[name].append(value)
+            print(f"  {'warm-up ' if not rep else ''}{name:{width}s} {value:7.2f}", flush=True)
+    return kept
+
+
+def _summary(values: dict[str, list[float]], unit: str, against) -> None:
+    """Per variant: the median, against(median) (its ratio to the baseline) and every kept figure."""
+    width = max(map(len, values))
+    for name, vs in values.items():
+        med = statistics.median(vs)
+        print(f"{name:{width}s} median {med:7.2f} {unit}  ({against(med)})  runs {[round(v, 2) for v in vs]}")
 
 
 @contextlib.contextmanager
