@@ -35,12 +35,12 @@ struct Problem {
   const float* a_t;      // [K, ranks_padded]: every term's A transposed, zero past `ranks`
 };
 
-// u[m, c] = sum_k float(x[m, k]) A^T[k, c] for rows [m0, m1), kRows rows by kLanes columns at a
+// u[m, c] = sum_k float(x[m, k]) A^T[k, c] for every row, kRows rows by kLanes columns at a
 // time (a tile's 64 sums are independent, so the multiply-adds do not wait on each other).
-GF_INLINE void down_rows(const Problem& p, float* u, int64_t m0, int64_t m1) {
+GF_INLINE void down_rows(const Problem& p, float* u) {
   std::vector<float> rows(kRows * p.K, 0.f);
-  for (int64_t m = m0; m < m1; m += kRows) {
-    const int64_t n_rows = m1 - m < kRows ? m1 - m : kRows;
+  for (int64_t m = 0; m < p.M; m += kRows) {
+    const int64_t n_rows = p.M - m < kRows ? p.M - m : kRows;
     for (int64_t r = 0; r < n_rows; ++r) {
       const uint16_t* xm = p.x + (m + r) * p.ldx;
       float* dst = rows.data() + r * p.K;
@@ -73,13 +73,13 @@ GF_INLINE void transpose_block(const Problem& p, float* bt, int64_t n0, int64_t 
   }
 }
 
-// Output blocks [b0, b1) of kLanes columns: the block's rows of every B transposed once
+// Every output block of kLanes columns: the block's rows of every B transposed once
 // ([ranks][kLanes], zero past N), then kRows rows of out at a time get their kLanes outputs,
 // each term's sum scaled and added in turn (peft's order).
-GF_INLINE void up_blocks(const Problem& p, const float* u, int64_t b0, int64_t b1) {
+GF_INLINE void up_blocks(const Problem& p, const float* u) {
   std::vector<float> bt(p.ranks * kLanes);
-  for (int64_t b = b0; b < b1; ++b) {
-    const int64_t n0 = b * kLanes, lanes = p.N - n0 < kLanes ? p.N - n0 : kLanes;
+  for (int64_t n0 = 0; n0 < p.N; n0 += kLanes) {
+    const int64_t lanes = p.N - n0 < kLanes ? p.N - n0 : kLanes;
     transpose_block(p, bt.data(), n0, lanes);
     for (int64_t m = 0; m < p.M; m += kRows) {
       const int64_t n_rows = p.M - m < kRows ? p.M - m : kRows;
@@ -123,25 +123,19 @@ GF_INLINE void up_blocks(const Problem& p, const float* u, int64_t b0, int64_t b
   }
 }
 
-void down_rows_base(const Problem& p, float* u, int64_t m0, int64_t m1) { down_rows(p, u, m0, m1); }
-void up_blocks_base(const Problem& p, const float* u, int64_t b0, int64_t b1) { up_blocks(p, u, b0, b1); }
+void down_rows_base(const Problem& p, float* u) { down_rows(p, u); }
+void up_blocks_base(const Problem& p, const float* u) { up_blocks(p, u); }
 #ifdef GF_X86_DISPATCH
-GF_AVX2 void down_rows_avx2(const Problem& p, float* u, int64_t m0, int64_t m1) { down_rows(p, u, m0, m1); }
-
-GF_AVX2 GF_INLINE void store16_bf16(uint16_t* dst, __m256 lo, __m256 hi) {
-  // packus interleaves 128-bit halves: [lo 0-3, hi 0-3, lo 4-7, hi 4-7] -> reorder the quarters
-  const __m256i packed = _mm256_packus_epi32(to_bf16_bits(lo), to_bf16_bits(hi));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm256_permute4x64_epi64(packed, 0xD8));
-}
+GF_AVX2 void down_rows_avx2(const Problem& p, float* u) { down_rows(p, u); }
 
 // up_blocks with the kRows x kLanes sums of a tile in 8 registers. u has M rounded up to kRows
 // rows (the extra ones zero), so every tile runs kRows rows; the last block of a ragged N, and
 // the rows past M, go through a copy.
-GF_AVX2 void up_blocks_avx2(const Problem& p, const float* u, int64_t b0, int64_t b1) {
+GF_AVX2 void up_blocks_avx2(const Problem& p, const float* u) {
   std::vector<float> bt(p.ranks * kLanes);
   alignas(32) uint16_t tail[kRows][kLanes] = {};
-  for (int64_t b = b0; b < b1; ++b) {
-    const int64_t n0 = b * kLanes, lanes = p.N - n0 < kLanes ? p.N - n0 : kLanes;
+  for (int64_t n0 = 0; n0 < p.N; n0 += kLanes) {
+    const int64_t lanes = p.N - n0 < kLanes ? p.N - n0 : kLanes;
     transpose_block(p, bt.data(), n0, lanes);
     for (int64_t m = 0; m < p.M; m += kRows) {
       const int64_t n_rows = p.M - m < kRows ? p.M - m : kRows;
@@ -156,7 +150,7 @@ GF_AVX2 void up_blocks_avx2(const Problem& p, const float* u, int64_t b0, int64_
         }
       }
       __m256 y[kRows][2];
-      for (int64_t r = 0; r < kRows; ++r) y[r][0] = bf16x8_to_f32(rows[r]), y[r][1] = bf16x8_to_f32(rows[r] + 8);
+      for (int64_t r = 0; r < kRows; ++r) y[r][0] = load8(rows[r]), y[r][1] = load8(rows[r] + 8);
       const float* bj = bt.data();
       const float* um = u + m * p.ranks;
       for (const LoraTerm& t : *p.terms) {
@@ -177,7 +171,7 @@ GF_AVX2 void up_blocks_avx2(const Problem& p, const float* u, int64_t b0, int64_
         }
         um += t.r;
       }
-      for (int64_t r = 0; r < kRows; ++r) store16_bf16(rows[r], y[r][0], y[r][1]);
+      for (int64_t r = 0; r < kRows; ++r) store8(rows[r], y[r][0]), store8(rows[r] + 8, y[r][1]);
       if (!whole)
         for (int64_t r = 0; r < n_rows; ++r)
           for (int64_t i = 0; i < lanes; ++i) p.out[(m + r) * p.ldo + n0 + i] = tail[r][i];
@@ -209,15 +203,14 @@ void cpu_lora_add_bf16(uintptr_t out, uintptr_t x, int64_t M, int64_t N, int64_t
   // One thread: the work is ~1M multiply-adds (~25 µs), and oneDNN's bf16 GEMM runs next on
   // OpenMP threads, which the pool's workers would still be spinning against (measured: the
   // base products 1.35x slower with two threads here, for a 15% faster add).
-  const int64_t blocks = (N + kLanes - 1) / kLanes;
 #ifdef GF_X86_DISPATCH
   if (use_avx2()) {
-    down_rows_avx2(p, u.data(), 0, M);
-    return up_blocks_avx2(p, u.data(), 0, blocks);
+    down_rows_avx2(p, u.data());
+    return up_blocks_avx2(p, u.data());
   }
 #endif
-  down_rows_base(p, u.data(), 0, M);
-  up_blocks_base(p, u.data(), 0, blocks);
+  down_rows_base(p, u.data());
+  up_blocks_base(p, u.data());
 }
 
 }  // namespace grpo_fast

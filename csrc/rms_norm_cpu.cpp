@@ -21,11 +21,16 @@
 namespace grpo_fast {
 namespace {
 
+// 1 / sqrt(mean + eps) of a row's sum of squares: HF's rsqrt(variance + eps).
+GF_INLINE float inv_rms(float ss, int64_t dim, float eps) {
+  return 1.f / std::sqrt(ss / static_cast<float>(dim) + eps);
+}
+
 GF_INLINE void norm_row(float* out, const float* x, const float* w, int64_t dim, float eps) {
   float ss = 0.f;
 #pragma omp simd reduction(+ : ss)
   for (int64_t i = 0; i < dim; ++i) ss += x[i] * x[i];
-  const float inv = 1.f / std::sqrt(ss / static_cast<float>(dim) + eps);
+  const float inv = inv_rms(ss, dim, eps);
 #pragma omp simd
   for (int64_t i = 0; i < dim; ++i) out[i] = w[i] * (x[i] * inv);
 }
@@ -38,7 +43,7 @@ GF_INLINE void norm_backward_row(float* dx, const float* dy, const float* x, con
     ss += x[i] * x[i];
     dot += w[i] * dy[i] * x[i];
   }
-  const float inv = 1.f / std::sqrt(ss / static_cast<float>(dim) + eps);
+  const float inv = inv_rms(ss, dim, eps);
   const float c = inv * inv * inv * dot / static_cast<float>(dim);
 #pragma omp simd
   for (int64_t i = 0; i < dim; ++i) dx[i] = inv * (w[i] * dy[i]) - c * x[i];
@@ -76,12 +81,8 @@ GF_INLINE void norm_row_bf16(uint16_t* out, const uint16_t* x, const uint16_t* w
     out[i] = f32_to_bf16(bf16_to_f32(w[i]) * bf16_to_f32(f32_to_bf16(bf16_to_f32(x[i]) * inv)));
 }
 
-GF_INLINE float inv_rms(float ss, int64_t dim, float eps) {
-  return 1.f / std::sqrt(ss / static_cast<float>(dim) + eps);
-}
-
 void norm_rows(uint16_t* out, const uint16_t* x, const uint16_t* w, int64_t rows, int64_t dim,
-                    float eps) {
+               float eps) {
   for (int64_t r = 0; r < rows; ++r) {
     const uint16_t* xr = x + r * dim;
     double ss = 0.0;  // a serial fp32 sum over a row drifts further from torch's than the 8 lanes do
@@ -97,7 +98,7 @@ GF_INLINE void norm_backward_tail_bf16(uint16_t* dx, const uint16_t* dy, const u
 }
 
 void norm_backward_rows(uint16_t* dx, const uint16_t* dy, const uint16_t* x, const uint16_t* w,
-                             int64_t rows, int64_t dim, float eps) {
+                        int64_t rows, int64_t dim, float eps) {
   for (int64_t r = 0; r < rows; ++r) {
     const uint16_t *xr = x + r * dim, *dyr = dy + r * dim;
     double ss = 0.0, dot = 0.0;
@@ -114,7 +115,7 @@ void norm_backward_rows(uint16_t* dx, const uint16_t* dy, const uint16_t* x, con
 
 #ifdef GF_X86_DISPATCH
 GF_AVX2 void norm_rows_avx2(uint16_t* out, const uint16_t* x, const uint16_t* w, int64_t rows,
-                                 int64_t dim, float eps) {
+                            int64_t dim, float eps) {
   for (int64_t r = 0; r < rows; ++r) {
     const uint16_t* xr = x + r * dim;
     uint16_t* o = out + r * dim;
@@ -135,7 +136,7 @@ GF_AVX2 void norm_rows_avx2(uint16_t* out, const uint16_t* x, const uint16_t* w,
 }
 
 GF_AVX2 void norm_backward_rows_avx2(uint16_t* dx, const uint16_t* dy, const uint16_t* x,
-                                          const uint16_t* w, int64_t rows, int64_t dim, float eps) {
+                                     const uint16_t* w, int64_t rows, int64_t dim, float eps) {
   for (int64_t r = 0; r < rows; ++r) {
     const uint16_t *xr = x + r * dim, *dyr = dy + r * dim;
     __m256 ssv = _mm256_setzero_ps(), dotv = _mm256_setzero_ps();

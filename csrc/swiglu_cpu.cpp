@@ -126,19 +126,6 @@ void backward_any(T* gg, T* gu, const T* d, const T* g, const T* u, int64_t n) {
   backward_span(gg, gu, d, g, u, n);
 }
 
-}  // namespace
-
-namespace {
-template <typename T>
-void silu_mul_all(const char* name, uintptr_t out, uintptr_t gate, uintptr_t up, int64_t n) {
-  if (n < 0 || (n > 0 && (out == 0 || gate == 0 || up == 0)))
-    throw std::invalid_argument(std::string(name) + ": need n >= 0 and non-null pointers");
-  auto* o = reinterpret_cast<T*>(out);
-  const auto* g = reinterpret_cast<const T*>(gate);
-  const auto* u = reinterpret_cast<const T*>(up);
-  parallel_for_ranges(n, kChunk, [&](int64_t b, int64_t e) { forward_any(o + b, g + b, u + b, e - b); });
-}
-
 template <typename T>
 void silu_mul_backward_all(const char* name, uintptr_t grad_gate, uintptr_t grad_up, uintptr_t grad,
                            uintptr_t gate, uintptr_t up, int64_t n) {
@@ -157,7 +144,12 @@ void silu_mul_backward_all(const char* name, uintptr_t grad_gate, uintptr_t grad
 }  // namespace
 
 void cpu_silu_mul(uintptr_t out, uintptr_t gate, uintptr_t up, int64_t n) {
-  silu_mul_all<float>("cpu_silu_mul", out, gate, up, n);
+  if (n < 0 || (n > 0 && (out == 0 || gate == 0 || up == 0)))
+    throw std::invalid_argument("cpu_silu_mul: need n >= 0 and non-null pointers");
+  auto* o = reinterpret_cast<float*>(out);
+  const auto* g = reinterpret_cast<const float*>(gate);
+  const auto* u = reinterpret_cast<const float*>(up);
+  parallel_for_ranges(n, kChunk, [&](int64_t b, int64_t e) { forward_any(o + b, g + b, u + b, e - b); });
 }
 
 void cpu_silu_mul_backward(uintptr_t grad_gate, uintptr_t grad_up, uintptr_t grad, uintptr_t gate,
