@@ -5,6 +5,7 @@
 #include <pybind11/stl.h>
 
 #include "block_manager.h"
+#include "cascade_bf16_cpu.h"
 #include "kv_cpu.h"
 #ifdef GRPO_FAST_WITH_CUDA
 #include "cuda/kv_cuda.h"
@@ -84,6 +85,8 @@ void register_kv(py::module_& m) {
   m.def("cpu_copy_blocks", &cpu_copy_blocks);
   m.def("cpu_paged_decode_attention", &cpu_paged_decode_attention,
         py::call_guard<py::gil_scoped_release>());
+  // Whether a bf16 cascade's shared prefix runs on the AVX512-BF16 kernel (cascade_bf16_cpu.h).
+  m.def("cpu_cascade_bf16_dot_products", &use_avx512_bf16);
   m.def("cpu_cascade_decode_attention", &cpu_cascade_decode_attention,
         py::call_guard<py::gil_scoped_release>());
   m.def("cpu_prefill_attention", &cpu_prefill_attention,

@@ -16,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "cascade_bf16_cpu.h"
 #include "common.h"
 #include "cpu_common.h"
 #include "parallel.h"
@@ -128,25 +129,6 @@ GF_AVX2 inline float hmax8(__m256 v) {
   x = _mm_max_ss(x, _mm_movehdup_ps(x));
   return _mm_cvtss_f32(x);
 }
-// r[i][j] <- r[j][i] for an 8 x 8 block of fp32 in 8 registers.
-GF_AVX2 inline void transpose8x8(__m256* r) {
-  __m256 t[8], u[8];
-  for (int i = 0; i < 4; ++i) {
-    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-  }
-  for (int i = 0; i < 2; ++i) {
-    u[4 * i] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
-    u[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
-    u[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
-    u[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
-  }
-  for (int i = 0; i < 4; ++i) {
-    r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
-    r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
-  }
-}
-
 // The 8 horizontal sums of a[0..7], as one vector: [sum(a[0]), ..., sum(a[7])].
 GF_AVX2 inline __m256 hsum8x8(const __m256* a) {
   const __m256 s01 = _mm256_hadd_ps(a[0], a[1]), s23 = _mm256_hadd_ps(a[2], a[3]);
@@ -545,6 +527,15 @@ void run_prefix_item(int dtype, bool avx2, uintptr_t q, uintptr_t kc, uintptr_t 
                      const CascadeArgs& c, int64_t g, int h, int64_t k0, int64_t k1, float* part,
                      int64_t part_stride) {
 #ifdef GF_X86_DISPATCH
+  if (avx2 && dtype == kBF16 && c.a.D % 16 == 0 && use_avx512_bf16()) {
+    const int64_t first = c.starts[g];
+    const GroupPrefixBf16 p{reinterpret_cast<const uint16_t*>(q), reinterpret_cast<const uint16_t*>(kc),
+                            reinterpret_cast<const uint16_t*>(vc),
+                            c.a.tables + static_cast<int64_t>(c.rows[first]) * c.a.max_blocks,
+                            c.rows + first, c.starts[g + 1] - first, c.a.hq, c.a.hkv, c.a.D, c.a.bs,
+                            c.a.scale};
+    return cascade_prefix_bf16(p, h, k0, k1, part, part_stride);
+  }
   if (avx2 && c.a.D % 8 == 0) {
     if (dtype == kF32)
       return prefix_item_avx2(reinterpret_cast<const float*>(q), reinterpret_cast<const float*>(kc),

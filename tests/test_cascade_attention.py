@@ -170,6 +170,84 @@ def test_decode_step_runs_the_cascade():
     torch.testing.assert_close(step.attend(q, kc, vc), plain.attend(q, kc, vc), **TOL[torch.float32])
 
 
+def bf16_cascade_cases():
+    """(cascade output, float64 reference, float64 sum_j p_j |v_j|) triples in bf16: groups of 8 with prefixes inside one
+    block, across blocks and past a 256-key work split (rep 3, 6 and 20: 24, 48 and 160 queries
+    a group, i.e. 3, 6 and 20 vectors of 8); then prefix lengths that leave the last key of a
+    step without a partner (1, 15, 17, 33, 63 of a 70-token prompt shared 5 ways)."""
+    cases = []
+    for hq, hkv, D in ((9, 3, 64), (12, 2, 128), (40, 2, 64)):
+        kc, vc, tables, lens, gids = grpo_layout([37, 300, 531], G=8, C=5, hkv=hkv, D=D, dtype=torch.bfloat16,
+                                                 seed=hq + D, extra_lone=1)
+        groups = [torch.as_tensor(a) for a in kv.cascade_groups(tables, lens, gids, 16, min_prefix=1)]
+        q = (torch.randn(len(gids), hq, D, generator=torch.Generator().manual_seed(D)) * 3).to(torch.bfloat16)
+        out = kv.cascade_decode_attention(q, kc, vc, tables, lens, D ** -0.5, *groups)
+        cases.append((out, *_reference_and_weighted_abs(q, kc, vc, tables, lens, D ** -0.5)))
+    kc, vc, tables, lens, gids = grpo_layout([70], G=5, C=3, hkv=2, D=64, dtype=torch.bfloat16)
+    q = torch.randn(5, 6, 64, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    want = _reference_and_weighted_abs(q, kc, vc, tables, lens, 0.125)
+    for prefix in (1, 15, 17, 33, 63):
+        out = kv.cascade_decode_attention(q, kc, vc, tables, lens, 0.125, torch.tensor([4, 0, 2, 1, 3], dtype=torch.int32),
+                                          torch.tensor([0, 5], dtype=torch.int32), torch.tensor([prefix], dtype=torch.int32))
+        cases.append((out, *want))
+    return cases
+
+
+def _reference_and_weighted_abs(q, kc, vc, tables, lens, scale):
+    """The float64 reference output, and the same weights over |v| (the scale of what rounding
+    each weight to bf16 can move)."""
+    q, kc, vc = q.double(), kc.double(), vc.double()
+    return (ref.paged_decode_attention(q, kc, vc, tables, lens, scale),
+            ref.paged_decode_attention(q, kc, vc.abs(), tables, lens, scale))
+
+
+def bf16_step(x: torch.Tensor) -> torch.Tensor:
+    """The spacing of bf16 numbers at |x| (8 significant bits)."""
+    return 2.0 ** (torch.floor(torch.log2(x.double().abs().clamp_min(1e-30))) - 7)
+
+
+_AVX2_PREFIX_OUTPUTS = """
+    import sys, torch
+    sys.path.insert(0, {tests!r})
+    from grpo_fast import _C
+    from test_cascade_attention import bf16_cascade_cases
+    assert not _C.cpu_cascade_bf16_dot_products()
+    torch.save([case[0] for case in bf16_cascade_cases()], {path!r})
+    print("ok")
+"""
+
+
+def _dot_products_run() -> bool:
+    from grpo_fast.native import _C
+
+    return has_native("cascade_decode_attention", "cpu") and bool(_C.cpu_cascade_bf16_dot_products())
+
+
+@pytest.mark.skipif(not _dot_products_run(), reason="this CPU has no AVX512-BF16 (or GRPO_FAST_NO_AVX512_BF16=1 "
+                    "is set): its bf16 cascade runs the AVX2 prefix item, which the tests above cover")
+def test_bf16_prefix_on_dot_product_instructions(tmp_path):
+    """The AVX512-BF16 prefix item (vdpbf16ps; its weights rounded to bf16 for P.V, its own exp)
+    against the AVX2 one (fp32 weights), run in a fresh process with GRPO_FAST_NO_AVX512_BF16=1:
+    every output within one bf16 step (of the output) plus 2^-9 sum_j p_j |v_j| (the most that
+    rounding each weight to bf16 moves it) of the AVX2 output and of the float64 reference, and
+    not all equal to the AVX2 output (so this kernel ran)."""
+    from pathlib import Path
+
+    from fresh_process import run_fresh
+
+    path = tmp_path / "avx2.pt"
+    code = _AVX2_PREFIX_OUTPUTS.format(tests=str(Path(__file__).parent), path=str(path))
+    assert run_fresh(code, env={"GRPO_FAST_NO_AVX512_BF16": "1"}) == "ok"
+    differ = 0
+    for (out, want, weighted_abs), avx2 in zip(bf16_cascade_cases(), torch.load(path), strict=True):
+        out, avx2 = out.double(), avx2.double()
+        weights = 2.0 ** -9 * weighted_abs
+        assert ((out - avx2).abs() <= bf16_step(torch.maximum(out.abs(), avx2.abs())) + weights).all()
+        assert ((out - want).abs() <= bf16_step(torch.maximum(out.abs(), want.abs())) + weights).all()
+        differ += int((out != avx2).sum())
+    assert differ > 0
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("hq,hkv,D", [(9, 3, 64), (12, 2, 128), (8, 8, 64), (14, 2, 96)])
 def test_cuda_cascade_equals_the_cpu_oracle(hq, hkv, D):
