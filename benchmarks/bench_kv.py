@@ -21,7 +21,8 @@ decode attention call over the B x G sequences (SmolLM2's 9/3 heads x 64, and Qw
 12/2 x 128), each kernel checked against the other and the two timed in alternation (bench_pair:
 --repeats rounds of ~20 ms batches; the speed-up is the median of neighbouring batches' ratios,
 which this VM's drift in speed does not move); then the
-shortest prefix at which the cascade pays (the sampler's threshold, kv.cascade.CPU_MIN_PREFIX).
+shortest prefix at which the cascade pays, fp32 and bf16 (the sampler's thresholds,
+kv.cascade.CPU_MIN_PREFIX and CPU_MIN_PREFIX_BF16_DOT).
 
   python benchmarks/bench_kv.py            # full run, JSON to benchmarks/results/bench_kv.json
   python benchmarks/bench_kv.py --quick    # smaller shapes (smoke test)
@@ -42,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from grpo_fast import kv
+from grpo_fast.native import _C
 from grpo_fast.kv.decode_step import DecodeStep
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -375,12 +377,15 @@ def cascade_table(result, repeats, quick):
                       f"{r['cascade_ms']:>12.2f}{r['speedup']:>9.2f}{r['speedup_cpu_time']:>19.2f}"
                       f"{r['step_paged_ms']:>14.2f} /{r['step_cascade_ms']:>12.2f}{r['step_speedup']:>9.2f}"
                       f"{r['max_abs_diff']:>12.2e}{r['paged_gflops']:>14.1f} /{r['cascade_gflops']:>8.1f}")
-    print("\nthreshold: the shortest shared prefix at which the cascade pays (SmolLM2 heads, fp32, 4 x 8)")
-    for P in (16, 32, 48, 64, 96, 128, 192, 256):
-        r = cascade_section(4, 8, P, C, 9, 3, 64, torch.float32, repeats)
-        result["cascade_threshold"].append(r)
-        print(f"  P = {P:>4}: paged {r['paged_ms']:.3f} ms, cascade {r['cascade_ms']:.3f} ms, "
-              f"speedup {r['speedup']:.2f} (CPU time {r['speedup_cpu_time']:.2f}; sampler path {r['step_speedup']:.2f})")
+    print("\nthreshold: the shortest shared prefix at which the cascade pays (SmolLM2 heads, 4 x 8; "
+          "kv.cascade.CPU_MIN_PREFIX for fp32, CPU_MIN_PREFIX_BF16_DOT for bf16 on AVX512-BF16)")
+    print(f"  bf16 prefix item: {'AVX512-BF16' if _C.cpu_cascade_bf16_dot_products() else 'AVX2 (fp32 FMAs)'}")
+    for dtype in (torch.float32, torch.bfloat16):
+        for P in (16, 32, 48, 64, 96, 128, 192, 256):
+            r = cascade_section(4, 8, P, C, 9, 3, 64, dtype, repeats)
+            result["cascade_threshold"].append(r)
+            print(f"  {r['dtype']:>8} P = {P:>4}: paged {r['paged_ms']:.3f} ms, cascade {r['cascade_ms']:.3f} ms, "
+                  f"speedup {r['speedup']:.2f} (CPU time {r['speedup_cpu_time']:.2f}; sampler path {r['step_speedup']:.2f})")
 
 
 SECTIONS = ("memory", "decode", "block_manager", "cascade")

@@ -248,6 +248,27 @@ def test_bf16_prefix_on_dot_product_instructions(tmp_path):
     assert differ > 0
 
 
+def test_the_sampler_threshold_follows_the_bf16_kernel():
+    """A bf16 cache takes the cascade from CPU_MIN_PREFIX_BF16_DOT shared tokens where the
+    AVX512-BF16 prefix item runs (measured there), CPU_MIN_PREFIX otherwise and for fp32; the
+    switch that turns the kernel off also restores the fp32-measured threshold."""
+    from fresh_process import run_fresh
+
+    from grpo_fast.kv.cascade import CPU_MIN_PREFIX, CPU_MIN_PREFIX_BF16_DOT
+    from grpo_fast.sampler.model_runner import default_cascade_min_prefix
+
+    cpu = torch.device("cpu")
+    want = CPU_MIN_PREFIX_BF16_DOT if _dot_products_run() else CPU_MIN_PREFIX
+    assert default_cascade_min_prefix(cpu, torch.bfloat16) == want
+    assert default_cascade_min_prefix(cpu, torch.float32) == default_cascade_min_prefix(cpu) == CPU_MIN_PREFIX
+    off = run_fresh("""
+        import torch
+        from grpo_fast.sampler.model_runner import default_cascade_min_prefix
+        print(default_cascade_min_prefix(torch.device("cpu"), torch.bfloat16))
+    """, env={"GRPO_FAST_NO_AVX512_BF16": "1"})
+    assert off == str(CPU_MIN_PREFIX)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("hq,hkv,D", [(9, 3, 64), (12, 2, 128), (8, 8, 64), (14, 2, 96)])
 def test_cuda_cascade_equals_the_cpu_oracle(hq, hkv, D):

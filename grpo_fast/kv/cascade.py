@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
+import torch
 
 # The shortest shared prefix, in tokens, at which a group of >= 2 sequences is attended as a
 # cascade on the CPU. Measured (benchmarks/RESULTS.md, "Decode kernels on the AVX512 machine",
@@ -30,6 +31,20 @@ import numpy as np
 # softmax merge cost more than the G-fold K/V reads they save. (It was 64 until then, measured
 # with one kernel timed after the other, which on this VM measured its speed drift.)
 CPU_MIN_PREFIX = 128
+# The same for a bf16 cache on a CPU with AVX512-BF16, where the prefix pass multiplies bf16 pairs
+# straight from the cache (csrc/cascade_bf16_cpu.cpp): at the same heads and batch it loses at 16
+# shared keys (0.88x), breaks even at 32, and wins from 48 on (1.06x; 1.09-1.17x at 64, 1.3-1.45x
+# at 128; RESULTS.md, "bf16 cascade on AVX512-BF16", 7 Dec).
+CPU_MIN_PREFIX_BF16_DOT = 64
+
+
+def cpu_min_prefix(dtype) -> int:
+    """The CPU threshold for a cache of this dtype on this machine."""
+    from grpo_fast.native import _C
+
+    if dtype == torch.bfloat16 and _C is not None and getattr(_C, "cpu_cascade_bf16_dot_products", lambda: False)():
+        return CPU_MIN_PREFIX_BF16_DOT
+    return CPU_MIN_PREFIX
 
 
 class CascadeGroups(NamedTuple):

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 import torch
 
 from grpo_fast import kv
-from grpo_fast.kv.cascade import CPU_MIN_PREFIX, cascade_groups
+from grpo_fast.kv.cascade import cascade_groups, cpu_min_prefix
 from grpo_fast.kv.decode_step import DecodeStep
 from grpo_fast.native import has_native
 from grpo_fast.models import native_decode
@@ -37,15 +37,16 @@ except ImportError:
     _flash_varlen = None
 
 
-def default_cascade_min_prefix(device: torch.device) -> int | None:
+def default_cascade_min_prefix(device: torch.device, dtype: torch.dtype | None = None) -> int | None:
     """Shortest shared prefix (tokens) at which a group's decode attention runs as a cascade:
-    measured on the CPU (kv.cascade.CPU_MIN_PREFIX); None (never) on CUDA until a GPU run has
-    measured where it pays. GRPO_FAST_CASCADE_MIN_PREFIX=N overrides it (N < 0: never)."""
+    measured on the CPU (kv.cascade.cpu_min_prefix: CPU_MIN_PREFIX, or CPU_MIN_PREFIX_BF16_DOT for
+    a bf16 cache where the CPU has AVX512-BF16); None (never) on CUDA until a GPU run has measured
+    where it pays. GRPO_FAST_CASCADE_MIN_PREFIX=N overrides it (N < 0: never)."""
     env = os.environ.get("GRPO_FAST_CASCADE_MIN_PREFIX")
     if env is not None:
         n = int(env)
         return None if n < 0 else n
-    return CPU_MIN_PREFIX if device.type == "cpu" else None
+    return cpu_min_prefix(dtype) if device.type == "cpu" else None
 
 
 class ModelRunner:
@@ -60,7 +61,7 @@ class ModelRunner:
         self.graphs = DecodeGraphs(self) if cuda_graphs else None
         # None: every step runs the per-sequence paged kernel
         ok = cascade and has_native("cascade_decode_attention", self.device.type)
-        self.cascade_min_prefix = default_cascade_min_prefix(self.device) if ok else None
+        self.cascade_min_prefix = default_cascade_min_prefix(self.device, self.dtype) if ok else None
 
     @contextmanager
     def generate_call(self):
