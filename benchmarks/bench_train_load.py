@@ -6,7 +6,7 @@ before torch loads (each setting runs in its own process):
     passive   OMP_WAIT_POLICY=PASSIVE (waiting threads sleep at once)
     spin      GOMP_SPINCOUNT=10000 (a short spin, then sleep)
     threads1  torch.set_num_threads(1)
-    governor  grpo_fast.train.threads.ThreadGovernor (the trainer's default on the CPU: each
+    governor  grpo_fast.thread_governor.ThreadGovernor (the trainer's default on the CPU: each
               micro-batch on the cores other processes left free during the previous one)
 
     python benchmarks/bench_train_load.py --settings default,threads1,governor --busy none,python --repeats 3
@@ -42,7 +42,7 @@ def child(setting: str, busy_kinds: list[str], repeats: int, prompt_len: int, co
     from _busy import busy
 
     from grpo_fast.train.packed_forward import completion_hidden
-    from grpo_fast.train.threads import ThreadGovernor
+    from grpo_fast.thread_governor import ThreadGovernor
 
     if setting == "threads1":
         torch.set_num_threads(1)

@@ -209,7 +209,7 @@ class TrainConfig:
     num_threads: int = 0  # torch CPU threads; 0 = leave torch's default
     # CPU: each training / scoring micro-batch runs on as many torch threads as the cores other
     # processes left free during the previous one (measured from /proc/stat), so a busy neighbour
-    # process costs its fair share, not a collapse (grpo_fast/train/threads.py). false: torch's count
+    # process costs its fair share, not a collapse (grpo_fast/thread_governor.py). false: torch's count
     adaptive_threads: bool = True
     # under torchrun: how long a collective waits for the other ranks before failing (seconds;
     # the environment variable GRPO_FAST_COLLECTIVE_TIMEOUT_S overrides it). See grpo_fast/distributed.py

@@ -52,7 +52,7 @@ from grpo_fast.train.metrics import plot_run
 from grpo_fast.train.model import (build_optimizer, build_scheduler, dtype_hint, load_policy, policy_modules, save_merged,
                                    trainable_parameters)
 from grpo_fast.train.state import TrainerState
-from grpo_fast.train.threads import ThreadGovernor
+from grpo_fast.thread_governor import ThreadGovernor
 from grpo_fast.train.trackers import make_trackers, resolve_report_to
 from grpo_fast.train.update import update_policy
 
@@ -177,11 +177,13 @@ class GRPOTrainer:
         if t.fsdp:
             echo(f"model: sharded across {dist.world_size()} ranks (FSDP2)" if self.sharded else
                  "train.fsdp: one process, nothing to shard (launch with torchrun --nproc-per-node N)")
-        self.generator = Generator(self.model, self.tokenizer, backend=s.backend, kv_budget=self._kv_budget())
+        # CPU: the torch thread count of each sampling phase (re-measured every quarter second of
+        # its steps) and of each scoring / training micro-batch follows the machine's load
+        self.thread_governor = (ThreadGovernor() if t.adaptive_threads and self.device.type == "cpu" else None)
+        self.generator = Generator(self.model, self.tokenizer, backend=s.backend, kv_budget=self._kv_budget(),
+                                   threads=self.thread_governor or False)
         _echo_all(echo, self.generator.take_notices())
         self.params = trainable_parameters(self.model)  # (a sharded model's are its shards)
-        # CPU: each scoring / training micro-batch's torch thread count follows the machine's load
-        self.thread_governor = (ThreadGovernor() if t.adaptive_threads and self.device.type == "cpu" else None)
         dist.seed_rank(t.seed)  # and draws its own dropout masks
         self.optimizer = build_optimizer(self.params, t, self.device)
         self.scheduler = build_scheduler(self.optimizer, t, max(1, self.max_steps * cfg.loss.num_iterations))

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from grpo_fast.config import load_config
-from grpo_fast.train.threads import LoadMeter, ThreadGovernor, busy_seconds, paced
+from grpo_fast.thread_governor import LoadMeter, ThreadGovernor, busy_seconds, paced
 from test_loss_training import CaptureGrads, policy_with_lora, rollout_for, run_update
 from test_train_loop import make_tiny_model
 
@@ -138,6 +138,60 @@ def test_a_load_seen_between_blocks_sets_the_next_block():
     machine.run(0.01, own_cores=0.0, others_cores=0.0)  # a gap too short to measure: keeps the block's
     assert blocks(gov, machine, [0.0]) == [1]
     assert gov.choice == 2
+
+
+def test_a_phase_of_short_steps_follows_the_load_window_by_window():
+    """The sampler's use: steps of 1/16 s, each too short to measure; tick() between them
+    re-decides once a window of >= MIN_WALL_S (4 steps here) has passed. A load that starts at
+    step 10 is seen by the window of steps 8-11 (half of it busy: 0.6 cores), so steps 12-23 run
+    on 1 thread; it ends at step 20, the window of steps 20-23 sees it, and the rest run on 2.
+    Torch's count is restored after the phase, and a tick outside a phase changes nothing."""
+    before = torch.get_num_threads()
+    machine = FakeMachine(2)
+    gov = ThreadGovernor(2, meter=machine.meter())
+    used = []
+    with gov.phase():
+        for load in [0.0] * 10 + [1.0] * 10 + [0.0] * 10:
+            gov.tick()
+            used.append(torch.get_num_threads())
+            machine.run(0.0625, own_cores=used[-1], others_cores=load)
+    assert used == [2] * 12 + [1] * 12 + [2] * 6
+    assert torch.get_num_threads() == before
+    gov.choice = 1
+    machine.run(1.0, own_cores=0.0, others_cores=0.0)
+    gov.tick()
+    assert torch.get_num_threads() == before and gov.choice == 1
+
+
+def test_the_sampler_steps_on_the_governor_s_threads():
+    """Sampler(threads=governor): beside a load (here faked) its decode steps run on the cores
+    left free, its output is the same as on torch's count, and torch's count is back after;
+    threads=True makes a governor of its own on the CPU, False none."""
+    from test_sampler import random_prompts, tiny_model
+
+    from grpo_fast.sampler import Sampler, SamplingParams
+
+    if torch.get_num_threads() < 2:
+        pytest.skip("torch runs on 1 thread here: no thread for the governor to take away")
+    model = tiny_model("llama", seed=3)
+    prompts = random_prompts((12, 17), seed=1)
+    params = SamplingParams(n=3, max_tokens=6, temperature=0)
+    before = torch.get_num_threads()
+    machine = FakeMachine(2)
+    machine.run(5.0, own_cores=1.0, others_cores=1.0)  # a busy process since the governor's creation
+    gov = ThreadGovernor(2, meter=machine.meter())
+    machine.run(5.0, own_cores=1.0, others_cores=1.0)
+    sampler = Sampler(model, None, threads=gov)
+    seen = []
+    real = sampler.runner.decode
+    sampler.runner.decode = lambda *a: seen.append(torch.get_num_threads()) or real(*a)
+    busy = sampler.generate(prompts, params)
+    assert seen and set(seen) == {1} and torch.get_num_threads() == before
+    assert Sampler(model, None).threads is not None and Sampler(model, None, threads=False).threads is None
+    plain = Sampler(model, None, threads=False).generate(prompts, params)
+    assert [[c.token_ids for c in g.completions] for g in busy] == [[c.token_ids for c in g.completions] for g in plain]
+    with pytest.raises(ValueError, match="threads must be"):
+        Sampler(model, None, threads=2)
 
 
 def test_update_follows_the_thread_governor(tiny, monkeypatch):

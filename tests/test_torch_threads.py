@@ -36,7 +36,7 @@ def test_the_thread_governor_leaves_mkl_dynamic_on():
     got = run_fresh("""
         import torch
         from grpo_fast.torch_threads import mkl_dynamic
-        from grpo_fast.train.threads import ThreadGovernor
+        from grpo_fast.thread_governor import ThreadGovernor
         before = torch.get_num_threads()
         gov = ThreadGovernor(max_threads=max(2, before))
         assert gov.enabled

@@ -10,6 +10,7 @@ weights as they were during this call, and the policy changes between GRPO steps
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import operator
 import time
@@ -28,6 +29,7 @@ from grpo_fast.sampler.sampling_params import SamplingParams
 from grpo_fast.sampler.scheduler import Scheduler
 from grpo_fast.sampler.sequence import Group, Sequence, prefill_seq_id, prefill_tokens
 from grpo_fast.sampler.turns import TurnEnd, call_handler, read_answer, trajectory_end
+from grpo_fast.thread_governor import ThreadGovernor
 
 _SEED_MASK = (1 << 63) - 1
 
@@ -42,10 +44,15 @@ class Sampler:
     recorded decode steps on CUDA (see decode_graphs.py; off by default). cascade: attend a
     group's shared prompt once for all its sequences where that pays (the device's measured
     threshold, see model_runner.default_cascade_min_prefix; on by default, False: never).
+    threads (CPU): True (default) runs the steps on as many torch threads as the cores other
+    processes leave free, re-measured every quarter second (grpo_fast.thread_governor: beside one
+    busy process a bf16 model's steps took ~40x their idle time on 2 threads); False: torch's
+    count as it is; a ThreadGovernor: that one (a trainer shares its own).
     """
 
     def __init__(self, model, tokenizer=None, *, block_size: int = 16, kv_budget=None,
-                 max_prefill_tokens: int = 4096, cuda_graphs: bool = False, cascade: bool = True):
+                 max_prefill_tokens: int = 4096, cuda_graphs: bool = False, cascade: bool = True,
+                 threads: bool | ThreadGovernor = True):
         if not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
         if not isinstance(max_prefill_tokens, int) or max_prefill_tokens < 1:
@@ -63,6 +70,10 @@ class Sampler:
             raise ValueError(f"cuda_graphs=True needs a model on a CUDA device; this one is on {device}")
         if not isinstance(cascade, bool):
             raise ValueError(f"cascade must be a bool, got {cascade!r}")
+        if not isinstance(threads, (bool, ThreadGovernor)):
+            raise ValueError(f"threads must be True, False or a ThreadGovernor, got {threads!r}")
+        self.threads = threads if isinstance(threads, ThreadGovernor) else (
+            ThreadGovernor() if threads and device.type == "cpu" else None)
         num_blocks = num_blocks_for_budget(kv_budget, bytes_per_block=per_block, block_size=block_size, device=device)
         self.runner = ModelRunner(model, num_blocks=num_blocks, block_size=block_size, cuda_graphs=cuda_graphs,
                                   cascade=cascade)
@@ -127,7 +138,28 @@ class Sampler:
             sched.add(group)
 
         self._paused = {}  # Sequence -> (Future of the environment's answer, the turn's finish reason)
+        with self.threads.phase() if self.threads is not None else contextlib.nullcontext():
+            self._run(bm, sched, params, stats)
+        stats.preemptions = sched.num_preemptions
+        stats.wall_seconds = time.perf_counter() - t0
+        outputs = []
+        multi_turn = self._turn_handler is not None
+        for group in groups:
+            completions = [
+                Completion(s.completion_token_ids, list(s.logprobs), s.finish_reason,
+                           list(s.model_mask) if multi_turn else None, s.num_turns)
+                for s in group.children
+            ]
+            outputs.append(GroupOutput(group.prompt_token_ids, completions))
+        stats.generated_tokens = sum(len(c.token_ids) for o in outputs for c in o.completions)
+        return outputs
+
+    def _run(self, bm, sched: Scheduler, params, stats) -> None:
+        """Prefill, extend and decode steps until every sequence has finished; the thread governor
+        (if any) follows the CPU load between steps."""
+        tick = self.threads.tick if self.threads is not None else (lambda: None)
         while not sched.done or self._paused:
+            tick()
             answered = [seq for seq, (future, _) in self._paused.items() if future.done()]
             if answered:
                 t = time.perf_counter()
@@ -159,20 +191,6 @@ class Sampler:
             stats.decode_seconds += time.perf_counter() - t
             stats.decode_tokens += len(seqs)
             stats.steps += 1
-
-        stats.preemptions = sched.num_preemptions
-        stats.wall_seconds = time.perf_counter() - t0
-        outputs = []
-        multi_turn = self._turn_handler is not None
-        for group in groups:
-            completions = [
-                Completion(s.completion_token_ids, list(s.logprobs), s.finish_reason,
-                           list(s.model_mask) if multi_turn else None, s.num_turns)
-                for s in group.children
-            ]
-            outputs.append(GroupOutput(group.prompt_token_ids, completions))
-        stats.generated_tokens = sum(len(c.token_ids) for o in outputs for c in o.completions)
-        return outputs
 
     def _prefill_step(self, bm, sched: Scheduler, admitted, params, stats) -> None:
         items = []

@@ -18,16 +18,23 @@ from grpo_fast.errors import ConfigError
 from grpo_fast.models.causal_lm import unwrap_causal_lm
 from grpo_fast.sampler import Completion, GroupOutput, Sampler, SamplingParams
 from grpo_fast.sampler.sampler import eos_token_ids
+from grpo_fast.thread_governor import ThreadGovernor
 from grpo_fast.train.sharding import gathered
 
 log = logging.getLogger(__name__)
 
 
 class Generator:
-    def __init__(self, model, tokenizer, *, backend: str = "auto", kv_budget=None, release_kv: bool = True):
+    def __init__(self, model, tokenizer, *, backend: str = "auto", kv_budget=None, release_kv: bool = True,
+                 threads: bool | ThreadGovernor = True):
         """release_kv: free the sampler's KV cache after each call (a trainer's sampling and
-        training phases alternate, so the training pass gets that memory)."""
+        training phases alternate, so the training pass gets that memory). threads: the CPU
+        thread count follows the machine's load (True; a ThreadGovernor: that one, which a
+        trainer shares with its training passes) or stays torch's (False); see Sampler."""
         self.model = model
+        device = next(model.parameters()).device
+        self.threads = threads if isinstance(threads, ThreadGovernor) else (
+            ThreadGovernor() if threads and device.type == "cpu" else None)
         self.release_kv = release_kv
         self.tokenizer = tokenizer
         self.backend = "hf"
@@ -37,7 +44,7 @@ class Generator:
         self._notices: list[str] = []
         if backend in ("auto", "sampler"):
             try:
-                self.sampler = Sampler(model, tokenizer, kv_budget=kv_budget)
+                self.sampler = Sampler(model, tokenizer, kv_budget=kv_budget, threads=self.threads or False)
                 self.backend = "sampler"
             except ConfigError:
                 raise  # a bad sampling.kv_budget is the user's to fix, not a reason to go slow
@@ -96,6 +103,13 @@ class Generator:
                     self.sampler.release_kv_cache()
         if seed is not None and first_group:
             seed = (seed + 104_729 * first_group) % (2**31 - 1)  # HF: one stream per call, another per share
+        with self.threads.phase() if self.threads is not None else contextlib.nullcontext():  # HF's GEMMs too
+            return self._hf_generate(prompt_ids, n=n, temperature=temperature, max_tokens=max_tokens, top_p=top_p,
+                                     top_k=top_k, min_p=min_p, stop=stop, seed=seed, turn_handler=turn_handler,
+                                     max_turn_tokens=max_turn_tokens)
+
+    def _hf_generate(self, prompt_ids, *, n, temperature, max_tokens, top_p, top_k, min_p, stop, seed, turn_handler,
+                     max_turn_tokens) -> list[GroupOutput]:
         if turn_handler is not None:
             return hf_generate_turns(self.model, self.tokenizer, prompt_ids, n=n, temperature=temperature,
                                      max_tokens=max_tokens, top_p=top_p, top_k=top_k, min_p=min_p, stop=stop,

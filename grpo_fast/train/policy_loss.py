@@ -19,7 +19,7 @@ from grpo_fast.train.model import PolicyModules, policy_modules, reference_polic
 from grpo_fast.train.packed_forward import PromptPrefix, completion_hidden
 from grpo_fast.train.rollout_batch import SequenceBatch
 from grpo_fast.train.sharding import idle_pass
-from grpo_fast.train.threads import ThreadGovernor, paced
+from grpo_fast.thread_governor import ThreadGovernor, paced
 
 _CHECKED_HEADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # head module -> LogitTransform at T=1
 
@@ -69,7 +69,7 @@ def score_logprobs(policy: PolicyModules, batch: SequenceBatch, *, temperature: 
     reference=True, the reference policy = adapters disabled); 0 where mask = 0. With
     return_entropy, also the entropies [N, C] (the same pass: no extra product with the head).
     One forward per row slice of `cuts` (train.micro_batches), else per micro_batch_size rows,
-    each on the thread count `threads` picks (grpo_fast.train.threads; None: torch's)."""
+    each on the thread count `threads` picks (grpo_fast.thread_governor; None: torch's)."""
     transform = logit_transform(policy, temperature)
     step = micro_batch_size or len(batch)
     cuts = cuts or [slice(start, start + step) for start in range(0, len(batch), step)]

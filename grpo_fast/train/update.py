@@ -28,7 +28,7 @@ from grpo_fast.train.model import PolicyModules
 from grpo_fast.train.policy_loss import policy_loss, score_logprobs
 from grpo_fast.train.rollout_batch import Rollout
 from grpo_fast.train.sharding import equal_passes, idle_pass, local_value
-from grpo_fast.train.threads import ThreadGovernor, paced
+from grpo_fast.thread_governor import ThreadGovernor, paced
 
 # Our loss metric names -> TRL's.
 _TRL_NAMES = {"clip_ratio/low": "clip_ratio/low_mean", "clip_ratio/high": "clip_ratio/high_mean",
@@ -101,7 +101,7 @@ def update_policy(policy: PolicyModules, optimizer, scheduler, params, rollout: 
     loss_state["entropy_control"] = control.state_dict()
     if ref is None:  # beta = 0: the KL was not measured (no reference pass); don't log a fake 0
         metrics.pop("kl", None)
-    if threads is not None and threads.others is not None:  # CPU load followed (train/threads.py)
+    if threads is not None and threads.others is not None:  # CPU load followed (grpo_fast/thread_governor.py)
         metrics.update({"cpu/threads": float(threads.last), "cpu/others_cores": threads.others})
     metrics.update({"time/old_logprobs_s": t_old, "old_logprobs_from_sampler": float(from_sampler),
                     "skipped_update": skipped})

@@ -1,5 +1,6 @@
-"""How many torch CPU threads the training passes use: as many as the cores other processes
-leave free, measured during the previous micro-batch.
+"""How many torch CPU threads the training passes and the sampler use: as many as the cores
+other processes leave free, measured during the previous micro-batch (training) or over the last
+quarter second or more of decode steps (sampling: `phase` and `tick`).
 
 Why: torch's CPU kernels run on libgomp, whose parallel regions end in a barrier every team
 thread must reach, and whose waiting threads spin (~300k iterations) before they sleep. Beside
@@ -101,6 +102,17 @@ class LoadMeter:
         self._stop = self._reading()
         return self._others(self._start, self._stop)
 
+    def lap(self) -> float | None:
+        """Others' cores since start() or the last lap that returned a value, once at least
+        MIN_WALL_S have passed (a new interval then begins); None before that, without reading
+        /proc/stat (a caller may lap at every short step)."""
+        if self._start is None or self.clock() - self._start[2] < MIN_WALL_S:
+            return None
+        reading = self._reading()
+        others = self._others(self._start, reading)
+        self._start = reading
+        return others
+
 
 class ThreadGovernor:
     """Runs each block on the cores others left free during the last measured interval: the
@@ -113,6 +125,7 @@ class ThreadGovernor:
         self.choice = self.max_threads
         self.others: float | None = None  # cores others used in the last measured block
         self.last: int | None = None  # the thread count of the last block
+        self._in_phase = False
         self.blocks: Counter[int] = Counter()  # thread count -> blocks run with it
 
     @property
@@ -132,14 +145,49 @@ class ThreadGovernor:
             return
         self._learn(self.meter.start())  # a load that came or went since the last block
         before = torch.get_num_threads()
-        set_torch_threads(self.choice)  # no call when unchanged; MKL's dynamic mode kept on
-        self.last = self.choice
-        self.blocks[self.choice] += 1
+        self._use(self.choice)
         try:
             yield
         finally:
             set_torch_threads(before)
         self._learn(self.meter.stop())
+
+    @contextmanager
+    def phase(self):
+        """A phase of many short blocks (the sampler's decode steps: 10-100 ms each, too few clock
+        ticks to measure one by one) on the chosen thread count. Call tick() between blocks: once
+        MIN_WALL_S or more have passed, others' load over that window sets the count for the next
+        blocks. A bf16 sampler, whose GEMMs are torch's (libgomp), took ~40x its idle time beside
+        one busy process on 2 threads, 1.3x on 1 (benchmarks/RESULTS.md). Torch's count is
+        restored after."""
+        if not self.enabled:
+            yield
+            return
+        self._learn(self.meter.start())
+        before = torch.get_num_threads()
+        self._use(self.choice)
+        self._in_phase = True
+        try:
+            yield
+        finally:
+            self._in_phase = False
+            set_torch_threads(before)
+            self._learn(self.meter.stop())
+
+    def tick(self) -> None:
+        """Between two blocks of a phase: follow the load of the window that just ended, if one did."""
+        if not self._in_phase:
+            return
+        others = self.meter.lap()
+        if others is not None:
+            self._learn(others)
+            if self.choice != self.last:
+                self._use(self.choice)
+
+    def _use(self, threads: int) -> None:
+        set_torch_threads(threads)  # no call when unchanged; MKL's dynamic mode kept on
+        self.last = threads
+        self.blocks[threads] += 1
 
     def _learn(self, others: float | None):
         if others is not None:
