@@ -13,10 +13,13 @@ its DynamicCache at the end; ours: the pool allocated and the blocks actually us
     python benchmarks/bench_sampler.py --engines hf,ours,ours-lora,hf-lora --load none,python
                                                             # LoRA policy, idle and under load
     python benchmarks/bench_sampler.py --prompt-len 1024 --engines hf,ours,ours-nocascade
+    python benchmarks/bench_sampler.py --dtype bfloat16 --engines ours,ours-fixedthreads --load none,python
+                                                            # the thread governor beside a busy process
 
 --preset builds a random-initialized model from a config (benchmarks/gpu_models.py: no download).
 --engines: hf (HF generate), ours (our Sampler), ours-graphs (our Sampler with cuda_graphs=True,
-CUDA only), ours-nocascade (cascade attention off), ours-lora / hf-lora (the same model wrapped
+CUDA only), ours-nocascade (cascade attention off), ours-fixedthreads (torch's thread count as it
+is, not the load-following governor: the sampler before 7 Dec), ours-lora / hf-lora (the same model wrapped
 in peft LoRA r = --lora-r on every block linear with non-zero B, as the trainer samples it).
 --prompt-len P: each prompt gets a system message of few-shot lines that brings it to ~P tokens.
 --load: conditions run one after the other, each with all engines: none (idle) or a competing
@@ -117,9 +120,10 @@ def run_ours(sampler, prompts, G, C, seed):
                 kv_bytes=s.peak_blocks_used * per_block, kv_pool_bytes=s.kv_bytes, stats=s.as_dict())
 
 
-ENGINES = ("hf", "ours", "ours-graphs", "ours-nocascade", "ours-lora", "hf-lora")
+ENGINES = ("hf", "ours", "ours-graphs", "ours-nocascade", "ours-fixedthreads", "ours-lora", "hf-lora")
 KEYS = {"hf": "hf_generate", "ours": "grpo_fast", "ours-graphs": "grpo_fast_cuda_graphs",
-        "ours-nocascade": "grpo_fast_no_cascade", "ours-lora": "grpo_fast_lora", "hf-lora": "hf_generate_lora"}
+        "ours-nocascade": "grpo_fast_no_cascade", "ours-fixedthreads": "grpo_fast_fixed_threads",
+        "ours-lora": "grpo_fast_lora", "hf-lora": "hf_generate_lora"}
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -283,7 +287,7 @@ def main():
         if name.startswith("ours"):
             m = lora_model if name == "ours-lora" else model
             samplers[name] = Sampler(m, tok, kv_budget=f"{kv_tokens} tokens", cuda_graphs=name == "ours-graphs",
-                                     cascade=name != "ours-nocascade")
+                                     cascade=name != "ours-nocascade", threads=name != "ours-fixedthreads")
 
     def run(name, prompts_, g, c, seed):
         if name.startswith("hf"):
