@@ -14,7 +14,7 @@ the adapters fp32: its default over a bf16 base).
 2. sample: the group sampler, 4 x 8 x 64 forced tokens, tokens/s, on the plain bf16 model and
    the LoRA-wrapped one: with the native bf16 RMSNorm (csrc/rms_norm_cpu.cpp) or the modules'
    ops; LoRA's terms through the native add (csrc/lora_bf16_cpu.cpp) or peft's forward (the code
-   before both).
+   before both); our kernels' regions on libgomp's team (native.openmp_regions) or our own pool.
 
     python benchmarks/bench_bf16_cpu.py [--repeats 4] [--only train|sample]
 
@@ -110,10 +110,12 @@ def bench_sample(repeats: int) -> None:
                for q in questions]
     prompts = [p["input_ids"] if hasattr(p, "keys") else p for p in prompts]
     params = SamplingParams(n=8, temperature=1.0, max_tokens=64, ignore_eos=True, seed=0)
-    # (name, model, the native add, the native bf16 norms)
-    runs = [("plain bf16 (now)", plain, True, True), ("plain bf16, module norms", plain, True, False),
-            ("LoRA (now)", wrapped, True, True), ("LoRA, module norms", wrapped, True, False),
-            ("LoRA, peft forward (before)", wrapped, False, False)]
+    # (name, model, the native add, the native bf16 norms, our regions on libgomp's team)
+    runs = [("plain bf16 (now)", plain, True, True, True), ("plain bf16, pool regions", plain, True, True, False),
+            ("plain bf16, module norms", plain, True, False, True),
+            ("LoRA (now)", wrapped, True, True, True), ("LoRA, pool regions", wrapped, True, True, False),
+            ("LoRA, module norms", wrapped, True, False, True),
+            ("LoRA, peft forward (before)", wrapped, False, False, False)]
     samplers = {name: Sampler(model, tok) for name, model in (("plain", plain), ("LoRA", wrapped))}
     sampler_of = {name: samplers["plain" if model is plain else "LoRA"] for name, model, *_ in runs}
 
@@ -123,8 +125,8 @@ def bench_sample(repeats: int) -> None:
         return sum(len(c.token_ids) for o in outs for c in o.completions) / (time.perf_counter() - t)
 
     print("sample: 4 x 8 x 64 forced tokens, bf16, tokens/s", flush=True)
-    rates = _alternate({name: lambda a=add, n=norms: _decode_paths(a, n) for name, _, add, norms in runs}, repeats,
-                       tokens_per_s)
+    rates = _alternate({name: lambda a=add, n=norms, o=omp: _decode_paths(a, n, o) for name, _, add, norms, omp in runs},
+                       repeats, tokens_per_s)
     plain_rate = statistics.median(rates["plain bf16 (now)"])
     _summary(rates, "tok/s", lambda med: f"{med / plain_rate:4.2f}x plain")
 
@@ -155,20 +157,24 @@ def _summary(values: dict[str, list[float]], unit: str, against) -> None:
 
 
 @contextlib.contextmanager
-def _decode_paths(native_add: bool, native_norms: bool):
+def _decode_paths(native_add: bool, native_norms: bool, openmp: bool = True):
     """The decode's bf16 paths off or on for the duration: the native LoRA add (else peft's
-    forward for the LoRA layers) and the native bf16 RMSNorm (else the modules' ops)."""
+    forward for the LoRA layers), the native bf16 RMSNorm (else the modules' ops), and our
+    kernels' regions on libgomp's team (else our own pool, the code before)."""
     from grpo_fast.models import decode_fast_paths, llama_family
+    from grpo_fast.sampler import model_runner
 
-    saved = decode_fast_paths._fp32_over_bf16, llama_family.rms_norm
+    saved = decode_fast_paths._fp32_over_bf16, llama_family.rms_norm, model_runner.openmp_regions
     if not native_add:
         decode_fast_paths._fp32_over_bf16 = lambda *_: False
     if not native_norms:
         llama_family.rms_norm = lambda norm, x: norm(x)
+    if not openmp:
+        model_runner.openmp_regions = lambda enabled=True: contextlib.nullcontext()
     try:
         yield
     finally:
-        decode_fast_paths._fp32_over_bf16, llama_family.rms_norm = saved
+        decode_fast_paths._fp32_over_bf16, llama_family.rms_norm, model_runner.openmp_regions = saved
 
 
 def main() -> None:

@@ -39,6 +39,9 @@ std::vector<LoraTerm> lora_terms(const std::vector<LoraTuple>& terms) {
 void register_decode(py::module_& m) {
   m.def("cpu_linear_available", &cpu_linear_available);
   m.def("cpu_threads", &parallel_threads);
+  m.def("cpu_set_openmp_regions", &set_openmp_regions,
+        "The calling thread's kernel regions on libgomp's team (True) or the pool (False); returns "
+        "the previous setting.");
   m.def(
       "cpu_linear",
       [](uintptr_t out, uintptr_t x, uintptr_t w, uintptr_t bias, int64_t M, int64_t N, int64_t K,

@@ -225,10 +225,27 @@ int parallel_threads() {
   return t < 1 ? 1 : t;
 }
 
+namespace {
+thread_local bool t_openmp_regions = false;
+}  // namespace
+
+bool set_openmp_regions(bool on) {
+  const bool was = t_openmp_regions;
+  t_openmp_regions = on;
+  return was;
+}
+
 void parallel_run(int64_t n, void (*fn)(void*, int64_t), void* ctx, int max_threads) {
   int threads = parallel_threads();
   if (max_threads > 0 && max_threads < threads) threads = max_threads;
   if (static_cast<int64_t>(threads) > n) threads = static_cast<int>(n);
+#ifdef _OPENMP
+  if (t_openmp_regions && threads > 1) {
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (int64_t i = 0; i < n; ++i) fn(ctx, i);
+    return;
+  }
+#endif
   Pool::get().run(n, fn, ctx, threads);
 }
 

@@ -29,6 +29,15 @@ namespace grpo_fast {
 // Threads a region may use now (>= 1).
 int parallel_threads();
 
+// The calling thread's regions on libgomp's team (torch's) instead of the pool: for code that
+// runs torch ops between our regions (the sampler's per-module decode and its prefill). There,
+// libgomp's worker spins on the second core for ~300k iterations after every torch op, the
+// pool's helper rarely gets that core, and the pool runs its regions alone; libgomp's worker is
+// awake and takes half of each region. Beside a busy process the thread governor has then set
+// torch (and so these regions) to one thread, where no barrier can collapse. Off by default;
+// returns the previous setting.
+bool set_openmp_regions(bool on);
+
 // fn(ctx, i) for every i in [0, n), spread over the pool; returns when all are done.
 void parallel_run(int64_t n, void (*fn)(void*, int64_t), void* ctx, int max_threads);
 

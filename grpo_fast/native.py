@@ -9,6 +9,7 @@ everywhere).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -91,3 +92,19 @@ def cpu_lean_backend(op: str, *tensors: torch.Tensor) -> _CpuDtypeKernels | None
     if native_for(tensors[0], op + _LEAN_SUFFIX[dtype]) is None:
         return None
     return _LEAN[dtype]
+
+
+@contextlib.contextmanager
+def openmp_regions(enabled: bool = True):
+    """The calling thread's CPU kernel regions on libgomp's team (torch's) instead of the kernels'
+    own pool, for the duration: for code that runs torch ops between our kernels (csrc/parallel.h
+    says why). A build without the switch: as is."""
+    switch = getattr(_C, "cpu_set_openmp_regions", None) if _C is not None else None
+    if switch is None or not enabled:
+        yield
+        return
+    was = switch(True)
+    try:
+        yield
+    finally:
+        switch(was)

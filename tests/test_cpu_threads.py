@@ -50,6 +50,34 @@ def test_results_do_not_depend_on_the_thread_count():
             assert torch.equal(a, b)
 
 
+def test_openmp_regions_give_the_same_results_and_are_the_calling_thread_s():
+    """native.openmp_regions (the sampler's per-module path): the same kernels' regions on
+    libgomp's team give bitwise the pool's results (each output is one chunk's); the switch is the
+    calling thread's alone (another thread still sees the pool) and is restored after, nested too."""
+    from grpo_fast.native import openmp_regions
+
+    run = _kernels(torch.Generator().manual_seed(1))
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        pool = run()
+        with openmp_regions():
+            team = run()
+            other = []
+            t = threading.Thread(target=lambda: other.append(_C.cpu_set_openmp_regions(False)))
+            t.start()
+            t.join()
+            with openmp_regions():
+                assert _C.cpu_set_openmp_regions(True) is True
+            assert _C.cpu_set_openmp_regions(True) is True  # still on after the nested exit
+        assert _C.cpu_set_openmp_regions(False) is False  # off again after
+    finally:
+        torch.set_num_threads(old)
+    assert other == [False]
+    for a, b in zip(pool, team):
+        assert torch.equal(a, b)
+
+
 def test_concurrent_callers_and_a_forked_child():
     run = _kernels(torch.Generator().manual_seed(1))
     want = run()

@@ -26,9 +26,9 @@ import torch
 from grpo_fast import kv
 from grpo_fast.kv.cascade import cascade_groups, cpu_min_prefix
 from grpo_fast.kv.decode_step import DecodeStep
-from grpo_fast.native import has_native
 from grpo_fast.models import native_decode
 from grpo_fast.models.llama_family import LlamaFamily
+from grpo_fast.native import has_native, openmp_regions
 from grpo_fast.sampler.decode_graphs import DecodeGraphs
 
 try:  # optional (extra "gpu"): CUDA fp16/bf16 prefill through flash-attn's varlen kernel
@@ -154,7 +154,8 @@ class ModelRunner:
             return kv.prefill_attention(q.contiguous(), k, v, cu_seqlens, scale, cu_seqlens_k)
 
         last = torch.tensor(cu_q[1:], dtype=torch.int64, device=dev) - 1  # [B]
-        return self.family.forward(input_ids, positions, attend, logits_index=last)
+        with openmp_regions(dev.type == "cpu"):  # torch ops between our kernels: share libgomp's team
+            return self.family.forward(input_ids, positions, attend, logits_index=last)
 
     def decode(self, bm, seq_ids: list[int], last_tokens: list[int], group_ids: list[int] | None = None
                ) -> torch.Tensor:
@@ -198,7 +199,8 @@ class ModelRunner:
             step.append(key_cache, value_cache, k, v)
             return step.attend(q.contiguous(), key_cache, value_cache)
 
-        return self.family.forward(input_ids, positions, attend)
+        with openmp_regions(self.device.type == "cpu"):  # torch ops between our kernels: share libgomp's team
+            return self.family.forward(input_ids, positions, attend)
 
 
 def _block_bytes(family: LlamaFamily, block_size: int) -> int:
