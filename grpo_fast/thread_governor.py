@@ -199,6 +199,17 @@ class ThreadGovernor:
                 "blocks_per_thread_count": dict(sorted(self.blocks.items()))}
 
 
+def governor_for(threads, device: torch.device) -> ThreadGovernor | None:
+    """What a `threads` argument (True, False or a ThreadGovernor) means on `device`: that
+    governor; for True a new one on the CPU (None elsewhere: no libgomp to collapse); None for
+    False. Anything else is refused by name."""
+    if isinstance(threads, ThreadGovernor):
+        return threads
+    if not isinstance(threads, bool):
+        raise ValueError(f"threads must be True, False or a ThreadGovernor, got {threads!r}")
+    return ThreadGovernor() if threads and device.type == "cpu" else None
+
+
 def paced(governor: ThreadGovernor | None):
     """The context one scoring / training micro-batch runs in: the governor's thread count;
     None: torch's, as is."""

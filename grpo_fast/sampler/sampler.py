@@ -29,7 +29,7 @@ from grpo_fast.sampler.sampling_params import SamplingParams
 from grpo_fast.sampler.scheduler import Scheduler
 from grpo_fast.sampler.sequence import Group, Sequence, prefill_seq_id, prefill_tokens
 from grpo_fast.sampler.turns import TurnEnd, call_handler, read_answer, trajectory_end
-from grpo_fast.thread_governor import ThreadGovernor
+from grpo_fast.thread_governor import ThreadGovernor, governor_for
 
 _SEED_MASK = (1 << 63) - 1
 
@@ -70,10 +70,7 @@ class Sampler:
             raise ValueError(f"cuda_graphs=True needs a model on a CUDA device; this one is on {device}")
         if not isinstance(cascade, bool):
             raise ValueError(f"cascade must be a bool, got {cascade!r}")
-        if not isinstance(threads, (bool, ThreadGovernor)):
-            raise ValueError(f"threads must be True, False or a ThreadGovernor, got {threads!r}")
-        self.threads = threads if isinstance(threads, ThreadGovernor) else (
-            ThreadGovernor() if threads and device.type == "cpu" else None)
+        self.threads = governor_for(threads, device)
         num_blocks = num_blocks_for_budget(kv_budget, bytes_per_block=per_block, block_size=block_size, device=device)
         self.runner = ModelRunner(model, num_blocks=num_blocks, block_size=block_size, cuda_graphs=cuda_graphs,
                                   cascade=cascade)

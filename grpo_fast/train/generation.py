@@ -18,7 +18,7 @@ from grpo_fast.errors import ConfigError
 from grpo_fast.models.causal_lm import unwrap_causal_lm
 from grpo_fast.sampler import Completion, GroupOutput, Sampler, SamplingParams
 from grpo_fast.sampler.sampler import eos_token_ids
-from grpo_fast.thread_governor import ThreadGovernor
+from grpo_fast.thread_governor import ThreadGovernor, governor_for
 from grpo_fast.train.sharding import gathered
 
 log = logging.getLogger(__name__)
@@ -32,9 +32,7 @@ class Generator:
         thread count follows the machine's load (True; a ThreadGovernor: that one, which a
         trainer shares with its training passes) or stays torch's (False); see Sampler."""
         self.model = model
-        device = next(model.parameters()).device
-        self.threads = threads if isinstance(threads, ThreadGovernor) else (
-            ThreadGovernor() if threads and device.type == "cpu" else None)
+        self.threads = governor_for(threads, next(model.parameters()).device)
         self.release_kv = release_kv
         self.tokenizer = tokenizer
         self.backend = "hf"
