@@ -169,13 +169,23 @@ def test_the_sampler_steps_on_the_governor_s_threads():
     threads=True makes a governor of its own on the CPU, False none."""
     from test_sampler import random_prompts, tiny_model
 
-    from grpo_fast.sampler import Sampler, SamplingParams
+    from grpo_fast.sampler import SamplingParams
+    from grpo_fast.torch_threads import set_torch_threads
 
-    if torch.get_num_threads() < 2:
-        pytest.skip("torch runs on 1 thread here: no thread for the governor to take away")
     model = tiny_model("llama", seed=3)
     prompts = random_prompts((12, 17), seed=1)
     params = SamplingParams(n=3, max_tokens=6, temperature=0)
+    ambient = torch.get_num_threads()  # whatever the tests before left (CI's run had 1 here)
+    set_torch_threads(2)  # two for the governor to choose from, on any machine
+    try:
+        _sampler_beside_a_faked_load(model, prompts, params)
+    finally:
+        set_torch_threads(ambient)
+
+
+def _sampler_beside_a_faked_load(model, prompts, params):
+    from grpo_fast.sampler import Sampler
+
     before = torch.get_num_threads()
     machine = FakeMachine(2)
     machine.run(5.0, own_cores=1.0, others_cores=1.0)  # a busy process since the governor's creation
