@@ -13,11 +13,13 @@
 // from MKL's, so results agree with peft's to fp32 rounding before the final bf16 rounding.
 #include "lora_bf16_cpu.h"
 
+#include <algorithm>
 #include <stdexcept>
 #include <vector>
 
 #include "common.h"
 #include "cpu_common.h"
+#include "parallel.h"
 
 namespace grpo_fast {
 namespace {
@@ -76,9 +78,9 @@ GF_INLINE void transpose_block(const Problem& p, float* bt, int64_t n0, int64_t 
 // Every output block of kLanes columns: the block's rows of every B transposed once
 // ([ranks][kLanes], zero past N), then kRows rows of out at a time get their kLanes outputs,
 // each term's sum scaled and added in turn (peft's order).
-GF_INLINE void up_blocks(const Problem& p, const float* u) {
+GF_INLINE void up_blocks(const Problem& p, const float* u, int64_t n_begin, int64_t n_end) {
   std::vector<float> bt(p.ranks * kLanes);
-  for (int64_t n0 = 0; n0 < p.N; n0 += kLanes) {
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += kLanes) {
     const int64_t lanes = p.N - n0 < kLanes ? p.N - n0 : kLanes;
     transpose_block(p, bt.data(), n0, lanes);
     for (int64_t m = 0; m < p.M; m += kRows) {
@@ -124,17 +126,19 @@ GF_INLINE void up_blocks(const Problem& p, const float* u) {
 }
 
 void down_rows_base(const Problem& p, float* u) { down_rows(p, u); }
-void up_blocks_base(const Problem& p, const float* u) { up_blocks(p, u); }
+void up_blocks_base(const Problem& p, const float* u, int64_t n_begin, int64_t n_end) {
+  up_blocks(p, u, n_begin, n_end);
+}
 #ifdef GF_X86_DISPATCH
 GF_AVX2 void down_rows_avx2(const Problem& p, float* u) { down_rows(p, u); }
 
 // up_blocks with the kRows x kLanes sums of a tile in 8 registers. u has M rounded up to kRows
 // rows (the extra ones zero), so every tile runs kRows rows; the last block of a ragged N, and
 // the rows past M, go through a copy.
-GF_AVX2 void up_blocks_avx2(const Problem& p, const float* u) {
+GF_AVX2 void up_blocks_avx2(const Problem& p, const float* u, int64_t n_begin, int64_t n_end) {
   std::vector<float> bt(p.ranks * kLanes);
   alignas(32) uint16_t tail[kRows][kLanes] = {};
-  for (int64_t n0 = 0; n0 < p.N; n0 += kLanes) {
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += kLanes) {
     const int64_t lanes = p.N - n0 < kLanes ? p.N - n0 : kLanes;
     transpose_block(p, bt.data(), n0, lanes);
     for (int64_t m = 0; m < p.M; m += kRows) {
@@ -200,17 +204,26 @@ void cpu_lora_add_bf16(uintptr_t out, uintptr_t x, int64_t M, int64_t N, int64_t
   const Problem p{reinterpret_cast<uint16_t*>(out), reinterpret_cast<const uint16_t*>(x), M, N, K, ldx, ldo,
                   &terms, ranks, padded, a_t.data()};
   std::vector<float> u((M + kRows - 1) / kRows * kRows * ranks, 0.f);  // [M rounded up to kRows, ranks]
-  // One thread: the work is ~1M multiply-adds (~25 µs), and oneDNN's bf16 GEMM runs next on
-  // OpenMP threads, which the pool's workers would still be spinning against (measured: the
-  // base products 1.35x slower with two threads here, for a 15% faster add).
+  // The down pass (a quarter of the ~1M multiply-adds, feeding every output) on this thread.
+  // The up pass by blocks of outputs on several threads only where the caller runs its regions
+  // on libgomp's team (the sampler's per-module decode: native.openmp_regions), whose worker is
+  // awake between torch ops. On the pool it stays on one thread: the pool's helper then spun
+  // against oneDNN's bf16 GEMM that runs next (measured: the base products 1.35x slower with two
+  // threads, for a 15% faster add).
+  const bool avx2 = use_avx2();
 #ifdef GF_X86_DISPATCH
-  if (use_avx2()) {
-    down_rows_avx2(p, u.data());
-    return up_blocks_avx2(p, u.data());
-  }
+  if (avx2) down_rows_avx2(p, u.data());
 #endif
-  down_rows_base(p, u.data());
-  up_blocks_base(p, u.data());
+  if (!avx2) down_rows_base(p, u.data());
+  constexpr int64_t kChunk = 8 * kLanes;  // outputs per parallel chunk
+  const int64_t chunks = openmp_regions() ? (N + kChunk - 1) / kChunk : 1;
+  parallel_for(chunks, [&](int64_t i) {
+    const int64_t n0 = i * kChunk, n1 = chunks == 1 ? N : std::min<int64_t>(N, n0 + kChunk);
+#ifdef GF_X86_DISPATCH
+    if (avx2) return up_blocks_avx2(p, u.data(), n0, n1);
+#endif
+    up_blocks_base(p, u.data(), n0, n1);
+  });
 }
 
 }  // namespace grpo_fast

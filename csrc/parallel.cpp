@@ -235,6 +235,8 @@ bool set_openmp_regions(bool on) {
   return was;
 }
 
+bool openmp_regions() { return t_openmp_regions; }
+
 void parallel_run(int64_t n, void (*fn)(void*, int64_t), void* ctx, int max_threads) {
   int threads = parallel_threads();
   if (max_threads > 0 && max_threads < threads) threads = max_threads;

@@ -37,6 +37,8 @@ int parallel_threads();
 // torch (and so these regions) to one thread, where no barrier can collapse. Off by default;
 // returns the previous setting.
 bool set_openmp_regions(bool on);
+// Whether the calling thread's regions run on libgomp's team (set_openmp_regions).
+bool openmp_regions();
 
 // fn(ctx, i) for every i in [0, n), spread over the pool; returns when all are done.
 void parallel_run(int64_t n, void (*fn)(void*, int64_t), void* ctx, int max_threads);

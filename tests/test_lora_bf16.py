@@ -41,10 +41,11 @@ def tolerance(y, x, terms):
     return bf16_step(exact(y, x, terms).float()).double() + 1e-5 * magnitude
 
 
-@pytest.mark.parametrize("M,K,N", [(32, 576, 1536), (5, 64, 37), (9, 33, 16), (1, 8, 1)])
+@pytest.mark.parametrize("M,K,N", [(32, 576, 1536), (7, 64, 300), (5, 64, 37), (9, 33, 16), (1, 8, 1)])
 @pytest.mark.parametrize("ranks", [(16,), (3, 8)])
 def test_kernel_matches_the_math_within_a_bf16_step(M, K, N, ranks):
-    """Ragged N (a last block under 16 lanes), M not a multiple of the 4-row tile, two terms
+    """Ragged N (a last block under 16 lanes; 300: a last chunk of 44 outputs when split), M not
+    a multiple of the 4-row tile, two terms
     (scaled one after the other), and x and out as column slices of wider matrices."""
     g = torch.Generator().manual_seed(M * K + N)
     x = torch.randn(M, K + 3, generator=g).bfloat16()[:, 2:K + 2]  # rows with a stride
@@ -63,6 +64,20 @@ def test_kernel_matches_the_math_within_a_bf16_step(M, K, N, ranks):
     for a, b, s in terms:
         peft = peft + torch.nn.functional.linear(torch.nn.functional.linear(x.float(), a), b) * s
     assert (out[:, 1:N + 1] != peft.bfloat16()).float().mean() < 0.01
+    # split by blocks of outputs over libgomp's team (the sampler's per-module decode): each
+    # output computed whole by one chunk, so bitwise the one-thread result, the ragged end included
+    from grpo_fast.native import openmp_regions
+    from grpo_fast.torch_threads import set_torch_threads
+
+    threads = torch.get_num_threads()
+    set_torch_threads(2)
+    try:
+        split = y.clone()
+        with openmp_regions():
+            cpu_ops.lora_add_bf16_(split[:, 1:N + 1], x, terms)
+    finally:
+        set_torch_threads(threads)
+    assert torch.equal(split, out)
 
 
 def test_rounding_is_torchs():
