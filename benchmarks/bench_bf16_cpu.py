@@ -16,7 +16,10 @@ the adapters fp32: its default over a bf16 base).
    ops; LoRA's terms through the native add (csrc/lora_bf16_cpu.cpp) or peft's forward (the code
    before both); our kernels' regions on libgomp's team (native.openmp_regions) or our own pool.
 
-    python benchmarks/bench_bf16_cpu.py [--repeats 4] [--only train|sample]
+3. add: the decode's base product + LoRA add at 32 rows, SmolLM2's four projection shapes, the
+   add's up pass split over libgomp's team (as the per-module decode runs it) or on one thread.
+
+    python benchmarks/bench_bf16_cpu.py [--repeats 4] [--only train|sample|add]
 
 Run it alone: it measures the machine as much as the code otherwise.
 """
@@ -131,6 +134,31 @@ def bench_sample(repeats: int) -> None:
     _summary(rates, "tok/s", lambda med: f"{med / plain_rate:4.2f}x plain")
 
 
+def bench_add(repeats: int) -> None:
+    """The decode's base product and LoRA add (r = 16) at 32 rows, SmolLM2's projection shapes:
+    the add's up pass split over libgomp's team (native.openmp_regions, as the sampler's
+    per-module decode runs it) or on one thread (outside it, and before)."""
+    from grpo_fast.models import cpu_ops
+    from grpo_fast.native import openmp_regions
+
+    g = torch.Generator().manual_seed(0)
+    print("add: base product + LoRA add, 32 rows, r = 16, bf16, us per call (200 calls a figure)", flush=True)
+    for K, N in ((576, 1536), (1536, 576), (576, 576), (576, 192)):
+        x, w = torch.randn(32, K, generator=g).bfloat16(), torch.randn(N, K, generator=g).bfloat16()
+        terms = [(torch.randn(16, K, generator=g) / K ** 0.5, torch.randn(N, 16, generator=g), 2.0)]
+
+        def us(_name):
+            t = time.perf_counter()
+            for _ in range(200):
+                cpu_ops.lora_add_bf16_(torch.nn.functional.linear(x, w), x, terms)
+            return (time.perf_counter() - t) / 200 * 1e6
+
+        print(f" {K} -> {N}", flush=True)
+        times = _alternate({"split": openmp_regions, "one thread": lambda: openmp_regions(False)}, repeats, us)
+        base = statistics.median(times["one thread"])
+        _summary(times, "us", lambda med: f"{base / med:4.2f}x")
+
+
 def _alternate(variants: dict, repeats: int, measure) -> dict[str, list[float]]:
     """Every variant once per round, in order (so the machine's drift hits each alike), for
     1 + repeats rounds; the first round warms up and is not kept. variants: name -> a context
@@ -180,7 +208,7 @@ def _decode_paths(native_add: bool, native_norms: bool, openmp: bool = True):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=4)
-    p.add_argument("--only", choices=["train", "sample"])
+    p.add_argument("--only", choices=["train", "sample", "add"])
     p.add_argument("--prompt-len", type=int, default=40)
     p.add_argument("--completion-len", type=int, default=128)
     a = p.parse_args()
@@ -189,6 +217,8 @@ def main() -> None:
         bench_train(a.repeats, a.prompt_len, a.completion_len)
     if a.only in (None, "sample"):
         bench_sample(a.repeats)
+    if a.only in (None, "add"):
+        bench_add(a.repeats)
 
 
 if __name__ == "__main__":

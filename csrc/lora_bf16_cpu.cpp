@@ -216,7 +216,8 @@ void cpu_lora_add_bf16(uintptr_t out, uintptr_t x, int64_t M, int64_t N, int64_t
 #endif
   if (!avx2) down_rows_base(p, u.data());
   constexpr int64_t kChunk = 8 * kLanes;  // outputs per parallel chunk
-  const int64_t chunks = openmp_regions() ? (N + kChunk - 1) / kChunk : 1;
+  // below 4 chunks the region costs what it saves (192 outputs: 0.95x; 576: 1.02x; 1,536: 1.09x)
+  const int64_t chunks = openmp_regions() && N >= 4 * kChunk ? (N + kChunk - 1) / kChunk : 1;
   parallel_for(chunks, [&](int64_t i) {
     const int64_t n0 = i * kChunk, n1 = chunks == 1 ? N : std::min<int64_t>(N, n0 + kChunk);
 #ifdef GF_X86_DISPATCH
