@@ -26,8 +26,6 @@
 namespace grpo_fast {
 
 #ifdef GF_X86_DISPATCH
-#define GF_BF16DP __attribute__((target("avx2,fma,avx512f,avx512vl,avx512bw,avx512bf16")))
-
 bool use_avx512_bf16() {
   static const bool yes = use_avx2() && __builtin_cpu_supports("avx512f") &&
                           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&

@@ -7,8 +7,9 @@
 
 namespace grpo_fast {
 
-// Whether cascade_prefix_bf16 may run: AVX2 is in use (use_avx2), the CPU has AVX512 F / VL / BW
-// and BF16, and GRPO_FAST_NO_AVX512_BF16=1 is not set (tests run both paths on one machine).
+// Whether cascade_prefix_bf16 (and kv_cpu.cpp's vdpbf16ps scores of the per-sequence kernel) may
+// run: AVX2 is in use (use_avx2), the CPU has AVX512 F / VL / BW and BF16, and
+// GRPO_FAST_NO_AVX512_BF16=1 is not set (tests run both paths on one machine).
 bool use_avx512_bf16();
 
 // One group of a cascade step against its shared prefix, as kv_cpu.cpp hands it over.

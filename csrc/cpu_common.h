@@ -11,6 +11,8 @@
 // CPU features (wheels must run on any x86-64; AVX2+FMA is several times faster where present).
 #define GF_X86_DISPATCH 1
 #define GF_AVX2 __attribute__((target("avx2,fma")))
+// AVX512-BF16 (vdpbf16ps on ymm), picked at run time by cascade_bf16_cpu.h's use_avx512_bf16().
+#define GF_BF16DP __attribute__((target("avx2,fma,avx512f,avx512vl,avx512bw,avx512bf16")))
 #include <immintrin.h>
 #else
 #define GF_AVX2

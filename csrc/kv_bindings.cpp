@@ -85,7 +85,8 @@ void register_kv(py::module_& m) {
   m.def("cpu_copy_blocks", &cpu_copy_blocks);
   m.def("cpu_paged_decode_attention", &cpu_paged_decode_attention,
         py::call_guard<py::gil_scoped_release>());
-  // Whether a bf16 cascade's shared prefix runs on the AVX512-BF16 kernel (cascade_bf16_cpu.h).
+  // Whether bf16 decode attention runs on AVX512-BF16 (cascade_bf16_cpu.h): the cascade's shared
+  // prefix, and the per-sequence kernel's scores.
   m.def("cpu_cascade_bf16_dot_products", &use_avx512_bf16);
   m.def("cpu_cascade_decode_attention", &cpu_cascade_decode_attention,
         py::call_guard<py::gil_scoped_release>());

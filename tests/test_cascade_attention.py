@@ -171,7 +171,8 @@ def test_decode_step_runs_the_cascade():
 
 
 def bf16_cascade_cases():
-    """(cascade output, float64 reference, float64 sum_j p_j |v_j|) triples in bf16: groups of 8 with prefixes inside one
+    """(output, float64 reference, float64 sum_j p_j |v_j|) triples in bf16, of the cascade and
+    (first three shapes) of the per-sequence paged kernel: groups of 8 with prefixes inside one
     block, across blocks and past a 256-key work split (rep 3, 6 and 20: 24, 48 and 160 queries
     a group, i.e. 3, 6 and 20 vectors of 8); then prefix lengths that leave the last key of a
     step without a partner (1, 15, 17, 33, 63 of a 70-token prompt shared 5 ways)."""
@@ -182,7 +183,10 @@ def bf16_cascade_cases():
         groups = [torch.as_tensor(a) for a in kv.cascade_groups(tables, lens, gids, 16, min_prefix=1)]
         q = (torch.randn(len(gids), hq, D, generator=torch.Generator().manual_seed(D)) * 3).to(torch.bfloat16)
         out = kv.cascade_decode_attention(q, kc, vc, tables, lens, D ** -0.5, *groups)
-        cases.append((out, *_reference_and_weighted_abs(q, kc, vc, tables, lens, D ** -0.5)))
+        want = _reference_and_weighted_abs(q, kc, vc, tables, lens, D ** -0.5)
+        cases.append((out, *want))
+        # the per-sequence kernel too: its scores of whole 8-key steps on vdpbf16ps
+        cases.append((kv.paged_decode_attention(q, kc, vc, tables, lens, D ** -0.5), *want))
     kc, vc, tables, lens, gids = grpo_layout([70], G=5, C=3, hkv=2, D=64, dtype=torch.bfloat16)
     q = torch.randn(5, 6, 64, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
     want = _reference_and_weighted_abs(q, kc, vc, tables, lens, 0.125)
@@ -227,7 +231,8 @@ def _dot_products_run() -> bool:
                     "is set): its bf16 cascade runs the AVX2 prefix item, which the tests above cover")
 def test_bf16_prefix_on_dot_product_instructions(tmp_path):
     """The AVX512-BF16 prefix item (vdpbf16ps; its weights rounded to bf16 for P.V, its own exp)
-    against the AVX2 one (fp32 weights), run in a fresh process with GRPO_FAST_NO_AVX512_BF16=1:
+    and the per-sequence kernel's vdpbf16ps scores, against the AVX2 kernels (fp32 weights and
+    scores from fp32 copies), run in a fresh process with GRPO_FAST_NO_AVX512_BF16=1:
     every output within one bf16 step (of the output) plus 2^-9 sum_j p_j |v_j| (the most that
     rounding each weight to bf16 moves it) of the AVX2 output and of the float64 reference, and
     not all equal to the AVX2 output (so this kernel ran)."""
