@@ -34,7 +34,9 @@ CPU_MIN_PREFIX = 128
 # The same for a bf16 cache on a CPU with AVX512-BF16, where the prefix pass multiplies bf16 pairs
 # straight from the cache (csrc/cascade_bf16_cpu.cpp): at the same heads and batch it loses at 16
 # shared keys (0.88x), breaks even at 32, and wins from 48 on (1.06x; 1.09-1.17x at 64, 1.3-1.45x
-# at 128; RESULTS.md, "bf16 cascade on AVX512-BF16", 7 Dec).
+# at 128; RESULTS.md, "bf16 cascade on AVX512-BF16", 7 Dec). Against the per-sequence kernel
+# once its scores also ran on vdpbf16ps: 0.96x at 48, 1.03x at 64 (1.08x on the sampler's path),
+# 1.21x at 128 ("The per-sequence bf16 kernel's scores on vdpbf16ps"): 64 still.
 CPU_MIN_PREFIX_BF16_DOT = 64
 
 
