@@ -29,9 +29,7 @@ namespace grpo_fast {
 bool use_avx512_bf16() {
   static const bool yes = use_avx2() && __builtin_cpu_supports("avx512f") &&
                           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512bf16") &&
-                          !(std::getenv("GRPO_FAST_NO_AVX512_BF16") &&
-                            std::strcmp(std::getenv("GRPO_FAST_NO_AVX512_BF16"), "1") == 0);
+                          __builtin_cpu_supports("avx512bf16") && !env_is_one("GRPO_FAST_NO_AVX512_BF16");
   return yes;
 }
 

@@ -21,13 +21,19 @@
 
 namespace grpo_fast {
 
+// Whether the environment variable `name` is set to "1" (the kernels' off switches, read once by
+// their callers).
+inline bool env_is_one(const char* name) {
+  const char* v = std::getenv(name);
+  return v != nullptr && std::strcmp(v, "1") == 0;
+}
+
 // Whether the AVX2+FMA variants may run: the CPU has both and GRPO_FAST_NO_AVX2=1 is not set
 // (tests run both paths on one machine).
 inline bool use_avx2() {
 #ifdef GF_X86_DISPATCH
   static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                          !(std::getenv("GRPO_FAST_NO_AVX2") &&
-                            std::strcmp(std::getenv("GRPO_FAST_NO_AVX2"), "1") == 0);
+                          !env_is_one("GRPO_FAST_NO_AVX2");
   return yes;
 #else
   return false;
