@@ -160,23 +160,16 @@ class ThreadGovernor:
         blocks. A bf16 sampler, whose GEMMs are torch's (libgomp), took ~40x its idle time beside
         one busy process on 2 threads, 1.3x on 1 (benchmarks/RESULTS.md). Torch's count is
         restored after."""
-        if not self.enabled:
-            yield
-            return
-        self._learn(self.meter.start())
-        before = torch.get_num_threads()
-        self._use(self.choice)
-        self._in_phase = True
-        try:
-            yield
-        finally:
-            self._in_phase = False
-            set_torch_threads(before)
-            self._learn(self.meter.stop())
+        with self.measure():  # the phase as one block, its windows measured by tick()
+            self._in_phase = True
+            try:
+                yield
+            finally:
+                self._in_phase = False
 
     def tick(self) -> None:
         """Between two blocks of a phase: follow the load of the window that just ended, if one did."""
-        if not self._in_phase:
+        if not (self._in_phase and self.enabled):
             return
         others = self.meter.lap()
         if others is not None:
