@@ -34,7 +34,8 @@ struct Problem {
   const std::vector<LoraTerm>* terms;
   int64_t ranks;         // sum of the terms' ranks: u's columns, the terms one after another
   int64_t ranks_padded;  // ranks rounded up to kLanes
-  const float* a_t;      // [K, ranks_padded]: every term's A transposed, zero past `ranks`
+  const float* a_t;      // portable build: [K, ranks_padded], every term's A transposed, zero past `ranks`
+  const float* const* a_rows;  // AVX2 build: A's rows in place, the terms one after another
 };
 
 // u[m, c] = sum_k float(x[m, k]) A^T[k, c] for every row, kRows rows by kLanes columns at a
@@ -130,17 +131,80 @@ void up_blocks_base(const Problem& p, const float* u, int64_t n_begin, int64_t n
   up_blocks(p, u, n_begin, n_end);
 }
 #ifdef GF_X86_DISPATCH
-GF_AVX2 void down_rows_avx2(const Problem& p, float* u) { down_rows(p, u); }
+// u[m, c] for rows [m_begin, m_end), as dot products along k with A read in place (no A^T copy,
+// which at one row cost more than the sums): each row's fp32 copy against two of A's rows at a
+// time, 8 k per step in 4 x 2 accumulators, summed across the lanes at the end and then the
+// k % 8 tail. A row's sums do not depend on which rows share its tile, so any split of the rows
+// gives the same u.
+GF_AVX2 void down_rows_avx2(const Problem& p, float* u, int64_t m_begin, int64_t m_end) {
+  const int64_t K = p.K, K8 = K / 8 * 8;
+  thread_local std::vector<float> rows;
+  rows.assign(kRows * K, 0.f);
+  for (int64_t m = m_begin; m < m_end; m += kRows) {
+    const int64_t n_rows = m_end - m < kRows ? m_end - m : kRows;
+    for (int64_t r = 0; r < n_rows; ++r) {
+      const uint16_t* xm = p.x + (m + r) * p.ldx;
+      float* dst = rows.data() + r * K;
+      int64_t k = 0;
+      for (; k < K8; k += 8) _mm256_storeu_ps(dst + k, bf16x8_to_f32(xm + k));
+      for (; k < K; ++k) dst[k] = bf16_to_f32(xm[k]);
+    }
+    for (int64_t c = 0; c < p.ranks; c += 2) {
+      const float* a0 = p.a_rows[c];
+      const float* a1 = p.a_rows[c + 1 < p.ranks ? c + 1 : c];  // an odd last rank: computed twice, kept once
+      __m256 acc[kRows][2];
+      for (int64_t r = 0; r < kRows; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+      for (int64_t k = 0; k < K8; k += 8) {
+        const __m256 w0 = _mm256_loadu_ps(a0 + k), w1 = _mm256_loadu_ps(a1 + k);
+        for (int64_t r = 0; r < kRows; ++r) {
+          const __m256 xv = _mm256_loadu_ps(rows.data() + r * K + k);
+          acc[r][0] = _mm256_fmadd_ps(xv, w0, acc[r][0]);
+          acc[r][1] = _mm256_fmadd_ps(xv, w1, acc[r][1]);
+        }
+      }
+      for (int64_t r = 0; r < n_rows; ++r) {
+        const float* xr = rows.data() + r * K;
+        float s0 = hsum8(acc[r][0]), s1 = hsum8(acc[r][1]);
+        for (int64_t k = K8; k < K; ++k) s0 += xr[k] * a0[k], s1 += xr[k] * a1[k];
+        u[(m + r) * p.ranks + c] = s0;
+        if (c + 1 < p.ranks) u[(m + r) * p.ranks + c + 1] = s1;
+      }
+    }
+  }
+}
+
+// transpose_block with 8 x 8 register transposes where a term's rank is a multiple of 8 and the
+// block is whole (r x 16 values each moved once by scalar code cost as much as the sums at one
+// row).
+GF_AVX2 void transpose_block_avx2(const Problem& p, float* bt, int64_t n0, int64_t lanes) {
+  if (lanes < kLanes) return transpose_block(p, bt, n0, lanes);
+  for (const LoraTerm& t : *p.terms) {
+    if (t.r % 8 != 0) {
+      for (int64_t j = 0; j < t.r; ++j)
+        for (int64_t i = 0; i < kLanes; ++i) bt[j * kLanes + i] = t.b[(n0 + i) * t.r + j];
+    } else {
+      for (int64_t i0 = 0; i0 < kLanes; i0 += 8)
+        for (int64_t j0 = 0; j0 < t.r; j0 += 8) {
+          __m256 v[8];
+          for (int i = 0; i < 8; ++i) v[i] = _mm256_loadu_ps(t.b + (n0 + i0 + i) * t.r + j0);
+          transpose8x8(v);  // v[j] = B[n0 + i0 + 0..7, j0 + j]
+          for (int j = 0; j < 8; ++j) _mm256_storeu_ps(bt + (j0 + j) * kLanes + i0, v[j]);
+        }
+    }
+    bt += t.r * kLanes;
+  }
+}
 
 // up_blocks with the kRows x kLanes sums of a tile in 8 registers. u has M rounded up to kRows
 // rows (the extra ones zero), so every tile runs kRows rows; the last block of a ragged N, and
 // the rows past M, go through a copy.
 GF_AVX2 void up_blocks_avx2(const Problem& p, const float* u, int64_t n_begin, int64_t n_end) {
-  std::vector<float> bt(p.ranks * kLanes);
+  thread_local std::vector<float> bt;
+  bt.resize(p.ranks * kLanes);
   alignas(32) uint16_t tail[kRows][kLanes] = {};
   for (int64_t n0 = n_begin; n0 < n_end; n0 += kLanes) {
     const int64_t lanes = p.N - n0 < kLanes ? p.N - n0 : kLanes;
-    transpose_block(p, bt.data(), n0, lanes);
+    transpose_block_avx2(p, bt.data(), n0, lanes);
     for (int64_t m = 0; m < p.M; m += kRows) {
       const int64_t n_rows = p.M - m < kRows ? p.M - m : kRows;
       const bool whole = n_rows == kRows && lanes == kLanes;
@@ -194,30 +258,37 @@ void cpu_lora_add_bf16(uintptr_t out, uintptr_t x, int64_t M, int64_t N, int64_t
   for (const LoraTerm& t : terms) ranks += t.r;
   if (M == 0 || ranks == 0) return;
   const int64_t padded = (ranks + kLanes - 1) / kLanes * kLanes;
-  std::vector<float> a_t(K * padded, 0.f);  // [K, padded]: A^T of every term, side by side
-  int64_t c = 0;
-  for (const LoraTerm& t : terms) {
-    for (int64_t j = 0; j < t.r; ++j)
-      for (int64_t k = 0; k < K; ++k) a_t[k * padded + c + j] = t.a[j * K + k];
-    c += t.r;
+  const bool avx2 = use_avx2();
+  std::vector<float> a_t;  // portable build: [K, padded], A^T of every term side by side
+  std::vector<const float*> a_rows;
+  for (const LoraTerm& t : terms)
+    for (int64_t j = 0; j < t.r; ++j) a_rows.push_back(t.a + j * K);
+  if (!avx2) {
+    a_t.assign(K * padded, 0.f);
+    for (int64_t c = 0; c < ranks; ++c)
+      for (int64_t k = 0; k < K; ++k) a_t[k * padded + c] = a_rows[c][k];
   }
   const Problem p{reinterpret_cast<uint16_t*>(out), reinterpret_cast<const uint16_t*>(x), M, N, K, ldx, ldo,
-                  &terms, ranks, padded, a_t.data()};
+                  &terms, ranks, padded, a_t.data(), a_rows.data()};
   std::vector<float> u((M + kRows - 1) / kRows * kRows * ranks, 0.f);  // [M rounded up to kRows, ranks]
-  // The down pass (a quarter of the ~1M multiply-adds, feeding every output) on this thread.
-  // The up pass by blocks of outputs on several threads only where the caller runs its regions
-  // on libgomp's team (the sampler's per-module decode: native.openmp_regions), whose worker is
-  // awake between torch ops. On the pool it stays on one thread: the pool's helper then spun
-  // against oneDNN's bf16 GEMM that runs next (measured: the base products 1.35x slower with two
-  // threads, for a 15% faster add).
-  const bool avx2 = use_avx2();
+  // Both passes on several threads only where the caller runs its regions on libgomp's team (the
+  // sampler's per-module decode: native.openmp_regions), whose worker is awake between torch
+  // ops: the down pass by tiles of rows, the up pass by blocks of outputs. On the pool all stays
+  // on one thread: the pool's helper then spun against oneDNN's bf16 GEMM that runs next
+  // (measured: the base products 1.35x slower with two threads, for a 15% faster add).
+  const bool split = openmp_regions();
+  const int64_t row_tiles = (M + kRows - 1) / kRows;
+  const int64_t row_chunks = avx2 && split && row_tiles >= 2 ? std::min<int64_t>(row_tiles, 2 * parallel_threads()) : 1;
+  parallel_for(row_chunks, [&](int64_t i) {
+    const int64_t m0 = row_tiles * i / row_chunks * kRows, m1 = std::min(M, row_tiles * (i + 1) / row_chunks * kRows);
 #ifdef GF_X86_DISPATCH
-  if (avx2) down_rows_avx2(p, u.data());
+    if (avx2) return down_rows_avx2(p, u.data(), m0, m1);
 #endif
-  if (!avx2) down_rows_base(p, u.data());
+    down_rows_base(p, u.data());  // the portable build: all rows, one chunk
+  });
   constexpr int64_t kChunk = 8 * kLanes;  // outputs per parallel chunk
   // below 4 chunks the region costs what it saves (192 outputs: 0.95x; 576: 1.02x; 1,536: 1.09x)
-  const int64_t chunks = openmp_regions() && N >= 4 * kChunk ? (N + kChunk - 1) / kChunk : 1;
+  const int64_t chunks = split && N >= 4 * kChunk ? (N + kChunk - 1) / kChunk : 1;
   parallel_for(chunks, [&](int64_t i) {
     const int64_t n0 = i * kChunk, n1 = chunks == 1 ? N : std::min<int64_t>(N, n0 + kChunk);
 #ifdef GF_X86_DISPATCH
