@@ -136,22 +136,25 @@ void up_blocks_base(const Problem& p, const float* u, int64_t n_begin, int64_t n
 // time, 8 k per step in 4 x 2 accumulators, summed across the lanes at the end and then the
 // k % 8 tail. A row's sums do not depend on which rows share its tile, so any split of the rows
 // gives the same u.
-GF_AVX2 void down_rows_avx2(const Problem& p, float* u, int64_t m_begin, int64_t m_end) {
-  const int64_t K = p.K, K8 = K / 8 * 8;
+// u[m * su_m + c * su_c]: [M, ranks] rows for the row-major output, [ranks, M] for the
+// transposed one (su_m = 1).
+GF_AVX2 void down_rows_avx2(const uint16_t* x, int64_t ldx, int64_t K, const float* const* a_rows, int64_t ranks,
+                            float* u, int64_t su_m, int64_t su_c, int64_t m_begin, int64_t m_end) {
+  const int64_t K8 = K / 8 * 8;
   thread_local std::vector<float> rows;
   rows.assign(kRows * K, 0.f);
   for (int64_t m = m_begin; m < m_end; m += kRows) {
     const int64_t n_rows = m_end - m < kRows ? m_end - m : kRows;
     for (int64_t r = 0; r < n_rows; ++r) {
-      const uint16_t* xm = p.x + (m + r) * p.ldx;
+      const uint16_t* xm = x + (m + r) * ldx;
       float* dst = rows.data() + r * K;
       int64_t k = 0;
       for (; k < K8; k += 8) _mm256_storeu_ps(dst + k, bf16x8_to_f32(xm + k));
       for (; k < K; ++k) dst[k] = bf16_to_f32(xm[k]);
     }
-    for (int64_t c = 0; c < p.ranks; c += 2) {
-      const float* a0 = p.a_rows[c];
-      const float* a1 = p.a_rows[c + 1 < p.ranks ? c + 1 : c];  // an odd last rank: computed twice, kept once
+    for (int64_t c = 0; c < ranks; c += 2) {
+      const float* a0 = a_rows[c];
+      const float* a1 = a_rows[c + 1 < ranks ? c + 1 : c];  // an odd last rank: computed twice, kept once
       __m256 acc[kRows][2];
       for (int64_t r = 0; r < kRows; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
       for (int64_t k = 0; k < K8; k += 8) {
@@ -166,8 +169,8 @@ GF_AVX2 void down_rows_avx2(const Problem& p, float* u, int64_t m_begin, int64_t
         const float* xr = rows.data() + r * K;
         float s0 = hsum8(acc[r][0]), s1 = hsum8(acc[r][1]);
         for (int64_t k = K8; k < K; ++k) s0 += xr[k] * a0[k], s1 += xr[k] * a1[k];
-        u[(m + r) * p.ranks + c] = s0;
-        if (c + 1 < p.ranks) u[(m + r) * p.ranks + c + 1] = s1;
+        u[(m + r) * su_m + c * su_c] = s0;
+        if (c + 1 < ranks) u[(m + r) * su_m + (c + 1) * su_c] = s1;
       }
     }
   }
@@ -248,6 +251,179 @@ GF_AVX2 void up_blocks_avx2(const Problem& p, const float* u, int64_t n_begin, i
 }
 #endif
 
+// ---- the transposed layout: out_t [N, M] (a base product computed as W x^T) ----
+//
+// Both passes with the rows m as the vector lanes: u^T [ranks, Mp] (Mp = M rounded up to 8, the
+// pad zero), then out_t[n, m] += s * sum_j B[n, j] u^T[j, m] with B[n, j] broadcast from B as it
+// lies ([N, r]: no transposed copy of B). x is [M, K] rows, or x^T [K, M] (the transposed MLP's
+// inner activations, fed to the down projection as they are).
+struct TProblem {
+  uint16_t* out_t;
+  int64_t ldo;
+  const uint16_t* x;
+  int64_t ldx;
+  bool x_transposed;
+  int64_t M, N, K, Mp;
+  const std::vector<LoraTerm>* terms;
+  int64_t ranks;
+  const float* const* a_rows;
+};
+
+// u^T[c, m] for ranks [c_begin, c_end), x^T [K, M] as xf: fp32 [K, Mp], zero past M.
+void down_cols_base(const TProblem& p, const float* xf, float* ut, int64_t c_begin, int64_t c_end) {
+  for (int64_t c = c_begin; c < c_end; ++c)
+    for (int64_t m = 0; m < p.M; ++m) {
+      float acc = 0.f;
+      for (int64_t k = 0; k < p.K; ++k) acc += p.a_rows[c][k] * xf[k * p.Mp + m];
+      ut[c * p.Mp + m] = acc;
+    }
+}
+
+// u^T[c, m] for every row, x as [M, K] rows (the portable build).
+void down_rows_t_base(const TProblem& p, float* ut) {
+  for (int64_t m = 0; m < p.M; ++m)
+    for (int64_t c = 0; c < p.ranks; ++c) {
+      float acc = 0.f;
+      for (int64_t k = 0; k < p.K; ++k) acc += bf16_to_f32(p.x[m * p.ldx + k]) * p.a_rows[c][k];
+      ut[c * p.Mp + m] = acc;
+    }
+}
+
+void up_rows_t_base(const TProblem& p, const float* ut, int64_t n_begin, int64_t n_end) {
+  for (int64_t n = n_begin; n < n_end; ++n)
+    for (int64_t m = 0; m < p.M; ++m) {
+      uint16_t* o = p.out_t + n * p.ldo + m;
+      float y = bf16_to_f32(*o);
+      int64_t c = 0;
+      for (const LoraTerm& t : *p.terms) {
+        float acc = 0.f;
+        for (int64_t j = 0; j < t.r; ++j) acc += t.b[n * t.r + j] * ut[(c + j) * p.Mp + m];
+        y += acc * t.scale;
+        c += t.r;
+      }
+      *o = f32_to_bf16(y);
+    }
+}
+
+#ifdef GF_X86_DISPATCH
+// u^T for ranks [c_begin, c_end) from xf (x^T as fp32 [K, Mp]): two ranks by up to 32 rows a
+// tile, k summed in order, so the split over ranks does not change a value.
+template <int MV>
+GF_AVX2 GF_INLINE void down_cols_tile(const TProblem& p, const float* xf, float* ut, int64_t c, int64_t m0) {
+  const float* a0 = p.a_rows[c];
+  const float* a1 = p.a_rows[c + 1 < p.ranks ? c + 1 : c];
+  __m256 acc[2][MV];
+  for (int v = 0; v < MV; ++v) acc[0][v] = acc[1][v] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < p.K; ++k) {
+    const __m256 w0 = _mm256_broadcast_ss(a0 + k), w1 = _mm256_broadcast_ss(a1 + k);
+    const float* xk = xf + k * p.Mp + m0;
+    for (int v = 0; v < MV; ++v) {
+      const __m256 xv = _mm256_loadu_ps(xk + 8 * v);
+      acc[0][v] = _mm256_fmadd_ps(w0, xv, acc[0][v]);
+      acc[1][v] = _mm256_fmadd_ps(w1, xv, acc[1][v]);
+    }
+  }
+  for (int v = 0; v < MV; ++v) {
+    _mm256_storeu_ps(ut + c * p.Mp + m0 + 8 * v, acc[0][v]);
+    if (c + 1 < p.ranks) _mm256_storeu_ps(ut + (c + 1) * p.Mp + m0 + 8 * v, acc[1][v]);
+  }
+}
+
+GF_AVX2 void down_cols_avx2(const TProblem& p, const float* xf, float* ut, int64_t c_begin, int64_t c_end) {
+  for (int64_t c = c_begin; c < c_end; c += 2)
+    for (int64_t m0 = 0; m0 < p.Mp; m0 += 32) {
+      switch (std::min<int64_t>(4, (p.Mp - m0) / 8)) {
+        case 4: down_cols_tile<4>(p, xf, ut, c, m0); break;
+        case 3: down_cols_tile<3>(p, xf, ut, c, m0); break;
+        case 2: down_cols_tile<2>(p, xf, ut, c, m0); break;
+        default: down_cols_tile<1>(p, xf, ut, c, m0); break;
+      }
+    }
+}
+
+// x^T [K, M] bf16 -> fp32 [K, Mp], zero past M.
+GF_AVX2 void widen_xt_avx2(const TProblem& p, float* xf) {
+  const int64_t M8 = p.M / 8 * 8;
+  for (int64_t k = 0; k < p.K; ++k) {
+    const uint16_t* src = p.x + k * p.ldx;
+    float* dst = xf + k * p.Mp;
+    int64_t m = 0;
+    for (; m < M8; m += 8) _mm256_storeu_ps(dst + m, bf16x8_to_f32(src + m));
+    for (; m < p.M; ++m) dst[m] = bf16_to_f32(src[m]);
+    for (; m < p.Mp; ++m) dst[m] = 0.f;
+  }
+}
+
+// Outputs n0, n0 + 1 (NB of them) by up to 32 rows from m0: each term's sums in registers, then
+// y = float(out) + sum * s term after term (peft's order) through a small fp32 tile, rounded
+// once. Rows past M (the last vector of a ragged M) go through a copy.
+template <int NB, int MV>
+GF_AVX2 GF_INLINE void up_t_tile(const TProblem& p, const float* ut, int64_t n0, int64_t m0) {
+  alignas(32) float y[NB][32];
+  alignas(32) uint16_t part[8];
+  for (int i = 0; i < NB; ++i)
+    for (int v = 0; v < MV; ++v) {
+      const uint16_t* o = p.out_t + (n0 + i) * p.ldo + m0 + 8 * v;
+      const int64_t lanes = p.M - (m0 + 8 * v);
+      if (lanes >= 8) {
+        _mm256_store_ps(y[i] + 8 * v, load8(o));
+      } else {
+        for (int l = 0; l < 8; ++l) part[l] = l < lanes ? o[l] : 0;
+        _mm256_store_ps(y[i] + 8 * v, load8(part));
+      }
+    }
+  int64_t c = 0;
+  for (const LoraTerm& t : *p.terms) {
+    __m256 acc[NB][MV];
+    for (int i = 0; i < NB; ++i)
+      for (int v = 0; v < MV; ++v) acc[i][v] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < t.r; ++j) {
+      const float* uj = ut + (c + j) * p.Mp + m0;
+      __m256 b[NB];
+      for (int i = 0; i < NB; ++i) b[i] = _mm256_broadcast_ss(t.b + (n0 + i) * t.r + j);
+      for (int v = 0; v < MV; ++v) {
+        const __m256 uv = _mm256_loadu_ps(uj + 8 * v);
+        for (int i = 0; i < NB; ++i) acc[i][v] = _mm256_fmadd_ps(b[i], uv, acc[i][v]);
+      }
+    }
+    const __m256 scale = _mm256_set1_ps(t.scale);
+    for (int i = 0; i < NB; ++i)
+      for (int v = 0; v < MV; ++v)  // y + (sum * s): peft's two roundings, not one FMA
+        _mm256_store_ps(y[i] + 8 * v, _mm256_add_ps(_mm256_load_ps(y[i] + 8 * v), _mm256_mul_ps(acc[i][v], scale)));
+    c += t.r;
+  }
+  for (int i = 0; i < NB; ++i)
+    for (int v = 0; v < MV; ++v) {
+      uint16_t* o = p.out_t + (n0 + i) * p.ldo + m0 + 8 * v;
+      const int64_t lanes = p.M - (m0 + 8 * v);
+      if (lanes >= 8) {
+        store8(o, _mm256_load_ps(y[i] + 8 * v));
+      } else {
+        store8(part, _mm256_load_ps(y[i] + 8 * v));
+        for (int l = 0; l < lanes; ++l) o[l] = part[l];
+      }
+    }
+}
+
+template <int NB>
+GF_AVX2 GF_INLINE void up_t_outputs(const TProblem& p, const float* ut, int64_t n0) {
+  for (int64_t m0 = 0; m0 < p.Mp; m0 += 32) {
+    switch (std::min<int64_t>(4, (p.Mp - m0) / 8)) {
+      case 4: up_t_tile<NB, 4>(p, ut, n0, m0); break;
+      case 3: up_t_tile<NB, 3>(p, ut, n0, m0); break;
+      case 2: up_t_tile<NB, 2>(p, ut, n0, m0); break;
+      default: up_t_tile<NB, 1>(p, ut, n0, m0); break;
+    }
+  }
+}
+
+GF_AVX2 void up_rows_t_avx2(const TProblem& p, const float* ut, int64_t n_begin, int64_t n_end) {
+  int64_t n = n_begin;
+  for (; n + 2 <= n_end; n += 2) up_t_outputs<2>(p, ut, n);
+  if (n < n_end) up_t_outputs<1>(p, ut, n);
+}
+#endif
+
 }  // namespace
 
 void cpu_lora_add_bf16(uintptr_t out, uintptr_t x, int64_t M, int64_t N, int64_t K, int64_t ldx,
@@ -282,7 +458,7 @@ void cpu_lora_add_bf16(uintptr_t out, uintptr_t x, int64_t M, int64_t N, int64_t
   parallel_for(row_chunks, [&](int64_t i) {
     const int64_t m0 = row_tiles * i / row_chunks * kRows, m1 = std::min(M, row_tiles * (i + 1) / row_chunks * kRows);
 #ifdef GF_X86_DISPATCH
-    if (avx2) return down_rows_avx2(p, u.data(), m0, m1);
+    if (avx2) return down_rows_avx2(p.x, ldx, K, p.a_rows, ranks, u.data(), ranks, 1, m0, m1);
 #endif
     down_rows_base(p, u.data());  // the portable build: all rows, one chunk
   });
@@ -295,6 +471,68 @@ void cpu_lora_add_bf16(uintptr_t out, uintptr_t x, int64_t M, int64_t N, int64_t
     if (avx2) return up_blocks_avx2(p, u.data(), n0, n1);
 #endif
     up_blocks_base(p, u.data(), n0, n1);
+  });
+}
+
+}  // namespace grpo_fast
+
+namespace grpo_fast {
+
+void cpu_lora_add_bf16_t(uintptr_t out_t, uintptr_t x, int64_t M, int64_t N, int64_t K, int64_t ldx,
+                         bool x_transposed, int64_t ldo, const std::vector<LoraTerm>& terms) {
+  if (M < 0 || N < 1 || K < 1 || ldx < (x_transposed ? M : K) || ldo < M)
+    throw std::invalid_argument(
+        "cpu_lora_add_bf16_t: need M >= 0, N >= 1, K >= 1, ldx >= K (x rows) or M (x^T rows), ldo >= M");
+  int64_t ranks = 0;
+  for (const LoraTerm& t : terms) ranks += t.r;
+  if (M == 0 || ranks == 0) return;
+  std::vector<const float*> a_rows;
+  for (const LoraTerm& t : terms)
+    for (int64_t j = 0; j < t.r; ++j) a_rows.push_back(t.a + j * K);
+  const int64_t Mp = (M + 7) / 8 * 8;
+  const TProblem p{reinterpret_cast<uint16_t*>(out_t), ldo, reinterpret_cast<const uint16_t*>(x), ldx, x_transposed,
+                   M, N, K, Mp, &terms, ranks, a_rows.data()};
+  std::vector<float> ut(ranks * Mp, 0.f);  // [ranks, Mp]
+  const bool avx2 = use_avx2();
+  // Split over the threads only on libgomp's team (see cpu_lora_add_bf16): the down pass by
+  // tiles of rows (x rows) or by pairs of ranks (x^T), the up pass by runs of outputs.
+  const bool split = openmp_regions() && avx2;
+  if (x_transposed) {
+    std::vector<float> xf(K * Mp);  // x^T widened to fp32 once: every rank pair reads all of it
+    const int64_t pairs = (ranks + 1) / 2;
+#ifdef GF_X86_DISPATCH
+    if (avx2) widen_xt_avx2(p, xf.data());
+#endif
+    if (!avx2)
+      for (int64_t k = 0; k < K; ++k)
+        for (int64_t m = 0; m < Mp; ++m) xf[k * Mp + m] = m < M ? bf16_to_f32(p.x[k * ldx + m]) : 0.f;
+    const int64_t chunks = split ? std::min<int64_t>(pairs, 2 * parallel_threads()) : 1;
+    parallel_for(chunks, [&](int64_t i) {
+      const int64_t c0 = pairs * i / chunks * 2, c1 = std::min(ranks, pairs * (i + 1) / chunks * 2);
+#ifdef GF_X86_DISPATCH
+      if (avx2) return down_cols_avx2(p, xf.data(), ut.data(), c0, c1);
+#endif
+      down_cols_base(p, xf.data(), ut.data(), c0, c1);
+    });
+  } else {
+    const int64_t row_tiles = (M + kRows - 1) / kRows;
+    const int64_t chunks = split && row_tiles >= 2 ? std::min<int64_t>(row_tiles, 2 * parallel_threads()) : 1;
+    parallel_for(chunks, [&](int64_t i) {
+      const int64_t m0 = row_tiles * i / chunks * kRows, m1 = std::min(M, row_tiles * (i + 1) / chunks * kRows);
+#ifdef GF_X86_DISPATCH
+      if (avx2) return down_rows_avx2(p.x, ldx, K, a_rows.data(), ranks, ut.data(), 1, Mp, m0, m1);
+#endif
+      down_rows_t_base(p, ut.data());  // the portable build: all rows, one chunk
+    });
+  }
+  // outputs in runs of 32 (at 32 rows and r = 16: ~5 µs of sums each)
+  const int64_t runs = split ? chunk_count(N, parallel_threads(), 32) : 1;
+  parallel_for(runs, [&](int64_t i) {
+    const auto [n0, n1] = chunk_range(i, runs, N);
+#ifdef GF_X86_DISPATCH
+    if (avx2) return up_rows_t_avx2(p, ut.data(), n0, n1);
+#endif
+    up_rows_t_base(p, ut.data(), n0, n1);
   });
 }
 

@@ -80,6 +80,63 @@ def test_kernel_matches_the_math_within_a_bf16_step(M, K, N, ranks):
     assert torch.equal(split, out)
 
 
+@pytest.mark.parametrize("M,K,N", [(32, 576, 1536), (40, 64, 70), (7, 64, 37), (9, 33, 16), (1, 8, 1)])
+@pytest.mark.parametrize("ranks", [(16,), (3, 8)])
+@pytest.mark.parametrize("layout", ["x", "xt"])
+def test_transposed_kernel_matches_the_math_within_a_bf16_step(M, K, N, ranks, layout):
+    """lora_add_bf16_t_: the same math into a transposed base product out_t [N, M], the input as
+    x [M, K] or as x^T [K, M]. Ragged M (a last vector of rows under 8 lanes; 40: a second tile
+    of rows), an odd number of ranks (3 + 8), two terms, out_t and the input as column slices of
+    wider matrices; split over libgomp's team it is bitwise the one-thread result."""
+    g = torch.Generator().manual_seed(M * K + N + len(ranks))
+    x = torch.randn(M, K, generator=g).bfloat16()
+    y = torch.randn(M, N, generator=g).bfloat16()
+    terms = [(torch.randn(r, K, generator=g) / K ** 0.5, torch.randn(N, r, generator=g), 0.5 + i)
+             for i, r in enumerate(ranks)]
+    want = exact(y, x, terms)  # [M, N]
+    wide_t = torch.randn(N, M + 4, generator=g).bfloat16()  # out_t in columns 1..M
+    wide_t[:, 1:M + 1] = y.T
+    given = dict(x=torch.cat([x, x[:, :3]], 1)[:, :K]) if layout == "x" else \
+        dict(xt=torch.cat([x.T, x.T[:, :2]], 1)[:, :M])
+    out_t = wide_t.clone()
+    cpu_ops.lora_add_bf16_t_(out_t[:, 1:M + 1], terms, **given)
+    assert torch.equal(out_t[:, 0], wide_t[:, 0]) and torch.equal(out_t[:, M + 1:], wide_t[:, M + 1:])  # untouched
+    got = out_t[:, 1:M + 1].T
+    err = (got.double() - want).abs()
+    assert (err <= tolerance(y, x, terms)).all(), err.max()
+    row_major = cpu_ops.lora_add_bf16_(y.clone(), x, terms)  # the other layout: mostly bit-equal
+    assert (got != row_major).float().mean() < 0.01
+    from grpo_fast.native import openmp_regions
+    from grpo_fast.torch_threads import set_torch_threads
+
+    threads = torch.get_num_threads()
+    set_torch_threads(2)
+    try:
+        split = wide_t.clone()
+        with openmp_regions():
+            cpu_ops.lora_add_bf16_t_(split[:, 1:M + 1], terms, **given)
+    finally:
+        set_torch_threads(threads)
+    assert torch.equal(split, out_t)
+
+
+def test_transposed_arguments_are_checked():
+    x, out_t = torch.randn(4, 8).bfloat16(), torch.zeros(6, 4).bfloat16()
+    term = [(torch.randn(2, 8), torch.randn(6, 2), 1.0)]
+    with pytest.raises(ValueError, match="exactly one of x"):
+        cpu_ops.lora_add_bf16_t_(out_t, term)
+    with pytest.raises(ValueError, match="exactly one of x"):
+        cpu_ops.lora_add_bf16_t_(out_t, term, x=x, xt=x.T)
+    with pytest.raises(ValueError, match="out_t has 4 columns"):
+        cpu_ops.lora_add_bf16_t_(out_t, term, x=x[:3])
+    with pytest.raises(ValueError, match="out_t has 4 columns"):
+        cpu_ops.lora_add_bf16_t_(out_t, term, xt=x.T.contiguous()[:, :3])
+    with pytest.raises(ValueError, match=r"lora\[0\] B"):
+        cpu_ops.lora_add_bf16_t_(out_t[:5], term, x=x)
+    with pytest.raises(ValueError, match="xt"):
+        cpu_ops.lora_add_bf16_t_(out_t, term, xt=x.T)  # x^T as a view of x: not unit stride along m
+
+
 def test_rounding_is_torchs():
     """x = 1, A = 1, s = 1: the kernel rounds 0 + B[n] to bf16 (no summation error), as torch's
     float -> bfloat16 conversion does: ties to even, overflow to inf, NaN, subnormals, zeros."""
@@ -100,7 +157,7 @@ def test_rounding_is_torchs():
 
 def test_the_baseline_x86_build_agrees(tmp_path):
     """GRPO_FAST_NO_AVX2=1 (read once per process, so in a fresh one): the portable loops give
-    the AVX2 kernel's results."""
+    the AVX2 kernels' results, both layouts (the transposed one with x as rows and as x^T)."""
     g = torch.Generator().manual_seed(3)
     x, y = torch.randn(7, 40, generator=g).bfloat16(), torch.randn(7, 37, generator=g).bfloat16()
     terms = [(torch.randn(5, 40, generator=g), torch.randn(37, 5, generator=g), 1.5)]
@@ -109,11 +166,17 @@ def test_the_baseline_x86_build_agrees(tmp_path):
         import torch
         from grpo_fast.models import cpu_ops
         x, y, terms = torch.load({str(tmp_path / "inputs.pt")!r})
-        torch.save(cpu_ops.lora_add_bf16_(y, x, terms), {str(tmp_path / "portable.pt")!r})
+        outs = [cpu_ops.lora_add_bf16_(y.clone(), x, terms),
+                cpu_ops.lora_add_bf16_t_(y.T.contiguous(), terms, x=x).T,
+                cpu_ops.lora_add_bf16_t_(y.T.contiguous(), terms, xt=x.T.contiguous()).T]
+        torch.save(outs, {str(tmp_path / "portable.pt")!r})
         """, env={"GRPO_FAST_NO_AVX2": "1"})
-    avx2 = cpu_ops.lora_add_bf16_(y.clone(), x, terms)
-    err = (avx2.double() - torch.load(tmp_path / "portable.pt").double()).abs()
-    assert (err <= tolerance(y, x, terms)).all(), err.max()
+    avx2 = [cpu_ops.lora_add_bf16_(y.clone(), x, terms), cpu_ops.lora_add_bf16_t_(y.T.contiguous(), terms, x=x).T,
+            cpu_ops.lora_add_bf16_t_(y.T.contiguous(), terms, xt=x.T.contiguous()).T]
+    for ours, portable in zip(avx2, torch.load(tmp_path / "portable.pt")):  # row-major, x rows, x^T
+        err = (ours.double() - portable.double()).abs()
+        assert (err <= tolerance(y, x, terms)).all(), err.max()
+        assert (ours != portable).float().mean() < 0.05  # not just within a step: mostly bit-equal
 
 
 def test_arguments_are_checked():
@@ -161,13 +224,16 @@ def test_sampler_takes_the_native_add_and_equals_peft(monkeypatch):
 
     model = bf16_lora_model()
     calls = []
-    real = cpu_ops.lora_add_bf16_checked_
-    monkeypatch.setattr(cpu_ops, "lora_add_bf16_checked_", lambda *a: calls.append(1) or real(*a))
+    real, real_t = cpu_ops.lora_add_bf16_checked_, cpu_ops.lora_add_bf16_t_checked_
+    monkeypatch.setattr(cpu_ops, "lora_add_bf16_checked_", lambda *a: calls.append("rows") or real(*a))
+    monkeypatch.setattr(cpu_ops, "lora_add_bf16_t_checked_", lambda *a: calls.append(("t", a[2])) or real_t(*a))
     sampler = Sampler(model, None, block_size=4, kv_budget="2048 tokens")
     prompts = random_prompts((3, 9, 17), seed=5)
     fast = greedy(sampler, prompts)
-    # 7 linears x 2 layers per decode step, 7 decode steps after the prefill's first token
-    assert len(calls) >= 7 * 2 * 7
+    # per decode step (7 after the prefill's first token), 2 layers: q, k, v, o on the row-major
+    # add; the transposed MLP's gate and up (x as rows) and down (its input as x^T)
+    assert calls.count("rows") >= 4 * 2 * 7
+    assert calls.count(("t", False)) >= 2 * 2 * 7 and calls.count(("t", True)) >= 2 * 7
     with monkeypatch.context() as m:  # peft's own forward for every LoRA linear
         m.setattr(decode_fast_paths, "_fp32_over_bf16", lambda *_: False)
         taken = len(calls)
@@ -222,3 +288,32 @@ def test_bf16_decode_runs_its_norms_natively_as_the_modules_round(monkeypatch):
             assert len(norms) == taken
         assert tokens(fast) == tokens(module_path)
         torch.testing.assert_close(logprobs(fast), logprobs(module_path), atol=2e-2, rtol=0)
+
+
+@pytest.mark.parametrize("mlp_bias", [False, True])
+def test_the_transposed_mlp_computes_the_module(monkeypatch, mlp_bias):
+    """A LoRA-wrapped bf16 gated MLP on the decode's transposed path (gate, up, down as W x^T, the
+    adapters added by the transposed kernel) equals the module to bf16 noise. With biases peft
+    rounds x W^T + b inside the base GEMM, which W x^T + b would not: then the row-major path
+    runs instead (the transposed kernel not called), and equals the module too."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from grpo_fast.models.decode_fast_paths import FastPaths
+    from test_sampler import COMMON
+
+    torch.manual_seed(4)
+    base = LlamaForCausalLM(LlamaConfig(**COMMON, mlp_bias=mlp_bias)).to(torch.bfloat16)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
+                                            target_modules=TARGETS)).eval()
+    mlp = model.base_model.model.model.layers[0].mlp
+    calls = []
+    real_t = cpu_ops.lora_add_bf16_t_checked_
+    monkeypatch.setattr(cpu_ops, "lora_add_bf16_t_checked_", lambda *a: calls.append(a[2]) or real_t(*a))
+    x = torch.randn(9, mlp.gate_proj.in_features).bfloat16()
+    into = torch.randn(9, mlp.down_proj.out_features).bfloat16()
+    with torch.no_grad():
+        want = (into.float() + mlp(x).float())
+        got = FastPaths().gated_mlp_add_(into.clone(), mlp, x).float()
+    assert calls == ([] if mlp_bias else [False, False, True])
+    torch.testing.assert_close(got, want, atol=0, rtol=2 ** -6)  # a bf16 step or two of noise

@@ -170,6 +170,38 @@ def lora_add_bf16_checked_(out: torch.Tensor, x: torch.Tensor, args: list[tuple[
     return out
 
 
+def lora_add_bf16_t_(out_t: torch.Tensor, lora: LoraTerms, *, x: torch.Tensor | None = None,
+                     xt: torch.Tensor | None = None) -> torch.Tensor:
+    """lora_add_bf16_ into a transposed base product, in place: out_t [N, M] = W x^T (+ b), bf16,
+    gets bf16(float(out_t) + sum_l s_l B_l (A_l x^T)). The input as x [M, K] rows or as xt = x^T
+    [K, M] (a transposed MLP's activations, which feed its down projection as they lie); exactly
+    one of the two. Returns out_t."""
+    if (x is None) == (xt is None):
+        raise ValueError("pass exactly one of x [M, K] and xt [K, M]")
+    checks.tensor("out_t", out_t, ndim=2, dtypes=_BF16, device="cpu", contiguous=False, unit_stride=True)
+    given = x if x is not None else xt
+    checks.tensor("x" if x is not None else "xt", given, ndim=2, dtypes=_BF16, device="cpu", contiguous=False,
+                  unit_stride=True)
+    n, m = out_t.shape
+    k = given.shape[1] if x is not None else given.shape[0]
+    rows = given.shape[0] if x is not None else given.shape[1]
+    if rows != m:
+        raise ValueError(f"out_t has {m} columns (rows of x), the input has {rows} rows")
+    return lora_add_bf16_t_checked_(out_t, given, x is None, lora_args("lora", lora, k, n))
+
+
+def lora_add_bf16_t_checked_(out_t: torch.Tensor, given: torch.Tensor, transposed: bool,
+                             args: list[tuple[int, int, int, float]]) -> torch.Tensor:
+    """lora_add_bf16_t_ with the terms already checked (``lora_args``): the decode's per-call path.
+    given is x [M, K] or, with transposed, x^T [K, M]."""
+    m, n = out_t.shape[1], out_t.shape[0]
+    if m and args:
+        k = given.shape[0] if transposed else given.shape[1]
+        _C.cpu_lora_add_bf16_t(out_t.data_ptr(), given.data_ptr(), m, n, k, given.stride(0), transposed,
+                               out_t.stride(0), args)
+    return out_t
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """weight * x / sqrt(mean(x^2 over the last dim) + eps), any leading shape; fp32, or bf16 as
     HF's module computes it in bf16 (bf16(weight * bf16(x * r)), the sum of squares in fp32)."""

@@ -142,15 +142,27 @@ def _native_into(out: torch.Tensor, x: torch.Tensor, parts: Parts, accumulate: b
     return cpu_ops.linear_into(out, x, parts.base.weight, bias, accumulate=accumulate, lora=parts.terms)
 
 
-def _transposed(parts, xt: torch.Tensor) -> torch.Tensor:
-    """module(x)^T = W @ x^T + b + sum_i s_i * B_i @ (A_i @ x^T): xt [K, M] -> [N, M]."""
+def _transposed(parts, xt: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+    """module(x)^T = W @ x^T + b + sum_i s_i * B_i @ (A_i @ x^T): xt [K, M] -> [N, M]. fp32 terms
+    over a bf16 base (``_transposed_mixed_ok``) are added by the native kernel, reading x [M, K]
+    rows where given, else xt as it lies."""
     base, terms = parts.base, parts.terms
     out_t = torch.mm(base.weight, xt)  # [N, M]
+    if parts.mixed:
+        given, transposed = (x, False) if x is not None else (xt, True)
+        return cpu_ops.lora_add_bf16_t_checked_(out_t, given, transposed, parts.mixed)
     for weight_a, weight_b, scaling in terms:
         out_t.addmm_(weight_b, torch.mm(weight_a, xt), alpha=scaling)  # += s * B @ (A @ x^T)
     if base.bias is not None:
         out_t += base.bias.unsqueeze(1)
     return out_t
+
+
+def _transposed_mixed_ok(parts: Parts) -> bool:
+    """Whether ``_transposed`` computes module(x) as the module does: no fp32-over-bf16 terms, or
+    terms the native kernel adds over a bias-free base (peft rounds x W^T + b once, inside the
+    base GEMM; W x^T, then + b, would round twice)."""
+    return parts.mixed is None or (bool(parts.mixed) and parts.base.bias is None)
 
 
 def _fused_silu_gate(mlp: nn.Module, x: torch.Tensor, gate: Parts, up: Parts) -> bool:
@@ -261,11 +273,13 @@ class FastPaths:
         gate, up, down = parts
         if _native(x, gate) and _native(x, up):
             return self.linear_add_(into, mlp.down_proj, self._gated_inner(mlp, x, gate, up))
-        if any(p.mixed is not None for p in parts):
+        if any(p.mixed is not None for p in parts) and not (all(_transposed_mixed_ok(p) for p in parts)
+                                                           and x.stride(1) == 1):
             inner = mlp.act_fn(self.linear(mlp.gate_proj, x)).mul_(self.linear(mlp.up_proj, x))  # [M, I]
             return into.add_(self.linear(mlp.down_proj, inner))
         xt = x.t()  # [H, M]
-        inner_t = mlp.act_fn(_transposed(gate, xt)).mul_(_transposed(up, xt))  # [I, M]
+        # (fp32 adapters over a bf16 base: gate's and up's terms read x's rows, down's inner_t as it lies)
+        inner_t = mlp.act_fn(_transposed(gate, xt, x)).mul_(_transposed(up, xt, x))  # [I, M]
         return into.add_(_transposed(down, inner_t).t())
 
     def _gated_parts(self, mlp: nn.Module, x: torch.Tensor):
