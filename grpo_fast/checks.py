@@ -43,7 +43,7 @@ def tensor(name: str, t, *, ndim: int | None = None, dtypes: Sequence[torch.dtyp
           and (device is None or t.device == device)
           and (shape is None or all(not isinstance(w, int) or t.shape[i] == w for i, w in enumerate(shape)))
           and (not contiguous or t.is_contiguous())
-          and (not unit_stride or t.dim() == 0 or t.stride(-1) == 1))
+          and (not unit_stride or not _strided_rows(t)))
     if not ok:
         raise ValueError(_mismatch(name, t, ndim, dtypes, floating, device, shape, contiguous, unit_stride))
     return t
@@ -66,6 +66,12 @@ def positive_float(name: str, x) -> float:
     return x
 
 
+def _strided_rows(t: torch.Tensor) -> bool:
+    """Whether the last dim has a stride other than 1 that matters (a dim of size 0 or 1 has none
+    to speak of: a [N, 1] transpose of a row is still N dense rows)."""
+    return t.dim() > 0 and t.shape[-1] > 1 and t.stride(-1) != 1
+
+
 def _mismatch(name, t, ndim, dtypes, floating, device, shape, contiguous, unit_stride) -> str:
     want = ["a"]
     if contiguous:
@@ -84,6 +90,6 @@ def _mismatch(name, t, ndim, dtypes, floating, device, shape, contiguous, unit_s
     if unit_stride:
         want.append("with unit column stride")
     got = f"{dtype_name(t.dtype)} {tuple(t.shape)} on {t.device}"
-    if contiguous and not t.is_contiguous() or unit_stride and t.dim() and t.stride(-1) != 1:
+    if contiguous and not t.is_contiguous() or unit_stride and _strided_rows(t):
         got += f" with strides {t.stride()}"
     return f"{name}: need {' '.join(want)}, got {got}"

@@ -155,6 +155,27 @@ def test_rounding_is_torchs():
         assert torch.isnan(out[:, torch.isnan(b[:, 0])].float()).all()
 
 
+def test_the_term_is_scaled_then_added_as_peft_rounds_it():
+    """peft computes y + (sum * s): the product rounded to fp32, then the sum. A fused multiply-add
+    rounds once, which at a bf16 tie can flip the result: y = 1, sum = b (x = A = 1, r = 1) and
+    b * s = 0.5 + 2^-8 + 2^-24 + 2^-26 exactly. fl(b * s) drops the 2^-26, 1 + it is then an fp32
+    tie that rounds to 1.5 + 2^-8, a bf16 tie that rounds to 1.5; unrounded, the sum clears both
+    ties and gives 1.5 + 2^-7. Every layout, and the inputs as one-row / one-column views whose
+    other stride torch leaves arbitrary ([1, K] and [N, 1] transposes)."""
+    b = torch.full((16, 1), 1166089 * 2.0 ** -22)  # 1166089 * 29 = 2^25 + 2^18 + 5
+    s = 29 / 16
+    x, a = torch.ones(1, 1).bfloat16(), torch.ones(1, 1)
+    y = torch.ones(1, 16).bfloat16()
+    peft = (y.float() + torch.nn.functional.linear(torch.nn.functional.linear(x.float(), a), b) * s).bfloat16()
+    fused = (y.double() + b.T.double() * s).float().bfloat16()  # one rounding to fp32
+    assert (peft == 1.5).all() and (fused == 1.5078125).all()  # the case tells the two apart
+    assert y.T.stride() == (1, 16) and x.T.stride() == (1, 1)  # torch's strides of the one-row / one-column views
+    assert torch.equal(cpu_ops.lora_add_bf16_(y.clone(), x, [(a, b, s)]), peft)
+    for given in (dict(x=x), dict(xt=x.T)):
+        out_t = y.clone().T  # [16, 1], strides (1, 16)
+        assert torch.equal(cpu_ops.lora_add_bf16_t_(out_t, [(a, b, s)], **given).T, peft)
+
+
 def test_the_baseline_x86_build_agrees(tmp_path):
     """GRPO_FAST_NO_AVX2=1 (read once per process, so in a fresh one): the portable loops give
     the AVX2 kernels' results, both layouts (the transposed one with x as rows and as x^T)."""

@@ -50,6 +50,13 @@ def available() -> bool:
     return _BUILT_AND_SUPPORTED and os.environ.get("GRPO_FAST_NO_CPU_LINEAR") != "1"
 
 
+def _rows_apart(t: torch.Tensor) -> int:
+    """Elements from one row of the 2-D t to the next, as the kernels read it: stride(0), or the
+    row's length where there is one row (whose stride torch leaves arbitrary: a [1, K] transpose of
+    a column has stride 1)."""
+    return t.stride(0) if t.shape[0] > 1 else t.shape[1]
+
+
 def _check_rows(name: str, t: torch.Tensor) -> None:
     """[M, K] fp32 rows, each dense (a column slice of a wider matrix is fine)."""
     checks.tensor(name, t, ndim=2, dtypes=_F32, device="cpu", contiguous=False, unit_stride=True)
@@ -96,7 +103,7 @@ def linear_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: 
     terms = lora_args("lora", lora, x.shape[1], n)
     if m:
         _C.cpu_linear(out.data_ptr(), x.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(),
-                      m, n, x.shape[1], x.stride(0), out.stride(0), float(alpha), bool(accumulate), terms)
+                      m, n, x.shape[1], _rows_apart(x), _rows_apart(out), float(alpha), bool(accumulate), terms)
     return out
 
 
@@ -126,7 +133,7 @@ def linear_many(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch
     if x.shape[0]:
         _C.cpu_linear_many([o.data_ptr() for o in outs], x.data_ptr(), [w.data_ptr() for w in weights],
                            [0 if b is None else b.data_ptr() for b in biases], [w.shape[0] for w in weights],
-                           [o.stride(0) for o in outs], x.shape[0], x.shape[1], x.stride(0), terms)
+                           [_rows_apart(o) for o in outs], x.shape[0], x.shape[1], _rows_apart(x), terms)
     return outs
 
 
@@ -144,7 +151,7 @@ def silu_mul_linear(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, *
     out = torch.empty(m, n, dtype=torch.float32)
     if m:
         _C.cpu_silu_mul_linear(out.data_ptr(), x.data_ptr(), w_gate.data_ptr(), w_up.data_ptr(),
-                               m, n, x.shape[1], x.stride(0), out.stride(0), gate_terms, up_terms)
+                               m, n, x.shape[1], _rows_apart(x), _rows_apart(out), gate_terms, up_terms)
     return out
 
 
@@ -165,8 +172,8 @@ def lora_add_bf16_checked_(out: torch.Tensor, x: torch.Tensor, args: list[tuple[
     """lora_add_bf16_ with the terms already checked (``lora_args``) and x, out known to be bf16
     CPU rows of matching shapes: a decode step's per-call path, its checks done once per scope."""
     if out.shape[0] and args:
-        _C.cpu_lora_add_bf16(out.data_ptr(), x.data_ptr(), out.shape[0], out.shape[1], x.shape[1], x.stride(0),
-                             out.stride(0), args)
+        _C.cpu_lora_add_bf16(out.data_ptr(), x.data_ptr(), out.shape[0], out.shape[1], x.shape[1], _rows_apart(x),
+                             _rows_apart(out), args)
     return out
 
 
@@ -197,8 +204,8 @@ def lora_add_bf16_t_checked_(out_t: torch.Tensor, given: torch.Tensor, transpose
     m, n = out_t.shape[1], out_t.shape[0]
     if m and args:
         k = given.shape[0] if transposed else given.shape[1]
-        _C.cpu_lora_add_bf16_t(out_t.data_ptr(), given.data_ptr(), m, n, k, given.stride(0), transposed,
-                               out_t.stride(0), args)
+        _C.cpu_lora_add_bf16_t(out_t.data_ptr(), given.data_ptr(), m, n, k, _rows_apart(given), transposed,
+                               _rows_apart(out_t), args)
     return out_t
 
 
