@@ -269,12 +269,12 @@ struct TProblem {
   const float* const* a_rows;
 };
 
-// u^T[c, m] for ranks [c_begin, c_end), x^T [K, M] as xf: fp32 [K, Mp], zero past M.
-void down_cols_base(const TProblem& p, const float* xf, float* ut, int64_t c_begin, int64_t c_end) {
-  for (int64_t c = c_begin; c < c_end; ++c)
+// u^T[c, m] for every rank and row, x as x^T [K, M] (the portable build).
+void down_cols_base(const TProblem& p, float* ut) {
+  for (int64_t c = 0; c < p.ranks; ++c)
     for (int64_t m = 0; m < p.M; ++m) {
       float acc = 0.f;
-      for (int64_t k = 0; k < p.K; ++k) acc += p.a_rows[c][k] * xf[k * p.Mp + m];
+      for (int64_t k = 0; k < p.K; ++k) acc += p.a_rows[c][k] * bf16_to_f32(p.x[k * p.ldx + m]);
       ut[c * p.Mp + m] = acc;
     }
 }
@@ -306,51 +306,53 @@ void up_rows_t_base(const TProblem& p, const float* ut, int64_t n_begin, int64_t
 }
 
 #ifdef GF_X86_DISPATCH
-// u^T for ranks [c_begin, c_end) from xf (x^T as fp32 [K, Mp]): two ranks by up to 32 rows a
-// tile, k summed in order, so the split over ranks does not change a value.
-template <int MV>
-GF_AVX2 GF_INLINE void down_cols_tile(const TProblem& p, const float* xf, float* ut, int64_t c, int64_t m0) {
-  const float* a0 = p.a_rows[c];
-  const float* a1 = p.a_rows[c + 1 < p.ranks ? c + 1 : c];
-  __m256 acc[2][MV];
-  for (int v = 0; v < MV; ++v) acc[0][v] = acc[1][v] = _mm256_setzero_ps();
+// u^T[c..c+NR, m0..m0+8*MV] from xf (x^T's rows widened to fp32, ldf apart, column f0 = row m0):
+// NR ranks by up to 16 rows a tile, k summed in order, so no split changes a value. Ranks past
+// the last are the last one again, computed and not stored.
+template <int NR, int MV>
+GF_AVX2 GF_INLINE void down_cols_tile(const TProblem& p, const float* xf, int64_t ldf, int64_t f0, float* ut,
+                                      int64_t c, int64_t m0) {
+  const float* a[NR];
+  for (int i = 0; i < NR; ++i) a[i] = p.a_rows[c + i < p.ranks ? c + i : p.ranks - 1];
+  __m256 acc[NR][MV];
+  for (int i = 0; i < NR; ++i)
+    for (int v = 0; v < MV; ++v) acc[i][v] = _mm256_setzero_ps();
   for (int64_t k = 0; k < p.K; ++k) {
-    const __m256 w0 = _mm256_broadcast_ss(a0 + k), w1 = _mm256_broadcast_ss(a1 + k);
-    const float* xk = xf + k * p.Mp + m0;
+    __m256 w[NR];
+    for (int i = 0; i < NR; ++i) w[i] = _mm256_broadcast_ss(a[i] + k);
+    const float* xk = xf + k * ldf + f0;
     for (int v = 0; v < MV; ++v) {
       const __m256 xv = _mm256_loadu_ps(xk + 8 * v);
-      acc[0][v] = _mm256_fmadd_ps(w0, xv, acc[0][v]);
-      acc[1][v] = _mm256_fmadd_ps(w1, xv, acc[1][v]);
+      for (int i = 0; i < NR; ++i) acc[i][v] = _mm256_fmadd_ps(w[i], xv, acc[i][v]);
     }
   }
-  for (int v = 0; v < MV; ++v) {
-    _mm256_storeu_ps(ut + c * p.Mp + m0 + 8 * v, acc[0][v]);
-    if (c + 1 < p.ranks) _mm256_storeu_ps(ut + (c + 1) * p.Mp + m0 + 8 * v, acc[1][v]);
-  }
+  for (int i = 0; i < NR && c + i < p.ranks; ++i)
+    for (int v = 0; v < MV; ++v) _mm256_storeu_ps(ut + (c + i) * p.Mp + m0 + 8 * v, acc[i][v]);
 }
 
-GF_AVX2 void down_cols_avx2(const TProblem& p, const float* xf, float* ut, int64_t c_begin, int64_t c_end) {
-  for (int64_t c = c_begin; c < c_end; c += 2)
-    for (int64_t m0 = 0; m0 < p.Mp; m0 += 32) {
-      switch (std::min<int64_t>(4, (p.Mp - m0) / 8)) {
-        case 4: down_cols_tile<4>(p, xf, ut, c, m0); break;
-        case 3: down_cols_tile<3>(p, xf, ut, c, m0); break;
-        case 2: down_cols_tile<2>(p, xf, ut, c, m0); break;
-        default: down_cols_tile<1>(p, xf, ut, c, m0); break;
-      }
-    }
-}
-
-// x^T [K, M] bf16 -> fp32 [K, Mp], zero past M.
-GF_AVX2 void widen_xt_avx2(const TProblem& p, float* xf) {
-  const int64_t M8 = p.M / 8 * 8;
+// u^T for rows [m_begin, m_end) (multiples of 8, m_end <= Mp), x^T [K, M]: those rows' columns
+// of x^T widened to fp32 on this thread (zero past M), then every rank for them.
+GF_AVX2 void down_cols_avx2(const TProblem& p, float* ut, int64_t m_begin, int64_t m_end) {
+  const int64_t width = m_end - m_begin;
+  thread_local std::vector<float> xf;
+  xf.resize(p.K * width);
   for (int64_t k = 0; k < p.K; ++k) {
     const uint16_t* src = p.x + k * p.ldx;
-    float* dst = xf + k * p.Mp;
-    int64_t m = 0;
-    for (; m < M8; m += 8) _mm256_storeu_ps(dst + m, bf16x8_to_f32(src + m));
-    for (; m < p.M; ++m) dst[m] = bf16_to_f32(src[m]);
-    for (; m < p.Mp; ++m) dst[m] = 0.f;
+    float* dst = xf.data() + k * width;
+    for (int64_t m = m_begin; m < m_end; m += 8) {
+      if (m + 8 <= p.M) {
+        _mm256_storeu_ps(dst + (m - m_begin), bf16x8_to_f32(src + m));
+      } else {
+        for (int64_t l = 0; l < 8; ++l) dst[m - m_begin + l] = m + l < p.M ? bf16_to_f32(src[m + l]) : 0.f;
+      }
+    }
+  }
+  for (int64_t m0 = m_begin; m0 < m_end; m0 += 16) {
+    const bool two = m0 + 16 <= m_end;
+    for (int64_t c = 0; c < p.ranks; c += 4) {
+      if (two) down_cols_tile<4, 2>(p, xf.data(), width, m0 - m_begin, ut, c, m0);
+      else down_cols_tile<4, 1>(p, xf.data(), width, m0 - m_begin, ut, c, m0);
+    }
   }
 }
 
@@ -377,10 +379,13 @@ GF_AVX2 GF_INLINE void up_t_tile(const TProblem& p, const float* ut, int64_t n0,
     __m256 acc[NB][MV];
     for (int i = 0; i < NB; ++i)
       for (int v = 0; v < MV; ++v) acc[i][v] = _mm256_setzero_ps();
-    for (int64_t j = 0; j < t.r; ++j) {
-      const float* uj = ut + (c + j) * p.Mp + m0;
+    const int64_t r = t.r, ldu = p.Mp;  // (locals: the loop then keeps its addresses in registers)
+    const float* brow[NB];
+    for (int i = 0; i < NB; ++i) brow[i] = t.b + (n0 + i) * r;
+    const float* uj = ut + c * ldu + m0;
+    for (int64_t j = 0; j < r; ++j, uj += ldu) {
       __m256 b[NB];
-      for (int i = 0; i < NB; ++i) b[i] = _mm256_broadcast_ss(t.b + (n0 + i) * t.r + j);
+      for (int i = 0; i < NB; ++i) b[i] = _mm256_broadcast_ss(brow[i] + j);
       for (int v = 0; v < MV; ++v) {
         const __m256 uv = _mm256_loadu_ps(uj + 8 * v);
         for (int i = 0; i < NB; ++i) acc[i][v] = _mm256_fmadd_ps(b[i], uv, acc[i][v]);
@@ -498,21 +503,15 @@ void cpu_lora_add_bf16_t(uintptr_t out_t, uintptr_t x, int64_t M, int64_t N, int
   // tiles of rows (x rows) or by pairs of ranks (x^T), the up pass by runs of outputs.
   const bool split = openmp_regions() && avx2;
   if (x_transposed) {
-    std::vector<float> xf(K * Mp);  // x^T widened to fp32 once: every rank pair reads all of it
-    const int64_t pairs = (ranks + 1) / 2;
-#ifdef GF_X86_DISPATCH
-    if (avx2) widen_xt_avx2(p, xf.data());
-#endif
-    if (!avx2)
-      for (int64_t k = 0; k < K; ++k)
-        for (int64_t m = 0; m < Mp; ++m) xf[k * Mp + m] = m < M ? bf16_to_f32(p.x[k * ldx + m]) : 0.f;
-    const int64_t chunks = split ? std::min<int64_t>(pairs, 2 * parallel_threads()) : 1;
+    // by vectors of 8 rows: each chunk widens its own columns of x^T
+    const int64_t vectors = Mp / 8;
+    const int64_t chunks = split ? std::min<int64_t>(vectors, parallel_threads()) : 1;
     parallel_for(chunks, [&](int64_t i) {
-      const int64_t c0 = pairs * i / chunks * 2, c1 = std::min(ranks, pairs * (i + 1) / chunks * 2);
+      const int64_t m0 = vectors * i / chunks * 8, m1 = vectors * (i + 1) / chunks * 8;
 #ifdef GF_X86_DISPATCH
-      if (avx2) return down_cols_avx2(p, xf.data(), ut.data(), c0, c1);
+      if (avx2) return down_cols_avx2(p, ut.data(), m0, m1);
 #endif
-      down_cols_base(p, xf.data(), ut.data(), c0, c1);
+      down_cols_base(p, ut.data());  // the portable build: all rows, one chunk
     });
   } else {
     const int64_t row_tiles = (M + kRows - 1) / kRows;
