@@ -93,14 +93,16 @@ void register_decode(py::module_& m) {
       py::arg("ldo"), py::arg("lora"));
   m.def(
       "cpu_lora_add_bf16_t",
-      [](uintptr_t out_t, uintptr_t x, int64_t M, int64_t N, int64_t K, int64_t ldx, bool x_transposed,
-         int64_t ldo, const std::vector<LoraTuple>& lora) {
-        const auto terms = lora_terms(lora);
+      [](const std::vector<uintptr_t>& outs_t, const std::vector<int64_t>& ns, const std::vector<int64_t>& ldos,
+         uintptr_t x, int64_t M, int64_t K, int64_t ldx, bool x_transposed,
+         const std::vector<std::vector<LoraTuple>>& lora) {
+        std::vector<std::vector<LoraTerm>> terms;
+        for (const auto& l : lora) terms.push_back(lora_terms(l));
         py::gil_scoped_release release;
-        cpu_lora_add_bf16_t(out_t, x, M, N, K, ldx, x_transposed, ldo, terms);
+        cpu_lora_add_bf16_t(outs_t, ns, ldos, x, M, K, ldx, x_transposed, terms);
       },
-      py::arg("out_t"), py::arg("x"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("ldx"),
-      py::arg("x_transposed"), py::arg("ldo"), py::arg("lora"));
+      py::arg("outs_t"), py::arg("ns"), py::arg("ldos"), py::arg("x"), py::arg("M"), py::arg("K"), py::arg("ldx"),
+      py::arg("x_transposed"), py::arg("lora"));
   m.def("cpu_rms_norm", &cpu_rms_norm, py::call_guard<py::gil_scoped_release>());
   m.def("cpu_rms_norm_backward", &cpu_rms_norm_backward, py::call_guard<py::gil_scoped_release>());
   m.def("cpu_rms_norm_bf16", &cpu_rms_norm_bf16, py::call_guard<py::gil_scoped_release>());

@@ -258,15 +258,21 @@ GF_AVX2 void up_blocks_avx2(const Problem& p, const float* u, int64_t n_begin, i
 // lies ([N, r]: no transposed copy of B). x is [M, K] rows, or x^T [K, M] (the transposed MLP's
 // inner activations, fed to the down projection as they are).
 struct TProblem {
-  uint16_t* out_t;
-  int64_t ldo;
   const uint16_t* x;
   int64_t ldx;
   bool x_transposed;
-  int64_t M, N, K, Mp;
+  int64_t M, K, Mp;
+  int64_t ranks;               // every output's terms' ranks: u^T's rows
+  const float* const* a_rows;  // their A rows in place, output after output, term after term
+};
+
+// One output of several that read the same x (a layer's q, k, v): out_t [N, M] rows ldo apart,
+// its terms' rows of u^T from rank0 on.
+struct TOut {
+  uint16_t* out_t;
+  int64_t N, ldo;
   const std::vector<LoraTerm>* terms;
-  int64_t ranks;
-  const float* const* a_rows;
+  int64_t rank0;
 };
 
 // u^T[c, m] for every rank and row, x as x^T [K, M] (the portable build).
@@ -289,13 +295,13 @@ void down_rows_t_base(const TProblem& p, float* ut) {
     }
 }
 
-void up_rows_t_base(const TProblem& p, const float* ut, int64_t n_begin, int64_t n_end) {
+void up_rows_t_base(const TProblem& p, const TOut& out, const float* ut, int64_t n_begin, int64_t n_end) {
   for (int64_t n = n_begin; n < n_end; ++n)
     for (int64_t m = 0; m < p.M; ++m) {
-      uint16_t* o = p.out_t + n * p.ldo + m;
+      uint16_t* o = out.out_t + n * out.ldo + m;
       float y = bf16_to_f32(*o);
-      int64_t c = 0;
-      for (const LoraTerm& t : *p.terms) {
+      int64_t c = out.rank0;
+      for (const LoraTerm& t : *out.terms) {
         float acc = 0.f;
         for (int64_t j = 0; j < t.r; ++j) acc += t.b[n * t.r + j] * ut[(c + j) * p.Mp + m];
         y += acc * t.scale;
@@ -360,12 +366,12 @@ GF_AVX2 void down_cols_avx2(const TProblem& p, float* ut, int64_t m_begin, int64
 // y = float(out) + sum * s term after term (peft's order) through a small fp32 tile, rounded
 // once. Rows past M (the last vector of a ragged M) go through a copy.
 template <int NB, int MV>
-GF_AVX2 GF_INLINE void up_t_tile(const TProblem& p, const float* ut, int64_t n0, int64_t m0) {
+GF_AVX2 GF_INLINE void up_t_tile(const TProblem& p, const TOut& out, const float* ut, int64_t n0, int64_t m0) {
   alignas(32) float y[NB][32];
   alignas(32) uint16_t part[8];
   for (int i = 0; i < NB; ++i)
     for (int v = 0; v < MV; ++v) {
-      const uint16_t* o = p.out_t + (n0 + i) * p.ldo + m0 + 8 * v;
+      const uint16_t* o = out.out_t + (n0 + i) * out.ldo + m0 + 8 * v;
       const int64_t lanes = p.M - (m0 + 8 * v);
       if (lanes >= 8) {
         _mm256_store_ps(y[i] + 8 * v, load8(o));
@@ -374,8 +380,8 @@ GF_AVX2 GF_INLINE void up_t_tile(const TProblem& p, const float* ut, int64_t n0,
         _mm256_store_ps(y[i] + 8 * v, load8(part));
       }
     }
-  int64_t c = 0;
-  for (const LoraTerm& t : *p.terms) {
+  int64_t c = out.rank0;
+  for (const LoraTerm& t : *out.terms) {
     __m256 acc[NB][MV];
     for (int i = 0; i < NB; ++i)
       for (int v = 0; v < MV; ++v) acc[i][v] = _mm256_setzero_ps();
@@ -399,7 +405,7 @@ GF_AVX2 GF_INLINE void up_t_tile(const TProblem& p, const float* ut, int64_t n0,
   }
   for (int i = 0; i < NB; ++i)
     for (int v = 0; v < MV; ++v) {
-      uint16_t* o = p.out_t + (n0 + i) * p.ldo + m0 + 8 * v;
+      uint16_t* o = out.out_t + (n0 + i) * out.ldo + m0 + 8 * v;
       const int64_t lanes = p.M - (m0 + 8 * v);
       if (lanes >= 8) {
         store8(o, _mm256_load_ps(y[i] + 8 * v));
@@ -411,21 +417,21 @@ GF_AVX2 GF_INLINE void up_t_tile(const TProblem& p, const float* ut, int64_t n0,
 }
 
 template <int NB>
-GF_AVX2 GF_INLINE void up_t_outputs(const TProblem& p, const float* ut, int64_t n0) {
+GF_AVX2 GF_INLINE void up_t_outputs(const TProblem& p, const TOut& out, const float* ut, int64_t n0) {
   for (int64_t m0 = 0; m0 < p.Mp; m0 += 32) {
     switch (std::min<int64_t>(4, (p.Mp - m0) / 8)) {
-      case 4: up_t_tile<NB, 4>(p, ut, n0, m0); break;
-      case 3: up_t_tile<NB, 3>(p, ut, n0, m0); break;
-      case 2: up_t_tile<NB, 2>(p, ut, n0, m0); break;
-      default: up_t_tile<NB, 1>(p, ut, n0, m0); break;
+      case 4: up_t_tile<NB, 4>(p, out, ut, n0, m0); break;
+      case 3: up_t_tile<NB, 3>(p, out, ut, n0, m0); break;
+      case 2: up_t_tile<NB, 2>(p, out, ut, n0, m0); break;
+      default: up_t_tile<NB, 1>(p, out, ut, n0, m0); break;
     }
   }
 }
 
-GF_AVX2 void up_rows_t_avx2(const TProblem& p, const float* ut, int64_t n_begin, int64_t n_end) {
+GF_AVX2 void up_rows_t_avx2(const TProblem& p, const TOut& out, const float* ut, int64_t n_begin, int64_t n_end) {
   int64_t n = n_begin;
-  for (; n + 2 <= n_end; n += 2) up_t_outputs<2>(p, ut, n);
-  if (n < n_end) up_t_outputs<1>(p, ut, n);
+  for (; n + 2 <= n_end; n += 2) up_t_outputs<2>(p, out, ut, n);
+  if (n < n_end) up_t_outputs<1>(p, out, ut, n);
 }
 #endif
 
@@ -483,24 +489,32 @@ void cpu_lora_add_bf16(uintptr_t out, uintptr_t x, int64_t M, int64_t N, int64_t
 
 namespace grpo_fast {
 
-void cpu_lora_add_bf16_t(uintptr_t out_t, uintptr_t x, int64_t M, int64_t N, int64_t K, int64_t ldx,
-                         bool x_transposed, int64_t ldo, const std::vector<LoraTerm>& terms) {
-  if (M < 0 || N < 1 || K < 1 || ldx < (x_transposed ? M : K) || ldo < M)
-    throw std::invalid_argument(
-        "cpu_lora_add_bf16_t: need M >= 0, N >= 1, K >= 1, ldx >= K (x rows) or M (x^T rows), ldo >= M");
-  int64_t ranks = 0;
-  for (const LoraTerm& t : terms) ranks += t.r;
-  if (M == 0 || ranks == 0) return;
+void cpu_lora_add_bf16_t(const std::vector<uintptr_t>& outs_t, const std::vector<int64_t>& ns,
+                         const std::vector<int64_t>& ldos, uintptr_t x, int64_t M, int64_t K, int64_t ldx,
+                         bool x_transposed, const std::vector<std::vector<LoraTerm>>& terms) {
+  const size_t n_outs = outs_t.size();
+  if (ns.size() != n_outs || ldos.size() != n_outs || terms.size() != n_outs)
+    throw std::invalid_argument("cpu_lora_add_bf16_t: need one N, row stride and list of terms per output");
+  if (M < 0 || K < 1 || ldx < (x_transposed ? M : K))
+    throw std::invalid_argument("cpu_lora_add_bf16_t: need M >= 0, K >= 1, ldx >= K (x rows) or M (x^T rows)");
+  std::vector<TOut> outs;
   std::vector<const float*> a_rows;
-  for (const LoraTerm& t : terms)
-    for (int64_t j = 0; j < t.r; ++j) a_rows.push_back(t.a + j * K);
+  for (size_t o = 0; o < n_outs; ++o) {
+    if (ns[o] < 1 || ldos[o] < M)
+      throw std::invalid_argument("cpu_lora_add_bf16_t: need N >= 1 and a row stride >= M for every output");
+    outs.push_back({reinterpret_cast<uint16_t*>(outs_t[o]), ns[o], ldos[o], &terms[o],
+                    static_cast<int64_t>(a_rows.size())});
+    for (const LoraTerm& t : terms[o])
+      for (int64_t j = 0; j < t.r; ++j) a_rows.push_back(t.a + j * K);
+  }
+  const int64_t ranks = static_cast<int64_t>(a_rows.size());
+  if (M == 0 || ranks == 0) return;
   const int64_t Mp = (M + 7) / 8 * 8;
-  const TProblem p{reinterpret_cast<uint16_t*>(out_t), ldo, reinterpret_cast<const uint16_t*>(x), ldx, x_transposed,
-                   M, N, K, Mp, &terms, ranks, a_rows.data()};
+  const TProblem p{reinterpret_cast<const uint16_t*>(x), ldx, x_transposed, M, K, Mp, ranks, a_rows.data()};
   std::vector<float> ut(ranks * Mp, 0.f);  // [ranks, Mp]
   const bool avx2 = use_avx2();
   // Split over the threads only on libgomp's team (see cpu_lora_add_bf16): the down pass by
-  // tiles of rows (x rows) or by pairs of ranks (x^T), the up pass by runs of outputs.
+  // tiles of rows, the up pass by runs of outputs.
   const bool split = openmp_regions() && avx2;
   if (x_transposed) {
     // by vectors of 8 rows: each chunk widens its own columns of x^T
@@ -524,14 +538,26 @@ void cpu_lora_add_bf16_t(uintptr_t out_t, uintptr_t x, int64_t M, int64_t N, int
       down_rows_t_base(p, ut.data());  // the portable build: all rows, one chunk
     });
   }
-  // outputs in runs of 32 (at 32 rows and r = 16: ~5 µs of sums each)
-  const int64_t runs = split ? chunk_count(N, parallel_threads(), 32) : 1;
-  parallel_for(runs, [&](int64_t i) {
-    const auto [n0, n1] = chunk_range(i, runs, N);
+  // Every output's rows in runs of about 32 (at 32 rows and r = 16: ~5 µs of sums each), the
+  // outputs' runs one after another in one region.
+  struct Run {
+    int64_t out, n0, n1;
+  };
+  std::vector<Run> runs;
+  for (size_t o = 0; o < n_outs; ++o) {
+    if (terms[o].empty()) continue;
+    const int64_t count = split ? std::max<int64_t>(1, (ns[o] + 31) / 32) : 1;
+    for (int64_t i = 0; i < count; ++i) {
+      const auto [n0, n1] = chunk_range(i, count, ns[o]);
+      runs.push_back({static_cast<int64_t>(o), n0, n1});
+    }
+  }
+  parallel_for(static_cast<int64_t>(runs.size()), [&](int64_t i) {
+    const Run& r = runs[i];
 #ifdef GF_X86_DISPATCH
-    if (avx2) return up_rows_t_avx2(p, ut.data(), n0, n1);
+    if (avx2) return up_rows_t_avx2(p, outs[r.out], ut.data(), r.n0, r.n1);
 #endif
-    up_rows_t_base(p, ut.data(), n0, n1);
+    up_rows_t_base(p, outs[r.out], ut.data(), r.n0, r.n1);
   });
 }
 

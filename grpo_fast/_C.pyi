@@ -81,10 +81,10 @@ def cpu_silu_mul_backward(grad_gate: int, grad_up: int, grad: int, gate: int, up
 # rows; lora = [(A [r, K] fp32, B [N, r] fp32 pointers, r, scale)].
 def cpu_lora_add_bf16(out: int, x: int, M: int, N: int, K: int, ldx: int, ldo: int,
                       lora: list[tuple[int, int, int, float]]) -> None: ...
-# The same into a transposed base product out_t [N, M] in place; x as [M, K] rows or, with
-# x_transposed, as x^T [K, M] (rows ldx apart either way).
-def cpu_lora_add_bf16_t(out_t: int, x: int, M: int, N: int, K: int, ldx: int, x_transposed: bool, ldo: int,
-                        lora: list[tuple[int, int, int, float]]) -> None: ...
+# The same into transposed base products outs_t[i] [ns[i], M] in place, for several outputs of one
+# input; x as [M, K] rows or, with x_transposed, as x^T [K, M] (rows ldx apart either way).
+def cpu_lora_add_bf16_t(outs_t: list[int], ns: list[int], ldos: list[int], x: int, M: int, K: int, ldx: int,
+                        x_transposed: bool, lora: list[list[tuple[int, int, int, float]]]) -> None: ...
 
 # Token sampler (csrc/sampling_cpu.h, csrc/cuda/sampling_cuda.h): tokens int64 [S], logprobs
 # fp32 [S]; cuda_sample's workspace is fp32 [num_rows, vocab] scratch.

@@ -247,14 +247,18 @@ def test_sampler_takes_the_native_add_and_equals_peft(monkeypatch):
     calls = []
     real, real_t = cpu_ops.lora_add_bf16_checked_, cpu_ops.lora_add_bf16_t_checked_
     monkeypatch.setattr(cpu_ops, "lora_add_bf16_checked_", lambda *a: calls.append("rows") or real(*a))
-    monkeypatch.setattr(cpu_ops, "lora_add_bf16_t_checked_", lambda *a: calls.append(("t", a[2])) or real_t(*a))
+    monkeypatch.setattr(cpu_ops, "lora_add_bf16_t_checked_",
+                        lambda *a: calls.append(("t", a[2], len(a[0]))) or real_t(*a))
     sampler = Sampler(model, None, block_size=4, kv_budget="2048 tokens")
     prompts = random_prompts((3, 9, 17), seed=5)
     fast = greedy(sampler, prompts)
-    # per decode step (7 after the prefill's first token), 2 layers: q, k, v, o on the row-major
-    # add; the transposed MLP's gate and up (x as rows) and down (its input as x^T)
-    assert calls.count("rows") >= 4 * 2 * 7
-    assert calls.count(("t", False)) >= 2 * 2 * 7 and calls.count(("t", True)) >= 2 * 7
+    # per decode step (7 after the prefill's first token) and layer (2), every product as W x^T
+    # (the plain bf16 model's path) and its adapters added by the transposed kernel: q, k, v in one
+    # call (x as rows), o in one; the MLP's gate and up in one, down in one (its input as x^T).
+    # The row-major add is for layers with a bias (test_q_k_v_take_one_transposed_add...)
+    assert calls.count("rows") == 0
+    assert calls.count(("t", False, 3)) >= 2 * 7 and calls.count(("t", False, 2)) >= 2 * 7
+    assert calls.count(("t", False, 1)) >= 2 * 7 and calls.count(("t", True, 1)) >= 2 * 7
     with monkeypatch.context() as m:  # peft's own forward for every LoRA linear
         m.setattr(decode_fast_paths, "_fp32_over_bf16", lambda *_: False)
         taken = len(calls)
@@ -330,11 +334,71 @@ def test_the_transposed_mlp_computes_the_module(monkeypatch, mlp_bias):
     mlp = model.base_model.model.model.layers[0].mlp
     calls = []
     real_t = cpu_ops.lora_add_bf16_t_checked_
-    monkeypatch.setattr(cpu_ops, "lora_add_bf16_t_checked_", lambda *a: calls.append(a[2]) or real_t(*a))
+    monkeypatch.setattr(cpu_ops, "lora_add_bf16_t_checked_", lambda *a: calls.append((a[2], len(a[0]))) or real_t(*a))
     x = torch.randn(9, mlp.gate_proj.in_features).bfloat16()
     into = torch.randn(9, mlp.down_proj.out_features).bfloat16()
     with torch.no_grad():
         want = (into.float() + mlp(x).float())
         got = FastPaths().gated_mlp_add_(into.clone(), mlp, x).float()
-    assert calls == ([] if mlp_bias else [False, False, True])
+    assert calls == ([] if mlp_bias else [(False, 2), (True, 1)])  # gate and up in one call, then down
     torch.testing.assert_close(got, want, atol=0, rtol=2 ** -6)  # a bf16 step or two of noise
+
+
+def test_q_k_v_take_one_transposed_add_and_compute_the_modules(monkeypatch):
+    """A LoRA-wrapped bf16 layer's q, k, v: W x^T per module, all three adapters in one native
+    call; Qwen2's carry biases, which peft adds inside the base GEMM's rounding: then each module
+    is F.linear and the row-major add. Either way equal to the modules to bf16 noise."""
+    from grpo_fast.models.decode_fast_paths import FastPaths
+
+    calls = []
+    real, real_t = cpu_ops.lora_add_bf16_checked_, cpu_ops.lora_add_bf16_t_checked_
+    monkeypatch.setattr(cpu_ops, "lora_add_bf16_checked_", lambda *a: calls.append("rows") or real(*a))
+    monkeypatch.setattr(cpu_ops, "lora_add_bf16_t_checked_", lambda *a: calls.append(len(a[0])) or real_t(*a))
+    for kind, want_calls in (("llama", [3]), ("qwen2", ["rows"] * 3)):  # qwen2: F.linear's bias, then the row-major add
+        from peft import LoraConfig, get_peft_model
+
+        base = tiny_model(kind, seed=6).to(torch.bfloat16)
+        model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
+                                                target_modules=TARGETS)).eval()
+        attn = model.base_model.model.model.layers[1].self_attn
+        modules = (attn.q_proj, attn.k_proj, attn.v_proj)
+        x = torch.randn(7, attn.q_proj.in_features).bfloat16()
+        calls.clear()
+        with torch.no_grad():
+            got = FastPaths().linears(modules, x)
+            want = [m(x) for m in modules]
+        assert calls == want_calls, kind
+        for g, w in zip(got, want):
+            assert g.shape == w.shape and g.is_contiguous()
+            torch.testing.assert_close(g.float(), w.float(), atol=1e-2, rtol=2 ** -6)
+
+
+def test_several_outputs_in_one_call_equal_one_call_each():
+    """lora_add_bf16_t_many_: three outputs of one input (different N, ranks and term counts, one
+    without terms) give bitwise what each gets from its own call; split over libgomp's team too."""
+    from grpo_fast.native import openmp_regions
+    from grpo_fast.torch_threads import set_torch_threads
+
+    g = torch.Generator().manual_seed(11)
+    M, K = 13, 40
+    x = torch.randn(M, K, generator=g).bfloat16()
+    shapes = [(70, (4,)), (9, (3, 2)), (33, ())]
+    ys = [torch.randn(n, M, generator=g).bfloat16() for n, _ in shapes]
+    loras = [[(torch.randn(r, K, generator=g), torch.randn(n, r, generator=g), 0.7 + r) for r in ranks]
+             for n, ranks in shapes]
+    one_each = [cpu_ops.lora_add_bf16_t_(y.clone(), lora, x=x) if lora else y.clone() for y, lora in zip(ys, loras)]
+    threads = torch.get_num_threads()
+    set_torch_threads(2)
+    try:
+        for split in (False, True):
+            together = [y.clone() for y in ys]
+            with openmp_regions(split):
+                cpu_ops.lora_add_bf16_t_many_(together, loras, x=x)
+            for a, b in zip(together, one_each):
+                assert torch.equal(a, b)
+    finally:
+        set_torch_threads(threads)
+    with pytest.raises(ValueError, match=r"outs_t\[1\] has 12 columns"):
+        cpu_ops.lora_add_bf16_t_many_([ys[0], ys[1][:, :12]], loras[:2], x=x)
+    with pytest.raises(ValueError, match="equal, non-zero lengths"):
+        cpu_ops.lora_add_bf16_t_many_(ys, loras[:2], x=x)

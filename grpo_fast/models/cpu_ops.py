@@ -183,30 +183,44 @@ def lora_add_bf16_t_(out_t: torch.Tensor, lora: LoraTerms, *, x: torch.Tensor | 
     gets bf16(float(out_t) + sum_l s_l B_l (A_l x^T)). The input as x [M, K] rows or as xt = x^T
     [K, M] (a transposed MLP's activations, which feed its down projection as they lie); exactly
     one of the two. Returns out_t."""
+    return lora_add_bf16_t_many_([out_t], [lora], x=x, xt=xt)[0]
+
+
+def lora_add_bf16_t_many_(outs_t: list[torch.Tensor], loras: list[LoraTerms], *, x: torch.Tensor | None = None,
+                          xt: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """lora_add_bf16_t_ for several transposed products of the same input (a layer's q, k, v) in
+    one call: the input read once, every adapter's A x^T in one pass, the outputs' sums in one
+    parallel pass. Returns outs_t."""
     if (x is None) == (xt is None):
         raise ValueError("pass exactly one of x [M, K] and xt [K, M]")
-    checks.tensor("out_t", out_t, ndim=2, dtypes=_BF16, device="cpu", contiguous=False, unit_stride=True)
+    if len(outs_t) != len(loras) or not outs_t:
+        raise ValueError(f"outs_t ({len(outs_t)}) and loras ({len(loras)}): need equal, non-zero lengths")
     given = x if x is not None else xt
     checks.tensor("x" if x is not None else "xt", given, ndim=2, dtypes=_BF16, device="cpu", contiguous=False,
                   unit_stride=True)
-    n, m = out_t.shape
     k = given.shape[1] if x is not None else given.shape[0]
     rows = given.shape[0] if x is not None else given.shape[1]
-    if rows != m:
-        raise ValueError(f"out_t has {m} columns (rows of x), the input has {rows} rows")
-    return lora_add_bf16_t_checked_(out_t, given, x is None, lora_args("lora", lora, k, n))
+    args = []
+    for i, (out_t, lora) in enumerate(zip(outs_t, loras)):
+        name = "out_t" if len(outs_t) == 1 else f"outs_t[{i}]"
+        checks.tensor(name, out_t, ndim=2, dtypes=_BF16, device="cpu", contiguous=False, unit_stride=True)
+        if out_t.shape[1] != rows:
+            raise ValueError(f"{name} has {out_t.shape[1]} columns (rows of x), the input has {rows} rows")
+        args.append(lora_args("lora" if len(outs_t) == 1 else f"loras[{i}]", lora, k, out_t.shape[0]))
+    lora_add_bf16_t_checked_(outs_t, given, x is None, args)
+    return outs_t
 
 
-def lora_add_bf16_t_checked_(out_t: torch.Tensor, given: torch.Tensor, transposed: bool,
-                             args: list[tuple[int, int, int, float]]) -> torch.Tensor:
-    """lora_add_bf16_t_ with the terms already checked (``lora_args``): the decode's per-call path.
-    given is x [M, K] or, with transposed, x^T [K, M]."""
-    m, n = out_t.shape[1], out_t.shape[0]
-    if m and args:
+def lora_add_bf16_t_checked_(outs_t: list[torch.Tensor], given: torch.Tensor, transposed: bool,
+                             args: list[list[tuple[int, int, int, float]]]) -> None:
+    """lora_add_bf16_t_many_ with the terms already checked (``lora_args``, one list per output):
+    the decode's per-call path. given is x [M, K] or, with transposed, x^T [K, M]."""
+    m = given.shape[1] if transposed else given.shape[0]
+    if m and any(args):
         k = given.shape[0] if transposed else given.shape[1]
-        _C.cpu_lora_add_bf16_t(out_t.data_ptr(), given.data_ptr(), m, n, k, _rows_apart(given), transposed,
-                               _rows_apart(out_t), args)
-    return out_t
+        _C.cpu_lora_add_bf16_t([o.data_ptr() for o in outs_t], [o.shape[0] for o in outs_t],
+                               [_rows_apart(o) for o in outs_t], given.data_ptr(), m, k, _rows_apart(given),
+                               transposed, args)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
