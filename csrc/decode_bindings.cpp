@@ -2,7 +2,8 @@
 // (linear_cpu.h), RMSNorm (rms_norm_cpu.h), RoPE (rope_cpu.h), the whole decoder stack
 // (decode_layer_cpu.h), the size of the kernels' thread pool (parallel.h), and the training
 // pass's silu(gate) * up forward and backward (swiglu_cpu.h) and RMSNorm backward; and peft's
-// fp32 LoRA terms over a bf16 base layer's output (lora_bf16_cpu.h).
+// fp32 LoRA terms over a bf16 base layer's output (lora_bf16_cpu.h); a bf16 product computed
+// transposed back into rows (transpose_bf16_cpu.h).
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -15,6 +16,7 @@
 #include "rms_norm_cpu.h"
 #include "rope_cpu.h"
 #include "swiglu_cpu.h"
+#include "transpose_bf16_cpu.h"
 
 namespace py = pybind11;
 
@@ -103,6 +105,7 @@ void register_decode(py::module_& m) {
       },
       py::arg("outs_t"), py::arg("ns"), py::arg("ldos"), py::arg("x"), py::arg("M"), py::arg("K"), py::arg("ldx"),
       py::arg("x_transposed"), py::arg("lora"));
+  m.def("cpu_transpose_bf16", &cpu_transpose_bf16, py::call_guard<py::gil_scoped_release>());
   m.def("cpu_rms_norm", &cpu_rms_norm, py::call_guard<py::gil_scoped_release>());
   m.def("cpu_rms_norm_backward", &cpu_rms_norm_backward, py::call_guard<py::gil_scoped_release>());
   m.def("cpu_rms_norm_bf16", &cpu_rms_norm_bf16, py::call_guard<py::gil_scoped_release>());

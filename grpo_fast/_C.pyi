@@ -86,6 +86,9 @@ def cpu_lora_add_bf16(out: int, x: int, M: int, N: int, K: int, ldx: int, ldo: i
 def cpu_lora_add_bf16_t(outs_t: list[int], ns: list[int], ldos: list[int], x: int, M: int, K: int, ldx: int,
                         x_transposed: bool, lora: list[list[tuple[int, int, int, float]]]) -> None: ...
 
+# dst [M, N] = src_t [N, M] transposed, or (accumulate) dst += it rounded to bf16 (csrc/transpose_bf16_cpu.h).
+def cpu_transpose_bf16(dst: int, src_t: int, M: int, N: int, ld_dst: int, ld_src: int, accumulate: bool) -> None: ...
+
 # Token sampler (csrc/sampling_cpu.h, csrc/cuda/sampling_cuda.h): tokens int64 [S], logprobs
 # fp32 [S]; cuda_sample's workspace is fp32 [num_rows, vocab] scratch.
 def cpu_sample(tokens: int, logprobs: int, logits: int, temperature: int, top_k: int, top_p: int,
