@@ -14,10 +14,13 @@ the adapters fp32: its default over a bf16 base).
 2. sample: the group sampler, 4 x 8 x 64 forced tokens, tokens/s, on the plain bf16 model and
    the LoRA-wrapped one: with the native bf16 RMSNorm (csrc/rms_norm_cpu.cpp) or the modules'
    ops; LoRA's terms through the native add (csrc/lora_bf16_cpu.cpp) or peft's forward (the code
-   before both); our kernels' regions on libgomp's team (native.openmp_regions) or our own pool.
+   before both); our kernels' regions on libgomp's team (native.openmp_regions) or our own pool;
+   a LoRA layer's products as W x^T with the transposed adds or x W^T with a row-major add per
+   module; the W x^T products back into rows by the native transpose or torch's copy.
 
-3. add: the decode's base product + LoRA add at 32 rows, SmolLM2's four projection shapes, the
-   add's up pass split over libgomp's team (as the per-module decode runs it) or on one thread.
+3. add: one decoder layer's seven projections at 32 rows as the bf16 decode computes them: the
+   plain model's, LoRA-wrapped now (W x^T, the adapters of modules sharing an input added in one
+   transposed call) and LoRA-wrapped before (x W^T and a row-major add per module).
 
     python benchmarks/bench_bf16_cpu.py [--repeats 4] [--only train|sample|add]
 
@@ -113,12 +116,18 @@ def bench_sample(repeats: int) -> None:
                for q in questions]
     prompts = [p["input_ids"] if hasattr(p, "keys") else p for p in prompts]
     params = SamplingParams(n=8, temperature=1.0, max_tokens=64, ignore_eos=True, seed=0)
-    # (name, model, the native add, the native bf16 norms, our regions on libgomp's team)
-    runs = [("plain bf16 (now)", plain, True, True, True), ("plain bf16, pool regions", plain, True, True, False),
-            ("plain bf16, module norms", plain, True, False, True),
-            ("LoRA (now)", wrapped, True, True, True), ("LoRA, pool regions", wrapped, True, True, False),
-            ("LoRA, module norms", wrapped, True, False, True),
-            ("LoRA, peft forward (before)", wrapped, False, False, False)]
+    # name, model, then _decode_paths' switches: the native add, the native bf16 norms, our regions
+    # on libgomp's team, the LoRA products as W x^T with the transposed adds, the native transposes
+    runs = [("plain bf16 (now)", plain, True, True, True, True, True),
+            ("plain bf16, torch transposes", plain, True, True, True, True, False),
+            ("plain bf16, pool regions", plain, True, True, False, True, True),
+            ("plain bf16, module norms", plain, True, False, True, True, True),
+            ("LoRA (now)", wrapped, True, True, True, True, True),
+            ("LoRA, torch transposes", wrapped, True, True, True, True, False),
+            ("LoRA, row-major adds", wrapped, True, True, True, False, True),
+            ("LoRA, pool regions", wrapped, True, True, False, True, True),
+            ("LoRA, module norms", wrapped, True, False, True, True, True),
+            ("LoRA, peft forward (before)", wrapped, False, False, False, False, False)]
     samplers = {name: Sampler(model, tok) for name, model in (("plain", plain), ("LoRA", wrapped))}
     sampler_of = {name: samplers["plain" if model is plain else "LoRA"] for name, model, *_ in runs}
 
@@ -128,35 +137,68 @@ def bench_sample(repeats: int) -> None:
         return sum(len(c.token_ids) for o in outs for c in o.completions) / (time.perf_counter() - t)
 
     print("sample: 4 x 8 x 64 forced tokens, bf16, tokens/s", flush=True)
-    rates = _alternate({name: lambda a=add, n=norms, o=omp: _decode_paths(a, n, o) for name, _, add, norms, omp in runs},
-                       repeats, tokens_per_s)
+    rates = _alternate({name: lambda sw=switches: _decode_paths(*sw) for name, _, *switches in runs}, repeats, tokens_per_s)
     plain_rate = statistics.median(rates["plain bf16 (now)"])
     _summary(rates, "tok/s", lambda med: f"{med / plain_rate:4.2f}x plain")
 
 
 def bench_add(repeats: int) -> None:
-    """The decode's base product and LoRA add (r = 16) at 32 rows, SmolLM2's projection shapes:
-    the add's up pass split over libgomp's team (native.openmp_regions, as the sampler's
-    per-module decode runs it) or on one thread (outside it, and before)."""
-    from grpo_fast.models import cpu_ops
+    """One decoder layer's seven projections at 32 rows (SmolLM2's shapes, r = 16 on each), as
+    the sampler's per-module bf16 decode computes them, on libgomp's team (native.openmp_regions):
+    - plain: the bare model's path, every product W x^T and back into rows (csrc/transpose_bf16_cpu.cpp);
+    - LoRA (now): the same products, the adapters of the modules that share an input added in one
+      transposed call (q, k, v; gate, up; then o; down reading the MLP's inner activations as they
+      lie);
+    - LoRA, row-major adds (before): each module x W^T (F.linear) and its own row-major add.
+    The LoRA excess is what a LoRA-wrapped policy pays per layer over the plain model."""
+    from torch import nn
+
+    from grpo_fast.models import cpu_ops, decode_fast_paths as dfp
     from grpo_fast.native import openmp_regions
 
     g = torch.Generator().manual_seed(0)
-    print("add: base product + LoRA add, 32 rows, r = 16, bf16, us per call (200 calls a figure)", flush=True)
-    for K, N in ((576, 1536), (1536, 576), (576, 576), (576, 192)):
-        x, w = torch.randn(32, K, generator=g).bfloat16(), torch.randn(N, K, generator=g).bfloat16()
-        terms = [(torch.randn(16, K, generator=g) / K ** 0.5, torch.randn(N, 16, generator=g), 2.0)]
+    H, I, KV, r, M = 576, 1536, 192, 16, 32
+    shapes = {"q": (H, H), "k": (KV, H), "v": (KV, H), "o": (H, H), "gate": (I, H), "up": (I, H), "down": (H, I)}
+    parts = {}
+    for name, (n, k) in shapes.items():
+        base = nn.Linear(k, n, bias=False).to(torch.bfloat16)
+        with torch.no_grad():
+            base.weight.copy_(torch.randn(n, k, generator=g) / k ** 0.5)
+        terms = [(torch.randn(r, k, generator=g) / k ** 0.5, torch.randn(n, r, generator=g) / r ** 0.5, 2.0)]
+        parts[name] = dfp.Parts(base, terms, torch.bfloat16, True, cpu_ops.lora_args(name, terms, k, n))
+    plain = {name: p._replace(terms=[], mixed=None) for name, p in parts.items()}
+    x = torch.randn(M, H, generator=g).bfloat16()
+    into = torch.randn(M, H, generator=g).bfloat16()
+    silu = torch.nn.functional.silu
 
-        def us(_name):
-            t = time.perf_counter()
-            for _ in range(200):
-                cpu_ops.lora_add_bf16_(torch.nn.functional.linear(x, w), x, terms)
-            return (time.perf_counter() - t) / 200 * 1e6
+    def transposed_layer(pp):
+        xt = x.t()
+        [dfp._rows(o) for o in dfp._transposed_many([pp["q"], pp["k"], pp["v"]], xt, x)]
+        h = dfp._rows(dfp._transposed(pp["o"], xt, x))
+        gate_t, up_t = dfp._transposed_many([pp["gate"], pp["up"]], xt, x)
+        inner_t = silu(gate_t).mul_(up_t)
+        return dfp._add_rows_(into.clone(), dfp._transposed(pp["down"], inner_t)), h
 
-        print(f" {K} -> {N}", flush=True)
-        times = _alternate({"split": openmp_regions, "one thread": lambda: openmp_regions(False)}, repeats, us)
-        base = statistics.median(times["one thread"])
-        _summary(times, "us", lambda med: f"{base / med:4.2f}x")
+    def row_major_layer(pp):
+        [dfp._mixed(x, pp[n]) for n in ("q", "k", "v")]
+        h = dfp._mixed(x, pp["o"])
+        inner = silu(dfp._mixed(x, pp["gate"])).mul_(dfp._mixed(x, pp["up"]))
+        return into.clone().add_(dfp._mixed(inner, pp["down"])), h
+
+    layers = {"plain": lambda: transposed_layer(plain), "LoRA (now)": lambda: transposed_layer(parts),
+              "LoRA, row-major adds (before)": lambda: row_major_layer(parts)}
+
+    def us(name):
+        t = time.perf_counter()
+        for _ in range(100):
+            layers[name]()
+        return (time.perf_counter() - t) / 100 * 1e6
+
+    print("add: one layer's 7 projections at 32 rows, r = 16, bf16, us per layer (100 layers a figure)", flush=True)
+    with torch.no_grad(), openmp_regions():
+        times = _alternate({name: contextlib.nullcontext for name in layers}, repeats, us)
+    base = statistics.median(times["plain"])
+    _summary(times, "us", lambda med: f"LoRA excess {med - base:6.1f} us")
 
 
 def _alternate(variants: dict, repeats: int, measure) -> dict[str, list[float]]:
@@ -185,24 +227,35 @@ def _summary(values: dict[str, list[float]], unit: str, against) -> None:
 
 
 @contextlib.contextmanager
-def _decode_paths(native_add: bool, native_norms: bool, openmp: bool = True):
+def _decode_paths(native_add: bool, native_norms: bool, openmp: bool = True, transposed_adds: bool = True,
+                  native_transposes: bool = True):
     """The decode's bf16 paths off or on for the duration: the native LoRA add (else peft's
-    forward for the LoRA layers), the native bf16 RMSNorm (else the modules' ops), and our
-    kernels' regions on libgomp's team (else our own pool, the code before)."""
+    forward for the LoRA layers), the native bf16 RMSNorm (else the modules' ops), our kernels'
+    regions on libgomp's team (else our own pool, the code before), a LoRA layer's products as
+    W x^T with the transposed adds (else x W^T and the row-major add per module), and the native
+    bf16 transposes of those products back into rows (else torch's copy)."""
     from grpo_fast.models import decode_fast_paths, llama_family
     from grpo_fast.sampler import model_runner
 
-    saved = decode_fast_paths._fp32_over_bf16, llama_family.rms_norm, model_runner.openmp_regions
+    fp = decode_fast_paths.FastPaths
+    saved = (decode_fast_paths._fp32_over_bf16, llama_family.rms_norm, model_runner.openmp_regions,
+             fp.__dict__["_transposable"], decode_fast_paths._rows, decode_fast_paths._add_rows_)
     if not native_add:
         decode_fast_paths._fp32_over_bf16 = lambda *_: False
     if not native_norms:
         llama_family.rms_norm = lambda norm, x: norm(x)
     if not openmp:
         model_runner.openmp_regions = lambda enabled=True: contextlib.nullcontext()
+    if not transposed_adds:
+        fp._transposable = staticmethod(lambda parts, x: False)
+    if not native_transposes:
+        decode_fast_paths._rows = lambda out_t: out_t.t().contiguous()
+        decode_fast_paths._add_rows_ = lambda into, out_t: into.add_(out_t.t().contiguous())
     try:
         yield
     finally:
-        decode_fast_paths._fp32_over_bf16, llama_family.rms_norm, model_runner.openmp_regions = saved
+        (decode_fast_paths._fp32_over_bf16, llama_family.rms_norm, model_runner.openmp_regions, fp._transposable,
+         decode_fast_paths._rows, decode_fast_paths._add_rows_) = saved
 
 
 def main() -> None:
