@@ -8,9 +8,18 @@
 // (oneDNN's bf16 GEMM). Here: the same math in two passes,
 //     u_t[m, j] = sum_k float(x[m, k]) A_t[j, k]                 (fp32, [M, r] per term)
 //     y[m, n]   = bf16(float(y[m, n]) + sum_t (sum_j u_t[m, j] B_t[n, j]) * s_t)
-// terms added in peft's order, each scaled after its dot product as peft does; the bf16 rounding
-// is common.h's f32_to_bf16 (torch's round to nearest even; NaN stays NaN). Summation order inside the dot products differs
-// from MKL's, so results agree with peft's to fp32 rounding before the final bf16 rounding.
+// terms added in peft's order, each scaled after its dot product as peft does (two roundings:
+// the build turns off FMA contraction for this file); the bf16 rounding is common.h's
+// f32_to_bf16 (torch's round to nearest even; NaN stays NaN). Summation order inside the dot
+// products differs from MKL's, so results agree with peft's to fp32 rounding before the final
+// bf16 rounding.
+//
+// Two layouts of the base product:
+// - rows, y [M, N] = x W^T (cpu_lora_add_bf16): for layers with a bias, which peft rounds inside
+//   the base GEMM (F.linear);
+// - transposed, y^T [N, M] = W x^T (cpu_lora_add_bf16_t): how the decode computes a bias-free
+//   bf16 layer (oneDNN runs W x^T ~20% faster than x W^T at 32 rows), for several outputs of one
+//   input per call (q, k, v; gate, up), x given as rows or as x^T (the MLP's inner activations).
 #include "lora_bf16_cpu.h"
 
 #include <algorithm>
@@ -485,9 +494,6 @@ void cpu_lora_add_bf16(uintptr_t out, uintptr_t x, int64_t M, int64_t N, int64_t
   });
 }
 
-}  // namespace grpo_fast
-
-namespace grpo_fast {
 
 void cpu_lora_add_bf16_t(const std::vector<uintptr_t>& outs_t, const std::vector<int64_t>& ns,
                          const std::vector<int64_t>& ldos, uintptr_t x, int64_t M, int64_t K, int64_t ldx,
