@@ -111,6 +111,7 @@ void register_decode(py::module_& m) {
   m.def("cpu_rms_norm_bf16", &cpu_rms_norm_bf16, py::call_guard<py::gil_scoped_release>());
   m.def("cpu_rms_norm_backward_bf16", &cpu_rms_norm_backward_bf16, py::call_guard<py::gil_scoped_release>());
   m.def("cpu_rope_qk", &cpu_rope_qk, py::call_guard<py::gil_scoped_release>());
+  m.def("cpu_rope_qk_bf16", &cpu_rope_qk_bf16, py::call_guard<py::gil_scoped_release>());
   m.def("cpu_silu_mul", &cpu_silu_mul, py::call_guard<py::gil_scoped_release>());
   m.def("cpu_silu_mul_backward", &cpu_silu_mul_backward, py::call_guard<py::gil_scoped_release>());
   m.def("cpu_silu_mul_backward_bf16", &cpu_silu_mul_backward_bf16, py::call_guard<py::gil_scoped_release>());

@@ -11,4 +11,9 @@ namespace grpo_fast {
 void cpu_rope_qk(uintptr_t q_out, uintptr_t k_out, uintptr_t q, uintptr_t k, uintptr_t cos,
                  uintptr_t sin, int64_t tokens, int num_q_heads, int num_kv_heads, int head_dim);
 
+// The same over bf16 tensors (all six), each op rounded to bf16 as torch's bf16 ops round it:
+// HF's apply_rotary_pos_emb on a bf16 model, bit for bit.
+void cpu_rope_qk_bf16(uintptr_t q_out, uintptr_t k_out, uintptr_t q, uintptr_t k, uintptr_t cos,
+                      uintptr_t sin, int64_t tokens, int num_q_heads, int num_kv_heads, int head_dim);
+
 }  // namespace grpo_fast

@@ -141,6 +141,46 @@ def test_rope_qk_matches_hf(t, hq, hkv, d, monkeypatch):
         cpu_ops.rope_qk(q, k, cos[:, :-2].contiguous(), sin)
 
 
+@pytest.mark.parametrize("t,hq,hkv,d", [(32, 9, 3, 64), (3, 4, 4, 32), (1, 2, 1, 6), (2, 3, 1, 20)])
+def test_bf16_rope_is_hfs_bit_for_bit(t, hq, hkv, d, tmp_path):
+    """A bf16 model's RoPE (cos / sin in bf16, as HF's rotary module returns them): the native
+    kernel rounds each product and then the sum as torch's bf16 ops do, so it equals HF's
+    apply_rotary_pos_emb bit for bit, on the 8-lane path (D / 2 = 32, 16) and the element-wise one
+    (3, 10: a ragged 8-lane tail), and in the portable x86 build; Rotary takes it."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from grpo_fast.models.decode_fast_paths import Rotary
+    from fresh_process import run_fresh
+
+    g = torch.Generator().manual_seed(t * hq + d + 1)
+    q, k = torch.randn(t, hq, d, generator=g).bfloat16(), torch.randn(t, hkv, d, generator=g).bfloat16()
+    ang = torch.randn(t, d // 2, generator=g) * 5
+    cos, sin = torch.cat((ang, ang), -1).cos().bfloat16(), torch.cat((ang, ang), -1).sin().bfloat16()
+    want_q, want_k = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos[None], sin[None])
+    want_q, want_k = want_q[0].transpose(0, 1), want_k[0].transpose(0, 1)
+    got_q, got_k = cpu_ops.rope_qk(q, k, cos, sin)
+    assert torch.equal(got_q, want_q) and torch.equal(got_k, want_k)
+    # (an fp32 sum of the products, rounded once, is not HF's: the case tells them apart)
+    once = (q.float() * cos[:, None].float() + torch.cat((-q[..., d // 2:], q[..., :d // 2]), -1).float()
+            * sin[:, None].float()).bfloat16()
+    assert not torch.equal(once, want_q) or t * hq * d < 100
+    rotary = Rotary(cos, sin)
+    assert rotary.native
+    rq, rk = rotary(q, k)
+    assert torch.equal(rq, want_q) and torch.equal(rk, want_k)
+    torch.save((q, k, cos, sin), tmp_path / "in.pt")
+    run_fresh(f"""
+        import torch
+        from grpo_fast.models import cpu_ops
+        q, k, cos, sin = torch.load({str(tmp_path / "in.pt")!r})
+        torch.save(cpu_ops.rope_qk(q, k, cos, sin), {str(tmp_path / "out.pt")!r})
+        """, env={"GRPO_FAST_NO_AVX2": "1"})
+    pq, pk = torch.load(tmp_path / "out.pt")
+    assert torch.equal(pq, want_q) and torch.equal(pk, want_k)
+    with pytest.raises(ValueError, match="one dtype"):
+        cpu_ops.rope_qk(q, k, cos.float(), sin.float())
+
+
 def test_linear_many_equals_one_call_per_weight():
     """Several weights over one x (q, k, v of a layer, with and without bias, row counts that
     do not fill a 3-row tile) give what separate linear calls give."""

@@ -267,9 +267,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
             sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(q, k) * cos + rotate_half((q, k)) * sin, rotate_half(x) = cat(-x2, x1) over the halves of
-    the head dim; q [T, Hq, D], k [T, Hkv, D], cos/sin [T, D], all contiguous fp32."""
+    the head dim; q [T, Hq, D], k [T, Hkv, D], cos/sin [T, D], all contiguous, all fp32 or all
+    bf16 (then each op rounded as torch's bf16 ops round it: HF's result bit for bit)."""
+    dtypes = (torch.float32, torch.bfloat16)
     for name, t in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):
-        checks.tensor(name, t, dtypes=_F32, device="cpu")
+        checks.tensor(name, t, dtypes=dtypes, device="cpu")
+    if len({q.dtype, k.dtype, cos.dtype, sin.dtype}) != 1:
+        raise ValueError(f"q, k, cos, sin: need one dtype, got {q.dtype}, {k.dtype}, {cos.dtype}, {sin.dtype}")
     if q.dim() != 3 or k.dim() != 3 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2] or q.shape[2] % 2:
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)}: need [T, H, D] with the same T and an even D")
     t, d = q.shape[0], q.shape[2]
@@ -277,8 +281,9 @@ def rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
         raise ValueError(f"cos {tuple(cos.shape)} / sin {tuple(sin.shape)}: need [{t}, {d}]")
     q_out, k_out = torch.empty_like(q), torch.empty_like(k)
     if t:
-        _C.cpu_rope_qk(q_out.data_ptr(), k_out.data_ptr(), q.data_ptr(), k.data_ptr(), cos.data_ptr(), sin.data_ptr(),
-                       t, q.shape[1], k.shape[1], d)
+        kernel = _C.cpu_rope_qk if q.dtype == torch.float32 else _C.cpu_rope_qk_bf16
+        kernel(q_out.data_ptr(), k_out.data_ptr(), q.data_ptr(), k.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+               t, q.shape[1], k.shape[1], d)
     return q_out, k_out
 
 

@@ -284,6 +284,8 @@ class FastPaths:
         parts = self.fast_parts(module, x)
         if parts is not None and _native(x, parts) and into.dtype == x.dtype and into.stride(1) == 1:
             return _native_into(into, x, parts, accumulate=True)
+        if parts is not None and x.dtype == torch.bfloat16 and self._transposable([parts], x):
+            return _add_rows_(into, _transposed(parts, x.t(), x))  # W x^T added in as it is transposed back
         return into.add_(self.linear(module, x))
 
     def lm_head(self, module: nn.Module, x: torch.Tensor, rows_per_chunk: int = 4096) -> torch.Tensor:
@@ -372,12 +374,14 @@ class Rotary:
 
     def __init__(self, cos: torch.Tensor, sin: torch.Tensor):
         self.cos, self.sin = cos.contiguous(), sin.contiguous()  # [T, D]
-        self.native = cos.device.type == "cpu" and cos.dtype == torch.float32 and cpu_ops.available()
+        # fp32, or bf16 (a bf16 model's cos / sin: the kernel rounds where torch's bf16 ops do)
+        self.native = (cos.device.type == "cpu" and cos.dtype in (torch.float32, torch.bfloat16)
+                       and sin.dtype == cos.dtype and cpu_ops.available())
         self._broadcast = None
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q [T, Hq, D], k [T, Hkv, D] -> rotated (new tensors)."""
-        if self.native and q.dtype == k.dtype == torch.float32 and q.is_contiguous() and k.is_contiguous():
+        if self.native and q.dtype == k.dtype == self.cos.dtype and q.is_contiguous() and k.is_contiguous():
             return cpu_ops.rope_qk(q, k, self.cos, self.sin)
         if self._broadcast is None:
             # [T, 1, D] to broadcast over heads; the sign of rotate_half folded into sin's first half.
