@@ -8,6 +8,7 @@
 #include "rope_cpu.h"
 
 #include <stdexcept>
+#include <string>
 
 #include "common.h"
 #include "cpu_common.h"
@@ -99,41 +100,45 @@ GF_AVX2 void rope_rows_bf16_avx2(uint16_t* qo, uint16_t* ko, const uint16_t* q, 
 }
 #endif
 
+// The rows on the fastest build there is: fp32, then bf16.
+void rope_rows_any(float* qo, float* ko, const float* q, const float* k, const float* c, const float* s, int64_t T,
+                   int hq, int hkv, int D) {
+#ifdef GF_X86_DISPATCH
+  if (use_avx2()) return rope_rows_avx2(qo, ko, q, k, c, s, T, hq, hkv, D);
+#endif
+  rope_rows_base(qo, ko, q, k, c, s, T, hq, hkv, D);
+}
+
+void rope_rows_any(uint16_t* qo, uint16_t* ko, const uint16_t* q, const uint16_t* k, const uint16_t* c,
+                   const uint16_t* s, int64_t T, int hq, int hkv, int D) {
+#ifdef GF_X86_DISPATCH
+  if (use_avx2()) return rope_rows_bf16_avx2(qo, ko, q, k, c, s, T, hq, hkv, D);
+#endif
+  rope_rows_bf16_base(qo, ko, q, k, c, s, T, hq, hkv, D);
+}
+
+template <typename T>
+void rope_qk_all(const char* name, uintptr_t q_out, uintptr_t k_out, uintptr_t q, uintptr_t k, uintptr_t cos,
+                 uintptr_t sin, int64_t tokens, int num_q_heads, int num_kv_heads, int head_dim) {
+  if (tokens < 0 || num_q_heads < 1 || num_kv_heads < 1 || head_dim < 2 || head_dim % 2)
+    throw std::invalid_argument(std::string(name) + ": need tokens >= 0, heads >= 1 and an even head_dim");
+  // 32 tokens x 12 heads x 64 is ~25k values: one thread, no fork/join.
+  rope_rows_any(reinterpret_cast<T*>(q_out), reinterpret_cast<T*>(k_out), reinterpret_cast<const T*>(q),
+                reinterpret_cast<const T*>(k), reinterpret_cast<const T*>(cos), reinterpret_cast<const T*>(sin), tokens,
+                num_q_heads, num_kv_heads, head_dim);
+}
+
 }  // namespace
 
 void cpu_rope_qk(uintptr_t q_out, uintptr_t k_out, uintptr_t q, uintptr_t k, uintptr_t cos,
                  uintptr_t sin, int64_t tokens, int num_q_heads, int num_kv_heads, int head_dim) {
-  if (tokens < 0 || num_q_heads < 1 || num_kv_heads < 1 || head_dim < 2 || head_dim % 2)
-    throw std::invalid_argument("cpu_rope_qk: need tokens >= 0, heads >= 1 and an even head_dim");
-  auto* qo = reinterpret_cast<float*>(q_out);
-  auto* ko = reinterpret_cast<float*>(k_out);
-  const auto* qp = reinterpret_cast<const float*>(q);
-  const auto* kp = reinterpret_cast<const float*>(k);
-  const auto* c = reinterpret_cast<const float*>(cos);
-  const auto* s = reinterpret_cast<const float*>(sin);
-  // 32 tokens x 12 heads x 64 is ~25k floats: one thread, no fork/join.
-#ifdef GF_X86_DISPATCH
-  if (use_avx2())
-    return rope_rows_avx2(qo, ko, qp, kp, c, s, tokens, num_q_heads, num_kv_heads, head_dim);
-#endif
-  rope_rows_base(qo, ko, qp, kp, c, s, tokens, num_q_heads, num_kv_heads, head_dim);
+  rope_qk_all<float>("cpu_rope_qk", q_out, k_out, q, k, cos, sin, tokens, num_q_heads, num_kv_heads, head_dim);
 }
 
 void cpu_rope_qk_bf16(uintptr_t q_out, uintptr_t k_out, uintptr_t q, uintptr_t k, uintptr_t cos,
                       uintptr_t sin, int64_t tokens, int num_q_heads, int num_kv_heads, int head_dim) {
-  if (tokens < 0 || num_q_heads < 1 || num_kv_heads < 1 || head_dim < 2 || head_dim % 2)
-    throw std::invalid_argument("cpu_rope_qk_bf16: need tokens >= 0, heads >= 1 and an even head_dim");
-  auto* qo = reinterpret_cast<uint16_t*>(q_out);
-  auto* ko = reinterpret_cast<uint16_t*>(k_out);
-  const auto* qp = reinterpret_cast<const uint16_t*>(q);
-  const auto* kp = reinterpret_cast<const uint16_t*>(k);
-  const auto* c = reinterpret_cast<const uint16_t*>(cos);
-  const auto* s = reinterpret_cast<const uint16_t*>(sin);
-#ifdef GF_X86_DISPATCH
-  if (use_avx2())
-    return rope_rows_bf16_avx2(qo, ko, qp, kp, c, s, tokens, num_q_heads, num_kv_heads, head_dim);
-#endif
-  rope_rows_bf16_base(qo, ko, qp, kp, c, s, tokens, num_q_heads, num_kv_heads, head_dim);
+  rope_qk_all<uint16_t>("cpu_rope_qk_bf16", q_out, k_out, q, k, cos, sin, tokens, num_q_heads, num_kv_heads,
+                        head_dim);
 }
 
 }  // namespace grpo_fast
