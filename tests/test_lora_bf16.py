@@ -341,7 +341,7 @@ def test_the_transposed_mlp_computes_the_module(monkeypatch, mlp_bias):
         want = (into.float() + mlp(x).float())
         got = FastPaths().gated_mlp_add_(into.clone(), mlp, x).float()
     assert calls == ([] if mlp_bias else [(False, 2), (True, 1)])  # gate and up in one call, then down
-    torch.testing.assert_close(got, want, atol=0, rtol=2 ** -6)  # a bf16 step or two of noise
+    torch.testing.assert_close(got, want, atol=1e-2, rtol=2 ** -6)  # a bf16 step or two of noise (values ~1)
 
 
 def test_q_k_v_take_one_transposed_add_and_compute_the_modules(monkeypatch):
