@@ -402,3 +402,30 @@ def test_several_outputs_in_one_call_equal_one_call_each():
         cpu_ops.lora_add_bf16_t_many_([ys[0], ys[1][:, :12]], loras[:2], x=x)
     with pytest.raises(ValueError, match="equal, non-zero lengths"):
         cpu_ops.lora_add_bf16_t_many_(ys, loras[:2], x=x)
+
+
+def test_adapters_on_some_modules_only(monkeypatch):
+    """peft's default targets for Llama are q_proj and v_proj; here down_proj too. The modules
+    without adapters take the plain path beside the adapted ones (q and v each alone on the
+    transposed add, down reading the MLP's inner activations as x^T), and the sampler gives
+    peft's forward's tokens and log-probs."""
+    from peft import LoraConfig, get_peft_model
+
+    from grpo_fast.models import decode_fast_paths
+
+    torch.manual_seed(9)
+    base = tiny_model("llama", seed=9).to(torch.bfloat16)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
+                                            target_modules=["q_proj", "v_proj", "down_proj"])).eval()
+    calls = []
+    real_t = cpu_ops.lora_add_bf16_t_checked_
+    monkeypatch.setattr(cpu_ops, "lora_add_bf16_t_checked_", lambda *a: calls.append((a[2], len(a[0]))) or real_t(*a))
+    sampler = Sampler(model, None, block_size=4, kv_budget="2048 tokens")
+    prompts = random_prompts((4, 11, 6), seed=3)
+    fast = greedy(sampler, prompts)
+    assert calls.count((False, 1)) >= 2 * 2 * 7 and calls.count((True, 1)) >= 2 * 7  # q, v; down
+    with monkeypatch.context() as m:
+        m.setattr(decode_fast_paths, "_fp32_over_bf16", lambda *_: False)
+        module_path = greedy(sampler, prompts)
+    assert tokens(fast) == tokens(module_path)
+    torch.testing.assert_close(logprobs(fast), logprobs(module_path), atol=3e-2, rtol=0)
