@@ -318,9 +318,8 @@ def test_bf16_decode_runs_its_norms_natively_as_the_modules_round(monkeypatch):
 @pytest.mark.parametrize("mlp_bias", [False, True])
 def test_the_transposed_mlp_computes_the_module(monkeypatch, mlp_bias):
     """A LoRA-wrapped bf16 gated MLP on the decode's transposed path (gate, up, down as W x^T, the
-    adapters added by the transposed kernel) equals the module to bf16 noise. With biases peft
-    rounds x W^T + b inside the base GEMM, which W x^T + b would not: then the row-major path
-    runs instead (the transposed kernel not called), and equals the module too."""
+    adapters added by the transposed kernel) equals the module to bf16 noise, with biases too
+    (b + W x^T in one op, as F.linear rounds it)."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -340,21 +339,20 @@ def test_the_transposed_mlp_computes_the_module(monkeypatch, mlp_bias):
     with torch.no_grad():
         want = (into.float() + mlp(x).float())
         got = FastPaths().gated_mlp_add_(into.clone(), mlp, x).float()
-    assert calls == ([] if mlp_bias else [(False, 2), (True, 1)])  # gate and up in one call, then down
+    assert calls == [(False, 2), (True, 1)]  # gate and up in one call, then down
     torch.testing.assert_close(got, want, atol=1e-2, rtol=2 ** -6)  # a bf16 step or two of noise (values ~1)
 
 
 def test_q_k_v_take_one_transposed_add_and_compute_the_modules(monkeypatch):
-    """A LoRA-wrapped bf16 layer's q, k, v: W x^T per module, all three adapters in one native
-    call; Qwen2's carry biases, which peft adds inside the base GEMM's rounding: then each module
-    is F.linear and the row-major add. Either way equal to the modules to bf16 noise."""
+    """A LoRA-wrapped bf16 layer's q, k, v: W x^T per module (Qwen2's with their biases, in the
+    same op), all three adapters in one native call, equal to the modules to bf16 noise."""
     from grpo_fast.models.decode_fast_paths import FastPaths
 
     calls = []
     real, real_t = cpu_ops.lora_add_bf16_checked_, cpu_ops.lora_add_bf16_t_checked_
     monkeypatch.setattr(cpu_ops, "lora_add_bf16_checked_", lambda *a: calls.append("rows") or real(*a))
     monkeypatch.setattr(cpu_ops, "lora_add_bf16_t_checked_", lambda *a: calls.append(len(a[0])) or real_t(*a))
-    for kind, want_calls in (("llama", [3]), ("qwen2", ["rows"] * 3)):  # qwen2: F.linear's bias, then the row-major add
+    for kind, want_calls in (("llama", [3]), ("qwen2", [3])):  # qwen2: with biases
         from peft import LoraConfig, get_peft_model
 
         base = tiny_model(kind, seed=6).to(torch.bfloat16)
@@ -429,3 +427,32 @@ def test_adapters_on_some_modules_only(monkeypatch):
         module_path = greedy(sampler, prompts)
     assert tokens(fast) == tokens(module_path)
     torch.testing.assert_close(logprobs(fast), logprobs(module_path), atol=3e-2, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_biased_layer_on_the_transposed_path_is_f_linear_bit_for_bit(dtype):
+    """A plain layer with a bias (Qwen2's q / k / v) at a few rows on the transposed path:
+    b + W x^T in one op is F.linear(x, W, b) bit for bit in bf16 (W x^T, then + b, rounded twice
+    and differed from the module in ~27% of the outputs), and the LM head's chunked form too;
+    fp32 to its rounding."""
+    from torch import nn
+
+    from grpo_fast.models.decode_fast_paths import FastPaths
+
+    g = torch.Generator().manual_seed(12)
+    layer = nn.Linear(96, 80).to(dtype)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(80, 96, generator=g))
+        layer.bias.copy_(torch.randn(80, generator=g) * 3)
+    x = torch.randn(5, 96, generator=g).to(dtype)  # 5 rows: below the fp32 native kernel's 8
+    fast = FastPaths()
+    with torch.no_grad():
+        want = layer(x)
+        got, head = fast.linear(layer, x), fast.lm_head(layer, x, rows_per_chunk=32)
+        twice = (torch.mm(layer.weight, x.t()) + layer.bias[:, None]).t()
+    if dtype == torch.bfloat16:
+        assert torch.equal(got, want) and torch.equal(head, want.float())
+        assert not torch.equal(twice, want)  # the case tells the two roundings apart
+    else:  # fp32: MKL sums W x^T in another order than x W^T, so to fp32 rounding
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(head, want, atol=1e-5, rtol=1e-5)

@@ -16,9 +16,9 @@ CPU fp32 paths, for M rows:
 CPU bf16 paths: transposed too (oneDNN runs W x^T ~20% faster than x W^T at 32 rows), the
 products back into rows by a native transpose (cpu_ops.transpose_bf16). A LoRA-wrapped bf16
 policy keeps peft's fp32 adapters (its default); their terms are added into the transposed
-products natively, one call per group of modules that read the same input (q, k, v; gate, up),
-except over a biased base layer, which peft rounds inside the base GEMM: F.linear, then the
-row-major add.
+products natively, one call per group of modules that read the same input (q, k, v; gate, up).
+A bias goes into the product's one op (b + W x^T by addmm: F.linear's single rounding, bit for
+bit); the row-major add is left for inputs whose rows are strided.
 
 Also fused here: ``linear_add_`` (residual: into += module(x), no [M, N] temporary on the native
 path) and the gated MLPs of the supported families, down(act(gate(x)) * up(x)), whose
@@ -162,14 +162,15 @@ def _transposed_many(parts_list: list[Parts], xt: torch.Tensor, x: torch.Tensor 
     outs_t, mixed = [], []
     for parts in parts_list:
         base = parts.base
-        out_t = torch.mm(base.weight, xt)  # [N, M]
+        if base.bias is None:
+            out_t = torch.mm(base.weight, xt)  # [N, M]
+        else:  # b + W x^T in one op: F.linear's one rounding (mm, then + b, rounds twice in bf16)
+            out_t = torch.addmm(base.bias.unsqueeze(1), base.weight, xt)
         if parts.mixed:
             mixed.append((out_t, parts.mixed))
         else:
             for weight_a, weight_b, scaling in parts.terms:
                 out_t.addmm_(weight_b, torch.mm(weight_a, xt), alpha=scaling)  # += s * B @ (A @ x^T)
-            if base.bias is not None:
-                out_t += base.bias.unsqueeze(1)
         outs_t.append(out_t)
     if mixed:
         given, transposed = (x, False) if x is not None else (xt, True)
@@ -179,9 +180,8 @@ def _transposed_many(parts_list: list[Parts], xt: torch.Tensor, x: torch.Tensor 
 
 def _transposed_mixed_ok(parts: Parts) -> bool:
     """Whether ``_transposed`` computes module(x) as the module does: no fp32-over-bf16 terms, or
-    terms the native kernel adds over a bias-free base (peft rounds x W^T + b once, inside the
-    base GEMM; W x^T, then + b, would round twice)."""
-    return parts.mixed is None or (bool(parts.mixed) and parts.base.bias is None)
+    terms the native kernel can add (not [], which means torch's ops: ``_mixed``)."""
+    return parts.mixed is None or bool(parts.mixed)
 
 
 def _rows(out_t: torch.Tensor) -> torch.Tensor:
@@ -301,9 +301,10 @@ class FastPaths:
         out = torch.empty(x.shape[0], vocab, dtype=x.dtype, device=x.device)  # [M, V]
         for s in range(0, vocab, rows_per_chunk):
             e = min(s + rows_per_chunk, vocab)
-            chunk = torch.mm(base.weight[s:e], xt)  # [C, M]
-            if base.bias is not None:
-                chunk += base.bias[s:e].unsqueeze(1)
+            if base.bias is None:
+                chunk = torch.mm(base.weight[s:e], xt)  # [C, M]
+            else:  # (one op: F.linear's one rounding)
+                chunk = torch.addmm(base.bias[s:e].unsqueeze(1), base.weight[s:e], xt)
             out[:, s:e] = chunk.t()
         return out.float()
 
