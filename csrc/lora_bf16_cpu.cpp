@@ -15,11 +15,12 @@
 // bf16 rounding.
 //
 // Two layouts of the base product:
-// - rows, y [M, N] = x W^T (cpu_lora_add_bf16): for layers with a bias, which peft rounds inside
-//   the base GEMM (F.linear);
-// - transposed, y^T [N, M] = W x^T (cpu_lora_add_bf16_t): how the decode computes a bias-free
-//   bf16 layer (oneDNN runs W x^T ~20% faster than x W^T at 32 rows), for several outputs of one
-//   input per call (q, k, v; gate, up), x given as rows or as x^T (the MLP's inner activations).
+// - rows, y [M, N] = x W^T (cpu_lora_add_bf16): the decode's fallback for inputs with strided
+//   rows, and a public op (cpu_ops.lora_add_bf16_);
+// - transposed, y^T [N, M] = W x^T (+ b, in the same op) (cpu_lora_add_bf16_t): how the decode
+//   computes a bf16 layer (oneDNN runs W x^T ~20% faster than x W^T at 32 rows), for several
+//   outputs of one input per call (q, k, v; gate, up), x given as rows or as x^T (the MLP's inner
+//   activations).
 #include "lora_bf16_cpu.h"
 
 #include <algorithm>
