@@ -42,46 +42,34 @@ struct Problem {
   const uint16_t* x;
   int64_t M, N, K, ldx, ldo;
   const std::vector<LoraTerm>* terms;
-  int64_t ranks;         // sum of the terms' ranks: u's columns, the terms one after another
-  int64_t ranks_padded;  // ranks rounded up to kLanes
-  const float* a_t;      // portable build: [K, ranks_padded], every term's A transposed, zero past `ranks`
-  const float* const* a_rows;  // AVX2 build: A's rows in place, the terms one after another
+  int64_t ranks;  // sum of the terms' ranks: u's columns, the terms one after another
 };
 
-// u[m, c] = sum_k float(x[m, k]) A^T[k, c] for every row, kRows rows by kLanes columns at a
-// time (a tile's 64 sums are independent, so the multiply-adds do not wait on each other).
-GF_INLINE void down_rows(const Problem& p, float* u) {
-  std::vector<float> rows(kRows * p.K, 0.f);
-  for (int64_t m = 0; m < p.M; m += kRows) {
-    const int64_t n_rows = p.M - m < kRows ? p.M - m : kRows;
-    for (int64_t r = 0; r < n_rows; ++r) {
-      const uint16_t* xm = p.x + (m + r) * p.ldx;
-      float* dst = rows.data() + r * p.K;
-#pragma omp simd
-      for (int64_t k = 0; k < p.K; ++k) dst[k] = bf16_to_f32(xm[k]);
+// u[m * su_m + c * su_c] = sum_k float(x[m, k]) A_c[k] for rows [m_begin, m_end) and every rank c
+// (the terms' A rows one after another): [M, ranks] rows for the row-major output (su_c = 1),
+// [ranks, M] for the transposed one (su_m = 1). The portable build: k summed in order.
+void down_rows_base(const uint16_t* x, int64_t ldx, int64_t K, const float* const* a_rows, int64_t ranks, float* u,
+                    int64_t su_m, int64_t su_c, int64_t m_begin, int64_t m_end) {
+  for (int64_t m = m_begin; m < m_end; ++m)
+    for (int64_t c = 0; c < ranks; ++c) {
+      float acc = 0.f;
+      for (int64_t k = 0; k < K; ++k) acc += bf16_to_f32(x[m * ldx + k]) * a_rows[c][k];
+      u[m * su_m + c * su_c] = acc;
     }
-    for (int64_t c0 = 0; c0 < p.ranks_padded; c0 += kLanes) {
-      float acc[kRows][kLanes] = {};
-      const float* at = p.a_t + c0;
-      for (int64_t k = 0; k < p.K; ++k, at += p.ranks_padded) {
-        for (int64_t r = 0; r < kRows; ++r) {
-          const float xv = rows[r * p.K + k];
-#pragma omp simd
-          for (int64_t i = 0; i < kLanes; ++i) acc[r][i] += xv * at[i];
-        }
-      }
-      for (int64_t r = 0; r < n_rows; ++r)
-        for (int64_t i = 0; i < kLanes && c0 + i < p.ranks; ++i) u[(m + r) * p.ranks + c0 + i] = acc[r][i];
-    }
-  }
+}
+
+// The B rows of one term for outputs n0.. n0 + lanes, transposed: bt[j, i] = B[n0 + i, j], zero
+// for i >= lanes.
+GF_INLINE void transpose_term(const LoraTerm& t, float* bt, int64_t n0, int64_t lanes) {
+  for (int64_t j = 0; j < t.r; ++j)
+    for (int64_t i = 0; i < kLanes; ++i) bt[j * kLanes + i] = i < lanes ? t.b[(n0 + i) * t.r + j] : 0.f;
 }
 
 // bt[c, i] = B[n0 + i, j] for the terms' columns c (term t's j-th), zero for i >= lanes: one
 // output block's rows of every B, transposed so a tile reads kLanes outputs' weights at once.
 GF_INLINE void transpose_block(const Problem& p, float* bt, int64_t n0, int64_t lanes) {
   for (const LoraTerm& t : *p.terms) {
-    for (int64_t j = 0; j < t.r; ++j)
-      for (int64_t i = 0; i < kLanes; ++i) bt[j * kLanes + i] = i < lanes ? t.b[(n0 + i) * t.r + j] : 0.f;
+    transpose_term(t, bt, n0, lanes);
     bt += t.r * kLanes;
   }
 }
@@ -136,7 +124,6 @@ GF_INLINE void up_blocks(const Problem& p, const float* u, int64_t n_begin, int6
   }
 }
 
-void down_rows_base(const Problem& p, float* u) { down_rows(p, u); }
 void up_blocks_base(const Problem& p, const float* u, int64_t n_begin, int64_t n_end) {
   up_blocks(p, u, n_begin, n_end);
 }
@@ -193,8 +180,7 @@ GF_AVX2 void transpose_block_avx2(const Problem& p, float* bt, int64_t n0, int64
   if (lanes < kLanes) return transpose_block(p, bt, n0, lanes);
   for (const LoraTerm& t : *p.terms) {
     if (t.r % 8 != 0) {
-      for (int64_t j = 0; j < t.r; ++j)
-        for (int64_t i = 0; i < kLanes; ++i) bt[j * kLanes + i] = t.b[(n0 + i) * t.r + j];
+      transpose_term(t, bt, n0, kLanes);
     } else {
       for (int64_t i0 = 0; i0 < kLanes; i0 += 8)
         for (int64_t j0 = 0; j0 < t.r; j0 += 8) {
@@ -291,16 +277,6 @@ void down_cols_base(const TProblem& p, float* ut) {
     for (int64_t m = 0; m < p.M; ++m) {
       float acc = 0.f;
       for (int64_t k = 0; k < p.K; ++k) acc += p.a_rows[c][k] * bf16_to_f32(p.x[k * p.ldx + m]);
-      ut[c * p.Mp + m] = acc;
-    }
-}
-
-// u^T[c, m] for every row, x as [M, K] rows (the portable build).
-void down_rows_t_base(const TProblem& p, float* ut) {
-  for (int64_t m = 0; m < p.M; ++m)
-    for (int64_t c = 0; c < p.ranks; ++c) {
-      float acc = 0.f;
-      for (int64_t k = 0; k < p.K; ++k) acc += bf16_to_f32(p.x[m * p.ldx + k]) * p.a_rows[c][k];
       ut[c * p.Mp + m] = acc;
     }
 }
@@ -445,6 +421,21 @@ GF_AVX2 void up_rows_t_avx2(const TProblem& p, const TOut& out, const float* ut,
 }
 #endif
 
+// The down pass over x's rows for either layout (u[m * su_m + c * su_c]), by tiles of rows over
+// the threads where `split` (AVX2 only), else all rows in one chunk.
+void down_rows_all(const uint16_t* x, int64_t ldx, int64_t M, int64_t K, const float* const* a_rows, int64_t ranks,
+                   float* u, int64_t su_m, int64_t su_c, bool avx2, bool split) {
+  const int64_t row_tiles = (M + kRows - 1) / kRows;
+  const int64_t chunks = avx2 && split && row_tiles >= 2 ? std::min<int64_t>(row_tiles, 2 * parallel_threads()) : 1;
+  parallel_for(chunks, [&](int64_t i) {
+    const int64_t m0 = row_tiles * i / chunks * kRows, m1 = std::min(M, row_tiles * (i + 1) / chunks * kRows);
+#ifdef GF_X86_DISPATCH
+    if (avx2) return down_rows_avx2(x, ldx, K, a_rows, ranks, u, su_m, su_c, m0, m1);
+#endif
+    down_rows_base(x, ldx, K, a_rows, ranks, u, su_m, su_c, m0, m1);
+  });
+}
+
 }  // namespace
 
 void cpu_lora_add_bf16(uintptr_t out, uintptr_t x, int64_t M, int64_t N, int64_t K, int64_t ldx,
@@ -454,19 +445,12 @@ void cpu_lora_add_bf16(uintptr_t out, uintptr_t x, int64_t M, int64_t N, int64_t
   int64_t ranks = 0;
   for (const LoraTerm& t : terms) ranks += t.r;
   if (M == 0 || ranks == 0) return;
-  const int64_t padded = (ranks + kLanes - 1) / kLanes * kLanes;
   const bool avx2 = use_avx2();
-  std::vector<float> a_t;  // portable build: [K, padded], A^T of every term side by side
-  std::vector<const float*> a_rows;
+  std::vector<const float*> a_rows;  // every term's A rows in place
   for (const LoraTerm& t : terms)
     for (int64_t j = 0; j < t.r; ++j) a_rows.push_back(t.a + j * K);
-  if (!avx2) {
-    a_t.assign(K * padded, 0.f);
-    for (int64_t c = 0; c < ranks; ++c)
-      for (int64_t k = 0; k < K; ++k) a_t[k * padded + c] = a_rows[c][k];
-  }
   const Problem p{reinterpret_cast<uint16_t*>(out), reinterpret_cast<const uint16_t*>(x), M, N, K, ldx, ldo,
-                  &terms, ranks, padded, a_t.data(), a_rows.data()};
+                  &terms, ranks};
   std::vector<float> u((M + kRows - 1) / kRows * kRows * ranks, 0.f);  // [M rounded up to kRows, ranks]
   // Both passes on several threads only where the caller runs its regions on libgomp's team (the
   // sampler's per-module decode: native.openmp_regions), whose worker is awake between torch
@@ -474,15 +458,7 @@ void cpu_lora_add_bf16(uintptr_t out, uintptr_t x, int64_t M, int64_t N, int64_t
   // on one thread: the pool's helper then spun against oneDNN's bf16 GEMM that runs next
   // (measured: the base products 1.35x slower with two threads, for a 15% faster add).
   const bool split = openmp_regions();
-  const int64_t row_tiles = (M + kRows - 1) / kRows;
-  const int64_t row_chunks = avx2 && split && row_tiles >= 2 ? std::min<int64_t>(row_tiles, 2 * parallel_threads()) : 1;
-  parallel_for(row_chunks, [&](int64_t i) {
-    const int64_t m0 = row_tiles * i / row_chunks * kRows, m1 = std::min(M, row_tiles * (i + 1) / row_chunks * kRows);
-#ifdef GF_X86_DISPATCH
-    if (avx2) return down_rows_avx2(p.x, ldx, K, p.a_rows, ranks, u.data(), ranks, 1, m0, m1);
-#endif
-    down_rows_base(p, u.data());  // the portable build: all rows, one chunk
-  });
+  down_rows_all(p.x, ldx, M, K, a_rows.data(), ranks, u.data(), ranks, 1, avx2, split);
   constexpr int64_t kChunk = 8 * kLanes;  // outputs per parallel chunk
   // below 4 chunks the region costs what it saves (192 outputs: 0.95x; 576: 1.02x; 1,536: 1.09x)
   const int64_t chunks = split && N >= 4 * kChunk ? (N + kChunk - 1) / kChunk : 1;
@@ -535,15 +511,7 @@ void cpu_lora_add_bf16_t(const std::vector<uintptr_t>& outs_t, const std::vector
       down_cols_base(p, ut.data());  // the portable build: all rows, one chunk
     });
   } else {
-    const int64_t row_tiles = (M + kRows - 1) / kRows;
-    const int64_t chunks = split && row_tiles >= 2 ? std::min<int64_t>(row_tiles, 2 * parallel_threads()) : 1;
-    parallel_for(chunks, [&](int64_t i) {
-      const int64_t m0 = row_tiles * i / chunks * kRows, m1 = std::min(M, row_tiles * (i + 1) / chunks * kRows);
-#ifdef GF_X86_DISPATCH
-      if (avx2) return down_rows_avx2(p.x, ldx, K, a_rows.data(), ranks, ut.data(), 1, Mp, m0, m1);
-#endif
-      down_rows_t_base(p, ut.data());  // the portable build: all rows, one chunk
-    });
+    down_rows_all(p.x, ldx, M, K, a_rows.data(), ranks, ut.data(), 1, Mp, avx2, split);
   }
   // Every output's rows in runs of about 32 (at 32 rows and r = 16: ~5 µs of sums each), the
   // outputs' runs one after another in one region.
