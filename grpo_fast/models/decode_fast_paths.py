@@ -184,10 +184,16 @@ def _transposed_mixed_ok(parts: Parts) -> bool:
     return parts.mixed is None or bool(parts.mixed)
 
 
+def _native_bf16_rows(*tensors: torch.Tensor) -> bool:
+    """Whether cpu_ops.transpose_bf16 takes these: bf16 CPU matrices with unit-stride rows."""
+    return all(t.dtype == torch.bfloat16 and t.device.type == "cpu" and t.stride(1) == 1 for t in tensors) and \
+        cpu_ops.available()
+
+
 def _rows(out_t: torch.Tensor) -> torch.Tensor:
     """out_t [N, M] (a product computed transposed) as [M, N] contiguous rows: natively for bf16
     on the CPU (torch's transposing copy is slow for 2-byte elements), else torch's copy."""
-    if out_t.dtype == torch.bfloat16 and out_t.device.type == "cpu" and out_t.stride(1) == 1 and cpu_ops.available():
+    if _native_bf16_rows(out_t):
         out = torch.empty(out_t.shape[1], out_t.shape[0], dtype=torch.bfloat16)
         return cpu_ops.transpose_bf16_checked(out_t, out, False)
     return out_t.t().contiguous()
@@ -195,8 +201,7 @@ def _rows(out_t: torch.Tensor) -> torch.Tensor:
 
 def _add_rows_(into: torch.Tensor, out_t: torch.Tensor) -> torch.Tensor:
     """into [M, N] += out_t [N, M] transposed, in place, rounded as torch's add."""
-    if (out_t.dtype == into.dtype == torch.bfloat16 and out_t.device.type == "cpu" and out_t.stride(1) == 1
-            and into.stride(1) == 1 and cpu_ops.available()):
+    if _native_bf16_rows(out_t, into):
         return cpu_ops.transpose_bf16_checked(out_t, into, True)
     # (a strided add of out_t.t() ran at a third of a copy + dense add: 39 vs 13 µs at 32 x 576 bf16)
     return into.add_(out_t.t().contiguous())
