@@ -85,7 +85,7 @@ def run_ours(a) -> dict:
         "train.eval_before": False, "data.eval_size": 0, "train.progress": False, "train.time_budget_s": 0,
         "lora.r": a.lora_r, "lora.lora_alpha": 2 * a.lora_r, "train.seed": 0, "sampling.backend": a.backend,
         "train.micro_batch_size": a.micro_batch, "model.gradient_checkpointing": a.gradient_checkpointing == "on",
-        "train.num_threads": a.threads, "model.dtype": a.dtype,
+        "train.num_threads": a.threads, "model.dtype": a.dtype, "train.release_memory": a.release_memory,
     }
     if a.prompt_len:
         from transformers import AutoTokenizer
@@ -216,6 +216,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="our torch threads (0: torch's default)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="model weights on both sides (bfloat16: ours model.dtype, TRL bf16=True)")
+    p.add_argument("--release-memory", default="micro_batch", choices=("micro_batch", "step"),
+                   help="ours: train.release_memory (when freed heap pages go back to the OS)")
     p.add_argument("--nproc", type=int, default=0,
                    help="data parallel: N torchrun ranks x 1 thread vs 1 process x N threads (ours only)")
     p.add_argument("--trl-fused", action="store_true",
@@ -238,7 +240,7 @@ def main() -> None:
                "--lora-r", str(a.lora_r), "--backend", a.backend, "--micro-batch", str(a.micro_batch),
                "--gradient-checkpointing", a.gradient_checkpointing, "--prompt-len", str(a.prompt_len)]
         cmd += ["--forced-length"] if a.forced_length else []
-        cmd += ["--dtype", a.dtype]
+        cmd += ["--dtype", a.dtype, "--release-memory", a.release_memory]
         with _busy.busy(a.busy):
             proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)  # its stderr (progress, errors) shows live
         line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
@@ -258,6 +260,7 @@ def main() -> None:
           f"max_completion={a.max_completion}{' (forced)' if a.forced_length else ''}, "
           f"prompts ~{a.prompt_len or 'natural'} tokens, LoRA r={a.lora_r}, gradient checkpointing "
           f"{a.gradient_checkpointing}, SmolLM2-135M {a.dtype}, CPU ({os.cpu_count()} cores), {_busy.describe(a.busy)}, "
+          f"ours releasing freed memory per {a.release_memory}, "
           f"mean of {a.steps} steps after 1 warm-up")
     print(f"{'impl':<6} {'sample s':>9} {'train s':>9} {'step s':>9} {'peak RSS MiB':>13}  every step s (sampling s)")
     for impl, r in results.items():
@@ -286,7 +289,8 @@ def main() -> None:
     case = "".join([f"-c{a.max_completion}" if a.max_completion != 16 or a.forced_length else "",
                     "-forced" if a.forced_length else "", f"-p{a.prompt_len}" if a.prompt_len else "",
                     f"-mb{a.micro_batch}" if a.micro_batch != 8 else "", "-bf16" if a.dtype == "bfloat16" else "",
-                    f"-busy-{a.busy}" if a.busy != "none" else "", "-trl-fused" if a.trl_fused else "",
+                    f"-busy-{a.busy}" if a.busy != "none" else "",
+                    "-release-step" if a.release_memory == "step" else "", "-trl-fused" if a.trl_fused else "",
                     f"-only-{a.only}" if a.only else ""])  # a one-sided run keeps the two-sided file
     out = HERE / "results" / f"bench_step-gc-{a.gradient_checkpointing}{case}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -301,7 +305,8 @@ def _ours_cmd(a, threads: int) -> list[str]:
     return [__file__, "--impl", "ours", "--prompts", str(a.prompts), "--generations", str(a.generations),
             "--max-completion", str(a.max_completion), "--steps", str(a.steps), "--lora-r", str(a.lora_r),
             "--backend", a.backend, "--micro-batch", str(a.micro_batch), "--gradient-checkpointing",
-            a.gradient_checkpointing, "--prompt-len", str(a.prompt_len), "--threads", str(threads)] + \
+            a.gradient_checkpointing, "--prompt-len", str(a.prompt_len), "--threads", str(threads),
+            "--dtype", a.dtype, "--release-memory", a.release_memory] + \
         (["--forced-length"] if a.forced_length else [])
 
 

@@ -62,6 +62,12 @@ CPU_HEAP_GROWTH_TORCH_OPS = {False: 0.9, True: 0.6}
 # layer); measured by bench_memory.py's bf16, bf16-long and bf16-checkpointing configs (with the
 # bf16 one-pass RMSNorm: 1.10 / 1.05 / 0.97 of the measured peaks, 7 Dec 2026).
 CPU_HEAP_GROWTH_HALF = {False: 1.0, True: 0.1}
+# CPU, train.release_memory = step: the freed heap pages are not handed back between the micro-
+# batches of a step, and each one's tensors fit the previous one's holes imperfectly; the resident
+# set then peaked higher by about this share of one micro-batch's saved activations (on top of the
+# growth above): 0.40-0.43 in fp32, 0.30 in bf16, SmolLM2-135M, micro-batches of 8 x (40 + 128)
+# tokens (benchmarks/RESULTS.md, "When freed memory goes back").
+CPU_HEAP_GROWTH_STEP_RELEASE = 0.45
 # CPU only: what the process holds outside tensors once the model is built and has taken a step,
 # in every phase after the first: the model's and tokenizer's Python objects (~34 MiB for
 # SmolLM2-135M, ~54 MiB with NF4), the code pages the first update touches (~19 MiB of libtorch)
@@ -353,6 +359,8 @@ def plan(cfg, device_memory: int | None = None, *, shape: ModelShape | None = No
         lean = _native_core_built() and act == 4
         growth = (CPU_HEAP_GROWTH if lean else CPU_HEAP_GROWTH_TORCH_OPS if act == 4 else
                   CPU_HEAP_GROWTH_HALF)[bool(cfg.model.gradient_checkpointing)]
+        if cfg.train.release_memory == "step":
+            growth += CPU_HEAP_GROWTH_STEP_RELEASE
         comp["heap growth (cpu)"] = int(growth * heap_basis)
         half = act != 4 or cfg.model.load_in_4bit  # weights converted at load: NF4 or bf16 / fp16
         comp["process growth (cpu)"] = CPU_PROCESS_GROWTH["half" if half else "fp32"]

@@ -446,6 +446,8 @@ class GRPOTrainer:
                                      cfg, self.state.loss_state, echo=self.echo,
                                      micro_batch_tokens=self.micro_batch_tokens, threads=self.thread_governor)
         skipped = loss_metrics.pop("skipped_update")
+        if t.release_memory == "step":  # the update's freed pages (micro_batch: released after each one)
+            release_free_memory()
         t_step = time.perf_counter() - t0
         state = self.state
         state.global_step = step + 1

@@ -377,3 +377,17 @@ def test_heap_growth_follows_whether_the_native_core_is_built(tiny, monkeypatch)
         monkeypatch.setattr(memory, "_native_core_built", lambda: False)
         without = memory.plan(cfg).components["heap growth (cpu)"]
         assert with_core > 0 and abs(with_core / without - lean / torch_ops) < 1e-4  # int() of each
+
+
+def test_releasing_memory_once_a_step_counts_the_holes_the_micro_batches_leave(tiny):
+    """train.release_memory = step keeps the micro-batches' freed pages: the training peak grows by
+    CPU_HEAP_GROWTH_STEP_RELEASE of one micro-batch's saved tensors; sampling is unchanged."""
+    lean = memory.plan(cfg_for(tiny))
+    kept = memory.plan(cfg_for(tiny, **{"train.release_memory": "step"}))
+    grown = kept.components["heap growth (cpu)"] - lean.components["heap growth (cpu)"]
+    basis = lean.components["heap growth (cpu)"] / (memory.CPU_HEAP_GROWTH if memory._native_core_built()
+                                                     else memory.CPU_HEAP_GROWTH_TORCH_OPS)[False]
+    assert grown == pytest.approx(memory.CPU_HEAP_GROWTH_STEP_RELEASE * basis, rel=1e-3, abs=2)
+    # the phase's peak is its components plus the allocator's slack share
+    assert kept.phases["training"] - lean.phases["training"] == pytest.approx(grown * (1 + memory.SLACK["cpu"]), abs=2)
+    assert kept.phases["sampling"] == lean.phases["sampling"]

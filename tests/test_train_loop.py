@@ -444,3 +444,31 @@ def test_shared_prompt_forward_respects_a_sliding_window(window):
         full = completion_hidden(model.model, batch, share_prompts=False) * batch.mask.unsqueeze(-1)
     torch.testing.assert_close(shared, plain, atol=1e-5, rtol=1e-5)
     assert (window < 13) == (not torch.allclose(plain, full, atol=1e-5))
+
+
+@pytest.mark.parametrize("mode, per_step", [("micro_batch", 1 + 3), ("step", 1 + 1)])
+def test_release_memory_says_when_freed_pages_go_back(tiny, tmp_path, monkeypatch, mode, per_step):
+    """train.release_memory: micro_batch trims the heap after sampling and after each micro-batch's
+    backward (3 of them here); step after sampling and once after the update."""
+    import grpo_fast.trainer as trainer_mod
+    import grpo_fast.train.update as update_mod
+
+    calls = []
+    monkeypatch.setattr(trainer_mod, "release_free_memory", lambda: calls.append("trainer"))
+    monkeypatch.setattr(update_mod, "release_free_memory", lambda: calls.append("micro-batch"))
+    cfg = tiny_config(tiny, tmp_path, **{"train.release_memory": mode, "train.micro_batch_size": 2,
+                                          "train.eval_before": False, "data.eval_size": 0})
+    train(cfg, echo=lambda *_: None)
+    steps = cfg.train.max_steps
+    assert len(calls) == steps * per_step
+    if mode == "step":
+        assert calls == ["trainer"] * (2 * steps)
+    else:
+        assert calls.count("micro-batch") == 3 * steps
+
+
+def test_release_memory_rejects_an_unknown_mode():
+    from grpo_fast.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"train\.release_memory: must be one of micro_batch, step, got 'phase'"):
+        load_config(None, {"train.release_memory": "phase"})

@@ -141,7 +141,8 @@ def optimizer_update(policy: PolicyModules, optimizer, scheduler, params, rollou
                 loss.backward()
                 if prompts:
                     prompts.finish(rows)
-            release_free_memory()  # this micro-batch's activations, so the next one starts from the live set
+            if t.release_memory == "micro_batch":  # else the trainer releases once, after the update
+                release_free_memory()  # this micro-batch's activations, so the next one starts from the live set
             total_loss += float(loss.detach())
             parts.append({k: float(v) for k, v in metrics.items()})
     # Σ over ranks: each rank's loss and gradient are its rows' share of the whole-batch ones (the
