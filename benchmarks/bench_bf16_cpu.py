@@ -16,7 +16,8 @@ the adapters fp32: its default over a bf16 base).
    ops; LoRA's terms through the native add (csrc/lora_bf16_cpu.cpp) or peft's forward (the code
    before both); our kernels' regions on libgomp's team (native.openmp_regions) or our own pool;
    a LoRA layer's products as W x^T with the transposed adds or x W^T with a row-major add per
-   module; the W x^T products back into rows by the native transpose or torch's copy.
+   module; the W x^T products back into rows by the native transpose or torch's copy; the
+   products from oneDNN-packed weights (what runs now) or the W x^T paths.
 
 3. add: one decoder layer's seven projections at 32 rows as the bf16 decode computes them: the
    plain model's, LoRA-wrapped now (W x^T, the adapters of modules sharing an input added in one
@@ -117,17 +118,20 @@ def bench_sample(repeats: int) -> None:
     prompts = [p["input_ids"] if hasattr(p, "keys") else p for p in prompts]
     params = SamplingParams(n=8, temperature=1.0, max_tokens=64, ignore_eos=True, seed=0)
     # name, model, then _decode_paths' switches: the native add, the native bf16 norms, our regions
-    # on libgomp's team, the LoRA products as W x^T with the transposed adds, the native transposes
-    runs = [("plain bf16 (now)", plain, True, True, True, True, True),
-            ("plain bf16, torch transposes", plain, True, True, True, True, False),
-            ("plain bf16, pool regions", plain, True, True, False, True, True),
-            ("plain bf16, module norms", plain, True, False, True, True, True),
-            ("LoRA (now)", wrapped, True, True, True, True, True),
-            ("LoRA, torch transposes", wrapped, True, True, True, True, False),
-            ("LoRA, row-major adds", wrapped, True, True, True, False, True),
-            ("LoRA, pool regions", wrapped, True, True, False, True, True),
-            ("LoRA, module norms", wrapped, True, False, True, True, True),
-            ("LoRA, peft forward (before)", wrapped, False, False, False, False, False)]
+    # on libgomp's team, the LoRA products as W x^T with the transposed adds, the native transposes,
+    # the packed weights (the W x^T paths below run with packing off)
+    runs = [("plain bf16 (now)", plain, True, True, True, True, True, True),
+            ("plain bf16, W x^T", plain, True, True, True, True, True, False),
+            ("plain bf16, W x^T, torch transposes", plain, True, True, True, True, False, False),
+            ("plain bf16, pool regions", plain, True, True, False, True, True, True),
+            ("plain bf16, module norms", plain, True, False, True, True, True, True),
+            ("LoRA (now)", wrapped, True, True, True, True, True, True),
+            ("LoRA, W x^T + transposed adds", wrapped, True, True, True, True, True, False),
+            ("LoRA, W x^T, torch transposes", wrapped, True, True, True, True, False, False),
+            ("LoRA, x W^T + row-major adds", wrapped, True, True, True, False, True, False),
+            ("LoRA, pool regions", wrapped, True, True, False, True, True, True),
+            ("LoRA, module norms", wrapped, True, False, True, True, True, True),
+            ("LoRA, peft forward (before)", wrapped, False, False, False, False, False, False)]
     samplers = {name: Sampler(model, tok) for name, model in (("plain", plain), ("LoRA", wrapped))}
     sampler_of = {name: samplers["plain" if model is plain else "LoRA"] for name, model, *_ in runs}
 
@@ -228,12 +232,14 @@ def _summary(values: dict[str, list[float]], unit: str, against) -> None:
 
 @contextlib.contextmanager
 def _decode_paths(native_add: bool, native_norms: bool, openmp: bool = True, transposed_adds: bool = True,
-                  native_transposes: bool = True):
+                  native_transposes: bool = True, packed: bool = True):
     """The decode's bf16 paths off or on for the duration: the native LoRA add (else peft's
     forward for the LoRA layers), the native bf16 RMSNorm (else the modules' ops), our kernels'
     regions on libgomp's team (else our own pool, the code before), a LoRA layer's products as
-    W x^T with the transposed adds (else x W^T and the row-major add per module), and the native
-    bf16 transposes of those products back into rows (else torch's copy)."""
+    W x^T with the transposed adds (else x W^T and the row-major add per module), the native
+    bf16 transposes of those products back into rows (else torch's copy), and the products from
+    oneDNN-packed weights (else the W x^T paths: GRPO_FAST_NO_PACKED_WEIGHTS=1)."""
+    import os
     from grpo_fast.models import decode_fast_paths, llama_family
     from grpo_fast.sampler import model_runner
 
@@ -251,9 +257,16 @@ def _decode_paths(native_add: bool, native_norms: bool, openmp: bool = True, tra
     if not native_transposes:
         decode_fast_paths._rows = lambda out_t: out_t.t().contiguous()
         decode_fast_paths._add_rows_ = lambda into, out_t: into.add_(out_t.t().contiguous())
+    packing = os.environ.get("GRPO_FAST_NO_PACKED_WEIGHTS")
+    if not packed:
+        os.environ["GRPO_FAST_NO_PACKED_WEIGHTS"] = "1"
     try:
         yield
     finally:
+        if packing is None:
+            os.environ.pop("GRPO_FAST_NO_PACKED_WEIGHTS", None)
+        else:
+            os.environ["GRPO_FAST_NO_PACKED_WEIGHTS"] = packing
         (decode_fast_paths._fp32_over_bf16, llama_family.rms_norm, model_runner.openmp_regions, fp._transposable,
          decode_fast_paths._rows, decode_fast_paths._add_rows_) = saved
 

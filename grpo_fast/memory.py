@@ -380,8 +380,11 @@ def plan(cfg, device_memory: int | None = None, *, shape: ModelShape | None = No
     decode_temps = rows * (4 * s.hidden + 2 * s.intermediate) * act
     if gathered_sampling:
         comp["gathered weights (fsdp sampling)"] = gathered_sampling
+    if (device == "cpu" and cfg.model.dtype == "bfloat16" and not cfg.model.load_in_4bit
+            and sp.backend != "hf"):  # the sampler's oneDNN-packed copy of the block linears (decode_fast_paths)
+        comp["packed weights (bf16 sampling)"] = s.block_linear_params * 2
     sampling = (resident - grads + comp["kv cache"] + comp["sampler logits"] + decode_temps + gathered_sampling
-                + process)
+                + comp.get("packed weights (bf16 sampling)", 0) + process)
 
     # ---- scoring: old / reference log-probs, no grad
     scoring = 0

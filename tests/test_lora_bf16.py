@@ -240,9 +240,11 @@ def tokens(outs):
 def test_sampler_takes_the_native_add_and_equals_peft(monkeypatch):
     """Every adapter of a bf16 LoRA policy goes through the native add (counted), and the sampler
     gives peft's forward's tokens and log-probs (to bf16 noise); an in-place update of lora_B
-    (an optimizer step) shows in the next call's log-probs."""
+    (an optimizer step) shows in the next call's log-probs. The W x^T paths (packed weights off:
+    test_packed_weights.py covers those)."""
     from grpo_fast.models import decode_fast_paths
 
+    monkeypatch.setenv("GRPO_FAST_NO_PACKED_WEIGHTS", "1")
     model = bf16_lora_model()
     calls = []
     real, real_t = cpu_ops.lora_add_bf16_checked_, cpu_ops.lora_add_bf16_t_checked_
@@ -406,11 +408,12 @@ def test_adapters_on_some_modules_only(monkeypatch):
     """peft's default targets for Llama are q_proj and v_proj; here down_proj too. The modules
     without adapters take the plain path beside the adapted ones (q and v each alone on the
     transposed add, down reading the MLP's inner activations as x^T), and the sampler gives
-    peft's forward's tokens and log-probs."""
+    peft's forward's tokens and log-probs. The W x^T paths (packed weights off: test_packed_weights.py)."""
     from peft import LoraConfig, get_peft_model
 
     from grpo_fast.models import decode_fast_paths
 
+    monkeypatch.setenv("GRPO_FAST_NO_PACKED_WEIGHTS", "1")
     torch.manual_seed(9)
     base = tiny_model("llama", seed=9).to(torch.bfloat16)
     model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,

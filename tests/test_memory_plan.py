@@ -98,6 +98,7 @@ def test_a_bf16_model_on_the_cpu_keeps_its_attention_tensors_in_fp32(tiny):
         assert plan_.phases["sampling"] == (comps["runtime"] + comps["weights"] + comps["lora adapters"]
                                             + comps["optimizer state"] + comps["kv cache"] + comps["sampler logits"]
                                             + 8 * (4 * 32 + 2 * 64) * (2 if plan_ is p else 4)
+                                            + comps.get("packed weights (bf16 sampling)", 0)  # bf16 only
                                             + comps["process growth (cpu)"])
     ckpt = memory.plan(cfg_for(tiny, **{"model.dtype": "bfloat16", "model.gradient_checkpointing": True}))
     assert ckpt.components["training activations"] == int(56 * 2 * 32 * 2 + 56 * (others + attention) * 2 + 56 ** 2 * 2)
@@ -391,3 +392,19 @@ def test_releasing_memory_once_a_step_counts_the_holes_the_micro_batches_leave(t
     # the phase's peak is its components plus the allocator's slack share
     assert kept.phases["training"] - lean.phases["training"] == pytest.approx(grown * (1 + memory.SLACK["cpu"]), abs=2)
     assert kept.phases["sampling"] == lean.phases["sampling"]
+
+
+def test_a_bf16_cpu_sampler_counts_its_packed_copy_of_the_block_linears(tiny):
+    """The bf16 decode reorders every block linear for oneDNN (decode_fast_paths) for the length of
+    a generate call: the sampling phase holds that copy, 2 bytes a weight; not fp32, NF4 or HF
+    generate, and not the training phase."""
+    name = "packed weights (bf16 sampling)"
+    bf16 = memory.plan(cfg_for(tiny, **{"model.dtype": "bfloat16"}))
+    s = memory.read_shape(cfg_for(tiny).model)
+    assert bf16.components[name] == s.block_linear_params * 2
+    for other in ({}, {"model.dtype": "bfloat16", "sampling.backend": "hf"},
+                  {"model.dtype": "bfloat16", "model.load_in_4bit": True}):
+        assert name not in memory.plan(cfg_for(tiny, **other)).components, other
+    hf = memory.plan(cfg_for(tiny, **{"model.dtype": "bfloat16", "sampling.backend": "hf"}))
+    assert bf16.phases["sampling"] - hf.phases["sampling"] == s.block_linear_params * 2
+    assert bf16.phases["training"] == hf.phases["training"]

@@ -71,11 +71,12 @@ def test_the_bf16_decode_takes_it(monkeypatch):
     """A plain bf16 model's decode: q, k, v come back through the native copy, o's and the MLP's
     outputs through the native add into the residual (counted), and the sampler's tokens and
     log-probs are those of torch's copies and adds (the transposes are exact; the add rounds as
-    torch's)."""
+    torch's). The W x^T paths: packed weights off (test_packed_weights.py)."""
     from grpo_fast.models import decode_fast_paths
     from grpo_fast.sampler import Sampler, SamplingParams
     from test_sampler import random_prompts, tiny_model
 
+    monkeypatch.setenv("GRPO_FAST_NO_PACKED_WEIGHTS", "1")
     calls = []
     real = cpu_ops.transpose_bf16_checked
     monkeypatch.setattr(cpu_ops, "transpose_bf16_checked", lambda *a: calls.append(a[2]) or real(*a))

@@ -20,6 +20,14 @@ products natively, one call per group of modules that read the same input (q, k,
 A bias goes into the product's one op (b + W x^T by addmm: F.linear's single rounding, bit for
 bit); the row-major add is left for inputs whose rows are strided.
 
+CPU bf16 within a scope (a generate call), where torch has oneDNN's packed linear: each base weight
+is reordered once into oneDNN's blocked layout (``FastPaths.packed``: ~90 ms for SmolLM2-135M's
+210 block linears, a copy of them held until the scope ends) and every product is x W^T + b from
+it, F.linear bit for bit at every row count. Streaming the weights from DRAM as a decode step does,
+that ran a layer's seven products 1.3x faster than W x^T (benchmarks/RESULTS.md, "bf16 decode on
+packed weights"); a LoRA layer's fp32 adapters are then added into the rows (the row-major native
+add). GRPO_FAST_NO_PACKED_WEIGHTS=1 keeps the W x^T paths.
+
 Also fused here: ``linear_add_`` (residual: into += module(x), no [M, N] temporary on the native
 path) and the gated MLPs of the supported families, down(act(gate(x)) * up(x)), whose
 silu(gate) * up is one native pass (adapters included) when gate and up carry no bias; and ``rms_norm``:
@@ -32,6 +40,7 @@ facts within a scope (a generate call); its owner is the model runner, through L
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from typing import NamedTuple
 
@@ -124,18 +133,48 @@ def _compute_parts(module: nn.Module) -> Parts | None:
     return Parts(base, terms, base.weight.dtype, contiguous, mixed)
 
 
-def _mixed(x: torch.Tensor, parts: Parts) -> torch.Tensor:
+def _mixed(x: torch.Tensor, parts: Parts, packed: torch.Tensor | None = None) -> torch.Tensor:
     """module(x) for fp32 adapters over a bf16 base, as peft computes it: the base product in bf16
-    (F.linear, as the base layer), then bf16(float(y) + sum_i s_i (float(x) A_i^T) B_i^T); the
-    adapter terms in one native call where it runs, else in torch's ops, peft's order."""
+    (F.linear, as the base layer, or the same from its packed weight), then
+    bf16(float(y) + sum_i s_i (float(x) A_i^T) B_i^T); the adapter terms in one native call where
+    it runs, else in torch's ops, peft's order."""
     base = parts.base
-    out = torch.nn.functional.linear(x, base.weight, base.bias)  # [M, N] bf16
+    out = _base_product(x, base, packed)  # [M, N] bf16
     if parts.mixed and x.stride(1) == 1:
         return cpu_ops.lora_add_bf16_checked_(out, x, parts.mixed)
     result, x32 = out, x.float()
     for weight_a, weight_b, scaling in parts.terms:
         result = result + torch.nn.functional.linear(torch.nn.functional.linear(x32, weight_a), weight_b) * scaling
     return result.to(out.dtype)
+
+
+def _base_product(x: torch.Tensor, base: nn.Linear, packed: torch.Tensor | None) -> torch.Tensor:
+    """x W^T + b [M, N]: from the packed weight when given (F.linear bit for bit), else F.linear."""
+    if packed is None:
+        return torch.nn.functional.linear(x, base.weight, base.bias)
+    return torch.ops.mkldnn._linear_pointwise(x, packed, base.bias, "none", [None], "")
+
+
+def _packing_available() -> bool:
+    """oneDNN's packed linear is in this torch build (CPU builds with mkldnn) and not switched off."""
+    return (os.environ.get("GRPO_FAST_NO_PACKED_WEIGHTS") != "1" and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+# The row count oneDNN picks the packed layout for: a decode step's (B x G = 32 here); any other
+# count still runs on it, bit for bit the same.
+PACK_ROWS_HINT = 32
+
+
+def _pack(base: nn.Linear) -> torch.Tensor | None:
+    """base's bf16 CPU weight in oneDNN's blocked layout (a copy), or None where it is not one."""
+    w = base.weight
+    if w.dtype != torch.bfloat16 or w.device.type != "cpu" or not w.is_contiguous() or not _packing_available():
+        return None
+    try:
+        return torch.ops.mkldnn._reorder_linear_weight(w.detach(), PACK_ROWS_HINT)
+    except (RuntimeError, AttributeError):  # an older torch without the reorder op, or a build without it
+        return None
 
 
 def _native(x: torch.Tensor, parts: Parts) -> bool:
@@ -251,6 +290,25 @@ class FastPaths:
         """How `module` is computed on a fast path (whatever x), or None: call it as a module."""
         return self.memoized(module, "parts", lambda: _compute_parts(module))
 
+    def packed(self, parts: Parts) -> torch.Tensor | None:
+        """parts.base's weight packed for oneDNN (``_pack``) for the rest of the scope; None outside
+        a scope (packing per call would cost more than it saves) or where it does not apply."""
+        if self._memo is None:
+            return None
+        return self.memoized(parts.base, "packed", lambda: _pack(parts.base))
+
+    def _packs(self, parts: list[Parts], x: torch.Tensor) -> bool:
+        """Whether every module of `parts` computes module(x) from its packed weight: bf16, plain or
+        fp32 adapters over the bf16 base (peft's default), within a scope."""
+        return (x.dtype == torch.bfloat16 and self._memo is not None
+                and all(not p.terms or p.mixed is not None for p in parts)
+                and all(self.packed(p) is not None for p in parts))
+
+    def _packed_rows(self, parts: Parts, x: torch.Tensor) -> torch.Tensor:
+        """module(x) [M, N] from the packed weight (``_packs`` said yes), adapters added into the rows."""
+        packed = self.packed(parts)
+        return _mixed(x, parts, packed) if parts.terms else _base_product(x, parts.base, packed)
+
     def fast_parts(self, module: nn.Module, x: torch.Tensor) -> Parts | None:
         """How module(x) may take a CPU fast path, else None."""
         if x.device.type != "cpu" or x.dim() != 2 or x.shape[0] > SMALL_M:
@@ -263,6 +321,8 @@ class FastPaths:
         parts = self.fast_parts(module, x)
         if parts is None:
             return module(x)
+        if self._packs([parts], x):
+            return self._packed_rows(parts, x)
         if parts.mixed is not None:
             if self._transposable([parts], x):  # W x^T, as the plain bf16 model's path
                 return _rows(_transposed(parts, x.t(), x))
@@ -277,6 +337,8 @@ class FastPaths:
         them qualify, each module's LoRA terms computed inside it."""
         parts = [self.fast_parts(m, x) for m in modules]
         if not all(p is not None and _native(x, p) for p in parts):
+            if all(p is not None for p in parts) and self._packs(parts, x):
+                return [self._packed_rows(p, x) for p in parts]
             if all(p is not None and p.mixed is not None for p in parts) and self._transposable(parts, x):
                 # fp32 adapters over a bf16 base: W x^T as the plain bf16 model's path, every adapter in one call
                 return [_rows(o) for o in _transposed_many(parts, x.t(), x)]
@@ -289,6 +351,8 @@ class FastPaths:
         parts = self.fast_parts(module, x)
         if parts is not None and _native(x, parts) and into.dtype == x.dtype and into.stride(1) == 1:
             return _native_into(into, x, parts, accumulate=True)
+        if parts is not None and self._packs([parts], x):
+            return into.add_(self._packed_rows(parts, x))
         if parts is not None and x.dtype == torch.bfloat16 and self._transposable([parts], x):
             return _add_rows_(into, _transposed(parts, x.t(), x))  # W x^T added in as it is transposed back
         return into.add_(self.linear(module, x))
@@ -323,6 +387,9 @@ class FastPaths:
         gate, up, down = parts
         if _native(x, gate) and _native(x, up):
             return self.linear_add_(into, mlp.down_proj, self._gated_inner(mlp, x, gate, up))
+        if self._packs(parts, x):  # rows throughout: act(x G^T) * (x U^T) [M, I] is down's input as it lies
+            inner = mlp.act_fn(self._packed_rows(gate, x)).mul_(self._packed_rows(up, x))
+            return into.add_(self._packed_rows(down, inner))
         if any(p.mixed is not None for p in parts) and not self._transposable(parts, x):
             inner = mlp.act_fn(self.linear(mlp.gate_proj, x)).mul_(self.linear(mlp.up_proj, x))  # [M, I]
             return into.add_(self.linear(mlp.down_proj, inner))
