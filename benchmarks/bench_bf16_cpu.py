@@ -23,7 +23,14 @@ the adapters fp32: its default over a bf16 base).
    plain model's, LoRA-wrapped now (W x^T, the adapters of modules sharing an input added in one
    transposed call) and LoRA-wrapped before (x W^T and a row-major add per module).
 
-    python benchmarks/bench_bf16_cpu.py [--repeats 4] [--only train|sample|add]
+4. packed: the decode's products from oneDNN-packed weights (decode_fast_paths.FastPaths.packed)
+   against the W x^T paths, alternating: one decoder layer's seven products at 32 rows over 30
+   distinct layers (each weight streamed from DRAM, as a decode step streams them), plain and
+   LoRA-wrapped (r = 16; packed: the row-major add), us per layer; then the sampler, 4 x 8 x 64
+   forced tokens, plain and LoRA-wrapped SmolLM2 bf16, tok/s (each generate call's reorder
+   included).
+
+    python benchmarks/bench_bf16_cpu.py [--repeats 4] [--only train|sample|add|packed]
 
 Run it alone: it measures the machine as much as the code otherwise.
 """
@@ -98,24 +105,9 @@ def bench_train(repeats: int, P: int, C: int) -> None:
 
 
 def bench_sample(repeats: int) -> None:
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from grpo_fast.models import default_model_dir
     from grpo_fast.sampler import Sampler, SamplingParams
 
-    path = str(default_model_dir())
-    tok = AutoTokenizer.from_pretrained(path)
-    plain = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
-    torch.manual_seed(0)
-    wrapped = get_peft_model(AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16),
-                             LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, init_lora_weights=False,
-                                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                        "up_proj", "down_proj"])).eval()
-    questions = ["What is 12 + 35?", "What is 7 * 8?", "Compute 100 - 37.", "What is 9 + 10?"]
-    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True)
-               for q in questions]
-    prompts = [p["input_ids"] if hasattr(p, "keys") else p for p in prompts]
+    plain, wrapped, tok, prompts = _smollm2_bf16()
     params = SamplingParams(n=8, temperature=1.0, max_tokens=64, ignore_eos=True, seed=0)
     # name, model, then _decode_paths' switches: the native add, the native bf16 norms, our regions
     # on libgomp's team, the LoRA products as W x^T with the transposed adds, the native transposes,
@@ -205,6 +197,79 @@ def bench_add(repeats: int) -> None:
     _summary(times, "us", lambda med: f"LoRA excess {med - base:6.1f} us")
 
 
+def _smollm2_bf16():
+    """SmolLM2-135M in bf16, plain and LoRA-wrapped (r = 16 on every block linear, non-zero B; peft
+    keeps the adapters fp32), a tokenizer and the sampler benchmark's prompts."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from grpo_fast.models import default_model_dir
+
+    path = str(default_model_dir())
+    tok = AutoTokenizer.from_pretrained(path)
+    plain = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    torch.manual_seed(0)
+    wrapped = get_peft_model(AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16),
+                             LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, init_lora_weights=False,
+                                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                        "up_proj", "down_proj"])).eval()
+    questions = ["What is 12 + 35?", "What is 7 * 8?", "Compute 100 - 37.", "What is 9 + 10?"]
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True)
+               for q in questions]
+    return plain, wrapped, tok, [p["input_ids"] if hasattr(p, "keys") else p for p in prompts]
+
+
+def bench_packed(repeats: int) -> None:
+    from grpo_fast.models.decode_fast_paths import FastPaths
+    from grpo_fast.native import openmp_regions
+    from grpo_fast.sampler import Sampler, SamplingParams
+
+    plain, wrapped, tok, prompts = _smollm2_bf16()
+    decoders = {"plain": plain.model, "LoRA": wrapped.base_model.model.model}
+    M = 32
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(M, plain.config.hidden_size, generator=g).bfloat16()
+    into = torch.randn(M, plain.config.hidden_size, generator=g).bfloat16()
+    fast = FastPaths()
+
+    def one_pass(layers):  # every layer's products in the decode's order
+        for layer in layers:
+            a = layer.self_attn
+            fast.linears((a.q_proj, a.k_proj, a.v_proj), x)
+            fast.gated_mlp_add_(fast.linear_add_(into.clone(), a.o_proj, x), layer.mlp, x)
+
+    def stack(name):
+        layers = decoders[name.split(",")[0]].layers
+        with fast.scope():
+            one_pass(layers)  # a scope's first pass packs the weights (or not): untimed
+            t = time.perf_counter()
+            one_pass(layers)  # the weights streamed from DRAM (270 MB of them do not stay in cache)
+            return (time.perf_counter() - t) / len(layers) * 1e6
+
+    names = ["plain, packed", "plain, W x^T", "LoRA, packed", "LoRA, W x^T"]
+    switch = {n: (lambda packed=n.endswith("packed"): _decode_paths(True, True, packed=packed)) for n in names}
+    print(f"packed: each decoder layer's 7 products at {M} rows, SmolLM2 bf16 (30 layers, weights from "
+          "DRAM), r = 16, us per layer (the reorder not timed)", flush=True)
+    with torch.no_grad(), openmp_regions():
+        times = _alternate(switch, repeats, stack)
+    _summary(times, "us", lambda med: "")
+
+    params = SamplingParams(n=8, temperature=1.0, max_tokens=64, ignore_eos=True, seed=0)
+    samplers = {"plain": Sampler(plain, tok), "LoRA": Sampler(wrapped, tok)}
+
+    def tokens_per_s(name):
+        t = time.perf_counter()
+        outs = samplers[name.split(",")[0]].generate(prompts, params)
+        return sum(len(c.token_ids) for o in outs for c in o.completions) / (time.perf_counter() - t)
+
+    print("packed: the sampler, 4 x 8 x 64 forced tokens, bf16, tokens/s (each call's reorder included)", flush=True)
+    rates = _alternate(switch, repeats, tokens_per_s)
+    _summary(rates, "tok/s", lambda med: "")
+    for model in ("plain", "LoRA"):
+        p, w = (statistics.median(rates[f"{model}, {k}"]) for k in ("packed", "W x^T"))
+        print(f"{model}: packed / W x^T tokens/s {p / w:.3f}")
+
+
 def _alternate(variants: dict, repeats: int, measure) -> dict[str, list[float]]:
     """Every variant once per round, in order (so the machine's drift hits each alike), for
     1 + repeats rounds; the first round warms up and is not kept. variants: name -> a context
@@ -274,7 +339,7 @@ def _decode_paths(native_add: bool, native_norms: bool, openmp: bool = True, tra
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=4)
-    p.add_argument("--only", choices=["train", "sample", "add"])
+    p.add_argument("--only", choices=["train", "sample", "add", "packed"])
     p.add_argument("--prompt-len", type=int, default=40)
     p.add_argument("--completion-len", type=int, default=128)
     a = p.parse_args()
@@ -285,6 +350,8 @@ def main() -> None:
         bench_sample(a.repeats)
     if a.only in (None, "add"):
         bench_add(a.repeats)
+    if a.only in (None, "packed"):
+        bench_packed(a.repeats)
 
 
 if __name__ == "__main__":
