@@ -237,13 +237,28 @@ def tokens(outs):
     return [c.token_ids for o in outs for c in o.completions]
 
 
+def peft_forward_greedy(sampler, prompts, monkeypatch):
+    """greedy() with every LoRA linear run as peft's own forward (the module path)."""
+    from grpo_fast.models import decode_fast_paths
+
+    with monkeypatch.context() as m:
+        m.setattr(decode_fast_paths, "_fp32_over_bf16", lambda *_: False)
+        return greedy(sampler, prompts)
+
+
+def scale_lora_b(model, factor: float) -> None:
+    """An in-place update of every lora_B (what an optimizer step does to the adapters)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.mul_(factor)
+
+
 def test_sampler_takes_the_native_add_and_equals_peft(monkeypatch):
     """Every adapter of a bf16 LoRA policy goes through the native add (counted), and the sampler
     gives peft's forward's tokens and log-probs (to bf16 noise); an in-place update of lora_B
     (an optimizer step) shows in the next call's log-probs. The W x^T paths (packed weights off:
     test_packed_weights.py covers those)."""
-    from grpo_fast.models import decode_fast_paths
-
     monkeypatch.setenv("GRPO_FAST_NO_PACKED_WEIGHTS", "1")
     model = bf16_lora_model()
     calls = []
@@ -261,17 +276,12 @@ def test_sampler_takes_the_native_add_and_equals_peft(monkeypatch):
     assert calls.count("rows") == 0
     assert calls.count(("t", False, 3)) >= 2 * 7 and calls.count(("t", False, 2)) >= 2 * 7
     assert calls.count(("t", False, 1)) >= 2 * 7 and calls.count(("t", True, 1)) >= 2 * 7
-    with monkeypatch.context() as m:  # peft's own forward for every LoRA linear
-        m.setattr(decode_fast_paths, "_fp32_over_bf16", lambda *_: False)
-        taken = len(calls)
-        module_path = greedy(sampler, prompts)
-        assert len(calls) == taken
+    taken = len(calls)
+    module_path = peft_forward_greedy(sampler, prompts, monkeypatch)
+    assert len(calls) == taken
     assert tokens(fast) == tokens(module_path)
     torch.testing.assert_close(logprobs(fast), logprobs(module_path), atol=3e-2, rtol=0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.mul_(-3.0)
+    scale_lora_b(model, -3.0)
     updated = greedy(sampler, prompts)
     assert (logprobs(updated) - logprobs(fast)).abs().max() > 0.1
 
@@ -411,8 +421,6 @@ def test_adapters_on_some_modules_only(monkeypatch):
     peft's forward's tokens and log-probs. The W x^T paths (packed weights off: test_packed_weights.py)."""
     from peft import LoraConfig, get_peft_model
 
-    from grpo_fast.models import decode_fast_paths
-
     monkeypatch.setenv("GRPO_FAST_NO_PACKED_WEIGHTS", "1")
     torch.manual_seed(9)
     base = tiny_model("llama", seed=9).to(torch.bfloat16)
@@ -425,9 +433,7 @@ def test_adapters_on_some_modules_only(monkeypatch):
     prompts = random_prompts((4, 11, 6), seed=3)
     fast = greedy(sampler, prompts)
     assert calls.count((False, 1)) >= 2 * 2 * 7 and calls.count((True, 1)) >= 2 * 7  # q, v; down
-    with monkeypatch.context() as m:
-        m.setattr(decode_fast_paths, "_fp32_over_bf16", lambda *_: False)
-        module_path = greedy(sampler, prompts)
+    module_path = peft_forward_greedy(sampler, prompts, monkeypatch)
     assert tokens(fast) == tokens(module_path)
     torch.testing.assert_close(logprobs(fast), logprobs(module_path), atol=3e-2, rtol=0)
 

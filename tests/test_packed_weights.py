@@ -12,7 +12,7 @@ import torch
 from grpo_fast.models import cpu_ops
 from grpo_fast.models import decode_fast_paths as dfp
 from grpo_fast.sampler import Sampler
-from test_lora_bf16 import TARGETS, bf16_lora_model, greedy, logprobs, tokens
+from test_lora_bf16 import TARGETS, bf16_lora_model, greedy, logprobs, peft_forward_greedy, scale_lora_b, tokens
 from test_sampler import _one_thread, random_prompts, tiny_model  # noqa: F401 (autouse fixture)
 
 pytestmark = [pytest.mark.skipif(not cpu_ops.available(), reason="native CPU kernels need AVX2+FMA"),
@@ -96,19 +96,12 @@ def test_a_lora_bf16_policy_adds_its_adapters_into_the_rows_and_equals_peft(monk
     prompts = random_prompts((3, 9, 17), seed=5)
     sampler, packed, _, count = _sample_both_ways(monkeypatch, model, prompts)
     assert count >= 7 * 2 * 8 and len(rows) >= count  # each packed product got its adapters added
-    with monkeypatch.context() as m:  # peft's own forward for every LoRA linear
-        m.setattr(dfp, "_fp32_over_bf16", lambda *_: False)
-        module_path = greedy(sampler, prompts)
+    module_path = peft_forward_greedy(sampler, prompts, monkeypatch)
     assert tokens(packed) == tokens(module_path)
     torch.testing.assert_close(logprobs(packed), logprobs(module_path), atol=3e-2, rtol=0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.mul_(-3.0)
+    scale_lora_b(model, -3.0)
     updated = greedy(sampler, prompts)
-    with monkeypatch.context() as m:
-        m.setattr(dfp, "_fp32_over_bf16", lambda *_: False)
-        updated_module_path = greedy(sampler, prompts)
+    updated_module_path = peft_forward_greedy(sampler, prompts, monkeypatch)
     assert tokens(updated) == tokens(updated_module_path)  # the live adapters, not a stale copy
     torch.testing.assert_close(logprobs(updated), logprobs(updated_module_path), atol=3e-2, rtol=0)
     assert tokens(updated) != tokens(packed) or (logprobs(updated) - logprobs(packed)).abs().max() > 0.1
