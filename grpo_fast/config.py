@@ -218,8 +218,9 @@ class TrainConfig:
     # CPU: when freed heap pages go back to the OS (malloc_trim; grpo_fast/train/memory.py).
     # micro_batch: after sampling and after every micro-batch's backward, the leanest resident set;
     # step: after sampling and after the update only, so the micro-batches of a step reuse each
-    # other's pages instead of faulting them in afresh: ~7-9% faster steps for ~10-20% more peak
-    # resident set (benchmarks/RESULTS.md, "When freed memory goes back"). The memory plan counts either
+    # other's pages instead of faulting them in afresh: the training phase in 0.80-0.94x the time
+    # (SmolLM2-135M, bf16 / fp32) for a 15-22% higher training peak (benchmarks/RESULTS.md, "When
+    # freed memory goes back"). The memory plan counts either
     release_memory: str = "micro_batch"
     # under torchrun: how long a collective waits for the other ranks before failing (seconds;
     # the environment variable GRPO_FAST_COLLECTIVE_TIMEOUT_S overrides it). See grpo_fast/distributed.py

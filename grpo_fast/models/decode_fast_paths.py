@@ -24,8 +24,8 @@ CPU bf16 within a scope (a generate call), where torch has oneDNN's packed linea
 is reordered once into oneDNN's blocked layout (``FastPaths.packed``: ~90 ms for SmolLM2-135M's
 210 block linears, a copy of them held until the scope ends) and every product is x W^T + b from
 it, F.linear bit for bit at every row count. Streaming the weights from DRAM as a decode step does,
-that ran a layer's seven products 1.3x faster than W x^T (benchmarks/RESULTS.md, "bf16 decode on
-packed weights"); a LoRA layer's fp32 adapters are then added into the rows (the row-major native
+that ran a layer's seven products 1.18-1.19x faster than W x^T, the sampler 1.08-1.10x
+(benchmarks/RESULTS.md, "bf16 decode on packed weights"); a LoRA layer's fp32 adapters are then added into the rows (the row-major native
 add). GRPO_FAST_NO_PACKED_WEIGHTS=1 keeps the W x^T paths.
 
 Also fused here: ``linear_add_`` (residual: into += module(x), no [M, N] temporary on the native

@@ -7,7 +7,7 @@ fragmentation leaves, and grows over the micro-batches of a step. `malloc_trim(0
 wholly free page back (madvise), so each micro-batch starts from the live set. The walk of the
 heap's free lists is cheap; handing back and faulting in again the pages of a micro-batch's
 activations is not: 100-130 ms for the trim alone at ~1.5 GiB (SmolLM2-135M, 8 x 168 tokens),
-and training 6-20% slower than with one trim a step. `train.release_memory` chooses (the trainer
+and the training phase took 1.06-1.25x the time it takes with one trim a step. `train.release_memory` chooses (the trainer
 and grpo_fast/train/update.py call this; benchmarks/RESULTS.md, "When freed memory goes back").
 """
 
