@@ -381,8 +381,8 @@ def plan(cfg, device_memory: int | None = None, *, shape: ModelShape | None = No
     if gathered_sampling:
         comp["gathered weights (fsdp sampling)"] = gathered_sampling
     if (device == "cpu" and cfg.model.dtype == "bfloat16" and not cfg.model.load_in_4bit
-            and sp.backend != "hf"):  # the sampler's oneDNN-packed copy of the block linears (decode_fast_paths)
-        comp["packed weights (bf16 sampling)"] = s.block_linear_params * 2
+            and sp.backend != "hf"):  # the sampler's oneDNN-packed copy of the block linears and LM head
+        comp["packed weights (bf16 sampling)"] = (s.block_linear_params + s.vocab * s.hidden) * 2
     sampling = (resident - grads + comp["kv cache"] + comp["sampler logits"] + decode_temps + gathered_sampling
                 + comp.get("packed weights (bf16 sampling)", 0) + process)
 

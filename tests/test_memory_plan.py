@@ -395,16 +395,16 @@ def test_releasing_memory_once_a_step_counts_the_holes_the_micro_batches_leave(t
 
 
 def test_a_bf16_cpu_sampler_counts_its_packed_copy_of_the_block_linears(tiny):
-    """The bf16 decode reorders every block linear for oneDNN (decode_fast_paths) for the length of
-    a generate call: the sampling phase holds that copy, 2 bytes a weight; not fp32, NF4 or HF
-    generate, and not the training phase."""
+    """The bf16 decode reorders every block linear and the LM head for oneDNN (decode_fast_paths)
+    for the length of a generate call: the sampling phase holds that copy, 2 bytes a weight; not
+    fp32, NF4 or HF generate, and not the training phase."""
     name = "packed weights (bf16 sampling)"
     bf16 = memory.plan(cfg_for(tiny, **{"model.dtype": "bfloat16"}))
     s = memory.read_shape(cfg_for(tiny).model)
-    assert bf16.components[name] == s.block_linear_params * 2
+    assert bf16.components[name] == (s.block_linear_params + s.vocab * s.hidden) * 2  # + the LM head
     for other in ({}, {"model.dtype": "bfloat16", "sampling.backend": "hf"},
                   {"model.dtype": "bfloat16", "model.load_in_4bit": True}):
         assert name not in memory.plan(cfg_for(tiny, **other)).components, other
     hf = memory.plan(cfg_for(tiny, **{"model.dtype": "bfloat16", "sampling.backend": "hf"}))
-    assert bf16.phases["sampling"] - hf.phases["sampling"] == s.block_linear_params * 2
+    assert bf16.phases["sampling"] - hf.phases["sampling"] == bf16.components[name]
     assert bf16.phases["training"] == hf.phases["training"]

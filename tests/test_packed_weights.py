@@ -52,7 +52,7 @@ def test_only_bf16_cpu_weights_pack_and_only_within_a_scope(monkeypatch):
 
 
 def _sample_both_ways(monkeypatch, model, prompts):
-    """(packed, W x^T) greedy outputs of one sampler, and how many products took the packed path."""
+    """(sampler, packed outputs, W x^T outputs, the modules' Parts each packed product was of)."""
     sampler = Sampler(model, None, block_size=4, kv_budget="2048 tokens")
     taken = []
     real = dfp.FastPaths._packed_rows
@@ -63,17 +63,19 @@ def _sample_both_ways(monkeypatch, model, prompts):
         m.setenv("GRPO_FAST_NO_PACKED_WEIGHTS", "1")
         plain = greedy(sampler, prompts)
     assert len(taken) == count  # the switch turns the path off
-    return sampler, packed, plain, count
+    return sampler, packed, plain, taken
 
 
 def test_a_plain_bf16_model_samples_exactly_what_the_w_xt_paths_sample(monkeypatch):
-    """Every block linear of a plain bf16 model on the packed path (counted: 7 per layer and
-    forward), tokens and log-probs bitwise those of the W x^T paths; a base weight changed in
-    place between calls (full fine-tuning's optimizer step) is seen by the next call."""
+    """Every block linear and the LM head of a plain bf16 model on the packed path (counted: 7 per
+    layer and forward, and the head), tokens and log-probs bitwise those of the W x^T paths; a
+    base weight changed in place between calls (full fine-tuning's optimizer step) is seen by the
+    next call."""
     model = tiny_model("llama", seed=3).to(torch.bfloat16).eval()
     prompts = random_prompts((3, 9, 17), seed=7)
-    sampler, packed, plain, count = _sample_both_ways(monkeypatch, model, prompts)
-    assert count >= 7 * 2 * 8  # 7 linears x 2 layers x (the prefill and 7 decode steps)
+    sampler, packed, plain, taken = _sample_both_ways(monkeypatch, model, prompts)
+    heads = sum(p.base is model.lm_head for p in taken)
+    assert heads >= 8 and len(taken) - heads >= 7 * 2 * 8  # per forward (the prefill, 7 decode steps)
     assert tokens(packed) == tokens(plain)
     assert torch.equal(logprobs(packed), logprobs(plain))
     with torch.no_grad():
@@ -94,8 +96,9 @@ def test_a_lora_bf16_policy_adds_its_adapters_into_the_rows_and_equals_peft(monk
     real_rows = cpu_ops.lora_add_bf16_checked_
     monkeypatch.setattr(cpu_ops, "lora_add_bf16_checked_", lambda *a: rows.append(1) or real_rows(*a))
     prompts = random_prompts((3, 9, 17), seed=5)
-    sampler, packed, _, count = _sample_both_ways(monkeypatch, model, prompts)
-    assert count >= 7 * 2 * 8 and len(rows) >= count  # each packed product got its adapters added
+    sampler, packed, _, taken = _sample_both_ways(monkeypatch, model, prompts)
+    adapted = [p for p in taken if p.terms]
+    assert len(adapted) >= 7 * 2 * 8 and len(rows) >= len(adapted)  # each got its adapters added
     module_path = peft_forward_greedy(sampler, prompts, monkeypatch)
     assert tokens(packed) == tokens(module_path)
     torch.testing.assert_close(logprobs(packed), logprobs(module_path), atol=3e-2, rtol=0)
