@@ -13,8 +13,9 @@ CPU fp32 paths, for M rows:
 - transposed (M <= 256): (W @ x^T)^T with MKL. For few rows MKL splits x @ W^T over the rows, so
   every thread streams the whole weight; W @ x^T is split over the weight's rows.
 
-CPU bf16 paths: transposed too (oneDNN runs W x^T ~20% faster than x W^T at 32 rows), the
-products back into rows by a native transpose (cpu_ops.transpose_bf16). A LoRA-wrapped bf16
+CPU bf16 paths, where a weight is not packed (below): transposed too (oneDNN runs W x^T ~20%
+faster than x W^T at 32 rows), the products back into rows by a native transpose
+(cpu_ops.transpose_bf16). A LoRA-wrapped bf16
 policy keeps peft's fp32 adapters (its default); their terms are added into the transposed
 products natively, one call per group of modules that read the same input (q, k, v; gate, up).
 A bias goes into the product's one op (b + W x^T by addmm: F.linear's single rounding, bit for
@@ -22,11 +23,12 @@ bit); the row-major add is left for inputs whose rows are strided.
 
 CPU bf16 within a scope (a generate call), where torch has oneDNN's packed linear: each base weight
 is reordered once into oneDNN's blocked layout (``FastPaths.packed``: ~90 ms for SmolLM2-135M's
-210 block linears, a copy of them held until the scope ends) and every product is x W^T + b from
-it, F.linear bit for bit at every row count. Streaming the weights from DRAM as a decode step does,
-that ran a layer's seven products 1.18-1.19x faster than W x^T, the sampler 1.08-1.12x with the
-LM head packed too (benchmarks/RESULTS.md, "bf16 decode on packed weights"); a LoRA layer's fp32 adapters are then added into the rows (the row-major native
-add). GRPO_FAST_NO_PACKED_WEIGHTS=1 keeps the W x^T paths.
+210 block linears, ~28 ms for its LM head, a copy held until the scope ends) and every product is
+x W^T + b from it, F.linear bit for bit at every row count; a LoRA layer's fp32 adapters are then
+added into the rows (the row-major native add). Streaming the weights from DRAM as a decode step
+does, a layer's seven products ran 1.18-1.19x faster than on the W x^T paths, the sampler
+1.08-1.12x (benchmarks/RESULTS.md, "bf16 decode on packed weights").
+GRPO_FAST_NO_PACKED_WEIGHTS=1 keeps the W x^T paths.
 
 Also fused here: ``linear_add_`` (residual: into += module(x), no [M, N] temporary on the native
 path) and the gated MLPs of the supported families, down(act(gate(x)) * up(x)), whose
@@ -300,8 +302,7 @@ class FastPaths:
     def _packs(self, parts: list[Parts], x: torch.Tensor) -> bool:
         """Whether every module of `parts` computes module(x) from its packed weight: bf16, plain or
         fp32 adapters over the bf16 base (peft's default), within a scope."""
-        return (x.dtype == torch.bfloat16 and self._memo is not None
-                and all(not p.terms or p.mixed is not None for p in parts)
+        return (x.dtype == torch.bfloat16 and all(not p.terms or p.mixed is not None for p in parts)
                 and all(self.packed(p) is not None for p in parts))
 
     def _packed_rows(self, parts: Parts, x: torch.Tensor) -> torch.Tensor:
@@ -361,10 +362,12 @@ class FastPaths:
         """Logits [M, V] fp32. On the transposed path the [V, M] product is made a vocabulary chunk
         at a time and each chunk transposed into place while it is still in cache (one transposing
         copy of the whole [V, M] product reads it with a stride of M floats). A bf16 head within a
-        scope takes its packed weight instead (``linear``: 3.3 vs 4.3 ms a step for SmolLM2's, the
-        reorder 28 ms a scope)."""
+        scope takes its packed weight instead (3.3 vs 4.3 ms a step for SmolLM2's, the reorder 28
+        ms a scope)."""
         parts = self.fast_parts(module, x)
-        if parts is None or parts.terms or _native(x, parts) or self._packs([parts], x):
+        if parts is not None and self._packs([parts], x):
+            return self._packed_rows(parts, x).float()
+        if parts is None or parts.terms or _native(x, parts):
             return self.linear(module, x).float()
         base = parts.base
         xt = x.t()  # [H, M]
