@@ -8,6 +8,8 @@ so this VM's drift between minutes falls on both alike. Switches:
 - packed_weights: the bf16 decode's products from oneDNN-packed weights (decode_fast_paths,
   what runs by default) or the W x^T paths (GRPO_FAST_NO_PACKED_WEIGHTS=1). Read the sampling
   phase; use --dtype bfloat16.
+- onednn_fp32: fp32 products on oneDNN (grpo_fast.onednn_gemm, what runs by default) or on MKL,
+  torch's own choice (GRPO_FAST_NO_ONEDNN_FP32=1). fp32 only.
 
 Prints every step's sampling and training time (the step less its sampling phase; the warm-up
 step dropped) and the medians by setting. Peak resident sets need a process per setting:
@@ -43,7 +45,15 @@ def _packed_weights(cfg, on: bool) -> str:
     return "packed" if on else "W x^T"
 
 
-SWITCHES = {"release_memory": _release_memory, "packed_weights": _packed_weights}
+def _onednn_fp32(cfg, on: bool) -> str:
+    if on:
+        os.environ.pop("GRPO_FAST_NO_ONEDNN_FP32", None)
+    else:
+        os.environ["GRPO_FAST_NO_ONEDNN_FP32"] = "1"
+    return "oneDNN" if on else "MKL"
+
+
+SWITCHES = {"release_memory": _release_memory, "packed_weights": _packed_weights, "onednn_fp32": _onednn_fp32}
 
 
 def main() -> None:

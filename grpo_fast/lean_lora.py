@@ -37,6 +37,8 @@ import types
 
 import torch
 
+from grpo_fast import onednn_gemm
+
 _BNB_LINEARS = ("Linear4bit", "Linear8bitLt")  # bitsandbytes' quantized linears (and peft's LoRA over them)
 _LORA_LAYER_NAMES = ("Linear", *_BNB_LINEARS)
 
@@ -69,7 +71,7 @@ def _lean_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     rows = x.reshape(-1, x.shape[-1])  # [N, in]
     # A fresh 2-D product takes the sum in place (addmm_: no copy of it; the mm's backward keeps
     # its inputs, not its output). A 3-D one would be a view, which autograd would rebase.
-    result = self.base_layer(rows) if fresh else self.base_layer(x).reshape(rows.shape[0], -1)  # [N, out]
+    result = _base_rows(self.base_layer, rows) if fresh else self.base_layer(x).reshape(rows.shape[0], -1)  # [N, out]
     out_dtype = result.dtype
     for name in self.active_adapters:
         if name not in self.lora_A:
@@ -90,6 +92,14 @@ def _lean_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
             result = torch.addmm(result, xa, b.weight.t(), alpha=self.scaling[name])
             fresh = True  # addmm's output is its own
     return result.to(out_dtype).view(*x.shape[:-1], result.shape[-1])
+
+
+def _base_rows(base, rows: torch.Tensor) -> torch.Tensor:
+    """base(rows) [N, out]; a plain, unhooked fp32 nn.Linear on the CPU computes it on oneDNN
+    (grpo_fast.onednn_gemm: MKL's fp32 GEMM runs its AVX2 kernels on AMD CPUs)."""
+    if type(base) is torch.nn.Linear and not base._forward_hooks and not base._forward_pre_hooks:
+        return onednn_gemm.linear_module(base, rows)
+    return base(rows)
 
 
 def _promotes_to(base: torch.dtype, adapter: torch.dtype) -> bool:

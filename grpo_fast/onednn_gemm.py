@@ -1,0 +1,72 @@
+"""fp32 CPU matrix products on oneDNN where torch would run them on MKL.
+
+torch computes an fp32 ``F.linear`` / ``torch.mm`` on the CPU with MKL's sgemm. On AMD CPUs MKL
+takes its AVX2 kernels whatever the CPU has (it picks AVX-512 kernels on Intel CPUs only).
+oneDNN, which torch ships as well (``torch.ops.mkldnn``), picks its kernels by the CPU's
+features. On the AMD EPYC (Zen 5, AVX-512) this project is measured on, x W^T at a training
+micro-batch's rows (1,344 x 576 -> 1,536) ran at 425 GFLOPS on oneDNN against MKL's 211, and
+dY W (the input's gradient) at 486 against 212 (benchmarks/RESULTS.md, "fp32 products on
+oneDNN"). The math is the same product; only the order of the fp32 sums inside it differs.
+
+    y = linear(x, weight, bias)     # x [..., K], weight [N, K] (any strides) -> x W^T + b
+
+``Linear`` is the autograd function of it (dL/dx = dL/dy W, itself a oneDNN product;
+dL/dW = dL/dy^T x by torch, only where W requires a gradient). ``wants(x, weight)`` says whether
+the oneDNN path applies: fp32 CPU tensors, torch built with oneDNN's linear, and
+GRPO_FAST_NO_ONEDNN_FP32=1 not set (read at call time, so a benchmark can switch it per step).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+SWITCH_OFF = "GRPO_FAST_NO_ONEDNN_FP32"
+
+
+def available() -> bool:
+    """oneDNN's linear is in this torch build (CPU builds with mkldnn) and not switched off."""
+    return (os.environ.get(SWITCH_OFF) != "1" and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+def wants(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether x W^T takes oneDNN: both fp32 CPU tensors, and oneDNN available."""
+    return (x.dtype == torch.float32 and weight.dtype == torch.float32 and x.device.type == "cpu"
+            and weight.device.type == "cpu" and available())
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x W^T + b on oneDNN, no autograd: x [..., K], weight [N, K], bias [N] -> [..., N]."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [None], "")
+
+
+class Linear(torch.autograd.Function):
+    """y = x W^T + b, x [M, K] (2-D), both products of the backward that a frozen weight needs on
+    oneDNN: dL/dx = dL/dy W = linear(dL/dy, W^T), W^T read through its strides (no copy)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+        ctx.save_for_backward(x if weight.requires_grad else None, weight)
+        ctx.has_bias = bias is not None
+        return linear(x, weight, bias)  # [M, N]
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = linear(grad_y, weight.t())  # [M, K]
+        if ctx.needs_input_grad[1]:
+            grad_w = grad_y.t().mm(x)  # [N, K]
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad_y.sum(0)
+        return grad_x, grad_w, grad_b
+
+
+def linear_module(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """module(x) for an nn.Linear and 2-D x: on oneDNN where ``wants`` says so, else the module."""
+    if x.dim() == 2 and wants(x, module.weight):
+        return Linear.apply(x, module.weight, module.bias)
+    return module(x)

@@ -1,0 +1,108 @@
+"""grpo_fast.onednn_gemm: fp32 products on oneDNN against torch's (MKL's), outputs and gradients,
+when the path applies, and the training forward's base products taking it (lean_lora)."""
+import copy
+
+import pytest
+import torch
+
+from grpo_fast import onednn_gemm
+from grpo_fast.lean_lora import use_lean_lora
+
+pytestmark = pytest.mark.skipif(not onednn_gemm.available(),
+                                reason="this torch build has no oneDNN linear (torch.ops.mkldnn._linear_pointwise)")
+
+
+def _rand(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("rows", [1, 7, 64, 300])
+def test_linear_matches_torch(rows, bias):
+    x, w = _rand(rows, 96, seed=1), _rand(80, 96, seed=2)
+    b = _rand(80, seed=3) if bias else None
+    torch.testing.assert_close(onednn_gemm.linear(x, w, b), torch.nn.functional.linear(x, w, b),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_linear_reads_strided_operands_and_leading_dims():
+    x = _rand(2, 5, 48, seed=1)
+    wt = _rand(48, 40, seed=2)  # W^T stored: W = wt.t() is a strided view
+    torch.testing.assert_close(onednn_gemm.linear(x, wt.t()), x @ wt, rtol=1e-5, atol=1e-5)
+    xs = _rand(48, 9, seed=3).t()  # rows 1 apart, columns 9 apart
+    torch.testing.assert_close(onednn_gemm.linear(xs, wt.t()), xs @ wt, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("weight_grad", [False, True])
+def test_autograd_function_matches_torch_gradients(weight_grad):
+    x0, w0, b0 = _rand(33, 64, seed=1), _rand(48, 64, seed=2), _rand(48, seed=3)
+    g = _rand(33, 48, seed=4)
+    grads = []
+    for fn in (lambda x, w, b: onednn_gemm.Linear.apply(x, w, b), torch.nn.functional.linear):
+        x, w, b = (t.clone().requires_grad_(t is not w0 or weight_grad) for t in (x0, w0, b0))
+        y = fn(x, w, b)
+        y.backward(g)
+        grads.append((y.detach(), x.grad, w.grad, b.grad))
+    (y1, gx1, gw1, gb1), (y2, gx2, gw2, gb2) = grads
+    torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gx1, gx2, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gb1, gb2, rtol=1e-5, atol=1e-5)
+    if weight_grad:
+        torch.testing.assert_close(gw1, gw2, rtol=1e-5, atol=1e-5)
+    else:
+        assert gw1 is None and gw2 is None
+
+
+def test_a_frozen_weight_keeps_no_copy_of_the_input():
+    x = _rand(16, 32, seed=1).requires_grad_(True)
+    w = _rand(24, 32, seed=2)  # frozen: dL/dW is never needed, so x need not be kept
+    y = onednn_gemm.Linear.apply(x, w, None)
+    saved = [t for t in y.grad_fn.saved_tensors if t is not None]
+    assert len(saved) == 1 and saved[0].data_ptr() == w.data_ptr()
+
+
+def test_wants_only_fp32_cpu_and_not_with_the_switch(monkeypatch):
+    x, w = _rand(4, 8), _rand(8, 8)
+    assert onednn_gemm.wants(x, w)
+    assert not onednn_gemm.wants(x.bfloat16(), w.bfloat16())
+    assert not onednn_gemm.wants(x.double(), w.double())
+    monkeypatch.setenv(onednn_gemm.SWITCH_OFF, "1")
+    assert not onednn_gemm.wants(x, w)
+
+
+def _count_calls(monkeypatch) -> list[int]:
+    calls = []
+    real = onednn_gemm.linear
+
+    def counted(x, weight, bias=None):
+        calls.append(x.shape[0])
+        return real(x, weight, bias)
+
+    monkeypatch.setattr(onednn_gemm, "linear", counted)
+    return calls
+
+
+def test_lean_lora_base_products_run_on_onednn_and_match_peft(monkeypatch):
+    from test_lean_lora import ALL_LINEARS, _ids, _peft, _run
+    from test_swiglu import _tiny_llama
+
+    plain = _peft(_tiny_llama())
+    lean = copy.deepcopy(plain)
+    use_lean_lora(lean)
+    out_p, grads_p, _ = _run(plain, _ids())
+    calls = _count_calls(monkeypatch)
+    layers = sum(1 for n, _ in lean.named_modules() if n.endswith("q_proj") and "lora" not in n)
+    lean.zero_grad(set_to_none=True)
+    out_l = lean(input_ids=_ids()).logits
+    assert len(calls) == layers * len(ALL_LINEARS)  # every LoRA layer's base product
+    out_l.float().pow(2).mean().backward()
+    # and its input's gradient, but for the first layer's q, k and v (below them: the frozen embedding)
+    assert len(calls) == 2 * layers * len(ALL_LINEARS) - 3
+    grads_l = {n: p.grad for n, p in lean.named_parameters() if p.requires_grad}
+    torch.testing.assert_close(out_l.detach(), out_p)
+    for n in grads_p:
+        torch.testing.assert_close(grads_l[n], grads_p[n], atol=1e-6, rtol=1e-5)
+    calls.clear()
+    monkeypatch.setenv(onednn_gemm.SWITCH_OFF, "1")
+    _run(lean, _ids())
+    assert calls == []
