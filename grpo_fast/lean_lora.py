@@ -85,7 +85,7 @@ def _lean_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
             # peft's sum promotes the base product to the adapters' dtype (fp32 adapters over a
             # bf16 base: peft's default) and casts back at the end; the cast is a fresh tensor
             result, fresh = result.to(b.weight.dtype), True
-        xa = a(self.lora_dropout[name](rows.to(a.weight.dtype)))  # [N, r]
+        xa = _base_rows(a, self.lora_dropout[name](rows.to(a.weight.dtype)))  # [N, r]
         if fresh:
             result.addmm_(xa, b.weight.t(), alpha=self.scaling[name])
         else:
@@ -95,8 +95,9 @@ def _lean_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
 
 
 def _base_rows(base, rows: torch.Tensor) -> torch.Tensor:
-    """base(rows) [N, out]; a plain, unhooked fp32 nn.Linear on the CPU computes it on oneDNN
-    (grpo_fast.onednn_gemm: MKL's fp32 GEMM runs its AVX2 kernels on AMD CPUs)."""
+    """base(rows) [N, out] (a base layer, or lora_A); a plain, unhooked fp32 nn.Linear on the CPU
+    computes it on oneDNN (grpo_fast.onednn_gemm: MKL's fp32 GEMM runs its AVX2 kernels on AMD
+    CPUs), and so does its input's gradient."""
     if type(base) is torch.nn.Linear and not base._forward_hooks and not base._forward_pre_hooks:
         return onednn_gemm.linear_module(base, rows)
     return base(rows)

@@ -48,7 +48,8 @@ class Linear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
-        ctx.save_for_backward(x if weight.requires_grad else None, weight)
+        # what each gradient needs, and only that (as autograd's own mm saves)
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight if ctx.needs_input_grad[0] else None)
         ctx.has_bias = bias is not None
         return linear(x, weight, bias)  # [M, N]
 
@@ -70,3 +71,13 @@ def linear_module(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     if x.dim() == 2 and wants(x, module.weight):
         return Linear.apply(x, module.weight, module.bias)
     return module(x)
+
+
+def mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """a @ b for 2-D a [M, K], b [K, N]: on oneDNN where ``wants(a, b)`` (b read as the weight
+    b^T [N, K] through its strides), else torch.mm. With ``out`` the product is written there
+    (oneDNN writes a new tensor, which is then copied)."""
+    if not wants(a, b):
+        return torch.mm(a, b) if out is None else torch.mm(a, b, out=out)
+    y = linear(a, b.t())  # [M, N]
+    return y if out is None else out.copy_(y)

@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 
+from grpo_fast import onednn_gemm
 from grpo_fast.lean_lora import use_lean_lora
 from test_swiglu import _saved_bytes, _tiny_llama
 
@@ -221,13 +222,15 @@ def test_an_unknown_base_layer_keeps_its_output():
     torch.testing.assert_close(gx_lean, gx_plain)
 
 
-def test_fp32_adapters_over_a_bf16_base_match_peft_bit_for_bit():
+def test_fp32_adapters_over_a_bf16_base_match_peft_bit_for_bit(monkeypatch):
     """peft's default for a bf16 model: fp32 adapters (autocast_adapter_dtype). peft promotes the
     base product to fp32 for the sum and casts back; the lean path does the same sums in the same
     dtypes (its addmm into the promoted copy): per layer, output and gradients bit-equal,
     and it leaves no scaled fp32 [N, out] pass behind (peft: the product's `* s`, forward and back).
     Through a whole model the gradients differ by bf16 rounding only (the backward's order of
-    scaling differs, and bf16 activations carry that to the layers below)."""
+    scaling differs, and bf16 activations carry that to the layers below). The fp32 x A^T on
+    torch's own GEMM, as peft's (on oneDNN it sums in another order: tests/test_onednn_gemm.py)."""
+    monkeypatch.setenv(onednn_gemm.SWITCH_OFF, "1")
     plain = _peft(_tiny_llama().to(torch.bfloat16))
     q_proj = plain.base_model.model.model.layers[0].self_attn.q_proj
     assert q_proj.base_layer.weight.dtype == torch.bfloat16 and q_proj.lora_A["default"].weight.dtype == torch.float32

@@ -94,10 +94,10 @@ def test_lean_lora_base_products_run_on_onednn_and_match_peft(monkeypatch):
     layers = sum(1 for n, _ in lean.named_modules() if n.endswith("q_proj") and "lora" not in n)
     lean.zero_grad(set_to_none=True)
     out_l = lean(input_ids=_ids()).logits
-    assert len(calls) == layers * len(ALL_LINEARS)  # every LoRA layer's base product
+    assert len(calls) == 2 * layers * len(ALL_LINEARS)  # every LoRA layer's base product and x A^T
     out_l.float().pow(2).mean().backward()
-    # and its input's gradient, but for the first layer's q, k and v (below them: the frozen embedding)
-    assert len(calls) == 2 * layers * len(ALL_LINEARS) - 3
+    # and both input gradients, but for the first layer's q, k and v (below them: the frozen embedding)
+    assert len(calls) == 2 * (2 * layers * len(ALL_LINEARS) - 3)
     grads_l = {n: p.grad for n, p in lean.named_parameters() if p.requires_grad}
     torch.testing.assert_close(out_l.detach(), out_p)
     for n in grads_p:

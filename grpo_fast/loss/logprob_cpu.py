@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from grpo_fast import onednn_gemm
 from grpo_fast.loss.rows import gather_rows
 
 # fp32 logits per chunk buffer, and at most MAX_CHUNK_ROWS rows: the GEMMs of a chunk run at
@@ -59,7 +60,7 @@ def _logits_into(out: Tensor, h: Tensor, weight: Tensor, bias: Tensor | None, te
     """out[:C] ← z = transform(h @ W.T + b) in fp32 (bf16/fp16 matmuls accumulate in fp32 inside
     torch). With a soft cap and `slope`, slope[:C] ← d z / d y = (s / T) (1 - tanh²)."""
     if h.dtype == torch.float32:
-        torch.mm(h, weight.T, out=out)
+        onednn_gemm.mm(h, weight.T, out=out)
     else:
         out.copy_(h @ weight.T)
     if bias is not None:
@@ -215,22 +216,29 @@ def logprob_forward_input_grad(
     logp_rows = hidden.new_ones(n, dtype=torch.bool) if select else None
     entropy_rows = hidden.new_zeros(n, dtype=torch.bool) if entropy_grad else None
     step, chunks = _chunks(n, vocab, chunk_bytes, TRAINING_MAX_CHUNK_ROWS)
-    buf = hidden.new_empty(vocab * min(step, n), dtype=f32)
+    # fp32 on oneDNN: each chunk's product is a fresh [C, V] tensor, used as its transposed view
+    # (oneDNN writes no given buffer; in this layout both products run on it without a copy)
+    fresh_chunks = hidden.dtype == f32 and onednn_gemm.wants(hidden, weight)
+    buf = None if fresh_chunks else hidden.new_empty(vocab * min(step, n), dtype=f32)
     inv_t = logit_scale / temperature
     bias_f = bias.float() if bias is not None else None
 
     def times_w(cols: Tensor) -> Tensor:  # cols [V, K] fp32 -> cols^T @ W [K, H] fp32
-        return torch.mm(cols.t(), weight) if hidden.dtype == f32 else (cols.t().to(weight.dtype) @ weight).float()
+        # (on oneDNN: fast where cols is a [K, V] tensor's transposed view, as the chunks' q are)
+        return onednn_gemm.mm(cols.t(), weight) if hidden.dtype == f32 else (cols.t().to(weight.dtype) @ weight).float()
 
     pending = _PendingEntropyColumns(vocab, max(1, min(step, n) // 2), times_w, dent_dh) \
         if entropy_grad and not select else None
     for s, e in chunks:
         c = e - s
         h = hidden[s:e] if rows is None else gather_rows(hidden, rows[s:e])  # [C, H]
-        zt = buf[: vocab * c].view(vocab, c)  # [V, C], contiguous
-        if hidden.dtype == f32:
+        if fresh_chunks:
+            zt = onednn_gemm.linear(h, weight).t()  # [V, C], a view of [C, V] rows
+        elif hidden.dtype == f32:
+            zt = buf[: vocab * c].view(vocab, c)  # [V, C], contiguous
             torch.mm(weight, h.t(), out=zt)
         else:
+            zt = buf[: vocab * c].view(vocab, c)
             zt.copy_(weight @ h.t())
         if bias_f is not None:
             zt += bias_f.unsqueeze(1)
@@ -344,7 +352,7 @@ def logprob_backward(
         elif logit_scale != temperature:
             dz *= logit_scale / temperature
         if hidden.dtype == torch.float32:
-            torch.mm(dz, weight, out=gh_live[s:e])
+            onednn_gemm.mm(dz, weight, out=gh_live[s:e])
         else:
             gh_live[s:e] = dz.to(weight.dtype) @ weight
         if need_grad_weight:
