@@ -13,6 +13,8 @@
 #define GF_AVX2 __attribute__((target("avx2,fma")))
 // AVX512-BF16 (vdpbf16ps on ymm), picked at run time by cascade_bf16_cpu.h's use_avx512_bf16().
 #define GF_BF16DP __attribute__((target("avx2,fma,avx512f,avx512vl,avx512bw,avx512bf16")))
+// AVX-512 F (zmm FMAs), picked at run time by use_avx512().
+#define GF_AVX512 __attribute__((target("avx2,fma,avx512f")))
 #include <immintrin.h>
 #else
 #define GF_AVX2
@@ -34,6 +36,17 @@ inline bool use_avx2() {
 #ifdef GF_X86_DISPATCH
   static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                           !env_is_one("GRPO_FAST_NO_AVX2");
+  return yes;
+#else
+  return false;
+#endif
+}
+
+// Whether the AVX-512 variants may run: AVX2 is in use, the CPU has AVX-512 F and
+// GRPO_FAST_NO_AVX512=1 is not set (tests run both paths on one machine).
+inline bool use_avx512() {
+#ifdef GF_X86_DISPATCH
+  static const bool yes = use_avx2() && __builtin_cpu_supports("avx512f") && !env_is_one("GRPO_FAST_NO_AVX512");
   return yes;
 #else
   return false;

@@ -40,6 +40,8 @@ std::vector<LoraTerm> lora_terms(const std::vector<LoraTuple>& terms) {
 
 void register_decode(py::module_& m) {
   m.def("cpu_linear_available", &cpu_linear_available);
+  m.def("cpu_avx512_linear", &cpu_linear_avx512,
+        "Whether the fp32 linear kernels run their AVX-512 tiles (else AVX2).");
   m.def("cpu_threads", &parallel_threads);
   m.def("cpu_set_openmp_regions", &set_openmp_regions,
         "The calling thread's kernel regions on libgomp's team (True) or the pool (False); returns "

@@ -36,6 +36,7 @@ namespace {
 constexpr int kRows = 3;       // weight rows per micro-tile
 constexpr int kCols = 32;      // x rows per micro-tile (4 ymm)
 constexpr int kKBlock = 128;   // k steps summed in registers before joining the partial sums
+constexpr int kWideRows = 12;  // weight rows per micro-tile on zmm (a multiple of kRows)
 
 #ifdef GF_X86_DISPATCH
 // tile[r][0:8*MV] (+ if add) = sum_k w_r[k] * xt[k][0:8*MV] for r < NR.
@@ -95,6 +96,77 @@ GF_AVX2 void weight_tile(int nr, int mv, float* tile, const float* xt, const flo
   if (nr == 3) return micro_tile_cols<3>(mv, tile, xt, w, ldw, K, add);
   if (nr == 2) return micro_tile_cols<2>(mv, tile, xt, w, ldw, K, add);
   return micro_tile_cols<1>(mv, tile, xt, w, ldw, K, add);
+}
+
+// micro_tile on zmm: tile[r][0:16*MV] (+ if add) for r < NR, 16 x rows per FMA. Each output's
+// sum runs over k in the same order, kKBlock steps in registers at a time, so the results are
+// micro_tile's bit for bit; NR up to 6 (two 3-row blocks): 12 accumulators at MV = 2, where 3
+// rows would leave the FMA pipes waiting on their latency.
+template <int MV, int NR>
+GF_AVX512 GF_INLINE void micro_tile_512(float* tile, const float* xt, const float* w, int64_t ldw,
+                                        int64_t K, bool add) {
+  for (int64_t k0 = 0; k0 < K; k0 += kKBlock) {
+    const int64_t k1 = std::min<int64_t>(K, k0 + kKBlock);
+    __m512 acc[NR][MV];
+    for (int r = 0; r < NR; ++r)
+      for (int v = 0; v < MV; ++v) acc[r][v] = _mm512_setzero_ps();
+    for (int64_t kk = k0; kk < k1; kk += 16) {
+      for (int r = 0; r < NR; ++r)  // the next block's rows, as micro_tile
+        _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(w) +
+                                                   ((NR + r) * ldw + kk) * sizeof(float)),
+                     _MM_HINT_T0);
+      const int64_t ke = std::min<int64_t>(k1, kk + 16);
+      for (int64_t k = kk; k < ke; ++k) {
+        const float* xk = xt + k * kCols;
+        __m512 xv[MV];
+        for (int v = 0; v < MV; ++v) xv[v] = _mm512_loadu_ps(xk + 16 * v);
+        for (int r = 0; r < NR; ++r) {
+          const __m512 b = _mm512_set1_ps(w[r * ldw + k]);
+          for (int v = 0; v < MV; ++v) acc[r][v] = _mm512_fmadd_ps(b, xv[v], acc[r][v]);
+        }
+      }
+    }
+    for (int r = 0; r < NR; ++r)
+      for (int v = 0; v < MV; ++v) {
+        float* t = tile + r * kCols + 16 * v;
+        _mm512_storeu_ps(t, k0 == 0 && !add ? acc[r][v] : _mm512_add_ps(_mm512_loadu_ps(t), acc[r][v]));
+      }
+  }
+}
+
+template <int NR>
+GF_AVX512 void micro_tile_512_cols(int mv, float* tile, const float* xt, const float* w, int64_t ldw,
+                                   int64_t K, bool add) {
+  if (mv > 1) return micro_tile_512<2, NR>(tile, xt, w, ldw, K, add);
+  micro_tile_512<1, NR>(tile, xt, w, ldw, K, add);
+}
+
+// weight_tile for up to 6 weight rows on zmm (mv: valid zmm of the x^T tile, 1 or 2).
+GF_AVX512 void weight_tile_512(int nr, int mv, float* tile, const float* xt, const float* w,
+                               int64_t ldw, int64_t K, bool add) {
+  switch (nr) {
+    case 12: return micro_tile_512_cols<12>(mv, tile, xt, w, ldw, K, add);
+    case 11: return micro_tile_512_cols<11>(mv, tile, xt, w, ldw, K, add);
+    case 10: return micro_tile_512_cols<10>(mv, tile, xt, w, ldw, K, add);
+    case 9: return micro_tile_512_cols<9>(mv, tile, xt, w, ldw, K, add);
+    case 8: return micro_tile_512_cols<8>(mv, tile, xt, w, ldw, K, add);
+    case 7: return micro_tile_512_cols<7>(mv, tile, xt, w, ldw, K, add);
+    case 6: return micro_tile_512_cols<6>(mv, tile, xt, w, ldw, K, add);
+    case 5: return micro_tile_512_cols<5>(mv, tile, xt, w, ldw, K, add);
+    case 4: return micro_tile_512_cols<4>(mv, tile, xt, w, ldw, K, add);
+    case 3: return micro_tile_512_cols<3>(mv, tile, xt, w, ldw, K, add);
+    case 2: return micro_tile_512_cols<2>(mv, tile, xt, w, ldw, K, add);
+    default: return micro_tile_512_cols<1>(mv, tile, xt, w, ldw, K, add);
+  }
+}
+
+// tile [nr][32] (+ if add) for nr <= 2 * kRows weight rows: on zmm where AVX-512 runs, else as
+// 3-row ymm tiles (mv: valid ymm of the x^T tile).
+GF_AVX2 void wide_tile(int nr, int mv, float* tile, const float* xt, const float* w, int64_t ldw,
+                       int64_t K, bool add) {
+  if (use_avx512()) return weight_tile_512(nr, (mv + 1) / 2, tile, xt, w, ldw, K, add);
+  for (int r0 = 0; r0 < nr; r0 += kRows)
+    weight_tile(std::min(kRows, nr - r0), mv, tile + r0 * kCols, xt, w + r0 * ldw, ldw, K, add);
 }
 
 // silu(g) * u = g * u / (1 + exp(-g)), with exp of a non-positive argument only.
@@ -160,16 +232,16 @@ float* scratch(size_t floats) {
 
 #ifdef GF_X86_DISPATCH
 // Everything the blocks of the main pass need from the packed input: rows [0, K) for the base
-// weight, then each adapter's B over its LoRA rows (added into the same tile).
+// weight, then each adapter's B over its LoRA rows (added into the same tile). nr <= 2 * kRows.
 GF_AVX2 void segment_tile(int nr, int mv, float* tile, const Packed& pk, int64_t t,
                           const Segment& sg, size_t si, int64_t n0) {
   const int64_t K = pk.p.K;
   const float* xt = pk.tile(t);
-  weight_tile(nr, mv, tile, xt, sg.w + n0 * K, K, K, false);
+  wide_tile(nr, mv, tile, xt, sg.w + n0 * K, K, K, false);
   for (size_t l = 0; l < sg.lora.size(); ++l) {
     const LoraTerm& lt = sg.lora[l];
-    weight_tile(nr, mv, tile, xt + (K + pk.offsets[si][l]) * kCols, lt.b + n0 * lt.r, lt.r, lt.r,
-                true);
+    wide_tile(nr, mv, tile, xt + (K + pk.offsets[si][l]) * kCols, lt.b + n0 * lt.r, lt.r, lt.r,
+              true);
   }
 }
 #endif
@@ -263,9 +335,11 @@ void for_each_run(const Problem& p, const std::vector<Segment*>& segs, RunFn fn)
 // follow block b - 1's, so the buffer is [nn][32], row j holding output n0 + j of the 32 x rows.
 GF_AVX2 void run_tiles(float* tiles, int64_t nn, int mr, const Packed& pk, int64_t t,
                        const Segment& sg, size_t si, int64_t n0) {
-  for (int64_t b = 0; b * kRows < nn; ++b)
-    segment_tile(static_cast<int>(std::min<int64_t>(kRows, nn - b * kRows)), (mr + 7) / 8,
-                 tiles + b * kRows * kCols, pk, t, sg, si, n0 + b * kRows);
+  // two 3-row blocks per micro-tile on zmm (see wide_tile)
+  const int64_t step = use_avx512() ? kWideRows : kRows;
+  for (int64_t j = 0; j < nn; j += step)
+    segment_tile(static_cast<int>(std::min<int64_t>(step, nn - j)), (mr + 7) / 8, tiles + j * kCols, pk, t,
+                 sg, si, n0 + j);
 }
 #endif
 
@@ -312,6 +386,8 @@ void run_silu_mul(const Problem& p, Segment gate, Segment up) {
 }  // namespace
 
 bool cpu_linear_available() { return use_avx2(); }
+
+bool cpu_linear_avx512() { return use_avx512(); }
 
 void cpu_linear(uintptr_t out, uintptr_t x, uintptr_t weight, uintptr_t bias, int64_t M,
                 int64_t N, int64_t K, int64_t ldx, int64_t ldo, float alpha, bool accumulate,

@@ -11,6 +11,10 @@ namespace grpo_fast {
 // Whether this build and CPU can run the kernels below (AVX2 + FMA).
 bool cpu_linear_available();
 
+// Whether they run their AVX-512 tiles (12 weight rows x 32 x rows on zmm) rather than the AVX2
+// ones: use_avx2, AVX-512 F, and GRPO_FAST_NO_AVX512=1 not set. Same results bit for bit.
+bool cpu_linear_avx512();
+
 // One LoRA adapter of a linear layer: adds scale * (x A^T) B^T, A [r, K] and B [N, r] contiguous
 // fp32 (peft's lora_A / lora_B weights, read in place).
 struct LoraTerm {

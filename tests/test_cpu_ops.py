@@ -197,3 +197,45 @@ def test_linear_many_equals_one_call_per_weight():
         cpu_ops.linear_many(x, ws[:1], [torch.randn(95)])
     with pytest.raises(ValueError, match="equal, non-zero lengths"):
         cpu_ops.linear_many(x, ws, [None])
+
+
+def _avx512_runs() -> bool:
+    from grpo_fast.native import _C
+    return bool(getattr(_C, "cpu_avx512_linear", lambda: False)())
+
+
+@pytest.mark.skipif(not _avx512_runs(), reason="this CPU has no AVX-512 F (or GRPO_FAST_NO_AVX512=1 is set)")
+def test_avx512_tiles_equal_the_avx2_ones_bit_for_bit(tmp_path):
+    """On AVX-512 the linear kernels run 12 weight rows x 32 x rows on zmm (csrc/linear_cpu.cpp's
+    micro_tile_512) where AVX2 runs 3 x 32 on ymm; every output's sum over k runs in the same order
+    either way, so the outputs are equal bit for bit: plain, with bias and LoRA terms, several
+    weights in one call, and the fused SiLU gate, at row and weight-row counts that leave ragged
+    tiles on both paths."""
+    from fresh_process import run_fresh
+
+    g = torch.Generator().manual_seed(5)
+    cases = []
+    for m, n, k in [(32, 1536, 576), (7, 25, 300), (33, 97, 129), (70, 13, 64), (17, 1000, 40)]:
+        x, w, b = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g), torch.randn(n, generator=g)
+        lora = [(torch.randn(5, k, generator=g), torch.randn(n, 5, generator=g), 0.5),
+                (torch.randn(16, k, generator=g), torch.randn(n, 16, generator=g), 2.0)]
+        cases.append((x, w, b, lora, torch.randn(n, k, generator=g)))
+    torch.save(cases, tmp_path / "in.pt")
+    code = f"""
+        import torch
+        from grpo_fast.models import cpu_ops
+        outs = []
+        for x, w, b, lora, w_up in torch.load({str(tmp_path / "in.pt")!r}):
+            out = torch.empty(x.shape[0], w.shape[0])
+            outs.append(cpu_ops.linear(x, w, b))
+            outs.append(cpu_ops.linear_into(out, x, w, None, accumulate=False, lora=lora).clone())
+            outs += cpu_ops.linear_many(x, [w, w_up], [b, None], [lora, []])
+            outs.append(cpu_ops.silu_mul_linear(x, w, w_up, lora_gate=lora, lora_up=lora[:1]))
+        torch.save(outs, {{path!r}})
+        """
+    run_fresh(code.replace("{path!r}", repr(str(tmp_path / "wide.pt"))))
+    run_fresh(code.replace("{path!r}", repr(str(tmp_path / "avx2.pt"))), env={"GRPO_FAST_NO_AVX512": "1"})
+    wide, avx2 = torch.load(tmp_path / "wide.pt"), torch.load(tmp_path / "avx2.pt")
+    assert len(wide) == len(avx2) == 5 * len(cases)
+    for a, b in zip(wide, avx2):
+        assert torch.equal(a, b)
