@@ -106,3 +106,47 @@ def test_lean_lora_base_products_run_on_onednn_and_match_peft(monkeypatch):
     monkeypatch.setenv(onednn_gemm.SWITCH_OFF, "1")
     _run(lean, _ids())
     assert calls == []
+
+
+def test_prefill_products_of_more_than_small_m_rows_run_on_onednn(monkeypatch):
+    """A prefill of more than SMALL_M fp32 rows: each projection's module(x) from oneDNN, LoRA
+    terms added, equal to the modules' own output (fp32 rounding); a gated MLP too. Decode-sized
+    inputs and grad mode keep their paths."""
+    from grpo_fast.models.decode_fast_paths import SMALL_M, FastPaths
+    from test_native_lora import lora_model
+
+    model = lora_model("llama", dropout=0.0).eval()
+    layer = model.base_model.model.model.layers[0]
+    fast = FastPaths()
+    x = _rand(SMALL_M + 44, 64, seed=1)
+    calls = _count_calls(monkeypatch)
+    with torch.inference_mode():
+        for module in (layer.self_attn.q_proj, layer.self_attn.k_proj):
+            torch.testing.assert_close(fast.linear(module, x), module(x), rtol=1e-5, atol=1e-5)
+        assert len(calls) == 2 * 2  # the base product and x A^T, each
+        into = _rand(x.shape[0], 64, seed=2)
+        want = into + layer.mlp(x)
+        torch.testing.assert_close(fast.gated_mlp_add_(into, layer.mlp, x), want, rtol=1e-5, atol=1e-5)
+        assert len(calls) == 2 * 2 + 3 * 2
+        calls.clear()
+        fast.linear(layer.self_attn.q_proj, x[:SMALL_M])  # a decode's rows: the native kernel
+        assert calls == []
+    fast.linear(layer.self_attn.q_proj, x)  # grad mode: the module
+    assert calls == []
+
+
+def test_sampler_prefill_on_onednn_gives_the_tokens_of_hf(monkeypatch):
+    """A 300-token prompt (prefilled on oneDNN): greedy tokens and log-probs equal HF's, and
+    those of the sampler with the switch off."""
+    from test_native_lora import assert_same, greedy, lora_model
+    from test_sampler import assert_matches_hf, random_prompts
+    from grpo_fast.sampler import Sampler
+
+    model = lora_model("llama", dropout=0.0).eval()
+    sampler = Sampler(model, None, block_size=16, kv_budget="4096 tokens")
+    prompts = random_prompts((300, 5))
+    calls = _count_calls(monkeypatch)
+    on = assert_matches_hf(model, sampler, prompts, n=2, max_tokens=6)
+    assert calls, "the prefill did not run on oneDNN"
+    monkeypatch.setenv(onednn_gemm.SWITCH_OFF, "1")
+    assert_same(on, greedy(sampler, prompts, n=2, max_tokens=6), atol=1e-5)

@@ -49,6 +49,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from grpo_fast import onednn_gemm
 from grpo_fast.models import cpu_ops
 from grpo_fast.models.causal_lm import GATED_MLPS, RMS_NORMS, SILU_ACTIVATIONS
 
@@ -148,6 +149,15 @@ def _mixed(x: torch.Tensor, parts: Parts, packed: torch.Tensor | None = None) ->
     for weight_a, weight_b, scaling in parts.terms:
         result = result + torch.nn.functional.linear(torch.nn.functional.linear(x32, weight_a), weight_b) * scaling
     return result.to(out.dtype)
+
+
+def _prefill_product(x: torch.Tensor, parts: Parts) -> torch.Tensor:
+    """module(x) = x W^T + b on oneDNN (grpo_fast.onednn_gemm: MKL's fp32 GEMM runs its AVX2
+    kernels on AMD CPUs), then each adapter's s (x A^T) B^T added in (peft's order)."""
+    out = onednn_gemm.linear(x, parts.base.weight, parts.base.bias)  # [M, N]
+    for weight_a, weight_b, scaling in parts.terms:
+        out.addmm_(onednn_gemm.linear(x, weight_a), weight_b.t(), alpha=scaling)
+    return out
 
 
 def _base_product(x: torch.Tensor, base: nn.Linear, packed: torch.Tensor | None) -> torch.Tensor:
@@ -317,11 +327,21 @@ class FastPaths:
         parts = self.parts(module)
         return parts if parts is not None and parts.dtype == x.dtype else None
 
+    def prefill_parts(self, module: nn.Module, x: torch.Tensor) -> Parts | None:
+        """How module(x) is computed on oneDNN for more than SMALL_M fp32 CPU rows (a prefill):
+        a plain linear or LoRA with adapters of the base's dtype, else None (call the module)."""
+        if x.device.type != "cpu" or x.dim() != 2 or x.shape[0] <= SMALL_M or torch.is_grad_enabled():
+            return None  # (oneDNN's op has no gradient of its own: without grad mode only)
+        parts = self.parts(module)
+        ok = parts is not None and parts.mixed is None and onednn_gemm.wants(x, parts.base.weight)
+        return parts if ok else None
+
     def linear(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """module(x) [M, N]."""
         parts = self.fast_parts(module, x)
         if parts is None:
-            return module(x)
+            prefill = self.prefill_parts(module, x)
+            return module(x) if prefill is None else _prefill_product(x, prefill)
         if self._packs([parts], x):
             return self._packed_rows(parts, x)
         if parts.mixed is not None:
@@ -388,7 +408,10 @@ class FastPaths:
         [I, M], contiguous, and is already the x^T the down projection wants)."""
         parts = self._gated_parts(mlp, x)
         if parts is None:
-            return into.add_(mlp(x))
+            if self._gated_parts(mlp, x, prefill=True) is None:
+                return into.add_(mlp(x))
+            inner = mlp.act_fn(self.linear(mlp.gate_proj, x)).mul_(self.linear(mlp.up_proj, x))  # [M, I]
+            return into.add_(self.linear(mlp.down_proj, inner))
         gate, up, down = parts
         if _native(x, gate) and _native(x, up):
             return self.linear_add_(into, mlp.down_proj, self._gated_inner(mlp, x, gate, up))
@@ -410,10 +433,13 @@ class FastPaths:
         (``_transposed_mixed_ok``), x's rows read in place by the native add."""
         return all(_transposed_mixed_ok(p) for p in parts) and x.stride(1) == 1
 
-    def _gated_parts(self, mlp: nn.Module, x: torch.Tensor):
+    def _gated_parts(self, mlp: nn.Module, x: torch.Tensor, prefill: bool = False):
+        """The gate, up and down projections' parts on the fast paths (on oneDNN's with `prefill`),
+        or None where any of them has none (or the MLP is not a known gated one)."""
         if type(mlp).__name__ not in GATED_MLPS or not unhooked(mlp):
             return None
-        parts = [self.fast_parts(m, x) for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)]
+        parts_of = self.prefill_parts if prefill else self.fast_parts
+        parts = [parts_of(m, x) for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)]
         return None if any(p is None for p in parts) else parts
 
     def _gated_inner(self, mlp: nn.Module, x: torch.Tensor, gate: Parts, up: Parts) -> torch.Tensor:
