@@ -11,7 +11,7 @@ namespace grpo_fast {
 // Whether this build and CPU can run the kernels below (AVX2 + FMA).
 bool cpu_linear_available();
 
-// Whether they run their AVX-512 tiles (12 weight rows x 32 x rows on zmm) rather than the AVX2
+// Whether they run their AVX-512 tiles (6 weight rows x 32 x rows on zmm) rather than the AVX2
 // ones: use_avx2, AVX-512 F, and GRPO_FAST_NO_AVX512=1 not set. Same results bit for bit.
 bool cpu_linear_avx512();
 

@@ -206,7 +206,7 @@ def _avx512_runs() -> bool:
 
 @pytest.mark.skipif(not _avx512_runs(), reason="this CPU has no AVX-512 F (or GRPO_FAST_NO_AVX512=1 is set)")
 def test_avx512_tiles_equal_the_avx2_ones_bit_for_bit(tmp_path):
-    """On AVX-512 the linear kernels run 12 weight rows x 32 x rows on zmm (csrc/linear_cpu.cpp's
+    """On AVX-512 the linear kernels run 6 weight rows x 32 x rows on zmm (csrc/linear_cpu.cpp's
     micro_tile_512) where AVX2 runs 3 x 32 on ymm; every output's sum over k runs in the same order
     either way, so the outputs are equal bit for bit: plain, with bias and LoRA terms, several
     weights in one call, and the fused SiLU gate, at row and weight-row counts that leave ragged
