@@ -193,33 +193,35 @@ def gemm_flops(model, prompts: list[list[int]], G: int, C: int) -> dict[str, flo
 
 
 def gemm_rate(model, rows: int) -> float | None:
-    """FLOP/s of the faster of our native linear kernel and torch's (MKL) at `rows` rows, on
-    this model's MLP weights (every layer's gate/up/down in turn, so the weights stream from
-    memory as in a forward), best of 3 passes after a warm one; None where the native kernel
-    cannot run (CUDA, no AVX2)."""
+    """FLOP/s of the linear layers at `rows` rows, each weight at the rate of the fastest of our
+    native kernel, torch's (MKL) and oneDNN's (grpo_fast.onednn_gemm) on it: every layer's block
+    linears in turn and the LM head, so the weights stream from memory as in a forward; each
+    weight's best of 3 passes after a warm one. None where the native kernel cannot run (CUDA,
+    no AVX2). (It timed the MLP weights alone until 7 Dec: on AVX-512 tiles the down projection
+    is the slowest shape, and the "floor" then read 1.2-1.5x below what the sampler did.)"""
+    from grpo_fast import onednn_gemm
     from grpo_fast.models import cpu_ops
     from grpo_fast.models.llama_family import LlamaFamily
 
     fam = LlamaFamily(model)
     if fam.device.type != "cpu" or fam.dtype != torch.float32 or not cpu_ops.available():
         return None
-    weights = []
-    for layer in fam.layers:
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            mod = getattr(layer.mlp, name)
-            weights.append(getattr(mod, "base_layer", mod).weight)
+    weights = [m.weight for layer in fam.layers for name, m in layer.named_modules()
+               if type(m) is torch.nn.Linear and "lora_" not in name]  # the base layers, not the adapters
+    weights.append(fam.lm_head.weight)
     xs = {w.shape[1]: torch.randn(rows, w.shape[1]) for w in weights}
     flops = sum(2.0 * rows * w.numel() for w in weights)
-    best = float("inf")
+    kernels = [cpu_ops.linear, torch.nn.functional.linear] + ([onednn_gemm.linear] if onednn_gemm.available() else [])
+    best = [float("inf")] * len(weights)
     with torch.no_grad():
-        for linear in (cpu_ops.linear, torch.nn.functional.linear):
+        for linear in kernels:
             for rep in range(4):
-                t = time.perf_counter()
-                for w in weights:
+                for i, w in enumerate(weights):
+                    t = time.perf_counter()
                     linear(xs[w.shape[1]], w)
-                if rep:
-                    best = min(best, time.perf_counter() - t)
-    return flops / best
+                    if rep:
+                        best[i] = min(best[i], time.perf_counter() - t)
+    return flops / sum(best)
 
 
 def gemm_floor_seconds(flops: dict[str, float], prefill_rate: float, decode_rate: float) -> float:

@@ -249,13 +249,14 @@ GF_AVX2 void segment_tile(int nr, int mv, float* tile, const Packed& pk, int64_t
 Packed pack(const Problem& p, const std::vector<Segment*>& segs) {
   std::vector<std::vector<int64_t>> offsets;
   int64_t rank = 0;
-  struct ABlock { const LoraTerm* lt; int64_t row, j0; };  // 3 rows of A, written at `row`
+  struct ABlock { const LoraTerm* lt; int64_t row, j0; };  // `step` rows of A, written at `row`
   std::vector<ABlock> ablocks;
+  const int64_t step = use_avx512() ? kWideRows : kRows;  // (wide_tile's rows)
   for (const Segment* sg : segs) {
     offsets.emplace_back();
     for (const LoraTerm& lt : sg->lora) {
       offsets.back().push_back(rank);
-      for (int64_t j = 0; j < lt.r; j += kRows) ablocks.push_back({&lt, p.K + rank + j, j});
+      for (int64_t j = 0; j < lt.r; j += step) ablocks.push_back({&lt, p.K + rank + j, j});
       rank += lt.r;
     }
   }
@@ -285,9 +286,9 @@ Packed pack(const Problem& p, const std::vector<Segment*>& segs) {
     for (int64_t it = b0; it < b1; ++it) {
       const ABlock& ab = ablocks[it / tiles];
       const int64_t t = it % tiles;
-      const int nr = static_cast<int>(std::min<int64_t>(kRows, ab.lt->r - ab.j0));
-      alignas(32) float tile[kRows * kCols];
-      weight_tile(nr, kCols / 8, tile, pk.tile(t), ab.lt->a + ab.j0 * p.K, p.K, p.K, false);
+      const int nr = static_cast<int>(std::min<int64_t>(step, ab.lt->r - ab.j0));
+      alignas(64) float tile[kWideRows * kCols];
+      wide_tile(nr, kCols / 8, tile, pk.tile(t), ab.lt->a + ab.j0 * p.K, p.K, p.K, false);
       float* dst = pk.xt + (t * kx + ab.row) * kCols;
       for (int r = 0; r < nr * kCols; ++r) dst[r] = ab.lt->scale * tile[r];
     }
