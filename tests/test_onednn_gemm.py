@@ -150,3 +150,21 @@ def test_sampler_prefill_on_onednn_gives_the_tokens_of_hf(monkeypatch):
     assert calls, "the prefill did not run on oneDNN"
     monkeypatch.setenv(onednn_gemm.SWITCH_OFF, "1")
     assert_same(on, greedy(sampler, prompts, n=2, max_tokens=6), atol=1e-5)
+
+
+def test_lean_lora_with_adapters_disabled_runs_the_base_on_onednn(monkeypatch):
+    """The reference model's pass (adapters disabled): the base products on oneDNN, and peft's
+    output (the base layers alone)."""
+    from test_lean_lora import ALL_LINEARS, _ids, _peft
+    from test_swiglu import _tiny_llama
+
+    plain = _peft(_tiny_llama())
+    lean = copy.deepcopy(plain)
+    use_lean_lora(lean)
+    calls = _count_calls(monkeypatch)
+    with torch.no_grad(), plain.disable_adapter(), lean.disable_adapter():
+        want, got = plain(input_ids=_ids()).logits, lean(input_ids=_ids()).logits
+    layers = sum(1 for n, _ in lean.named_modules() if n.endswith("q_proj") and "lora" not in n)
+    assert len(calls) == layers * len(ALL_LINEARS)
+    torch.testing.assert_close(got, want)
+    assert not torch.allclose(got, lean(input_ids=_ids()).logits.detach())  # the adapters do count when on
