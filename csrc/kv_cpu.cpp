@@ -422,6 +422,74 @@ GF_AVX2 inline void pv_rows(float* acc, const float* corr, const float* p, const
   for (; d0 + 8 <= D; d0 += 8) pv_tile<NR, 1>(acc + d0, corr, p, v, d0, cn, D);
 }
 
+// The same tiles on zmm where the CPU has AVX-512 (use_avx512): 6 queries x 32 keys (scores) and
+// 6 queries x 32 dims (P.V), 12 accumulators each where the ymm tiles hold 3 x 32. Every sum runs
+// in the same order as in score_tile / pv_tile (d, then keys, ascending; one FMA each), so the
+// results are theirs bit for bit.
+template <int NR>
+GF_AVX512 GF_INLINE void score_tile_512(float* s, const float* q, const float* kt, int D) {
+  __m512 acc[NR][2];
+  for (int r = 0; r < NR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  for (int d = 0; d < D; ++d) {
+    const float* k = kt + d * kCascadeKeys;
+    const __m512 k0 = _mm512_loadu_ps(k), k1 = _mm512_loadu_ps(k + 16);
+    for (int r = 0; r < NR; ++r) {
+      const __m512 b = _mm512_set1_ps(q[r * D + d]);
+      acc[r][0] = _mm512_fmadd_ps(b, k0, acc[r][0]);
+      acc[r][1] = _mm512_fmadd_ps(b, k1, acc[r][1]);
+    }
+  }
+  for (int r = 0; r < NR; ++r) {
+    _mm512_storeu_ps(s + r * kCascadeKeys, acc[r][0]);
+    _mm512_storeu_ps(s + r * kCascadeKeys + 16, acc[r][1]);
+  }
+}
+
+template <int NR, int NV>
+GF_AVX512 GF_INLINE void pv_tile_512(float* acc, const float* corr, const float* p, const float* const* v,
+                                     int vo, int cn, int D) {
+  __m512 a[NR][NV];
+  for (int r = 0; r < NR; ++r) {
+    const __m512 c = _mm512_set1_ps(corr[r]);
+    for (int i = 0; i < NV; ++i) a[r][i] = _mm512_mul_ps(_mm512_loadu_ps(acc + r * D + 16 * i), c);
+  }
+  for (int t = 0; t < cn; ++t) {
+    const float* vr = v[t] + vo;
+    __m512 vt[NV];
+    for (int i = 0; i < NV; ++i) vt[i] = _mm512_loadu_ps(vr + 16 * i);
+    for (int r = 0; r < NR; ++r) {
+      const __m512 pt = _mm512_set1_ps(p[r * kCascadeKeys + t]);
+      for (int i = 0; i < NV; ++i) a[r][i] = _mm512_fmadd_ps(pt, vt[i], a[r][i]);
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int i = 0; i < NV; ++i) _mm512_storeu_ps(acc + r * D + 16 * i, a[r][i]);
+}
+
+template <int NR>
+GF_AVX512 GF_INLINE void pv_rows_512(float* acc, const float* corr, const float* p, const float* const* v,
+                                     int cn, int D) {
+  int d0 = 0;
+  for (; d0 + 32 <= D; d0 += 32) pv_tile_512<NR, 2>(acc + d0, corr, p, v, d0, cn, D);
+  for (; d0 + 16 <= D; d0 += 16) pv_tile_512<NR, 1>(acc + d0, corr, p, v, d0, cn, D);
+  if (d0 < D) pv_tile<NR, 1>(acc + d0, corr, p, v, d0, cn, D);  // D % 16 == 8: the last 8 on ymm
+}
+
+// Every query row's scores against the chunk's K^T (s [nq][32], q [nq][D]), 6 rows at a time.
+GF_AVX512 void score_rows_512(float* s, const float* q, const float* kt, int64_t nq, int D) {
+  int64_t r = 0;
+  for (; r + 6 <= nq; r += 6) score_tile_512<6>(s + r * kCascadeKeys, q + r * D, kt, D);
+  for (; r < nq; ++r) score_tile_512<1>(s + r * kCascadeKeys, q + r * D, kt, D);
+}
+
+// acc (+)= P V for every query row (acc [nq][D] scaled by corr first), 6 rows at a time.
+GF_AVX512 void pv_all_512(float* acc, const float* corr, const float* p, const float* const* v, int cn,
+                          int64_t nq, int D) {
+  int64_t r = 0;
+  for (; r + 6 <= nq; r += 6) pv_rows_512<6>(acc + r * D, corr + r, p + r * kCascadeKeys, v, cn, D);
+  for (; r < nq; ++r) pv_rows_512<1>(acc + r * D, corr + r, p + r * kCascadeKeys, v, cn, D);
+}
+
 // A V row as fp32: the cache's own row, or (bf16) converted into `copy`.
 GF_AVX2 inline const float* v_row(const float* row, float*, int) { return row; }
 GF_AVX2 inline const float* v_row(const uint16_t* row, float* copy, int D) {
@@ -438,6 +506,7 @@ GF_AVX2 void prefix_item_avx2(const T* q, const T* kc, const T* vc, const Cascad
   const int D = a.D, rep = a.hq / a.hkv;
   const int64_t first = c.starts[g], G = c.starts[g + 1] - first;
   const int64_t nq = G * rep;
+  const bool wide = use_avx512();  // the score and P.V tiles on zmm (same results)
   thread_local PrefixScratch sc;
   sc.reserve(nq, D);
   float *qs = sc.q.data(), *acc = sc.acc.data(), *sb = sc.s.data(), *kt = sc.kt.data();
@@ -492,6 +561,7 @@ GF_AVX2 void prefix_item_avx2(const T* q, const T* kc, const T* vc, const Cascad
       }
     }
     int64_t r = 0;
+    if (wide) r = nq, score_rows_512(sb, qs, kt, nq, D);
     for (; r + 3 <= nq; r += 3) score_tile<3>(sb + r * kCascadeKeys, qs + r * D, kt, D);
     for (; r < nq; ++r) score_tile<1>(sb + r * kCascadeKeys, qs + r * D, kt, D);
     // online softmax, 8 keys a vector (the scalar loop did not vectorize: a fifth of the item);
@@ -521,6 +591,7 @@ GF_AVX2 void prefix_item_avx2(const T* q, const T* kc, const T* vc, const Cascad
       m[qi] = mb;
     }
     r = 0;
+    if (wide) r = nq, pv_all_512(acc, corr, sb, vrow, cn, nq, D);
     for (; r + 3 <= nq; r += 3)
       pv_rows<3>(acc + r * D, corr + r, sb + r * kCascadeKeys, vrow, cn, D);
     for (; r < nq; ++r) pv_rows<1>(acc + r * D, corr + r, sb + r * kCascadeKeys, vrow, cn, D);

@@ -332,3 +332,47 @@ def test_sampler_takes_the_cascade_and_equals_hf(path, monkeypatch):
                 torch.testing.assert_close(torch.tensor(ca.logprobs), torch.tensor(cb.logprobs), atol=1e-5, rtol=0)
     finally:
         torch.set_num_threads(old)
+
+
+def _avx512_runs() -> bool:
+    from grpo_fast.native import _C
+
+    return has_native("cascade_decode_attention", "cpu") and bool(getattr(_C, "cpu_avx512_linear", lambda: False)())
+
+
+_WIDE_TILE_CASES = """
+    import torch
+    from grpo_fast import kv
+    from test_cascade_attention import grpo_layout
+    outs = []
+    for dtype in (torch.float32, torch.bfloat16):
+        for hq, hkv, D, prompts in ((9, 3, 64, [37, 300]), (12, 2, 128, [531]), (7, 7, 40, [90]), (6, 1, 24, [70])):
+            kc, vc, tables, lens, gids = grpo_layout(prompts, G=5, C=4, hkv=hkv, D=D, dtype=dtype, seed=hq + D,
+                                                     extra_lone=1)
+            groups = [torch.as_tensor(a) for a in kv.cascade_groups(tables, lens, gids, 16, min_prefix=1)]
+            q = torch.randn(len(gids), hq, D, generator=torch.Generator().manual_seed(D)).to(dtype)
+            outs.append(kv.cascade_decode_attention(q, kc, vc, tables, lens, D ** -0.5, *groups))
+    torch.save(outs, {path!r})
+    print("ok")
+"""
+
+
+@pytest.mark.skipif(not _avx512_runs(), reason="this CPU has no AVX-512 F (or GRPO_FAST_NO_AVX512=1 is set)")
+def test_prefix_item_on_zmm_tiles_equals_the_ymm_one_bit_for_bit(tmp_path):
+    """The fp32 prefix item's score and P.V tiles on zmm (6 queries x 32 keys / dims, where the
+    CPU has AVX-512) sum in the ymm tiles' order, so the cascade's output is theirs bit for bit:
+    fp32 and bf16 caches (the bf16 one through the same item with the vdpbf16ps item off),
+    query rows that are and are not a multiple of 6 (G x rep = 15, 30, 35, 30), D = 64, 128 and
+    the ragged 40 and 24 (a last 8 dims on ymm), prefixes across work splits."""
+    from pathlib import Path
+
+    from fresh_process import run_fresh
+
+    env = {"GRPO_FAST_NO_AVX512_BF16": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    paths = [tmp_path / "wide.pt", tmp_path / "ymm.pt"]
+    assert run_fresh(_WIDE_TILE_CASES.format(path=str(paths[0])), env=env) == "ok"
+    assert run_fresh(_WIDE_TILE_CASES.format(path=str(paths[1])), env={**env, "GRPO_FAST_NO_AVX512": "1"}) == "ok"
+    wide, ymm = torch.load(paths[0]), torch.load(paths[1])
+    assert len(wide) == len(ymm) == 8
+    for a, b in zip(wide, ymm):
+        assert torch.equal(a, b)
