@@ -16,7 +16,7 @@ ap = argparse.ArgumentParser()
 ap.add_argument("--rows", default="1,8,32,64", help="comma-separated row counts")
 args = ap.parse_args()
 torch.manual_seed(0)
-print(f"native tiles: {'AVX-512' if _C.cpu_avx512_linear() else 'AVX2'}; oneDNN: {onednn_gemm.available()}")
+print(f"native tiles: {'AVX-512' if _C.cpu_avx512() else 'AVX2'}; oneDNN: {onednn_gemm.available()}")
 shapes = [(1536, 576), (576, 1536), (576, 576), (192, 576), (49152, 576)]
 kernels = [("native", cpu_ops.linear), ("torch", torch.nn.functional.linear)]
 if onednn_gemm.available():

@@ -22,7 +22,7 @@ decode attention call over the B x G sequences (SmolLM2's 9/3 heads x 64, and Qw
 --repeats rounds of ~20 ms batches; the speed-up is the median of neighbouring batches' ratios,
 which this VM's drift in speed does not move); then the
 shortest prefix at which the cascade pays, fp32 and bf16 (the sampler's thresholds,
-kv.cascade.CPU_MIN_PREFIX and CPU_MIN_PREFIX_BF16_DOT).
+kv.cascade.CPU_MIN_PREFIX, CPU_MIN_PREFIX_AVX512 and CPU_MIN_PREFIX_BF16_DOT).
 
   python benchmarks/bench_kv.py            # full run, JSON to benchmarks/results/bench_kv.json
   python benchmarks/bench_kv.py --quick    # smaller shapes (smoke test)
@@ -378,7 +378,7 @@ def cascade_table(result, repeats, quick):
                       f"{r['step_paged_ms']:>14.2f} /{r['step_cascade_ms']:>12.2f}{r['step_speedup']:>9.2f}"
                       f"{r['max_abs_diff']:>12.2e}{r['paged_gflops']:>14.1f} /{r['cascade_gflops']:>8.1f}")
     print("\nthreshold: the shortest shared prefix at which the cascade pays (SmolLM2 heads, 4 x 8; "
-          "kv.cascade.CPU_MIN_PREFIX for fp32, CPU_MIN_PREFIX_BF16_DOT for bf16 on AVX512-BF16)")
+          "kv.cascade.CPU_MIN_PREFIX for fp32, CPU_MIN_PREFIX_AVX512 for fp32 on AVX-512, CPU_MIN_PREFIX_BF16_DOT for bf16 on AVX512-BF16)")
     print(f"  bf16 prefix item: {'AVX512-BF16' if _C.cpu_cascade_bf16_dot_products() else 'AVX2 (fp32 FMAs)'}")
     for dtype in (torch.float32, torch.bfloat16):
         for P in (16, 32, 48, 64, 96, 128, 192, 256):

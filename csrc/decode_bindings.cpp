@@ -40,8 +40,9 @@ std::vector<LoraTerm> lora_terms(const std::vector<LoraTuple>& terms) {
 
 void register_decode(py::module_& m) {
   m.def("cpu_linear_available", &cpu_linear_available);
-  m.def("cpu_avx512_linear", &cpu_linear_avx512,
-        "Whether the fp32 linear kernels run their AVX-512 tiles (else AVX2).");
+  m.def("cpu_avx512", &cpu_linear_avx512,
+        "Whether the fp32 kernels with AVX-512 tiles (the linear layers, the cascade's prefix item) run "
+        "them (else AVX2): the CPU has AVX-512 F and GRPO_FAST_NO_AVX512=1 is not set.");
   m.def("cpu_threads", &parallel_threads);
   m.def("cpu_set_openmp_regions", &set_openmp_regions,
         "The calling thread's kernel regions on libgomp's team (True) or the pool (False); returns "

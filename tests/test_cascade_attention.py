@@ -255,23 +255,26 @@ def test_bf16_prefix_on_dot_product_instructions(tmp_path):
 
 def test_the_sampler_threshold_follows_the_bf16_kernel():
     """A bf16 cache takes the cascade from CPU_MIN_PREFIX_BF16_DOT shared tokens where the
-    AVX512-BF16 prefix item runs (measured there), CPU_MIN_PREFIX otherwise and for fp32; the
-    switch that turns the kernel off also restores the fp32-measured threshold."""
+    AVX512-BF16 prefix item runs (measured there), CPU_MIN_PREFIX otherwise; fp32 from
+    CPU_MIN_PREFIX_AVX512 where the prefix tiles run on zmm, else CPU_MIN_PREFIX. The switches
+    that turn those kernels off restore CPU_MIN_PREFIX."""
     from fresh_process import run_fresh
 
-    from grpo_fast.kv.cascade import CPU_MIN_PREFIX, CPU_MIN_PREFIX_BF16_DOT
+    from grpo_fast.kv.cascade import CPU_MIN_PREFIX, CPU_MIN_PREFIX_AVX512, CPU_MIN_PREFIX_BF16_DOT
     from grpo_fast.sampler.model_runner import default_cascade_min_prefix
 
     cpu = torch.device("cpu")
     want = CPU_MIN_PREFIX_BF16_DOT if _dot_products_run() else CPU_MIN_PREFIX
     assert default_cascade_min_prefix(cpu, torch.bfloat16) == want
-    assert default_cascade_min_prefix(cpu, torch.float32) == default_cascade_min_prefix(cpu) == CPU_MIN_PREFIX
+    want32 = CPU_MIN_PREFIX_AVX512 if _avx512_runs() else CPU_MIN_PREFIX  # fp32: the prefix tiles on zmm
+    assert default_cascade_min_prefix(cpu, torch.float32) == default_cascade_min_prefix(cpu) == want32
     off = run_fresh("""
         import torch
         from grpo_fast.sampler.model_runner import default_cascade_min_prefix
-        print(default_cascade_min_prefix(torch.device("cpu"), torch.bfloat16))
-    """, env={"GRPO_FAST_NO_AVX512_BF16": "1"})
-    assert off == str(CPU_MIN_PREFIX)
+        print(default_cascade_min_prefix(torch.device("cpu"), torch.bfloat16),
+              default_cascade_min_prefix(torch.device("cpu"), torch.float32))
+    """, env={"GRPO_FAST_NO_AVX512_BF16": "1", "GRPO_FAST_NO_AVX512": "1"})
+    assert off == f"{CPU_MIN_PREFIX} {CPU_MIN_PREFIX}"
 
 
 @pytest.mark.gpu
@@ -297,7 +300,7 @@ def test_cuda_cascade_equals_the_cpu_oracle(hq, hkv, D):
 @pytest.mark.parametrize("path", ["native", "modules"])
 def test_sampler_takes_the_cascade_and_equals_hf(path, monkeypatch):
     """Prompts of 140-170 tokens, each forked 4 ways (block_size 4): every group shares >= 128
-    tokens (kv.cascade.CPU_MIN_PREFIX), so each decode step attends them as a cascade, on the
+    tokens (at least kv.cascade.cpu_min_prefix's threshold for fp32), so each decode step attends them as a cascade, on the
     native stack and on the per-module path; greedy tokens and log-probs equal HF's, and equal
     the sampler's with cascade=False to fp32 rounding."""
     from test_sampler import assert_matches_hf, random_prompts, tiny_model
@@ -319,9 +322,10 @@ def test_sampler_takes_the_cascade_and_equals_hf(path, monkeypatch):
         model = tiny_model("qwen2", seed=2)
         prompts = random_prompts((140, 155, 170), seed=5)
         sampler = Sampler(model, None, block_size=4, kv_budget="2048 tokens")
-        assert sampler.runner.cascade_min_prefix == kv.cascade.CPU_MIN_PREFIX
+        threshold = kv.cascade.cpu_min_prefix(torch.float32)  # 128, or 64 on AVX-512
+        assert sampler.runner.cascade_min_prefix == threshold
         outs = assert_matches_hf(model, sampler, prompts, n=4, max_tokens=8)
-        assert built and all(g is not None and (g.prefix >= kv.cascade.CPU_MIN_PREFIX).all() for g in built), \
+        assert built and all(g is not None and (g.prefix >= threshold).all() for g in built), \
             "no cascade taken"
         assert bool(native_calls) == (path == "native")
         plain = Sampler(model, None, block_size=4, kv_budget="2048 tokens", cascade=False)
@@ -337,7 +341,7 @@ def test_sampler_takes_the_cascade_and_equals_hf(path, monkeypatch):
 def _avx512_runs() -> bool:
     from grpo_fast.native import _C
 
-    return has_native("cascade_decode_attention", "cpu") and bool(getattr(_C, "cpu_avx512_linear", lambda: False)())
+    return has_native("cascade_decode_attention", "cpu") and bool(getattr(_C, "cpu_avx512", lambda: False)())
 
 
 _WIDE_TILE_CASES = """

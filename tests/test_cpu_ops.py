@@ -201,7 +201,7 @@ def test_linear_many_equals_one_call_per_weight():
 
 def _avx512_runs() -> bool:
     from grpo_fast.native import _C
-    return bool(getattr(_C, "cpu_avx512_linear", lambda: False)())
+    return bool(getattr(_C, "cpu_avx512", lambda: False)())
 
 
 @pytest.mark.skipif(not _avx512_runs(), reason="this CPU has no AVX-512 F (or GRPO_FAST_NO_AVX512=1 is set)")

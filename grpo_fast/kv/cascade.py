@@ -38,14 +38,23 @@ CPU_MIN_PREFIX = 128
 # once its scores also ran on vdpbf16ps: 0.96x at 48, 1.03x at 64 (1.08x on the sampler's path),
 # 1.21x at 128 ("The per-sequence bf16 kernel's scores on vdpbf16ps"): 64 still.
 CPU_MIN_PREFIX_BF16_DOT = 64
+# The same for an fp32 cache on a CPU with AVX-512, where the prefix item's score and P.V tiles
+# run on zmm (6 queries x 32, bit for bit the ymm tiles' output): SmolLM2's heads, 4 x 8, both
+# kernels alternating in one process (DecodeStep.attend, medians of 15): 1.01x at 32 shared keys,
+# 1.02x at 48, 1.12x at 64, 1.23x at 96 (RESULTS.md, "fp32 on AVX-512 and oneDNN", 7 Dec).
+CPU_MIN_PREFIX_AVX512 = 64
 
 
 def cpu_min_prefix(dtype) -> int:
-    """The CPU threshold for a cache of this dtype on this machine."""
+    """The CPU threshold for a cache of this dtype (None: fp32) on this machine."""
     from grpo_fast.native import _C
 
-    if dtype == torch.bfloat16 and _C is not None and getattr(_C, "cpu_cascade_bf16_dot_products", lambda: False)():
+    if _C is None:
+        return CPU_MIN_PREFIX
+    if dtype == torch.bfloat16 and getattr(_C, "cpu_cascade_bf16_dot_products", lambda: False)():
         return CPU_MIN_PREFIX_BF16_DOT
+    if dtype in (None, torch.float32) and getattr(_C, "cpu_avx512", lambda: False)():
+        return CPU_MIN_PREFIX_AVX512
     return CPU_MIN_PREFIX
 
 

@@ -40,7 +40,8 @@ except ImportError:
 def default_cascade_min_prefix(device: torch.device, dtype: torch.dtype | None = None) -> int | None:
     """Shortest shared prefix (tokens) at which a group's decode attention runs as a cascade:
     measured on the CPU (kv.cascade.cpu_min_prefix: CPU_MIN_PREFIX, or CPU_MIN_PREFIX_BF16_DOT for
-    a bf16 cache where the CPU has AVX512-BF16); None (never) on CUDA until a GPU run has measured
+    a bf16 cache where the CPU has AVX512-BF16, CPU_MIN_PREFIX_AVX512 for fp32 where it has
+    AVX-512); None (never) on CUDA until a GPU run has measured
     where it pays. GRPO_FAST_CASCADE_MIN_PREFIX=N overrides it (N < 0: never)."""
     env = os.environ.get("GRPO_FAST_CASCADE_MIN_PREFIX")
     if env is not None:
