@@ -202,9 +202,14 @@ struct Segment {
   std::vector<LoraTerm> lora;
 };
 
+// Weight rows per block of the main pass: one micro-tile's (kWideRows on zmm, else kRows). Runs
+// and chunks are whole blocks, so a chunk's boundary never leaves a micro-tile half full (with
+// 3-row blocks on zmm a third of the tiles were 3-row ones: 14% of a decode step in perf).
+int block_rows() { return use_avx512() ? kWideRows : kRows; }
+
 // About 30 µs of one thread's work per chunk (see parallel.h): ~1 MFLOP.
 int64_t blocks_per_chunk(const Problem& p) {
-  const int64_t flops = 2 * kRows * p.K * p.m_tiles() * kCols;
+  const int64_t flops = 2 * block_rows() * p.K * p.m_tiles() * kCols;
   return std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(1, flops));
 }
 
@@ -297,20 +302,21 @@ Packed pack(const Problem& p, const std::vector<Segment*>& segs) {
   return pk;
 }
 
-// The main pass's 3-row weight blocks over all segments, cut into chunks over the threads, and
-// each chunk into runs of at most kRunBlocks consecutive blocks of one segment;
+// The main pass's weight blocks (block_rows() rows) over all segments, cut into chunks over the
+// threads, and each chunk into runs of at most kRunRows consecutive rows of one segment;
 // fn(segment index, first weight row n0, rows nn of the run, x tile t, first x row m0, x rows mr).
 // Why runs: a block's tile is 3 outputs in each of 32 rows, so writing it out touches 32 cache
 // lines; between two blocks the x tile (~70 KiB at K = 576) streams through L1 and evicts them.
-// The run's tiles are kept together and written out once, kRunBlocks * 3 consecutive outputs per
-// row. Measured on the LM head (N = 49,152: a 6 MiB output), skipping the writes altogether ran
+// The run's tiles are kept together and written out once, kRunRows consecutive outputs per row.
+// Measured on the LM head (N = 49,152: a 6 MiB output), skipping the writes altogether ran
 // 1.2-1.45x faster than writing a block at a time (benchmarks/RESULTS.md).
-constexpr int kRunBlocks = 8;
+constexpr int kRunRows = 24;  // a multiple of kRows and of kWideRows
 
 template <typename RunFn>
 void for_each_run(const Problem& p, const std::vector<Segment*>& segs, RunFn fn) {
+  const int64_t br = block_rows();
   std::vector<int64_t> first{0};  // first global block of each segment
-  for (const Segment* sg : segs) first.push_back(first.back() + (sg->n + kRows - 1) / kRows);
+  for (const Segment* sg : segs) first.push_back(first.back() + (sg->n + br - 1) / br);
   const int64_t blocks = first.back(), tiles = p.m_tiles();
   const int64_t chunks = chunk_count(blocks, parallel_threads(), blocks_per_chunk(p));
   parallel_for(chunks, [&](int64_t c) {
@@ -319,9 +325,9 @@ void for_each_run(const Problem& p, const std::vector<Segment*>& segs, RunFn fn)
     for (int64_t gb = b0; gb < b1;) {
       while (gb >= first[si + 1]) ++si;
       const Segment& sg = *segs[si];
-      const int64_t run = std::min({b1 - gb, first[si + 1] - gb, int64_t{kRunBlocks}});
-      const int64_t n0 = (gb - first[si]) * kRows;
-      const int64_t nn = std::min<int64_t>(run * kRows, sg.n - n0);
+      const int64_t run = std::min({b1 - gb, first[si + 1] - gb, kRunRows / br});
+      const int64_t n0 = (gb - first[si]) * br;
+      const int64_t nn = std::min<int64_t>(run * br, sg.n - n0);
       for (int64_t t = 0; t < tiles; ++t)
         fn(si, n0, nn, t, t * kCols, static_cast<int>(std::min<int64_t>(kCols, p.M - t * kCols)));
       gb += run;
@@ -330,12 +336,11 @@ void for_each_run(const Problem& p, const std::vector<Segment*>& segs, RunFn fn)
 }
 
 #ifdef GF_X86_DISPATCH
-// The tiles of a run for weight rows [n0, n0 + nn) of segment sg and x tile t: block b's 3 rows
+// The tiles of a run for weight rows [n0, n0 + nn) of segment sg and x tile t: block b's rows
 // follow block b - 1's, so the buffer is [nn][32], row j holding output n0 + j of the 32 x rows.
 GF_AVX2 void run_tiles(float* tiles, int64_t nn, int mr, const Packed& pk, int64_t t,
                        const Segment& sg, size_t si, int64_t n0) {
-  // two 3-row blocks per micro-tile on zmm (see wide_tile)
-  const int64_t step = use_avx512() ? kWideRows : kRows;
+  const int64_t step = block_rows();  // one micro-tile per block (6 rows on zmm: see wide_tile)
   for (int64_t j = 0; j < nn; j += step)
     segment_tile(static_cast<int>(std::min<int64_t>(step, nn - j)), (mr + 7) / 8, tiles + j * kCols, pk, t,
                  sg, si, n0 + j);
@@ -350,7 +355,7 @@ void run_linear(const Problem& p, std::vector<Segment>& segs, float alpha, bool 
   const Packed pk = pack(p, ptrs);
   for_each_run(p, ptrs, [&](size_t si, int64_t n0, int64_t nn, int64_t t, int64_t m0, int mr) {
     const Segment& sg = segs[si];
-    alignas(32) float tiles[kRunBlocks * kRows * kCols];
+    alignas(64) float tiles[kRunRows * kCols];
     run_tiles(tiles, nn, mr, pk, t, sg, si, n0);
     for (int m = 0; m < mr; ++m) {
       float* dst = sg.out + (m0 + m) * sg.ldo + n0;
@@ -370,7 +375,7 @@ void run_silu_mul(const Problem& p, Segment gate, Segment up) {
   const Packed pk = pack(p, ptrs);
   std::vector<Segment*> rows{&gate};  // the runs go over gate's rows, up's alongside
   for_each_run(p, rows, [&](size_t, int64_t n0, int64_t nn, int64_t t, int64_t m0, int mr) {
-    alignas(32) float g[kRunBlocks * kRows * kCols], u[kRunBlocks * kRows * kCols];
+    alignas(64) float g[kRunRows * kCols], u[kRunRows * kCols];
     run_tiles(g, nn, mr, pk, t, gate, 0, n0);
     run_tiles(u, nn, mr, pk, t, up, 1, n0);
     silu_mul_tile(g, u, static_cast<int>(nn) * kCols);
