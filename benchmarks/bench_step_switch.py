@@ -17,6 +17,7 @@ step dropped) and the medians by setting. Peak resident sets need a process per 
 
     python benchmarks/bench_step_switch.py --switch release_memory [--steps 8] [--dtype float32|bfloat16]
     python benchmarks/bench_step_switch.py --switch packed_weights --dtype bfloat16
+    python benchmarks/bench_step_switch.py --switch onednn_fp32 [--full-finetuning]
 
 SmolLM2-135M + LoRA r = 16, B x G = 4 x 8, micro-batches of 8, 128 forced completion tokens.
 Run it alone: it measures the machine as much as the code otherwise.
@@ -62,6 +63,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=8, help="measured steps (after one warm-up), alternating off and on")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--max-completion", type=int, default=128)
+    p.add_argument("--full-finetuning", action="store_true", help="lora.enabled: false (every weight trains)")
     a = p.parse_args()
 
     from grpo_fast.config import DEFAULT_JOB, load_config
@@ -87,6 +89,7 @@ def main() -> None:
         "sampling.num_generations": 8, "sampling.max_completion_length": a.max_completion,
         "train.micro_batch_size": 8, "train.eval_before": False, "data.eval_size": 0, "train.progress": False,
         "train.time_budget_s": 0, "lora.r": 16, "lora.lora_alpha": 32, "train.seed": 0, "model.dtype": a.dtype,
+        "lora.enabled": not a.full_finetuning,
     }, base=DEFAULT_JOB)
     train(cfg, echo=lambda *_: None)
 
@@ -94,7 +97,7 @@ def main() -> None:
     names = list(dict.fromkeys(settings))  # off, on
     sampling = {n: [] for n in names}
     training = {n: [] for n in names}
-    print(f"\n{a.switch}: SmolLM2-135M {a.dtype}, 4 x 8 x {a.max_completion} forced tokens, micro-batches of 8; "
+    print(f"\n{a.switch}: SmolLM2-135M {a.dtype}{', full fine-tuning' if a.full_finetuning else ''}, 4 x 8 x {a.max_completion} forced tokens, micro-batches of 8; "
           "step 1 is the warm-up")
     for i, (name, row) in enumerate(zip(settings, steps), start=1):
         s, t = row["time/sample_s"], row["time/step_s"] - row["time/sample_s"]

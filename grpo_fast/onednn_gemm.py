@@ -5,7 +5,7 @@ takes its AVX2 kernels whatever the CPU has (it picks AVX-512 kernels on Intel C
 oneDNN, which torch ships as well (``torch.ops.mkldnn``), picks its kernels by the CPU's
 features. On the AMD EPYC (Zen 5, AVX-512) this project is measured on, x W^T at a training
 micro-batch's rows (1,344 x 576 -> 1,536) ran at 425 GFLOPS on oneDNN against MKL's 211, and
-dY W (the input's gradient) at 486 against 212 (benchmarks/RESULTS.md, "fp32 products on
+dY W (the input's gradient) at 486 against 212 (benchmarks/RESULTS.md, "fp32 on AVX-512 and
 oneDNN"). The math is the same product; only the order of the fp32 sums inside it differs.
 
     y = linear(x, weight, bias)     # x [..., K], weight [N, K] (any strides) -> x W^T + b
@@ -14,11 +14,15 @@ oneDNN"). The math is the same product; only the order of the fp32 sums inside i
 dL/dW = dL/dy^T x by torch, only where W requires a gradient). ``wants(x, weight)`` says whether
 the oneDNN path applies: fp32 CPU tensors, torch built with oneDNN's linear, and
 GRPO_FAST_NO_ONEDNN_FP32=1 not set (read at call time, so a benchmark can switch it per step).
+
+``use_onednn_linears(model)`` routes a fully fine-tuned model's plain ``nn.Linear`` layers through
+``Linear`` (lean_lora does it for LoRA layers' base products).
 """
 
 from __future__ import annotations
 
 import os
+import types
 
 import torch
 
@@ -81,3 +85,25 @@ def mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> tor
         return torch.mm(a, b) if out is None else torch.mm(a, b, out=out)
     y = linear(a, b.t())  # [M, N]
     return y if out is None else out.copy_(y)
+
+
+def _linear_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    if x.dim() >= 2 and wants(x, self.weight):
+        rows = x.reshape(-1, x.shape[-1])  # [N, in]
+        return Linear.apply(rows, self.weight, self.bias).view(*x.shape[:-1], self.out_features)
+    return torch.nn.functional.linear(x, self.weight, self.bias)
+
+
+def use_onednn_linears(model: torch.nn.Module) -> int:
+    """Route every plain ``nn.Linear`` of `model` (exact type: not peft's or bitsandbytes' layers)
+    through ``Linear`` where ``wants`` says so, at call time; returns how many were switched (a
+    layer already switched counts again, unchanged). Module hooks still run: they wrap forward.
+    dL/dW stays torch's product (oneDNN ran dL/dy^T x, a long reduction over rows, ~2x slower)."""
+    count = 0
+    for module in model.modules():
+        if type(module) is not torch.nn.Linear:
+            continue
+        if "forward" not in module.__dict__:
+            module.forward = types.MethodType(_linear_forward, module)
+        count += 1
+    return count

@@ -168,3 +168,36 @@ def test_lean_lora_with_adapters_disabled_runs_the_base_on_onednn(monkeypatch):
     assert len(calls) == layers * len(ALL_LINEARS)
     torch.testing.assert_close(got, want)
     assert not torch.allclose(got, lean(input_ids=_ids()).logits.detach())  # the adapters do count when on
+
+
+def test_full_finetuning_linears_on_onednn_match_torch_outputs_and_every_gradient(monkeypatch):
+    """lora.enabled: false trains every weight: its plain nn.Linear layers run on oneDNN (forward
+    and dL/dx; dL/dW by torch), with torch's outputs and gradients to fp32 rounding; a deep copy
+    runs its own weights; hooks still fire."""
+    from test_lean_lora import _ids
+    from test_swiglu import _tiny_llama
+
+    from grpo_fast.onednn_gemm import use_onednn_linears
+
+    plain = _tiny_llama()
+    fast = copy.deepcopy(plain)
+    linears = sum(1 for m in fast.modules() if type(m) is torch.nn.Linear)
+    assert use_onednn_linears(fast) == linears
+    seen = []
+    fast.model.layers[0].mlp.down_proj.register_forward_hook(lambda *a: seen.append(1))
+    calls = _count_calls(monkeypatch)
+    outs = []
+    for model in (plain, fast):
+        model.zero_grad(set_to_none=True)
+        logits = model(input_ids=_ids()).logits
+        logits.pow(2).mean().backward()
+        outs.append((logits.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    assert calls and seen == [1]
+    torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-5, atol=1e-5)
+    for n, g in outs[0][1].items():
+        torch.testing.assert_close(outs[1][1][n], g, rtol=1e-4, atol=1e-6)
+    twin = copy.deepcopy(fast)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.mul_(0.5)
+        assert not torch.allclose(twin(input_ids=_ids()).logits, fast(input_ids=_ids()).logits)

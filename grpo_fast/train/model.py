@@ -150,6 +150,7 @@ def load_policy(model_cfg, lora_cfg, *, seed: int = 0, model=None, peft_config=N
     from peft import PeftModel, get_peft_model
 
     from grpo_fast.lean_lora import use_lean_lora
+    from grpo_fast.onednn_gemm import use_onednn_linears
     from grpo_fast.rms_norm import use_lean_rms_norm
     from grpo_fast.swiglu import use_lean_swiglu
 
@@ -188,6 +189,7 @@ def load_policy(model_cfg, lora_cfg, *, seed: int = 0, model=None, peft_config=N
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.enable_input_require_grads()
     if full:
+        use_onednn_linears(base)  # fp32 CPU products on oneDNN (MKL runs AVX2 kernels on AMD CPUs)
         return full_finetuning(base, keep_reference), tokenizer, device
     if peft_config is None:
         targets = lora_cfg.target_modules or lora_targets(base)
