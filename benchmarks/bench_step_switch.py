@@ -38,23 +38,22 @@ def _release_memory(cfg, on: bool) -> str:
     return mode
 
 
-def _packed_weights(cfg, on: bool) -> str:
-    if on:
-        os.environ.pop("GRPO_FAST_NO_PACKED_WEIGHTS", None)
-    else:
-        os.environ["GRPO_FAST_NO_PACKED_WEIGHTS"] = "1"
-    return "packed" if on else "W x^T"
+def _off_switch(variable: str, names: tuple[str, str]):
+    """A switch that sets `variable`=1 when off (a GRPO_FAST_NO_* read at call time); names: (off, on)."""
+
+    def switch(cfg, on: bool) -> str:
+        if on:
+            os.environ.pop(variable, None)
+        else:
+            os.environ[variable] = "1"
+        return names[on]
+
+    return switch
 
 
-def _onednn_fp32(cfg, on: bool) -> str:
-    if on:
-        os.environ.pop("GRPO_FAST_NO_ONEDNN_FP32", None)
-    else:
-        os.environ["GRPO_FAST_NO_ONEDNN_FP32"] = "1"
-    return "oneDNN" if on else "MKL"
-
-
-SWITCHES = {"release_memory": _release_memory, "packed_weights": _packed_weights, "onednn_fp32": _onednn_fp32}
+SWITCHES = {"release_memory": _release_memory,
+            "packed_weights": _off_switch("GRPO_FAST_NO_PACKED_WEIGHTS", ("W x^T", "packed")),
+            "onednn_fp32": _off_switch("GRPO_FAST_NO_ONEDNN_FP32", ("MKL", "oneDNN"))}
 
 
 def main() -> None:
