@@ -18,6 +18,7 @@
 #include <immintrin.h>
 #else
 #define GF_AVX2
+#define GF_AVX512
 #endif
 #define GF_INLINE inline __attribute__((always_inline))
 

@@ -561,7 +561,10 @@ GF_AVX2 void prefix_item_avx2(const T* q, const T* kc, const T* vc, const Cascad
       }
     }
     int64_t r = 0;
-    if (wide) r = nq, score_rows_512(sb, qs, kt, nq, D);
+    if (wide) {
+      score_rows_512(sb, qs, kt, nq, D);
+      r = nq;
+    }
     for (; r + 3 <= nq; r += 3) score_tile<3>(sb + r * kCascadeKeys, qs + r * D, kt, D);
     for (; r < nq; ++r) score_tile<1>(sb + r * kCascadeKeys, qs + r * D, kt, D);
     // online softmax, 8 keys a vector (the scalar loop did not vectorize: a fifth of the item);
@@ -591,7 +594,10 @@ GF_AVX2 void prefix_item_avx2(const T* q, const T* kc, const T* vc, const Cascad
       m[qi] = mb;
     }
     r = 0;
-    if (wide) r = nq, pv_all_512(acc, corr, sb, vrow, cn, nq, D);
+    if (wide) {
+      pv_all_512(acc, corr, sb, vrow, cn, nq, D);
+      r = nq;
+    }
     for (; r + 3 <= nq; r += 3)
       pv_rows<3>(acc + r * D, corr + r, sb + r * kCascadeKeys, vrow, cn, D);
     for (; r < nq; ++r) pv_rows<1>(acc + r * D, corr + r, sb + r * kCascadeKeys, vrow, cn, D);

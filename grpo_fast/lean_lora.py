@@ -65,8 +65,8 @@ def _writes_fresh_output(base) -> bool:
 
 
 def _lean_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    if self.disable_adapters and not self.merged and not args and not kwargs:
-        # the base layer alone (peft's forward then calls it): the reference model's pass
+    if self.disable_adapters and not self.merged and not args and not kwargs and type(self.base_layer) is torch.nn.Linear:
+        # the base layer alone (what peft's forward then computes): the reference model's pass
         return _base_rows(self.base_layer, x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], -1)
     if not _lean_path_covers(self, args, kwargs):
         return self._peft_forward(x, *args, **kwargs)
