@@ -356,6 +356,7 @@ _WIDE_TILE_CASES = """
             groups = [torch.as_tensor(a) for a in kv.cascade_groups(tables, lens, gids, 16, min_prefix=1)]
             q = torch.randn(len(gids), hq, D, generator=torch.Generator().manual_seed(D)).to(dtype)
             outs.append(kv.cascade_decode_attention(q, kc, vc, tables, lens, D ** -0.5, *groups))
+            outs.append(kv.paged_decode_attention(q, kc, vc, tables, lens, D ** -0.5))  # its P.V panels too
     torch.save(outs, {path!r})
     print("ok")
 """
@@ -364,7 +365,8 @@ _WIDE_TILE_CASES = """
 @pytest.mark.skipif(not _avx512_runs(), reason="this CPU has no AVX-512 F (or GRPO_FAST_NO_AVX512=1 is set)")
 def test_prefix_item_on_zmm_tiles_equals_the_ymm_one_bit_for_bit(tmp_path):
     """The fp32 prefix item's score and P.V tiles on zmm (6 queries x 32 keys / dims, where the
-    CPU has AVX-512) sum in the ymm tiles' order, so the cascade's output is theirs bit for bit:
+    CPU has AVX-512), and the per-sequence kernel's fp32 P.V panels (16 dims a register), sum in
+    the ymm code's order, so the cascade's and the paged kernel's outputs are theirs bit for bit:
     fp32 and bf16 caches (the bf16 one through the same item with the vdpbf16ps item off),
     query rows that are and are not a multiple of 6 (G x rep = 15, 30, 35, 30), D = 64, 128 and
     the ragged 40 and 24 (a last 8 dims on ymm), prefixes across work splits."""
@@ -377,6 +379,6 @@ def test_prefix_item_on_zmm_tiles_equals_the_ymm_one_bit_for_bit(tmp_path):
     assert run_fresh(_WIDE_TILE_CASES.format(path=str(paths[0])), env=env) == "ok"
     assert run_fresh(_WIDE_TILE_CASES.format(path=str(paths[1])), env={**env, "GRPO_FAST_NO_AVX512": "1"}) == "ok"
     wide, ymm = torch.load(paths[0]), torch.load(paths[1])
-    assert len(wide) == len(ymm) == 8
+    assert len(wide) == len(ymm) == 16
     for a, b in zip(wide, ymm):
         assert torch.equal(a, b)
