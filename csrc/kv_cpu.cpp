@@ -209,7 +209,6 @@ GF_AVX2 inline void attend_avx2(T* out, const T* q, const T* kc, const T* vc, Ro
   alignas(64) float s[kMaxRep][kChunk];
   float m[kMaxRep], l[kMaxRep], corr[kMaxRep];
   const bool dot_products = std::is_same_v<T, uint16_t> && D % 16 == 0 && use_avx512_bf16();
-  const bool wide = use_avx512();
   for (int r = 0; r < rc; ++r) {
     for (int d = 0; d < D; ++d) {
       qs[r * D + d] = load(q, r * D + d) * scale;
@@ -267,7 +266,7 @@ GF_AVX2 inline void attend_avx2(T* out, const T* q, const T* kc, const T* vc, Ro
       float* a = acc + r * D;
       int d0 = 0;
       if constexpr (std::is_same_v<T, float>) {
-        if (wide) d0 = pv_panels_512(a, corr[r], s[r], vc, off, cn, D);  // fp32 V on zmm
+        if (use_avx512()) d0 = pv_panels_512(a, corr[r], s[r], vc, off, cn, D);  // fp32 V on zmm
       }
       for (; d0 + 64 <= D; d0 += 64) pv_panel<8>(a + d0, corr[r], s[r], vc, off, cn, d0);
       for (; d0 + 8 <= D; d0 += 8) pv_panel<1>(a + d0, corr[r], s[r], vc, off, cn, d0);

@@ -256,7 +256,7 @@ Packed pack(const Problem& p, const std::vector<Segment*>& segs) {
   int64_t rank = 0;
   struct ABlock { const LoraTerm* lt; int64_t row, j0; };  // `step` rows of A, written at `row`
   std::vector<ABlock> ablocks;
-  const int64_t step = use_avx512() ? kWideRows : kRows;  // (wide_tile's rows)
+  const int64_t step = block_rows();  // A rows a tile, as the main pass's blocks
   for (const Segment* sg : segs) {
     offsets.emplace_back();
     for (const LoraTerm& lt : sg->lora) {

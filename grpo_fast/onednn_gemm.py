@@ -29,10 +29,14 @@ import torch
 SWITCH_OFF = "GRPO_FAST_NO_ONEDNN_FP32"
 
 
+def in_torch() -> bool:
+    """oneDNN's linear is in this torch build (CPU builds with mkldnn)."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
 def available() -> bool:
-    """oneDNN's linear is in this torch build (CPU builds with mkldnn) and not switched off."""
-    return (os.environ.get(SWITCH_OFF) != "1" and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+    """oneDNN's linear is in this torch build and the fp32 path is not switched off."""
+    return os.environ.get(SWITCH_OFF) != "1" and in_torch()
 
 
 def wants(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -42,7 +46,8 @@ def wants(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x W^T + b on oneDNN, no autograd: x [..., K], weight [N, K], bias [N] -> [..., N]."""
+    """x W^T + b on oneDNN, no autograd: x [..., K], weight [N, K] (or one packed by
+    torch.ops.mkldnn._reorder_linear_weight), bias [N] -> [..., N]."""
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [None], "")
 
 

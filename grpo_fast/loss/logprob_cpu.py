@@ -234,12 +234,12 @@ def logprob_forward_input_grad(
         h = hidden[s:e] if rows is None else gather_rows(hidden, rows[s:e])  # [C, H]
         if fresh_chunks:
             zt = onednn_gemm.linear(h, weight).t()  # [V, C], a view of [C, V] rows
-        elif hidden.dtype == f32:
-            zt = buf[: vocab * c].view(vocab, c)  # [V, C], contiguous
-            torch.mm(weight, h.t(), out=zt)
         else:
-            zt = buf[: vocab * c].view(vocab, c)
-            zt.copy_(weight @ h.t())
+            zt = buf[: vocab * c].view(vocab, c)  # [V, C], contiguous
+            if hidden.dtype == f32:
+                torch.mm(weight, h.t(), out=zt)
+            else:
+                zt.copy_(weight @ h.t())
         if bias_f is not None:
             zt += bias_f.unsqueeze(1)
         if inv_t != 1.0:

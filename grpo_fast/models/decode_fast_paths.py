@@ -164,13 +164,12 @@ def _base_product(x: torch.Tensor, base: nn.Linear, packed: torch.Tensor | None)
     """x W^T + b [M, N]: from the packed weight when given (F.linear bit for bit), else F.linear."""
     if packed is None:
         return torch.nn.functional.linear(x, base.weight, base.bias)
-    return torch.ops.mkldnn._linear_pointwise(x, packed, base.bias, "none", [None], "")
+    return onednn_gemm.linear(x, packed, base.bias)
 
 
 def _packing_available() -> bool:
     """oneDNN's packed linear is in this torch build (CPU builds with mkldnn) and not switched off."""
-    return (os.environ.get("GRPO_FAST_NO_PACKED_WEIGHTS") != "1" and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+    return os.environ.get("GRPO_FAST_NO_PACKED_WEIGHTS") != "1" and onednn_gemm.in_torch()
 
 
 # The row count oneDNN picks the packed layout for: a decode step's (B x G = 32 here); any other
@@ -410,8 +409,7 @@ class FastPaths:
         if parts is None:
             if self._gated_parts(mlp, x, prefill=True) is None:
                 return into.add_(mlp(x))
-            inner = mlp.act_fn(self.linear(mlp.gate_proj, x)).mul_(self.linear(mlp.up_proj, x))  # [M, I]
-            return into.add_(self.linear(mlp.down_proj, inner))
+            return self._gated_by_projections_(into, mlp, x)  # a prefill: each projection on oneDNN
         gate, up, down = parts
         if _native(x, gate) and _native(x, up):
             return self.linear_add_(into, mlp.down_proj, self._gated_inner(mlp, x, gate, up))
@@ -419,13 +417,17 @@ class FastPaths:
             inner = mlp.act_fn(self._packed_rows(gate, x)).mul_(self._packed_rows(up, x))
             return into.add_(self._packed_rows(down, inner))
         if any(p.mixed is not None for p in parts) and not self._transposable(parts, x):
-            inner = mlp.act_fn(self.linear(mlp.gate_proj, x)).mul_(self.linear(mlp.up_proj, x))  # [M, I]
-            return into.add_(self.linear(mlp.down_proj, inner))
+            return self._gated_by_projections_(into, mlp, x)
         xt = x.t()  # [H, M]
         # (fp32 adapters over a bf16 base: gate's and up's terms read x's rows, down's inner_t as it lies)
         gate_t, up_t = _transposed_many([gate, up], xt, x)
         inner_t = mlp.act_fn(gate_t).mul_(up_t)  # [I, M]
         return _add_rows_(into, _transposed(down, inner_t))
+
+    def _gated_by_projections_(self, into: torch.Tensor, mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """into += down(act(gate(x)) * up(x)), each projection by ``linear``, in rows."""
+        inner = mlp.act_fn(self.linear(mlp.gate_proj, x)).mul_(self.linear(mlp.up_proj, x))  # [M, I]
+        return into.add_(self.linear(mlp.down_proj, inner))
 
     @staticmethod
     def _transposable(parts: list[Parts], x: torch.Tensor) -> bool:
