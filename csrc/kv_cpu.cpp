@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "cascade_bf16_cpu.h"
+#include "cascade_f32_cpu.h"
 #include "common.h"
 #include "cpu_common.h"
 #include "parallel.h"
@@ -124,12 +125,6 @@ GF_INLINE void attend(T* out, const T* q, const T* kc, const T* vc, RowFn row, i
 // Same math as `attend`, with the register blocking spelled out: a score is two FMA chains
 // over the head dim and one horizontal sum; P.V keeps a 64-wide panel of the output (8 ymm
 // registers) in registers across the whole key chunk instead of a load/store per key.
-GF_AVX2 inline float hmax8(__m256 v) {
-  __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  x = _mm_max_ps(x, _mm_movehl_ps(x, x));
-  x = _mm_max_ss(x, _mm_movehdup_ps(x));
-  return _mm_cvtss_f32(x);
-}
 // The 8 horizontal sums of a[0..7], as one vector: [sum(a[0]), ..., sum(a[7])].
 GF_AVX2 inline __m256 hsum8x8(const __m256* a) {
   const __m256 s01 = _mm256_hadd_ps(a[0], a[1]), s23 = _mm256_hadd_ps(a[2], a[3]);
@@ -358,15 +353,13 @@ void run_decode_item(int dtype, bool avx2, uintptr_t out, uintptr_t q, uintptr_t
 
 // ---- cascade: a group's queries together against its shared prefix ---------------------------
 // One work item = (group, kv head, range of prefix keys). The nq = G * rep queries of the group
-// for that kv head form one block Q [nq, D]; for each chunk of 32 prefix keys, read once from
-// the group's first sequence's blocks (K packed transposed [D][32], fp32), the scores are a
-// small GEMM Q K^T (3 queries x 32 keys = 12 accumulators per micro-tile), then an online
-// softmax per query, then P V (3 queries x 32 dims of the output per micro-tile). The per-
-// sequence kernel reads those keys G times, once per sequence, and does a matrix-vector pass
-// per query head; here K/V traffic is divided by G and the arithmetic is register-blocked.
-// Output: the unnormalized (acc, m, l) of every query, merged later with the sequence's own
-// keys (and the other prefix ranges).
-constexpr int kCascadeKeys = 32;         // prefix keys per online-softmax step
+// for that kv head attend together over those keys, read once from the group's first sequence's
+// blocks: the scores are a small GEMM (queries in the vector lanes, each key row broadcast from
+// the cache), an online softmax per lane, then P V into the query rows (cascade_f32_cpu.h, or
+// cascade_bf16_cpu.h's vdpbf16ps item for bf16 caches). The per-sequence kernel reads those keys
+// G times, once per sequence, and does a matrix-vector pass per query head; here K/V traffic is
+// divided by G and the arithmetic is register-blocked. Output: the unnormalized (acc, m, l) of
+// every query, merged later with the sequence's own keys (and the other prefix ranges).
 constexpr int64_t kPrefixSplit = 256;    // prefix keys per work item
 
 struct CascadeArgs {
@@ -375,267 +368,6 @@ struct CascadeArgs {
   const int32_t* starts;  // [groups + 1] into rows
   const int32_t* prefix;  // [groups] shared prefix length
 };
-
-// Per-thread buffers of a prefix item (grown on demand, never shrunk).
-struct PrefixScratch {
-  std::vector<float> q, acc, s, kt, v, m, l, corr;
-  void reserve(int64_t nq, int D) {
-    auto grow = [](std::vector<float>& b, int64_t n) { if (static_cast<int64_t>(b.size()) < n) b.resize(n); };
-    grow(q, nq * D);
-    grow(acc, nq * D);
-    grow(s, nq * kCascadeKeys);
-    grow(kt, static_cast<int64_t>(D) * kCascadeKeys);
-    grow(v, static_cast<int64_t>(kCascadeKeys) * D);
-    grow(m, nq);
-    grow(l, nq);
-    grow(corr, nq);
-  }
-};
-
-#ifdef GF_X86_DISPATCH
-// s[r][0:32] = sum_d q_r[d] * kt[d][0:32] for r < NR (q rows D apart).
-template <int NR>
-GF_AVX2 inline void score_tile(float* s, const float* q, const float* kt, int D) {
-  __m256 acc[NR][4];
-  for (int r = 0; r < NR; ++r)
-    for (int v = 0; v < 4; ++v) acc[r][v] = _mm256_setzero_ps();
-  for (int d = 0; d < D; ++d) {
-    const float* k = kt + d * kCascadeKeys;
-    const __m256 k0 = _mm256_loadu_ps(k), k1 = _mm256_loadu_ps(k + 8),
-                 k2 = _mm256_loadu_ps(k + 16), k3 = _mm256_loadu_ps(k + 24);
-    for (int r = 0; r < NR; ++r) {
-      const __m256 b = _mm256_broadcast_ss(q + r * D + d);
-      acc[r][0] = _mm256_fmadd_ps(b, k0, acc[r][0]);
-      acc[r][1] = _mm256_fmadd_ps(b, k1, acc[r][1]);
-      acc[r][2] = _mm256_fmadd_ps(b, k2, acc[r][2]);
-      acc[r][3] = _mm256_fmadd_ps(b, k3, acc[r][3]);
-    }
-  }
-  for (int r = 0; r < NR; ++r)
-    for (int v = 0; v < 4; ++v) _mm256_storeu_ps(s + r * kCascadeKeys + 8 * v, acc[r][v]);
-}
-
-// acc_r[0:8*NV] = acc_r * corr[r] + sum_{t < cn} p_r[t] * v_t[vo:vo+8*NV] for r < NR (acc rows D
-// apart, p rows 32 apart, v_t = v[t]: a row of the cache itself or of a converted copy).
-template <int NR, int NV>
-GF_AVX2 inline void pv_tile(float* acc, const float* corr, const float* p, const float* const* v,
-                            int vo, int cn, int D) {
-  __m256 a[NR][NV];
-  for (int r = 0; r < NR; ++r) {
-    const __m256 c = _mm256_set1_ps(corr[r]);
-    for (int i = 0; i < NV; ++i) a[r][i] = _mm256_mul_ps(_mm256_loadu_ps(acc + r * D + 8 * i), c);
-  }
-  // Per key: the NR weights broadcast first, then one V vector at a time into its NR
-  // accumulators. Live registers: NR * NV + NR + 1 = 16 at (3, 4), all 16 ymm. (Loading the NV
-  // vectors of V first needs 17: GCC then kept one accumulator on the stack, and its store ->
-  // load round trip every key bound the whole tile: a third of the item's time in perf.)
-  for (int t = 0; t < cn; ++t) {
-    __m256 pt[NR];
-    for (int r = 0; r < NR; ++r) pt[r] = _mm256_set1_ps(p[r * kCascadeKeys + t]);
-    const float* vr = v[t] + vo;
-    for (int i = 0; i < NV; ++i) {
-      const __m256 vt = _mm256_loadu_ps(vr + 8 * i);
-      for (int r = 0; r < NR; ++r) a[r][i] = _mm256_fmadd_ps(pt[r], vt, a[r][i]);
-    }
-  }
-  for (int r = 0; r < NR; ++r)
-    for (int i = 0; i < NV; ++i) _mm256_storeu_ps(acc + r * D + 8 * i, a[r][i]);
-}
-
-template <int NR>
-GF_AVX2 inline void pv_rows(float* acc, const float* corr, const float* p, const float* const* v,
-                            int cn, int D) {
-  int d0 = 0;
-  for (; d0 + 32 <= D; d0 += 32) pv_tile<NR, 4>(acc + d0, corr, p, v, d0, cn, D);
-  for (; d0 + 8 <= D; d0 += 8) pv_tile<NR, 1>(acc + d0, corr, p, v, d0, cn, D);
-}
-
-// The same tiles on zmm where the CPU has AVX-512 (use_avx512): 6 queries x 32 keys (scores) and
-// 6 queries x 32 dims (P.V), 12 accumulators each where the ymm tiles hold 3 x 32. Every sum runs
-// in the same order as in score_tile / pv_tile (d, then keys, ascending; one FMA each), so the
-// results are theirs bit for bit.
-template <int NR>
-GF_AVX512 GF_INLINE void score_tile_512(float* s, const float* q, const float* kt, int D) {
-  __m512 acc[NR][2];
-  for (int r = 0; r < NR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-  for (int d = 0; d < D; ++d) {
-    const float* k = kt + d * kCascadeKeys;
-    const __m512 k0 = _mm512_loadu_ps(k), k1 = _mm512_loadu_ps(k + 16);
-    for (int r = 0; r < NR; ++r) {
-      const __m512 b = _mm512_set1_ps(q[r * D + d]);
-      acc[r][0] = _mm512_fmadd_ps(b, k0, acc[r][0]);
-      acc[r][1] = _mm512_fmadd_ps(b, k1, acc[r][1]);
-    }
-  }
-  for (int r = 0; r < NR; ++r) {
-    _mm512_storeu_ps(s + r * kCascadeKeys, acc[r][0]);
-    _mm512_storeu_ps(s + r * kCascadeKeys + 16, acc[r][1]);
-  }
-}
-
-template <int NR, int NV>
-GF_AVX512 GF_INLINE void pv_tile_512(float* acc, const float* corr, const float* p, const float* const* v,
-                                     int vo, int cn, int D) {
-  __m512 a[NR][NV];
-  for (int r = 0; r < NR; ++r) {
-    const __m512 c = _mm512_set1_ps(corr[r]);
-    for (int i = 0; i < NV; ++i) a[r][i] = _mm512_mul_ps(_mm512_loadu_ps(acc + r * D + 16 * i), c);
-  }
-  for (int t = 0; t < cn; ++t) {
-    const float* vr = v[t] + vo;
-    __m512 vt[NV];
-    for (int i = 0; i < NV; ++i) vt[i] = _mm512_loadu_ps(vr + 16 * i);
-    for (int r = 0; r < NR; ++r) {
-      const __m512 pt = _mm512_set1_ps(p[r * kCascadeKeys + t]);
-      for (int i = 0; i < NV; ++i) a[r][i] = _mm512_fmadd_ps(pt, vt[i], a[r][i]);
-    }
-  }
-  for (int r = 0; r < NR; ++r)
-    for (int i = 0; i < NV; ++i) _mm512_storeu_ps(acc + r * D + 16 * i, a[r][i]);
-}
-
-template <int NR>
-GF_AVX512 GF_INLINE void pv_rows_512(float* acc, const float* corr, const float* p, const float* const* v,
-                                     int cn, int D) {
-  int d0 = 0;
-  for (; d0 + 32 <= D; d0 += 32) pv_tile_512<NR, 2>(acc + d0, corr, p, v, d0, cn, D);
-  for (; d0 + 16 <= D; d0 += 16) pv_tile_512<NR, 1>(acc + d0, corr, p, v, d0, cn, D);
-  if (d0 < D) pv_tile<NR, 1>(acc + d0, corr, p, v, d0, cn, D);  // D % 16 == 8: the last 8 on ymm
-}
-
-// Every query row's scores against the chunk's K^T (s [nq][32], q [nq][D]), 6 rows at a time.
-GF_AVX512 void score_rows_512(float* s, const float* q, const float* kt, int64_t nq, int D) {
-  int64_t r = 0;
-  for (; r + 6 <= nq; r += 6) score_tile_512<6>(s + r * kCascadeKeys, q + r * D, kt, D);
-  for (; r < nq; ++r) score_tile_512<1>(s + r * kCascadeKeys, q + r * D, kt, D);
-}
-
-// acc (+)= P V for every query row (acc [nq][D] scaled by corr first), 6 rows at a time.
-GF_AVX512 void pv_all_512(float* acc, const float* corr, const float* p, const float* const* v, int cn,
-                          int64_t nq, int D) {
-  int64_t r = 0;
-  for (; r + 6 <= nq; r += 6) pv_rows_512<6>(acc + r * D, corr + r, p + r * kCascadeKeys, v, cn, D);
-  for (; r < nq; ++r) pv_rows_512<1>(acc + r * D, corr + r, p + r * kCascadeKeys, v, cn, D);
-}
-
-// A V row as fp32: the cache's own row, or (bf16) converted into `copy`.
-GF_AVX2 inline const float* v_row(const float* row, float*, int) { return row; }
-GF_AVX2 inline const float* v_row(const uint16_t* row, float* copy, int D) {
-  for (int d = 0; d < D; d += 8) _mm256_storeu_ps(copy + d, load8(row + d));
-  return copy;
-}
-
-// The prefix item on the AVX2 path (D % 8 == 0).
-template <typename T>
-GF_AVX2 void prefix_item_avx2(const T* q, const T* kc, const T* vc, const CascadeArgs& c,
-                              int64_t g, int h, int64_t k0, int64_t k1, float* part,
-                              int64_t part_stride) {
-  const DecodeArgs& a = c.a;
-  const int D = a.D, rep = a.hq / a.hkv;
-  const int64_t first = c.starts[g], G = c.starts[g + 1] - first;
-  const int64_t nq = G * rep;
-  const bool wide = use_avx512();  // the score and P.V tiles on zmm (same results)
-  thread_local PrefixScratch sc;
-  sc.reserve(nq, D);
-  float *qs = sc.q.data(), *acc = sc.acc.data(), *sb = sc.s.data(), *kt = sc.kt.data();
-  float *vb = sc.v.data(), *m = sc.m.data(), *l = sc.l.data(), *corr = sc.corr.data();
-  for (int64_t i = 0; i < G; ++i)
-    for (int r = 0; r < rep; ++r) {
-      const T* qr = q + (static_cast<int64_t>(c.rows[first + i]) * a.hq + h * rep + r) * D;
-      float* dst = qs + (i * rep + r) * D;
-      for (int d = 0; d < D; ++d) dst[d] = load(qr, d) * a.scale;
-    }
-  std::fill(acc, acc + nq * D, 0.f);
-  std::fill(m, m + nq, -std::numeric_limits<float>::infinity());
-  std::fill(l, l + nq, 0.f);
-  const int32_t* table = a.tables + static_cast<int64_t>(c.rows[first]) * a.max_blocks;
-  const float* vrow[kCascadeKeys];
-  for (int64_t j0 = k0; j0 < k1; j0 += kCascadeKeys) {
-    const int cn = static_cast<int>(std::min<int64_t>(kCascadeKeys, k1 - j0));
-    // K^T [D][32] in fp32 (zeros past cn): 8 keys x 8 dims at a time through registers (a
-    // scalar transposed store per element was a third of the item). V rows: the cache's own
-    // (fp32) or an fp32 copy (bf16).
-    int t = 0;
-    for (; t + 8 <= cn; t += 8) {
-      const T* krow[8];
-      for (int i = 0; i < 8; ++i) {
-        const int64_t off = kv_offset(token_slot(table, j0 + t + i, a.bs), h, a.hkv, D);
-        krow[i] = kc + off;
-        vrow[t + i] = v_row(vc + off, vb + (t + i) * D, D);
-      }
-      for (int d = 0; d < D; d += 8) {
-        __m256 r[8];
-        for (int i = 0; i < 8; ++i) r[i] = load8(krow[i] + d);
-        transpose8x8(r);
-        for (int i = 0; i < 8; ++i) _mm256_storeu_ps(kt + (d + i) * kCascadeKeys + t, r[i]);
-      }
-    }
-    for (; t < kCascadeKeys; ++t) {
-      if (t < cn) {
-        const int64_t off = kv_offset(token_slot(table, j0 + t, a.bs), h, a.hkv, D);
-        for (int d = 0; d < D; ++d) kt[d * kCascadeKeys + t] = load(kc + off, d);
-        vrow[t] = v_row(vc + off, vb + t * D, D);
-      } else {
-        for (int d = 0; d < D; ++d) kt[d * kCascadeKeys + t] = 0.f;
-      }
-    }
-    // the next chunk's K/V rows start coming from memory while this one computes (the packing
-    // above otherwise waits on every row: the item is read-bound once the arithmetic is blocked)
-    for (int64_t j = j0 + kCascadeKeys; j < std::min<int64_t>(k1, j0 + 2 * kCascadeKeys); ++j) {
-      const int64_t off = kv_offset(token_slot(table, j, a.bs), h, a.hkv, D);
-      for (int64_t byte = 0; byte < static_cast<int64_t>(D * sizeof(T)); byte += 64) {
-        _mm_prefetch(reinterpret_cast<const char*>(kc + off) + byte, _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(vc + off) + byte, _MM_HINT_T0);
-      }
-    }
-    int64_t r = 0;
-    if (wide) {
-      score_rows_512(sb, qs, kt, nq, D);
-      r = nq;
-    }
-    for (; r + 3 <= nq; r += 3) score_tile<3>(sb + r * kCascadeKeys, qs + r * D, kt, D);
-    for (; r < nq; ++r) score_tile<1>(sb + r * kCascadeKeys, qs + r * D, kt, D);
-    // online softmax, 8 keys a vector (the scalar loop did not vectorize: a fifth of the item);
-    // lanes past cn weigh nothing
-    __m256 keep[4];
-    for (int v = 0; v < 4; ++v)
-      keep[v] = _mm256_castsi256_ps(_mm256_cmpgt_epi32(
-          _mm256_set1_epi32(cn), _mm256_add_epi32(_mm256_set1_epi32(8 * v), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))));
-    const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-    for (int64_t qi = 0; qi < nq; ++qi) {
-      float* sr = sb + qi * kCascadeKeys;
-      __m256 sv[4], mx = ninf;
-      for (int v = 0; v < 4; ++v) {
-        sv[v] = _mm256_blendv_ps(ninf, _mm256_loadu_ps(sr + 8 * v), keep[v]);
-        mx = _mm256_max_ps(mx, sv[v]);
-      }
-      const float mb = std::max(m[qi], hmax8(mx));
-      corr[qi] = std::exp(m[qi] - mb);  // exp(-inf) = 0 on the first chunk
-      const __m256 mbv = _mm256_set1_ps(mb);
-      __m256 sum = _mm256_setzero_ps();
-      for (int v = 0; v < 4; ++v) {
-        const __m256 e = _mm256_and_ps(exp_nonpos8(_mm256_sub_ps(sv[v], mbv)), keep[v]);
-        _mm256_storeu_ps(sr + 8 * v, e);
-        sum = _mm256_add_ps(sum, e);
-      }
-      l[qi] = l[qi] * corr[qi] + hsum8(sum);
-      m[qi] = mb;
-    }
-    r = 0;
-    if (wide) {
-      pv_all_512(acc, corr, sb, vrow, cn, nq, D);
-      r = nq;
-    }
-    for (; r + 3 <= nq; r += 3)
-      pv_rows<3>(acc + r * D, corr + r, sb + r * kCascadeKeys, vrow, cn, D);
-    for (; r < nq; ++r) pv_rows<1>(acc + r * D, corr + r, sb + r * kCascadeKeys, vrow, cn, D);
-  }
-  for (int64_t i = 0; i < G; ++i) {
-    float* dst = part + i * part_stride + static_cast<int64_t>(h) * rep * (D + 2);
-    finish(static_cast<T*>(nullptr), dst, acc + i * rep * D, m + i * rep, l + i * rep, rep, D);
-  }
-}
-#endif
 
 // The prefix item without AVX2 (or D % 8 != 0): each query over the same shared keys with the
 // per-sequence pass (correct, not faster).
@@ -671,14 +403,12 @@ void run_prefix_item(int dtype, bool avx2, uintptr_t q, uintptr_t kc, uintptr_t 
     return cascade_prefix_bf16(p, h, k0, k1, part, part_stride);
   }
   if (avx2 && c.a.D % 8 == 0) {
-    if (dtype == kF32)
-      return prefix_item_avx2(reinterpret_cast<const float*>(q), reinterpret_cast<const float*>(kc),
-                              reinterpret_cast<const float*>(vc), c, g, h, k0, k1, part,
-                              part_stride);
-    return prefix_item_avx2(reinterpret_cast<const uint16_t*>(q),
-                            reinterpret_cast<const uint16_t*>(kc),
-                            reinterpret_cast<const uint16_t*>(vc), c, g, h, k0, k1, part,
-                            part_stride);
+    const int64_t first = c.starts[g];
+    const GroupPrefix p{reinterpret_cast<const void*>(q), reinterpret_cast<const void*>(kc),
+                        reinterpret_cast<const void*>(vc),
+                        c.a.tables + static_cast<int64_t>(c.rows[first]) * c.a.max_blocks, c.rows + first,
+                        c.starts[g + 1] - first, c.a.hq, c.a.hkv, c.a.D, c.a.bs, c.a.scale, dtype == kBF16};
+    return cascade_prefix_f32(p, use_avx512(), h, k0, k1, part, part_stride);
   }
 #endif
   if (dtype == kF32)

@@ -38,10 +38,13 @@ CPU_MIN_PREFIX = 128
 # once its scores also ran on vdpbf16ps: 0.96x at 48, 1.03x at 64 (1.08x on the sampler's path),
 # 1.21x at 128 ("The per-sequence bf16 kernel's scores on vdpbf16ps"): 64 still.
 CPU_MIN_PREFIX_BF16_DOT = 64
-# The same for an fp32 cache on a CPU with AVX-512, where the prefix item's score and P.V tiles
-# run on zmm (6 queries x 32, bit for bit the ymm tiles' output): SmolLM2's heads, 4 x 8, both
-# kernels alternating in one process (DecodeStep.attend, medians of 15): 1.01x at 32 shared keys,
-# 1.02x at 48, 1.12x at 64, 1.23x at 96 (RESULTS.md, "fp32 on AVX-512 and oneDNN", 7 Dec).
+# The same for an fp32 cache on a CPU with AVX-512, where the prefix item runs on zmm (16 queries
+# a register, bit for bit its ymm build's output): SmolLM2's heads, 4 x 8, both kernels
+# alternating in one process (DecodeStep.attend, medians of 15): 1.01x at 32 shared keys, 1.02x at
+# 48, 1.12x at 64, 1.23x at 96 (RESULTS.md, "fp32 on AVX-512 and oneDNN", 7 Dec); with the item's
+# queries in the lanes (csrc/cascade_f32_cpu.cpp) 0.99x at 32, 1.04x at 48, 1.13x at 64, 1.31x at
+# 128, and on ymm (GRPO_FAST_NO_AVX512=1) 0.88x at 64, 1.01x at 128 (RESULTS.md, "The fp32
+# cascade's queries in the vector lanes", 7 Dec): 64 and 128 stand.
 CPU_MIN_PREFIX_AVX512 = 64
 
 

@@ -1,0 +1,122 @@
+// The cascade's fp32 shared-prefix item (see the header for the math and cascade_f32_item.inc for
+// the layout). Its body is written once and built twice here: over 8-lane ymm (AVX2 + FMA) and
+// over 16-lane zmm (AVX-512 F), picked per call by the caller's use_avx512().
+#include "cascade_f32_cpu.h"
+
+#include <algorithm>
+#include <limits>
+#include <stdexcept>
+#include <vector>
+
+#include "common.h"
+#include "cpu_common.h"
+
+namespace grpo_fast {
+
+#ifdef GF_X86_DISPATCH
+namespace {
+
+constexpr int kKeys = 64;  // prefix keys per online-softmax step
+
+GF_INLINE float load_f32(float x) { return x; }
+GF_INLINE float load_f32(uint16_t x) { return bf16_to_f32(x); }
+
+// The cache rows (K, V) of prefix keys [j0, j0 + n) of kv head h, walking the block table
+// without a division per key.
+template <typename T>
+GF_INLINE void cache_rows(const GroupPrefix& p, const T* kc, const T* vc, int h, int64_t j0, int n,
+                          const T** k, const T** v) {
+  int64_t block = j0 / p.bs;
+  int in_block = static_cast<int>(j0 % p.bs);
+  for (int t = 0; t < n; ++t) {
+    const int64_t off = kv_offset(static_cast<int64_t>(p.table[block]) * p.bs + in_block, h, p.hkv, p.D);
+    k[t] = kc + off;
+    v[t] = vc + off;
+    if (++in_block == p.bs) {
+      in_block = 0;
+      ++block;
+    }
+  }
+}
+
+// 8 fp32 lanes. Tiles: scores 4 keys x 3 query vectors (12 accumulators + 3 + 1 of 16 ymm), P.V
+// 3 query rows x 32 dims (12 + 3 + 1).
+struct Ymm {
+  using R = __m256;
+  static constexpr int W = 8, kKeyTile = 4, kQueryVecs = 3, kPvRows = 3, kPvVecs = 4;
+  GF_AVX2 static GF_INLINE R zero() { return _mm256_setzero_ps(); }
+  GF_AVX2 static GF_INLINE R set1(float x) { return _mm256_set1_ps(x); }
+  GF_AVX2 static GF_INLINE R load(const float* p) { return _mm256_loadu_ps(p); }
+  GF_AVX2 static GF_INLINE void store(float* p, R x) { _mm256_storeu_ps(p, x); }
+  GF_AVX2 static GF_INLINE R load_part(const float* p, int) { return _mm256_loadu_ps(p); }  // D % 8 == 0
+  GF_AVX2 static GF_INLINE void store_part(float* p, R x, int) { _mm256_storeu_ps(p, x); }
+  GF_AVX2 static GF_INLINE R fmadd(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
+  GF_AVX2 static GF_INLINE R mul(R a, R b) { return _mm256_mul_ps(a, b); }
+  GF_AVX2 static GF_INLINE R add(R a, R b) { return _mm256_add_ps(a, b); }
+  GF_AVX2 static GF_INLINE R sub(R a, R b) { return _mm256_sub_ps(a, b); }
+  GF_AVX2 static GF_INLINE R max(R a, R b) { return _mm256_max_ps(a, b); }
+  GF_AVX2 static GF_INLINE R round(R x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  // 2^i for integral i in [-126, 127]
+  GF_AVX2 static GF_INLINE R exp2i(R i) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(i), _mm256_set1_epi32(127)), 23));
+  }
+};
+
+// 16 fp32 lanes (32 zmm registers). Tiles: scores 8 keys x 3 query vectors (24 + 3 + 1), P.V 6
+// query rows x 32 dims (12 + 6 + 1).
+struct Zmm {
+  using R = __m512;
+  static constexpr int W = 16, kKeyTile = 8, kQueryVecs = 3, kPvRows = 6, kPvVecs = 2;
+  GF_AVX512 static GF_INLINE R zero() { return _mm512_setzero_ps(); }
+  GF_AVX512 static GF_INLINE R set1(float x) { return _mm512_set1_ps(x); }
+  GF_AVX512 static GF_INLINE R load(const float* p) { return _mm512_loadu_ps(p); }
+  GF_AVX512 static GF_INLINE void store(float* p, R x) { _mm512_storeu_ps(p, x); }
+  // the first n lanes (n = 8 or 16: D % 16 == 8 leaves a last 8 dims); the rest read as 0
+  GF_AVX512 static GF_INLINE __mmask16 lanes(int n) { return static_cast<__mmask16>((1u << n) - 1); }
+  GF_AVX512 static GF_INLINE R load_part(const float* p, int n) { return _mm512_maskz_loadu_ps(lanes(n), p); }
+  GF_AVX512 static GF_INLINE void store_part(float* p, R x, int n) { _mm512_mask_storeu_ps(p, lanes(n), x); }
+  GF_AVX512 static GF_INLINE R fmadd(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
+  GF_AVX512 static GF_INLINE R mul(R a, R b) { return _mm512_mul_ps(a, b); }
+  GF_AVX512 static GF_INLINE R add(R a, R b) { return _mm512_add_ps(a, b); }
+  GF_AVX512 static GF_INLINE R sub(R a, R b) { return _mm512_sub_ps(a, b); }
+  GF_AVX512 static GF_INLINE R max(R a, R b) { return _mm512_max_ps(a, b); }
+  GF_AVX512 static GF_INLINE R round(R x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  GF_AVX512 static GF_INLINE R exp2i(R i) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(i), _mm512_set1_epi32(127)), 23));
+  }
+};
+
+namespace ymm {
+using V = Ymm;
+#define GF_VEC GF_AVX2
+#include "cascade_f32_item.inc"
+#undef GF_VEC
+}  // namespace ymm
+
+namespace zmm {
+using V = Zmm;
+#define GF_VEC GF_AVX512
+#include "cascade_f32_item.inc"
+#undef GF_VEC
+}  // namespace zmm
+
+}  // namespace
+
+void cascade_prefix_f32(const GroupPrefix& p, bool wide, int h, int64_t k0, int64_t k1, float* part,
+                        int64_t part_stride) {
+  if (p.D % 8 != 0) throw std::invalid_argument("cascade_prefix_f32: head_dim must be a multiple of 8");
+  if (wide)
+    zmm::prefix(p, h, k0, k1, part, part_stride);
+  else
+    ymm::prefix(p, h, k0, k1, part, part_stride);
+}
+
+#else  // not x86-64 GCC / Clang: kv_cpu.cpp's baseline item runs
+
+void cascade_prefix_f32(const GroupPrefix&, bool, int, int64_t, int64_t, float*, int64_t) {
+  throw std::invalid_argument("cascade_prefix_f32: built without x86 dispatch");
+}
+
+#endif
+
+}  // namespace grpo_fast

@@ -1,0 +1,32 @@
+// The cascade's shared-prefix item in fp32 arithmetic, for an fp32 KV cache (and a bf16 one where
+// cascade_bf16_cpu.h's vdpbf16ps item cannot run), on AVX2 (ymm) or AVX-512 F (zmm). Called by
+// kv_cpu.cpp's cascade for each (group, kv head, prefix split).
+#pragma once
+
+#include <cstdint>
+
+namespace grpo_fast {
+
+// One group of a cascade step against its shared prefix, as kv_cpu.cpp hands it over.
+struct GroupPrefix {
+  const void* q;          // query [S, hq, D], fp32 or bf16 (as the cache)
+  const void* kc;         // key cache [blocks, bs, hkv, D]
+  const void* vc;         // value cache, same layout
+  const int32_t* table;   // block table row of the group's first sequence (prefix blocks shared)
+  const int32_t* rows;    // the group's G query rows
+  int64_t G;
+  int hq, hkv, D, bs;     // D % 8 == 0
+  float scale;
+  bool bf16;              // the caches (and q) hold bf16, else fp32
+};
+
+// Keys [k0, k1) of the prefix for kv head h, all nq = G * rep queries of the group at once. For
+// row i < G and query head r < rep of that kv head, writes the unnormalized online-softmax state
+// (acc[D], m, l) at part + i * part_stride + (h * rep + r) * (D + 2):
+//   s_j = (scale * q) . k_j,  m = max_j s_j,  l = sum_j exp(s_j - m),  acc = sum_j exp(s_j - m) v_j,
+// all in fp32. wide: zmm (16 lanes, use_avx512()) instead of ymm (8). Both do the same
+// operations per output element in the same order, so their results are equal bit for bit.
+void cascade_prefix_f32(const GroupPrefix& p, bool wide, int h, int64_t k0, int64_t k1, float* part,
+                        int64_t part_stride);
+
+}  // namespace grpo_fast
