@@ -13,7 +13,9 @@ written once more (times s) before it reaches B. Here the same sum is one `addmm
 which adds into the base product in place, and whose backward scales the small [N, r] and
 [r, out] products instead of dL/dy (dL/d(base) is dL/dy itself, not copied). Base layers other
 than torch / bitsandbytes linears get the out-of-place `addmm` (their output might be held
-elsewhere). Same math and the same saved tensors (x A^T and B, as lora_B kept before).
+elsewhere). Same math and the same saved tensors (x A^T and B, as lora_B kept before). In fp32
+on the CPU the sum is `_AddUpProduct`: the same addmm_, with its backward's two narrow products
+(dL/d(x A^T), dL/dB) on oneDNN, as lora_A's and the base's products are (grpo_fast.onednn_gemm).
 
 Measured (benchmarks/RESULTS.md, "Lean LoRA and SwiGLU"): the passes it removes leave the
 training pass's profile on the CPU (its aten::mul / aten::add), but per layer the time moved
@@ -89,12 +91,39 @@ def _lean_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
             # bf16 base: peft's default) and casts back at the end; the cast is a fresh tensor
             result, fresh = result.to(b.weight.dtype), True
         xa = _base_rows(a, self.lora_dropout[name](rows.to(a.weight.dtype)))  # [N, r]
-        if fresh:
+        if fresh and onednn_gemm.wants(xa, b.weight):
+            result = _AddUpProduct.apply(result, xa, b.weight, self.scaling[name])
+        elif fresh:
             result.addmm_(xa, b.weight.t(), alpha=self.scaling[name])
         else:
             result = torch.addmm(result, xa, b.weight.t(), alpha=self.scaling[name])
             fresh = True  # addmm's output is its own
     return result.to(out_dtype).view(*x.shape[:-1], result.shape[-1])
+
+
+class _AddUpProduct(torch.autograd.Function):
+    """y + s (xa B^T), added into y in place (a fresh fp32 product: addmm_ as above), xa [N, r],
+    B [out, r]. The backward is addmm's, with both of its products on oneDNN (MKL runs these
+    narrow fp32 shapes at 90-190 GFLOPS on AMD CPUs; oneDNN 230-380, benchmarks/RESULTS.md, "LoRA's
+    narrow products on oneDNN"): dL/dxa = (dL/dy B) s, dL/dB = (dL/dy^T xa) s."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, xa: torch.Tensor, weight_b: torch.Tensor, scale: float):
+        ctx.mark_dirty(y)
+        ctx.save_for_backward(xa if ctx.needs_input_grad[2] else None,
+                              weight_b if ctx.needs_input_grad[1] else None)
+        ctx.scale = scale
+        return y.addmm_(xa, weight_b.t(), alpha=scale)  # [N, out]
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        xa, weight_b = ctx.saved_tensors
+        grad_xa = grad_b = None
+        if ctx.needs_input_grad[1]:
+            grad_xa = onednn_gemm.mm(grad_y, weight_b).mul_(ctx.scale)  # [N, r]
+        if ctx.needs_input_grad[2]:
+            grad_b = onednn_gemm.weight_grad(grad_y, xa) * ctx.scale  # [out, r]
+        return grad_y if ctx.needs_input_grad[0] else None, grad_xa, grad_b, None
 
 
 def _base_rows(base, rows: torch.Tensor) -> torch.Tensor:

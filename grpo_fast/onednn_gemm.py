@@ -10,8 +10,8 @@ oneDNN"). The math is the same product; only the order of the fp32 sums inside i
 
     y = linear(x, weight, bias)     # x [..., K], weight [N, K] (any strides) -> x W^T + b
 
-``Linear`` is the autograd function of it (dL/dx = dL/dy W, itself a oneDNN product;
-dL/dW = dL/dy^T x by torch, only where W requires a gradient). ``wants(x, weight)`` says whether
+``Linear`` is the autograd function of it (dL/dx = dL/dy W, itself a oneDNN product; dL/dW =
+dL/dy^T x, ``weight_grad``, only where W requires a gradient). ``wants(x, weight)`` says whether
 the oneDNN path applies: fp32 CPU tensors, torch built with oneDNN's linear, and
 GRPO_FAST_NO_ONEDNN_FP32=1 not set (read at call time, so a benchmark can switch it per step).
 
@@ -69,10 +69,23 @@ class Linear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = linear(grad_y, weight.t())  # [M, K]
         if ctx.needs_input_grad[1]:
-            grad_w = grad_y.t().mm(x)  # [N, K]
+            grad_w = weight_grad(grad_y, x)  # [N, K]
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad_y.sum(0)
         return grad_x, grad_w, grad_b
+
+
+def weight_grad(grad_y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """dL/dW = dL/dy^T x [N, K] for grad_y [M, N] and x [M, K]: a long reduction over the M rows.
+    oneDNN runs it fast where the product's output is short and wide, and slowly where it is tall
+    and narrow (at M = 1,016: [16, 576] 233 GFLOPS against MKL's 131, [576, 16] 69 against 164;
+    [576, 1,536] 411 against 217). So a narrow one is computed transposed, (x^T dL/dy)^T, and
+    returned as that transposed view. Off oneDNN (``wants``): torch's product."""
+    if not wants(grad_y, x):
+        return grad_y.t().mm(x)
+    if x.shape[1] >= grad_y.shape[1]:
+        return linear(grad_y.t(), x.t())  # [N, K]
+    return linear(x.t(), grad_y.t()).t()  # ([K, N])^T
 
 
 def linear_module(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -102,8 +115,7 @@ def _linear_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
 def use_onednn_linears(model: torch.nn.Module) -> int:
     """Route every plain ``nn.Linear`` of `model` (exact type: not peft's or bitsandbytes' layers)
     through ``Linear`` where ``wants`` says so, at call time; returns how many were switched (a
-    layer already switched counts again, unchanged). Module hooks still run: they wrap forward.
-    dL/dW stays torch's product (oneDNN ran dL/dy^T x, a long reduction over rows, ~2x slower)."""
+    layer already switched counts again, unchanged). Module hooks still run: they wrap forward."""
     count = 0
     for module in model.modules():
         if type(module) is not torch.nn.Linear:

@@ -70,6 +70,42 @@ def test_wants_only_fp32_cpu_and_not_with_the_switch(monkeypatch):
     assert not onednn_gemm.wants(x, w)
 
 
+@pytest.mark.parametrize("n,k", [(16, 96), (96, 16), (40, 40), (7, 130)])
+def test_weight_grad_is_the_transposed_product_either_way_round(monkeypatch, n, k):
+    """dL/dy^T x over 133 rows, short-wide and tall-narrow (the latter computed as (x^T dL/dy)^T):
+    torch's product to fp32 rounding, on oneDNN, and torch's own with the switch off."""
+    g, x = _rand(133, n, seed=1), _rand(133, k, seed=2)
+    calls = _count_calls(monkeypatch)
+    got = onednn_gemm.weight_grad(g, x)
+    assert got.shape == (n, k) and len(calls) == 1
+    torch.testing.assert_close(got, g.t() @ x, rtol=1e-5, atol=1e-5)
+    monkeypatch.setenv(onednn_gemm.SWITCH_OFF, "1")
+    assert torch.equal(onednn_gemm.weight_grad(g, x), g.t().mm(x)) and len(calls) == 1
+
+
+def test_lora_up_product_has_addmms_output_and_gradients(monkeypatch):
+    """lean_lora's in-place y + s (xa B^T): addmm_'s output bit for bit (the same call), and its
+    gradients (dL/dy itself, dL/dxa and dL/dB on oneDNN) to fp32 rounding; inputs that need no
+    gradient get none."""
+    from grpo_fast.lean_lora import _AddUpProduct
+
+    y0, xa0, b0 = _rand(57, 40, seed=1), _rand(57, 16, seed=2), _rand(40, 16, seed=3)
+    g = _rand(57, 40, seed=4)
+    results = []
+    for fn in (lambda y, xa, b: y.addmm_(xa, b.t(), alpha=0.7), lambda y, xa, b: _AddUpProduct.apply(y, xa, b, 0.7)):
+        y, xa, b = (t.clone().requires_grad_(True) for t in (y0, xa0, b0))
+        out = fn(y * 1, xa, b)  # y * 1: a fresh non-leaf, as the base product is
+        out.backward(g)
+        results.append((out.detach(), y.grad, xa.grad, b.grad))
+    calls = _count_calls(monkeypatch)
+    assert torch.equal(results[1][0], results[0][0]) and torch.equal(results[1][1], results[0][1])
+    for got, want in zip(results[1][2:], results[0][2:]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    y, xa = y0.clone(), xa0.clone().requires_grad_(True)  # B frozen: only dL/dxa
+    _AddUpProduct.apply(y, xa, b0, 0.7).backward(g)
+    assert len(calls) == 1 and xa.grad is not None
+
+
 def _count_calls(monkeypatch) -> list[int]:
     calls = []
     real = onednn_gemm.linear
@@ -96,8 +132,10 @@ def test_lean_lora_base_products_run_on_onednn_and_match_peft(monkeypatch):
     out_l = lean(input_ids=_ids()).logits
     assert len(calls) == 2 * layers * len(ALL_LINEARS)  # every LoRA layer's base product and x A^T
     out_l.float().pow(2).mean().backward()
-    # and both input gradients, but for the first layer's q, k and v (below them: the frozen embedding)
-    assert len(calls) == 2 * (2 * layers * len(ALL_LINEARS) - 3)
+    # and both input gradients, but for the first layer's q, k and v (below them: the frozen
+    # embedding); and every layer's three adapter products: dL/dA, dL/d(x A^T), dL/dB
+    n = layers * len(ALL_LINEARS)
+    assert len(calls) == 2 * n + (2 * n - 2 * 3) + 3 * n
     grads_l = {n: p.grad for n, p in lean.named_parameters() if p.requires_grad}
     torch.testing.assert_close(out_l.detach(), out_p)
     for n in grads_p:
@@ -171,8 +209,8 @@ def test_lean_lora_with_adapters_disabled_runs_the_base_on_onednn(monkeypatch):
 
 
 def test_full_finetuning_linears_on_onednn_match_torch_outputs_and_every_gradient(monkeypatch):
-    """lora.enabled: false trains every weight: its plain nn.Linear layers run on oneDNN (forward
-    and dL/dx; dL/dW by torch), with torch's outputs and gradients to fp32 rounding; a deep copy
+    """lora.enabled: false trains every weight: its plain nn.Linear layers run on oneDNN (forward,
+    dL/dx and dL/dW), with torch's outputs and gradients to fp32 rounding; a deep copy
     runs its own weights; hooks still fire."""
     from test_lean_lora import _ids
     from test_swiglu import _tiny_llama
