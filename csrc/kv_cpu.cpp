@@ -473,6 +473,7 @@ void merge_row(bool vec, T* out, const float* parts, int64_t stride, int n, int 
 }
 
 // ---- prefill: one work item = (query token t, kv head g, query-head chunk) --------------------
+// (the per-token kernel; with AVX2 and D % 8 == 0 tokens go in blocks, blocked_prefill below)
 struct PrefillArgs {
   const int32_t* cu_q;
   const int32_t* cu_k;
@@ -503,6 +504,49 @@ GF_VARIANTS(prefill_item_f32, prefill_item, float, const PrefillArgs& a, int64_t
             int rc)
 GF_VARIANTS(prefill_item_bf16, prefill_item, uint16_t, const PrefillArgs& a, int64_t t, int g,
             int h0, int rc)
+
+// Keys [j0, j0 + n) of the sequence whose keys start at k0, for query token t (rc heads from h0):
+// the unnormalized state (acc, m, l) into `partial`, for a merge (the blocked prefill's rows past
+// their block's shared keys).
+template <bool AVX2, typename T>
+GF_INLINE void prefill_keys_item(T*, const T* q, const T* k, const T* v, const PrefillArgs& a, int64_t t,
+                                 int g, int h0, int rc, int64_t k0, int64_t j0, int64_t n, float* partial) {
+  const int hkv = a.hkv, D = a.D;
+  auto row = [=](int64_t j) { return kv_offset(k0 + j0 + j, g, hkv, D); };
+  const int64_t qo = (t * a.hq + h0) * static_cast<int64_t>(D);
+  attend_any<AVX2>(static_cast<T*>(nullptr), q + qo, k, v, row, n, D, rc, a.scale, partial);
+}
+
+#define ARGS_OF_prefill_keys_item a, t, g, h0, rc, k0, j0, n, partial
+GF_VARIANTS(prefill_keys_f32, prefill_keys_item, float, const PrefillArgs& a, int64_t t, int g, int h0,
+            int rc, int64_t k0, int64_t j0, int64_t n, float* partial)
+GF_VARIANTS(prefill_keys_bf16, prefill_keys_item, uint16_t, const PrefillArgs& a, int64_t t, int g,
+            int h0, int rc, int64_t k0, int64_t j0, int64_t n, float* partial)
+
+// The prefill's query tokens of one sequence in blocks, as a cascade within the prompt: the
+// block's QB tokens x rep heads of kv head g share the keys [0, s0) that its first token sees,
+// attended together by the cascade's prefix item (queries in the vector lanes: a small GEMM per
+// key chunk instead of a matrix-vector pass per token); each token's remaining keys (< QB of
+// them, the causal diagonal) go through the per-token kernel; the two partial states merge
+// exactly. Blocks whose shared keys are fewer than kPrefillMinShared run per token throughout.
+constexpr int kPrefillBlockQueries = 48;  // QB x rep: 3 zmm / 6 ymm registers of queries
+constexpr int64_t kPrefillMinShared = 32;  // 16 lost at 40-token prompts (0.91-1.00x), measured
+
+void prefill_token(int dtype, bool avx2, uintptr_t out, uintptr_t query, uintptr_t key, uintptr_t value,
+                   const PrefillArgs& a, int64_t t, int g) {
+  const int rep = a.hq / a.hkv;
+  for (int h0 = g * rep; h0 < (g + 1) * rep; h0 += kMaxRep) {
+    const int rc = std::min(kMaxRep, (g + 1) * rep - h0);
+    if (dtype == kF32)
+      (avx2 ? prefill_item_f32_avx2 : prefill_item_f32)(
+          reinterpret_cast<float*>(out), reinterpret_cast<const float*>(query),
+          reinterpret_cast<const float*>(key), reinterpret_cast<const float*>(value), a, t, g, h0, rc);
+    else
+      (avx2 ? prefill_item_bf16_avx2 : prefill_item_bf16)(
+          reinterpret_cast<uint16_t*>(out), reinterpret_cast<const uint16_t*>(query),
+          reinterpret_cast<const uint16_t*>(key), reinterpret_cast<const uint16_t*>(value), a, t, g, h0, rc);
+  }
+}
 
 void check_attention_dims(int hq, int hkv, int D, int dtype) {
   if (hkv <= 0 || hq % hkv != 0) throw std::invalid_argument("num_q_heads must be a multiple of num_kv_heads");
@@ -710,6 +754,63 @@ void cpu_cascade_decode_attention(uintptr_t out, uintptr_t query, uintptr_t key_
   });
 }
 
+static void blocked_prefill(uintptr_t out, uintptr_t query, uintptr_t key, uintptr_t value, const PrefillArgs& a,
+                     int dtype) {
+  const int hq = a.hq, hkv = a.hkv, D = a.D, rep = hq / hkv;
+  const int QB = std::max(1, kPrefillBlockQueries / rep);
+  const size_t esize = elem_size(dtype);
+  const int64_t head_stride = static_cast<int64_t>(hq) * (D + 2);  // one query row's states
+  struct Block { int64_t b, i0; int g; };
+  std::vector<Block> work;  // the longest blocks (the last tokens) first
+  for (int64_t b = 0; b < a.batch; ++b)
+    for (int64_t i0 = (a.cu_q[b + 1] - a.cu_q[b] - 1) / QB * QB; i0 >= 0; i0 -= QB)
+      for (int g = 0; g < hkv; ++g) work.push_back({b, i0, g});
+  const bool merge8 = D % 8 == 0;
+  parallel_for(static_cast<int64_t>(work.size()), [&](int64_t w) {
+    const auto [b, i0, g] = work[w];
+    const int64_t nq = a.cu_q[b + 1] - a.cu_q[b], nk = a.cu_k[b + 1] - a.cu_k[b], k0 = a.cu_k[b];
+    const int64_t i1 = std::min<int64_t>(nq, i0 + QB), t0 = a.cu_q[b];
+    const int64_t s0 = nk - nq + i0 + 1;  // the keys every token of the block sees
+    if (s0 < kPrefillMinShared) {
+      for (int64_t i = i0; i < i1; ++i) prefill_token(dtype, true, out, query, key, value, a, t0 + i, g);
+      return;
+    }
+    // states [2][QB][hq][D + 2]: the shared keys', then the token's own
+    thread_local std::vector<float> states;
+    const int64_t part = QB * head_stride;
+    if (static_cast<int64_t>(states.size()) < 2 * part) states.resize(2 * part);
+    float* st = states.data();
+    int32_t rows[kPrefillBlockQueries];
+    for (int64_t i = i0; i < i1; ++i) rows[i - i0] = static_cast<int32_t>(t0 + i);
+    // the sequence's keys as a one-block table: slot j is key k0 + j
+    const int32_t table = 0, starts[2] = {0, static_cast<int32_t>(i1 - i0)};
+    const CascadeArgs c{{&table, nullptr, 0, hq, hkv, D, 1 << 30, a.scale}, rows, starts, nullptr};
+    const uintptr_t kb = key + kv_offset(k0, 0, hkv, D) * esize, vb = value + kv_offset(k0, 0, hkv, D) * esize;
+    run_prefix_item(dtype, true, query, kb, vb, c, 0, g, 0, s0, st, head_stride);
+    for (int64_t i = i0; i < i1; ++i)
+      for (int h0 = g * rep; h0 < (g + 1) * rep; h0 += kMaxRep) {
+        const int rc = std::min(kMaxRep, (g + 1) * rep - h0);
+        float* own = st + part + (i - i0) * head_stride + static_cast<int64_t>(h0) * (D + 2);
+        if (dtype == kF32)
+          prefill_keys_f32_avx2(nullptr, reinterpret_cast<const float*>(query), reinterpret_cast<const float*>(key),
+                                reinterpret_cast<const float*>(value), a, t0 + i, g, h0, rc, k0, s0, i - i0, own);
+        else
+          prefill_keys_bf16_avx2(nullptr, reinterpret_cast<const uint16_t*>(query),
+                                 reinterpret_cast<const uint16_t*>(key), reinterpret_cast<const uint16_t*>(value),
+                                 a, t0 + i, g, h0, rc, k0, s0, i - i0, own);
+      }
+    for (int64_t i = i0; i < i1; ++i)
+      for (int h = g * rep; h < (g + 1) * rep; ++h) {
+        const float* src = st + (i - i0) * head_stride + static_cast<int64_t>(h) * (D + 2);
+        const int64_t o = ((t0 + i) * hq + h) * static_cast<int64_t>(D);
+        if (dtype == kF32)
+          merge_row(merge8, reinterpret_cast<float*>(out) + o, src, part, 2, D);
+        else
+          merge_row(merge8, reinterpret_cast<uint16_t*>(out) + o, src, part, 2, D);
+      }
+  });
+}
+
 void cpu_prefill_attention(uintptr_t out, uintptr_t query, uintptr_t key, uintptr_t value,
                            uintptr_t cu_seqlens, uintptr_t cu_seqlens_k, int64_t batch,
                            int64_t num_tokens, int num_q_heads, int num_kv_heads, int head_dim,
@@ -727,6 +828,8 @@ void cpu_prefill_attention(uintptr_t out, uintptr_t query, uintptr_t key, uintpt
   const int chunks = (rep + kMaxRep - 1) / kMaxRep;
   const int64_t items = num_tokens * num_kv_heads * chunks;
   const bool avx2 = use_avx2();
+  if (avx2 && head_dim % 8 == 0 && !env_is_one("GRPO_FAST_NO_BLOCKED_PREFILL"))
+    return blocked_prefill(out, query, key, value, a, dtype);
   // chunks of consecutive items (a query token's heads, then the next token's)
   parallel_for_ranges(items, 8, [&](int64_t i0, int64_t i1) {
     for (int64_t it = i0; it < i1; ++it) {

@@ -357,6 +357,12 @@ _WIDE_TILE_CASES = """
             q = torch.randn(len(gids), hq, D, generator=torch.Generator().manual_seed(D)).to(dtype)
             outs.append(kv.cascade_decode_attention(q, kc, vc, tables, lens, D ** -0.5, *groups))
             outs.append(kv.paged_decode_attention(q, kc, vc, tables, lens, D ** -0.5))  # its P.V panels too
+            # the blocked prefill (the same prefix item over a prompt's own keys)
+            gen = torch.Generator().manual_seed(hq)
+            cu = torch.tensor([0, 150, 150 + 97], dtype=torch.int32)
+            qp = torch.randn(247, hq, D, generator=gen).to(dtype)
+            kp, vp = (torch.randn(247, hkv, D, generator=gen).to(dtype) for _ in range(2))
+            outs.append(kv.prefill_attention(qp, kp, vp, cu, D ** -0.5))
     torch.save(outs, {path!r})
     print("ok")
 """
@@ -369,7 +375,8 @@ def test_prefix_item_on_zmm_tiles_equals_the_ymm_one_bit_for_bit(tmp_path):
     the ymm code's order, so the cascade's and the paged kernel's outputs are theirs bit for bit:
     fp32 and bf16 caches (the bf16 one through the same item with the vdpbf16ps item off),
     query rows that are and are not a multiple of 6 (G x rep = 15, 30, 35, 30), D = 64, 128 and
-    the ragged 40 and 24 (a last 8 dims on ymm), prefixes across work splits."""
+    the ragged 40 and 24 (a last 8 dims on ymm), prefixes across work splits; and the blocked
+    prefill, which runs the same prefix item over each prompt's own keys."""
     from pathlib import Path
 
     from fresh_process import run_fresh
@@ -379,6 +386,6 @@ def test_prefix_item_on_zmm_tiles_equals_the_ymm_one_bit_for_bit(tmp_path):
     assert run_fresh(_WIDE_TILE_CASES.format(path=str(paths[0])), env=env) == "ok"
     assert run_fresh(_WIDE_TILE_CASES.format(path=str(paths[1])), env={**env, "GRPO_FAST_NO_AVX512": "1"}) == "ok"
     wide, ymm = torch.load(paths[0]), torch.load(paths[1])
-    assert len(wide) == len(ymm) == 16
+    assert len(wide) == len(ymm) == 24
     for a, b in zip(wide, ymm):
         assert torch.equal(a, b)

@@ -139,6 +139,31 @@ def test_prefill_attention_matches_causal_sdpa(device):
                 torch.testing.assert_close(out[a:e].float(), want, **TOL[dtype])
 
 
+@pytest.mark.parametrize("hq,hkv,D", [(9, 3, 64), (12, 2, 128), (4, 4, 40), (18, 1, 32)])
+def test_blocked_prefill_matches_the_reference_and_the_per_token_kernel(monkeypatch, hq, hkv, D):
+    """The CPU prefill in blocks of tokens (the cascade's prefix item over the keys a block's
+    tokens share, the per-token kernel over the causal diagonal, merged): long prompts with ragged
+    last blocks, one behind cached prefix keys, GQA ratios 1 to 18 (past a work item's 16 heads),
+    fp32 and bf16; against the reference and against GRPO_FAST_NO_BLOCKED_PREFILL=1 (per token)."""
+    if not has_native("prefill_attention", "cpu"):
+        pytest.skip("no native CPU prefill kernel (a build without the C++ extension)")
+    gen = torch.Generator().manual_seed(hq + D)
+    nq, nk = [211, 3, 130], [211, 70, 190]  # the last two: 67 and 60 cached keys in front
+    cu_q = torch.tensor([0] + torch.tensor(nq).cumsum(0).tolist(), dtype=torch.int32)
+    cu_k = torch.tensor([0] + torch.tensor(nk).cumsum(0).tolist(), dtype=torch.int32)
+    for dtype in (torch.float32, torch.bfloat16):
+        q = torch.randn(sum(nq), hq, D, generator=gen).to(dtype)
+        k, v = (torch.randn(sum(nk), hkv, D, generator=gen).to(dtype) for _ in range(2))
+        out = kv.prefill_attention(q, k, v, cu_q, D ** -0.5, cu_seqlens_k=cu_k)
+        want = ref.prefill_attention(q.float(), k.float(), v.float(), cu_q, D ** -0.5, cu_k)
+        torch.testing.assert_close(out.float(), want, **TOL[dtype])
+        monkeypatch.setenv("GRPO_FAST_NO_BLOCKED_PREFILL", "1")
+        per_token = kv.prefill_attention(q, k, v, cu_q, D ** -0.5, cu_seqlens_k=cu_k)
+        monkeypatch.delenv("GRPO_FAST_NO_BLOCKED_PREFILL")
+        torch.testing.assert_close(out.float(), per_token.float(), **TOL[dtype])
+        assert not torch.equal(out, per_token)  # the blocked path ran (another order of fp32 sums)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_prefill_attention_with_cached_prefix_keys(device):
     """More keys than queries (a cached prefix in front): bottom-right causal alignment."""

@@ -223,6 +223,12 @@ def prefill_attention(query, key, value, cu_seqlens, scale, cu_seqlens_k=None):
     already contiguous in the forward pass, and a dense causal pass over them is the fastest
     attention there is (no block-table indirection); writing them into blocks afterwards is one
     cheap scatter. Paging only matters for decode, where sequences grow and share blocks.
+
+    On the CPU (AVX2, head_dim % 8 == 0) a prompt's tokens go in blocks of 48 / (Hq / Hkv): the
+    keys a block's tokens all see are attended by all of them at once (the cascade's prefix item,
+    a small GEMM per key chunk), the causal diagonal per token, the two merged exactly; 2.4x the
+    per-token kernel at 4 x 1,024-token prompts (RESULTS.md, "Prefill attention in blocks").
+    GRPO_FAST_NO_BLOCKED_PREFILL=1 keeps the per-token kernel.
     """
     dev, dt = query.device, query.dtype
     checks.tensor("query", query, ndim=3, dtypes=checks.FLOAT_DTYPES)
