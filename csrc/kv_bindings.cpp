@@ -7,6 +7,8 @@
 #include "block_manager.h"
 #include "cascade_bf16_cpu.h"
 #include "kv_cpu.h"
+#include "cpu_common.h"
+#include "train_attention_cpu.h"
 #ifdef GRPO_FAST_WITH_CUDA
 #include "cuda/kv_cuda.h"
 #endif
@@ -91,6 +93,28 @@ void register_kv(py::module_& m) {
   m.def("cpu_cascade_decode_attention", &cpu_cascade_decode_attention,
         py::call_guard<py::gil_scoped_release>());
   m.def("cpu_prefill_attention", &cpu_prefill_attention,
+        py::call_guard<py::gil_scoped_release>());
+  // training attention (grpo_fast/train/cpu_attention.py): fp32 pointers, contiguous
+  m.def("cpu_train_attention_forward",
+        [](uintptr_t out, uintptr_t lse, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t keep, int64_t keep_bstride,
+           bool causal, int64_t B, int hq, int hkv, int64_t T, int64_t S, int D, float scale) {
+          const TrainAttention a{reinterpret_cast<const float*>(q), reinterpret_cast<const float*>(k),
+                                 reinterpret_cast<const float*>(v), reinterpret_cast<const uint8_t*>(keep),
+                                 keep_bstride, causal, B, hq, hkv, T, S, D, scale};
+          cpu_train_attention_forward(a, reinterpret_cast<float*>(out), reinterpret_cast<float*>(lse), use_avx512());
+        },
+        py::call_guard<py::gil_scoped_release>());
+  m.def("cpu_train_attention_backward",
+        [](uintptr_t dq, uintptr_t dk, uintptr_t dv, uintptr_t out, uintptr_t lse, uintptr_t dout, uintptr_t q,
+           uintptr_t k, uintptr_t v, uintptr_t keep, int64_t keep_bstride, bool causal, int64_t B, int hq, int hkv,
+           int64_t T, int64_t S, int D, float scale) {
+          const TrainAttention a{reinterpret_cast<const float*>(q), reinterpret_cast<const float*>(k),
+                                 reinterpret_cast<const float*>(v), reinterpret_cast<const uint8_t*>(keep),
+                                 keep_bstride, causal, B, hq, hkv, T, S, D, scale};
+          cpu_train_attention_backward(a, reinterpret_cast<const float*>(out), reinterpret_cast<const float*>(lse),
+                                       reinterpret_cast<const float*>(dout), reinterpret_cast<float*>(dq),
+                                       reinterpret_cast<float*>(dk), reinterpret_cast<float*>(dv), use_avx512());
+        },
         py::call_guard<py::gil_scoped_release>());
 #ifdef GRPO_FAST_WITH_CUDA
   m.def("cuda_append_kv", &cuda_append_kv);

@@ -93,6 +93,7 @@ def test_training_forward_attends_in_fp32_for_a_bf16_model(checkpointing, monkey
     from grpo_fast.train.packed_forward import completion_hidden
     from grpo_fast.train.rollout_batch import make_batch
 
+    monkeypatch.setenv("GRPO_FAST_NO_CPU_TRAIN_ATTENTION", "1")  # SDPA itself (the native op: test_cpu_attention.py)
     model = _tiny_llama().to(torch.bfloat16).train()
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -53,6 +53,7 @@ def test_same_hidden_and_gradients_with_the_repeat_saved_less(tiny, layout, monk
     from grpo_fast.train.model import policy_modules, trainable_parameters
 
     assert _sdpa_module() is not None, "this transformers has no use_gqa_in_sdpa to answer"
+    monkeypatch.setenv("GRPO_FAST_NO_CPU_TRAIN_ATTENTION", "1")  # SDPA (the native op never repeats K/V)
     model, tok = policy_with_lora(tiny)
     model.train()
     decoder = policy_modules(model).decoder

@@ -348,8 +348,8 @@ def test_cached_layout_mask_is_built_once_and_means_what_it_says(tiny):
                 assert (mask[n, 0, t, j] == 0) == seen, (n, t, j)
     masks = set()
 
-    def pack(x):
-        if x.shape == (len(batch), 1, T - 1 - P, T - 1):
+    def pack(x):  # HF's float mask to SDPA, or the native attention's uint8 keep mask of it
+        if x.shape in ((len(batch), 1, T - 1 - P, T - 1), (len(batch), T - 1 - P, T - 1)):
             masks.add(x.untyped_storage().data_ptr())
         return x
 

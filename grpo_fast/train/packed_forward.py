@@ -19,6 +19,7 @@ from transformers import DynamicCache
 
 from grpo_fast.models.llama_family import active_sliding_window
 from grpo_fast.train import layout_cost
+from grpo_fast.train.cpu_attention import native_cpu_attention
 from grpo_fast.train.fp32_attention import fp32_cpu_attention
 from grpo_fast.train.kv_head_attention import kv_head_attention
 from grpo_fast.train.layout_cost import CACHED_OVERHEAD  # noqa: F401 (re-exported: the layouts' threshold)
@@ -55,10 +56,12 @@ def completion_hidden(decoder, batch: SequenceBatch, *, share_prompts: bool = Tr
     prefix: the rows' prompts already run (grpo_fast.train.group_prompts: a group split across
     micro-batches runs its prompt once for all of them); only the completions run here.
 
-    Attention over bf16 / fp16 CPU tensors computes in fp32 (fp32_attention.py: faster there).
+    Attention over bf16 / fp16 CPU tensors computes in fp32 (fp32_attention.py: faster there), on
+    the CPU in the native training attention (cpu_attention.py).
     """
     checkpointed = is_checkpointed(decoder)
-    with fp32_cpu_attention(enabled=not checkpointed):
+    # native attention inside, the bf16 -> fp32 cast around it (cpu_attention.py, fp32_attention.py)
+    with native_cpu_attention(enabled=not checkpointed), fp32_cpu_attention(enabled=not checkpointed):
         return _completion_hidden(decoder, batch, share_prompts=share_prompts, layout=layout, prefix=prefix,
                                   checkpointed=checkpointed)
 
@@ -201,7 +204,8 @@ def run_prompts(decoder, batch: SequenceBatch, rows: torch.Tensor) -> PromptPref
     """The prompts of batch rows `rows` [B'] through the decoder once, with a cache: [B'] prefixes."""
     P = batch.prompt_width
     cache = DynamicCache(config=getattr(decoder, "config", None))
-    with fp32_cpu_attention(enabled=not is_checkpointed(decoder)):
+    on = not is_checkpointed(decoder)
+    with native_cpu_attention(enabled=on), fp32_cpu_attention(enabled=on):
         out = decoder(input_ids=batch.input_ids[rows, :P], attention_mask=batch.attention_mask[rows, :P],
                       position_ids=batch.position_ids[rows, :P], past_key_values=cache, use_cache=True)
     return PromptPrefix([layer.keys for layer in cache.layers], [layer.values for layer in cache.layers],
