@@ -1,6 +1,9 @@
-// The cascade's fp32 shared-prefix item (see the header for the math and cascade_f32_item.inc for
-// the layout). Its body is written once and built twice here: over 8-lane ymm (AVX2 + FMA) and
-// over 16-lane zmm (AVX-512 F), picked per call by the caller's use_avx512().
+// The kernels with a block of queries in the vector lanes, in fp32: the cascade's shared-prefix
+// item (cascade_f32_cpu.h; layout: cascade_f32_item.inc), which the blocked prefill also runs, and
+// the training pass's attention forward and backward (train_attention_cpu.h,
+// train_attention_item.inc), which share its tiles. Each body is written once and built twice
+// here: over 8-lane ymm (AVX2 + FMA) and over 16-lane zmm (AVX-512 F), picked per call by the
+// caller's use_avx512().
 #include "cascade_f32_cpu.h"
 #include "train_attention_cpu.h"
 

@@ -94,7 +94,9 @@ void register_kv(py::module_& m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("cpu_prefill_attention", &cpu_prefill_attention,
         py::call_guard<py::gil_scoped_release>());
-  // training attention (grpo_fast/train/cpu_attention.py): fp32 pointers, contiguous
+  // training attention (grpo_fast/train/cpu_attention.py): fp32 pointers, contiguous; it runs
+  // only where the AVX2 (or AVX-512) build may run
+  m.def("cpu_train_attention_runs", [] { return use_avx2(); });
   m.def("cpu_train_attention_forward",
         [](uintptr_t out, uintptr_t lse, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t keep, int64_t keep_bstride,
            bool causal, int64_t B, int hq, int hkv, int64_t T, int64_t S, int D, float scale) {

@@ -34,7 +34,9 @@ SWITCH_OFF = "GRPO_FAST_NO_CPU_TRAIN_ATTENTION"
 
 
 def available() -> bool:
-    return _C is not None and hasattr(_C, "cpu_train_attention_forward") and os.environ.get(SWITCH_OFF) != "1"
+    """The native build has the op, the CPU runs it (AVX2), and the switch is not set."""
+    return (_C is not None and hasattr(_C, "cpu_train_attention_runs") and _C.cpu_train_attention_runs()
+            and os.environ.get(SWITCH_OFF) != "1")
 
 
 class TrainAttention(torch.autograd.Function):
