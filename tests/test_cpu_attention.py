@@ -123,6 +123,7 @@ def test_training_forward_runs_it_with_sdpas_results(monkeypatch, dtype, layout)
     from grpo_fast.train.packed_forward import completion_hidden
     from grpo_fast.train.rollout_batch import make_batch
 
+    monkeypatch.setattr(cpu_attention, "MIN_KEYS", 0)  # these rows are short
     calls = []
     real = TrainAttention.apply
     monkeypatch.setattr(TrainAttention, "apply", lambda *a: calls.append(a[0].dtype) or real(*a))
@@ -145,3 +146,21 @@ def test_training_forward_runs_it_with_sdpas_results(monkeypatch, dtype, layout)
     torch.testing.assert_close(results[0][0], results[1][0], **tol)
     for n, grad in results[1][1].items():
         torch.testing.assert_close(results[0][1][n], grad, **tol)
+
+
+def test_rows_of_fewer_than_min_keys_keep_sdpa(monkeypatch):
+    """Below MIN_KEYS keys the wrapper hands the call to the attention it wraps, unchanged."""
+    seen = []
+
+    def sdpa(module, q, k, v, mask, **kw):
+        seen.append(k.shape[2])
+        return q.transpose(1, 2), None
+
+    wrapped = cpu_attention.with_native_attention(sdpa)
+    module = torch.nn.Module()
+    q, k, v = _qkv(1, 4, 2, 8, 8, 16, seed=0)
+    wrapped(module, q, k, v, None)
+    assert seen == [8]
+    monkeypatch.setattr(cpu_attention, "MIN_KEYS", 8)
+    out, _ = wrapped(module, q, k, v, None)
+    assert seen == [8] and out.shape == (1, 8, 4, 16)
