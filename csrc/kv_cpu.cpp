@@ -824,32 +824,13 @@ void cpu_prefill_attention(uintptr_t out, uintptr_t query, uintptr_t key, uintpt
   for (int64_t b = 0; b < batch; ++b)
     if (a.cu_q[b + 1] < a.cu_q[b] || a.cu_k[b + 1] - a.cu_k[b] < a.cu_q[b + 1] - a.cu_q[b])
       throw std::invalid_argument("cu_seqlens / cu_seqlens_k are inconsistent");
-  const int rep = num_q_heads / num_kv_heads;
-  const int chunks = (rep + kMaxRep - 1) / kMaxRep;
-  const int64_t items = num_tokens * num_kv_heads * chunks;
   const bool avx2 = use_avx2();
   if (avx2 && head_dim % 8 == 0 && !env_is_one("GRPO_FAST_NO_BLOCKED_PREFILL"))
     return blocked_prefill(out, query, key, value, a, dtype);
-  // chunks of consecutive items (a query token's heads, then the next token's)
-  parallel_for_ranges(items, 8, [&](int64_t i0, int64_t i1) {
-    for (int64_t it = i0; it < i1; ++it) {
-      const int c = static_cast<int>(it % chunks);
-      const int g = static_cast<int>((it / chunks) % num_kv_heads);
-      const int64_t t = it / (static_cast<int64_t>(chunks) * num_kv_heads);
-      const int h0 = g * rep + c * kMaxRep;
-      const int rc = std::min(kMaxRep, rep - c * kMaxRep);
-      if (dtype == kF32) {
-        auto f = avx2 ? prefill_item_f32_avx2 : prefill_item_f32;
-        f(reinterpret_cast<float*>(out), reinterpret_cast<const float*>(query),
-          reinterpret_cast<const float*>(key), reinterpret_cast<const float*>(value), a, t, g, h0,
-          rc);
-      } else {
-        auto f = avx2 ? prefill_item_bf16_avx2 : prefill_item_bf16;
-        f(reinterpret_cast<uint16_t*>(out), reinterpret_cast<const uint16_t*>(query),
-          reinterpret_cast<const uint16_t*>(key), reinterpret_cast<const uint16_t*>(value), a, t,
-          g, h0, rc);
-      }
-    }
+  // per token: chunks of consecutive items (a query token's kv heads, then the next token's)
+  parallel_for_ranges(num_tokens * num_kv_heads, 8, [&](int64_t i0, int64_t i1) {
+    for (int64_t it = i0; it < i1; ++it)
+      prefill_token(dtype, avx2, out, query, key, value, a, it / num_kv_heads, static_cast<int>(it % num_kv_heads));
   });
 }
 

@@ -34,9 +34,10 @@ def resolve_dtype(cfg, device: torch.device) -> torch.dtype:
 
 def native_bf16_cpu() -> bool:
     """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX). There torch's bf16 GEMMs ran
-    ~2x oneDNN's fp32 ones (~4x MKL's) and a GRPO step in bf16 1.17x one in fp32, after fp32's
-    products moved to oneDNN and AVX-512 tiles (1.55x before; benchmarks/RESULTS.md, "fp32 on
-    AVX-512 and oneDNN"); elsewhere bf16 is emulated, slower than fp32."""
+    ~2x oneDNN's fp32 ones (~4x MKL's) and a GRPO step in bf16 1.05x one in fp32, after fp32's
+    products moved to oneDNN and AVX-512 tiles (1.55x before, 1.17x before LoRA's narrow products
+    followed; benchmarks/RESULTS.md, "Queries in the vector lanes"); elsewhere bf16 is emulated,
+    slower than fp32."""
     probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     return any(probe is not None and probe() for probe in probes)
 
@@ -47,7 +48,7 @@ def dtype_hint(cfg, device: torch.device) -> str | None:
     if cfg.dtype != "auto" or device.type != "cpu" or cfg.load_in_4bit or not native_bf16_cpu():
         return None
     return ("model.dtype auto is float32 on the CPU; this CPU computes bf16 natively (AVX512-BF16 / AMX): "
-            "--model.dtype bfloat16 ran a GRPO step 1.17x faster here (benchmarks/RESULTS.md, \"fp32 on AVX-512 and oneDNN\")")
+            "--model.dtype bfloat16 ran a GRPO step 1.05x faster here (benchmarks/RESULTS.md, \"Queries in the vector lanes\")")
 
 
 def load_tokenizer(cfg):
