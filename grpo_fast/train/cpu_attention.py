@@ -29,6 +29,7 @@ import os
 import torch
 
 from grpo_fast.native import _C
+from grpo_fast.train.fp32_attention import sdpa_wrapped
 
 SWITCH_OFF = "GRPO_FAST_NO_CPU_TRAIN_ATTENTION"
 # Keys per query row from which the op runs (below: SDPA). Per call it is 2.1x SDPA already at 174
@@ -139,28 +140,9 @@ def with_native_attention(attention):
     return wrapped
 
 
-def _registry():
-    try:
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-    except ImportError:
-        return None
-    return ALL_ATTENTION_FUNCTIONS if hasattr(ALL_ATTENTION_FUNCTIONS, "_local_mapping") else None
-
-
 @contextlib.contextmanager
 def native_cpu_attention(enabled: bool = True):
     """Within: HF's "sdpa" attention over fp32 CPU tensors runs TrainAttention where it applies.
     Yields whether it is on. Calls nest; each restores what it found."""
-    registry = _registry()
-    if registry is None or not enabled or "sdpa" not in registry or not available():
-        yield False
-        return
-    own = registry._local_mapping.get("sdpa")
-    registry["sdpa"] = with_native_attention(registry["sdpa"])
-    try:
-        yield True
-    finally:
-        if own is None:
-            del registry["sdpa"]
-        else:
-            registry["sdpa"] = own
+    with sdpa_wrapped(with_native_attention, enabled and available()) as on:
+        yield on

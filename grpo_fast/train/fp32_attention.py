@@ -22,14 +22,6 @@ import torch
 _HALF = (torch.bfloat16, torch.float16)
 
 
-def _registry():
-    try:
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-    except ImportError:
-        return None
-    return ALL_ATTENTION_FUNCTIONS if hasattr(ALL_ATTENTION_FUNCTIONS, "_local_mapping") else None
-
-
 def in_fp32(attention):
     """attention(module, q, k, v, mask, **kw) with half-precision CPU q, k, v (and a floating mask)
     cast to fp32, and its output cast back; anything else passed through."""
@@ -48,15 +40,19 @@ def in_fp32(attention):
 
 
 @contextlib.contextmanager
-def fp32_cpu_attention(enabled: bool = True):
-    """Within: HF's "sdpa" attention over bf16 / fp16 CPU tensors computes in fp32. Yields whether
-    it is on. Calls nest; each restores what it found."""
-    registry = _registry()
-    if registry is None or not enabled or "sdpa" not in registry:
+def sdpa_wrapped(wrap, enabled: bool = True):
+    """Within: transformers' "sdpa" attention is wrap(the attention it was), through the registry's
+    per-process override (removed on exit; a user's own override of "sdpa" is kept and wrapped).
+    Yields whether it is on. Calls nest; each restores what it found."""
+    try:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS as registry
+    except ImportError:
+        registry = None
+    if registry is None or not hasattr(registry, "_local_mapping") or not enabled or "sdpa" not in registry:
         yield False
         return
     own = registry._local_mapping.get("sdpa")  # a user's per-process override, if any
-    registry["sdpa"] = in_fp32(registry["sdpa"])
+    registry["sdpa"] = wrap(registry["sdpa"])
     try:
         yield True
     finally:
@@ -64,3 +60,11 @@ def fp32_cpu_attention(enabled: bool = True):
             del registry["sdpa"]
         else:
             registry["sdpa"] = own
+
+
+@contextlib.contextmanager
+def fp32_cpu_attention(enabled: bool = True):
+    """Within: HF's "sdpa" attention over bf16 / fp16 CPU tensors computes in fp32. Yields whether
+    it is on. Calls nest; each restores what it found."""
+    with sdpa_wrapped(in_fp32, enabled) as on:
+        yield on
