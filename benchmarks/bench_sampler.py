@@ -26,9 +26,10 @@ in peft LoRA r = --lora-r on every block linear with non-zero B, as the trainer 
 process (benchmarks/_busy.py: python, torch); the table gives each engine's share of its idle
 tokens/s. Every engine also gets its share of the GEMM floor: the time the least linear work of
 the run takes (LM head and adapters included; each distinct prompt-prefix token prefilled once,
-then B x G x C decode tokens), each phase at the rate of the faster of our native linear kernel
-and torch's at that phase's rows (decode: B x G; prefill: the prefix tokens, at most 1,024) on
-this model's MLP weights, over the measured time (1.0 = nothing but GEMMs at those rates).
+then B x G x C decode tokens), each phase at the rate of the fastest of our native linear kernel,
+torch's and oneDNN's at that phase's rows (decode: B x G; prefill: the prefix tokens, at most
+1,024) on this model's base linears and LM head (gemm_rate), timed again before every repeat,
+over the measured time (1.0 = nothing but GEMMs at those rates).
 With --out the JSON is rewritten after every timed run, so a run cut short by a time limit still
 leaves the engines it finished.
 """
@@ -318,10 +319,14 @@ def main():
     for cond in loads:
         with _busy.busy(cond):
             for r in range(args.repeats):
+                if rate and r:  # the floor's rates again, next to this repeat's runs: this VM's speed
+                    # drifts by up to a third within minutes, and a floor timed once read above 1
+                    rate, prefill_rate = gemm_rate(model, args.prompts * G), gemm_rate(model, prefill_rows)
                 for name in engines:
                     res = run(name, prompts, G, C, seed=r)
                     if rate:
                         res["gemm_floor_share"] = gemm_floor_seconds(flops[name], prefill_rate, rate) / res["seconds"]
+                        res["gemm_rate_flops"], res["gemm_rate_prefill_flops"] = rate, prefill_rate
                     by_load[cond][KEYS[name]].append(res)
                     _write(args.out, record)  # partial: what has run so far survives a time limit
     load_after = os.getloadavg()
