@@ -23,7 +23,6 @@ namespace grpo_fast {
 namespace {
 
 constexpr int kKeys = 64;  // prefix keys per online-softmax step
-constexpr int kBlockQueries = 48;  // the training attention's query lanes per block: QB tokens x rep heads
 
 GF_INLINE float load_f32(float x) { return x; }
 GF_INLINE float load_f32(uint16_t x) { return bf16_to_f32(x); }
@@ -120,10 +119,15 @@ void cascade_prefix_f32(const GroupPrefix& p, bool wide, int h, int64_t k0, int6
     ymm::prefix(p, h, k0, k1, part, part_stride);
 }
 
-void cpu_train_attention_forward(const TrainAttention& a, float* out, float* lse, bool wide) {
-  if (a.D % 8 != 0 || a.Hq % a.Hkv != 0 || a.Hq / a.Hkv > 16 * kBlockQueries)
+// What the kernels take: D % 8 == 0, whole GQA groups of at most 16 x kBlockQueryLanes heads.
+static void check_train_attention(const TrainAttention& a) {
+  if (a.D % 8 != 0 || a.Hq % a.Hkv != 0 || a.Hq / a.Hkv > 16 * kBlockQueryLanes)
     throw std::invalid_argument("cpu_train_attention: head_dim % 8, Hq % Hkv (at most 768 per kv head)");
-  const int64_t QB = std::max(1, kBlockQueries / (a.Hq / a.Hkv));
+}
+
+void cpu_train_attention_forward(const TrainAttention& a, float* out, float* lse, bool wide) {
+  check_train_attention(a);
+  const int64_t QB = block_tokens(a.Hq / a.Hkv);
   struct Item { int64_t b, i0; int g; };
   std::vector<Item> work;  // the last blocks (the most keys under a causal mask) first
   for (int64_t i0 = (a.T - 1) / QB * QB; i0 >= 0; i0 -= QB)
@@ -141,8 +145,7 @@ void cpu_train_attention_forward(const TrainAttention& a, float* out, float* lse
 
 void cpu_train_attention_backward(const TrainAttention& a, const float* out, const float* lse, const float* dout,
                                   float* dq, float* dk, float* dv, bool wide) {
-  if (a.D % 8 != 0 || a.Hq % a.Hkv != 0 || a.Hq / a.Hkv > 16 * kBlockQueries)
-    throw std::invalid_argument("cpu_train_attention: head_dim % 8, Hq % Hkv (at most 768 per kv head)");
+  check_train_attention(a);
   parallel_for(a.B * a.Hkv, [&](int64_t w) {  // one (b, kv head) per item: its dK, dV sum over all its queries
     const int64_t b = w / a.Hkv;
     const int g = static_cast<int>(w % a.Hkv);

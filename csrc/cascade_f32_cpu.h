@@ -7,6 +7,11 @@
 
 namespace grpo_fast {
 
+// Query tokens per block where the query-lane kernels take a run of tokens at once (the blocked
+// prefill, the training attention): QB tokens x rep heads fill 48 lanes, 3 zmm / 6 ymm registers.
+constexpr int kBlockQueryLanes = 48;
+inline int block_tokens(int rep) { return rep >= kBlockQueryLanes ? 1 : kBlockQueryLanes / rep; }
+
 // One group of a cascade step against its shared prefix, as kv_cpu.cpp hands it over.
 struct GroupPrefix {
   const void* q;          // query [S, hq, D], fp32 or bf16 (as the cache)

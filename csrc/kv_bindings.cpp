@@ -17,6 +17,13 @@ namespace py = pybind11;
 
 namespace grpo_fast {
 
+// The training attention's arguments from the bindings' pointers (fp32, contiguous).
+static TrainAttention train_attention(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t keep, int64_t keep_bstride,
+                               bool causal, int64_t B, int hq, int hkv, int64_t T, int64_t S, int D, float scale) {
+  return {reinterpret_cast<const float*>(q), reinterpret_cast<const float*>(k), reinterpret_cast<const float*>(v),
+          reinterpret_cast<const uint8_t*>(keep), keep_bstride, causal, B, hq, hkv, T, S, D, scale};
+}
+
 void register_kv(py::module_& m) {
   // OutOfBlocks -> grpo_fast.kv.OutOfBlocksError, looked up when first raised (importing the
   // Python package while _C initializes would be circular).
@@ -100,9 +107,7 @@ void register_kv(py::module_& m) {
   m.def("cpu_train_attention_forward",
         [](uintptr_t out, uintptr_t lse, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t keep, int64_t keep_bstride,
            bool causal, int64_t B, int hq, int hkv, int64_t T, int64_t S, int D, float scale) {
-          const TrainAttention a{reinterpret_cast<const float*>(q), reinterpret_cast<const float*>(k),
-                                 reinterpret_cast<const float*>(v), reinterpret_cast<const uint8_t*>(keep),
-                                 keep_bstride, causal, B, hq, hkv, T, S, D, scale};
+          const TrainAttention a = train_attention(q, k, v, keep, keep_bstride, causal, B, hq, hkv, T, S, D, scale);
           cpu_train_attention_forward(a, reinterpret_cast<float*>(out), reinterpret_cast<float*>(lse), use_avx512());
         },
         py::call_guard<py::gil_scoped_release>());
@@ -110,9 +115,7 @@ void register_kv(py::module_& m) {
         [](uintptr_t dq, uintptr_t dk, uintptr_t dv, uintptr_t out, uintptr_t lse, uintptr_t dout, uintptr_t q,
            uintptr_t k, uintptr_t v, uintptr_t keep, int64_t keep_bstride, bool causal, int64_t B, int hq, int hkv,
            int64_t T, int64_t S, int D, float scale) {
-          const TrainAttention a{reinterpret_cast<const float*>(q), reinterpret_cast<const float*>(k),
-                                 reinterpret_cast<const float*>(v), reinterpret_cast<const uint8_t*>(keep),
-                                 keep_bstride, causal, B, hq, hkv, T, S, D, scale};
+          const TrainAttention a = train_attention(q, k, v, keep, keep_bstride, causal, B, hq, hkv, T, S, D, scale);
           cpu_train_attention_backward(a, reinterpret_cast<const float*>(out), reinterpret_cast<const float*>(lse),
                                        reinterpret_cast<const float*>(dout), reinterpret_cast<float*>(dq),
                                        reinterpret_cast<float*>(dk), reinterpret_cast<float*>(dv), use_avx512());

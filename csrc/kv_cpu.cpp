@@ -482,46 +482,53 @@ struct PrefillArgs {
   float scale;
 };
 
+// Query token t (rc heads from h0) over keys [j0, j0 + n) of the sequence whose keys start at
+// k0: its output rows in `out` or, with `partial`, their unnormalized states (acc, m, l) for a
+// merge (the blocked prefill's tokens past their block's shared keys).
 template <bool AVX2, typename T>
-GF_INLINE void prefill_item(T* out, const T* q, const T* k, const T* v, const PrefillArgs& a,
-                            int64_t t, int g, int h0, int rc) {
-  // sequence b owning query token t: last b with cu_q[b] <= t and a non-empty range
-  const int64_t b = std::upper_bound(a.cu_q, a.cu_q + a.batch + 1, static_cast<int32_t>(t)) -
-                    a.cu_q - 1;
-  const int64_t nq = a.cu_q[b + 1] - a.cu_q[b];
-  const int64_t nk = a.cu_k[b + 1] - a.cu_k[b];
-  const int64_t i = t - a.cu_q[b];
-  const int64_t n = nk - nq + i + 1;  // keys visible to query i (bottom-right causal)
-  const int64_t k0 = a.cu_k[b];
-  const int hkv = a.hkv, D = a.D;
-  auto row = [=](int64_t j) { return kv_offset(k0 + j, g, hkv, D); };
-  const int64_t qo = (t * a.hq + h0) * static_cast<int64_t>(a.D);
-  attend_any<AVX2>(out + qo, q + qo, k, v, row, n, a.D, rc, a.scale);
-}
-
-#define ARGS_OF_prefill_item a, t, g, h0, rc
-GF_VARIANTS(prefill_item_f32, prefill_item, float, const PrefillArgs& a, int64_t t, int g, int h0,
-            int rc)
-GF_VARIANTS(prefill_item_bf16, prefill_item, uint16_t, const PrefillArgs& a, int64_t t, int g,
-            int h0, int rc)
-
-// Keys [j0, j0 + n) of the sequence whose keys start at k0, for query token t (rc heads from h0):
-// the unnormalized state (acc, m, l) into `partial`, for a merge (the blocked prefill's rows past
-// their block's shared keys).
-template <bool AVX2, typename T>
-GF_INLINE void prefill_keys_item(T*, const T* q, const T* k, const T* v, const PrefillArgs& a, int64_t t,
-                                 int g, int h0, int rc, int64_t k0, int64_t j0, int64_t n, float* partial) {
+GF_INLINE void prefill_item(T* out, const T* q, const T* k, const T* v, const PrefillArgs& a, int64_t t,
+                            int g, int h0, int rc, int64_t k0, int64_t j0, int64_t n, float* partial) {
   const int hkv = a.hkv, D = a.D;
   auto row = [=](int64_t j) { return kv_offset(k0 + j0 + j, g, hkv, D); };
   const int64_t qo = (t * a.hq + h0) * static_cast<int64_t>(D);
-  attend_any<AVX2>(static_cast<T*>(nullptr), q + qo, k, v, row, n, D, rc, a.scale, partial);
+  attend_any<AVX2>(partial != nullptr ? nullptr : out + qo, q + qo, k, v, row, n, D, rc, a.scale, partial);
 }
 
-#define ARGS_OF_prefill_keys_item a, t, g, h0, rc, k0, j0, n, partial
-GF_VARIANTS(prefill_keys_f32, prefill_keys_item, float, const PrefillArgs& a, int64_t t, int g, int h0,
+#define ARGS_OF_prefill_item a, t, g, h0, rc, k0, j0, n, partial
+GF_VARIANTS(prefill_item_f32, prefill_item, float, const PrefillArgs& a, int64_t t, int g, int h0, int rc,
+            int64_t k0, int64_t j0, int64_t n, float* partial)
+GF_VARIANTS(prefill_item_bf16, prefill_item, uint16_t, const PrefillArgs& a, int64_t t, int g, int h0,
             int rc, int64_t k0, int64_t j0, int64_t n, float* partial)
-GF_VARIANTS(prefill_keys_bf16, prefill_keys_item, uint16_t, const PrefillArgs& a, int64_t t, int g,
-            int h0, int rc, int64_t k0, int64_t j0, int64_t n, float* partial)
+
+// prefill_item for every head of kv head g (kMaxRep at a time), the dtype's kernel, AVX2 where
+// `avx2`; partial: the token's hq states, D + 2 apart (null: its output rows).
+void prefill_token_keys(int dtype, bool avx2, uintptr_t out, uintptr_t query, uintptr_t key, uintptr_t value,
+                        const PrefillArgs& a, int64_t t, int g, int64_t k0, int64_t j0, int64_t n, float* partial) {
+  const int rep = a.hq / a.hkv;
+  for (int h0 = g * rep; h0 < (g + 1) * rep; h0 += kMaxRep) {
+    const int rc = std::min(kMaxRep, (g + 1) * rep - h0);
+    float* p = partial != nullptr ? partial + static_cast<int64_t>(h0) * (a.D + 2) : nullptr;
+    if (dtype == kF32)
+      (avx2 ? prefill_item_f32_avx2 : prefill_item_f32)(
+          reinterpret_cast<float*>(out), reinterpret_cast<const float*>(query), reinterpret_cast<const float*>(key),
+          reinterpret_cast<const float*>(value), a, t, g, h0, rc, k0, j0, n, p);
+    else
+      (avx2 ? prefill_item_bf16_avx2 : prefill_item_bf16)(
+          reinterpret_cast<uint16_t*>(out), reinterpret_cast<const uint16_t*>(query),
+          reinterpret_cast<const uint16_t*>(key), reinterpret_cast<const uint16_t*>(value), a, t, g, h0, rc, k0, j0,
+          n, p);
+  }
+}
+
+// Query token t over every key it sees (bottom-right causal), its output rows for kv head g.
+void prefill_token(int dtype, bool avx2, uintptr_t out, uintptr_t query, uintptr_t key, uintptr_t value,
+                   const PrefillArgs& a, int64_t t, int g) {
+  // sequence b owning query token t: last b with cu_q[b] <= t and a non-empty range
+  const int64_t b = std::upper_bound(a.cu_q, a.cu_q + a.batch + 1, static_cast<int32_t>(t)) - a.cu_q - 1;
+  const int64_t nq = a.cu_q[b + 1] - a.cu_q[b], nk = a.cu_k[b + 1] - a.cu_k[b];
+  prefill_token_keys(dtype, avx2, out, query, key, value, a, t, g, a.cu_k[b], 0, nk - nq + (t - a.cu_q[b]) + 1,
+                     nullptr);
+}
 
 // The prefill's query tokens of one sequence in blocks, as a cascade within the prompt: the
 // block's QB tokens x rep heads of kv head g share the keys [0, s0) that its first token sees,
@@ -529,24 +536,8 @@ GF_VARIANTS(prefill_keys_bf16, prefill_keys_item, uint16_t, const PrefillArgs& a
 // key chunk instead of a matrix-vector pass per token); each token's remaining keys (< QB of
 // them, the causal diagonal) go through the per-token kernel; the two partial states merge
 // exactly. Blocks whose shared keys are fewer than kPrefillMinShared run per token throughout.
-constexpr int kPrefillBlockQueries = 48;  // QB x rep: 3 zmm / 6 ymm registers of queries
 constexpr int64_t kPrefillMinShared = 32;  // 16 lost at 40-token prompts (0.91-1.00x), measured
 
-void prefill_token(int dtype, bool avx2, uintptr_t out, uintptr_t query, uintptr_t key, uintptr_t value,
-                   const PrefillArgs& a, int64_t t, int g) {
-  const int rep = a.hq / a.hkv;
-  for (int h0 = g * rep; h0 < (g + 1) * rep; h0 += kMaxRep) {
-    const int rc = std::min(kMaxRep, (g + 1) * rep - h0);
-    if (dtype == kF32)
-      (avx2 ? prefill_item_f32_avx2 : prefill_item_f32)(
-          reinterpret_cast<float*>(out), reinterpret_cast<const float*>(query),
-          reinterpret_cast<const float*>(key), reinterpret_cast<const float*>(value), a, t, g, h0, rc);
-    else
-      (avx2 ? prefill_item_bf16_avx2 : prefill_item_bf16)(
-          reinterpret_cast<uint16_t*>(out), reinterpret_cast<const uint16_t*>(query),
-          reinterpret_cast<const uint16_t*>(key), reinterpret_cast<const uint16_t*>(value), a, t, g, h0, rc);
-  }
-}
 
 void check_attention_dims(int hq, int hkv, int D, int dtype) {
   if (hkv <= 0 || hq % hkv != 0) throw std::invalid_argument("num_q_heads must be a multiple of num_kv_heads");
@@ -757,7 +748,7 @@ void cpu_cascade_decode_attention(uintptr_t out, uintptr_t query, uintptr_t key_
 static void blocked_prefill(uintptr_t out, uintptr_t query, uintptr_t key, uintptr_t value, const PrefillArgs& a,
                      int dtype) {
   const int hq = a.hq, hkv = a.hkv, D = a.D, rep = hq / hkv;
-  const int QB = std::max(1, kPrefillBlockQueries / rep);
+  const int QB = block_tokens(rep);
   const size_t esize = elem_size(dtype);
   const int64_t head_stride = static_cast<int64_t>(hq) * (D + 2);  // one query row's states
   struct Block { int64_t b, i0; int g; };
@@ -771,8 +762,9 @@ static void blocked_prefill(uintptr_t out, uintptr_t query, uintptr_t key, uintp
     const int64_t nq = a.cu_q[b + 1] - a.cu_q[b], nk = a.cu_k[b + 1] - a.cu_k[b], k0 = a.cu_k[b];
     const int64_t i1 = std::min<int64_t>(nq, i0 + QB), t0 = a.cu_q[b];
     const int64_t s0 = nk - nq + i0 + 1;  // the keys every token of the block sees
-    if (s0 < kPrefillMinShared) {
-      for (int64_t i = i0; i < i1; ++i) prefill_token(dtype, true, out, query, key, value, a, t0 + i, g);
+    if (s0 < kPrefillMinShared) {  // per token: s0 + (i - i0) keys each
+      for (int64_t i = i0; i < i1; ++i)
+        prefill_token_keys(dtype, true, out, query, key, value, a, t0 + i, g, k0, 0, s0 + (i - i0), nullptr);
       return;
     }
     // states [2][QB][hq][D + 2]: the shared keys', then the token's own
@@ -780,7 +772,7 @@ static void blocked_prefill(uintptr_t out, uintptr_t query, uintptr_t key, uintp
     const int64_t part = QB * head_stride;
     if (static_cast<int64_t>(states.size()) < 2 * part) states.resize(2 * part);
     float* st = states.data();
-    int32_t rows[kPrefillBlockQueries];
+    int32_t rows[kBlockQueryLanes];
     for (int64_t i = i0; i < i1; ++i) rows[i - i0] = static_cast<int32_t>(t0 + i);
     // the sequence's keys as a one-block table: slot j is key k0 + j
     const int32_t table = 0, starts[2] = {0, static_cast<int32_t>(i1 - i0)};
@@ -788,17 +780,8 @@ static void blocked_prefill(uintptr_t out, uintptr_t query, uintptr_t key, uintp
     const uintptr_t kb = key + kv_offset(k0, 0, hkv, D) * esize, vb = value + kv_offset(k0, 0, hkv, D) * esize;
     run_prefix_item(dtype, true, query, kb, vb, c, 0, g, 0, s0, st, head_stride);
     for (int64_t i = i0; i < i1; ++i)
-      for (int h0 = g * rep; h0 < (g + 1) * rep; h0 += kMaxRep) {
-        const int rc = std::min(kMaxRep, (g + 1) * rep - h0);
-        float* own = st + part + (i - i0) * head_stride + static_cast<int64_t>(h0) * (D + 2);
-        if (dtype == kF32)
-          prefill_keys_f32_avx2(nullptr, reinterpret_cast<const float*>(query), reinterpret_cast<const float*>(key),
-                                reinterpret_cast<const float*>(value), a, t0 + i, g, h0, rc, k0, s0, i - i0, own);
-        else
-          prefill_keys_bf16_avx2(nullptr, reinterpret_cast<const uint16_t*>(query),
-                                 reinterpret_cast<const uint16_t*>(key), reinterpret_cast<const uint16_t*>(value),
-                                 a, t0 + i, g, h0, rc, k0, s0, i - i0, own);
-      }
+      prefill_token_keys(dtype, true, out, query, key, value, a, t0 + i, g, k0, s0, i - i0,
+                         st + part + (i - i0) * head_stride);
     for (int64_t i = i0; i < i1; ++i)
       for (int h = g * rep; h < (g + 1) * rep; ++h) {
         const float* src = st + (i - i0) * head_stride + static_cast<int64_t>(h) * (D + 2);

@@ -104,8 +104,8 @@ def _lean_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
 class _AddUpProduct(torch.autograd.Function):
     """y + s (xa B^T), added into y in place (a fresh fp32 product: addmm_ as above), xa [N, r],
     B [out, r]. The backward is addmm's, with both of its products on oneDNN (MKL runs these
-    narrow fp32 shapes at 90-190 GFLOPS on AMD CPUs; oneDNN 230-380, benchmarks/RESULTS.md, "LoRA's
-    narrow products on oneDNN"): dL/dxa = (dL/dy B) s, dL/dB = (dL/dy^T xa) s."""
+    narrow fp32 shapes at 90-190 GFLOPS on AMD CPUs; oneDNN 230-380, benchmarks/RESULTS.md,
+    "Queries in the vector lanes", item 3): dL/dxa = (dL/dy B) s, dL/dB = (dL/dy^T xa) s."""
 
     @staticmethod
     def forward(ctx, y: torch.Tensor, xa: torch.Tensor, weight_b: torch.Tensor, scale: float):
@@ -122,7 +122,7 @@ class _AddUpProduct(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_xa = onednn_gemm.mm(grad_y, weight_b).mul_(ctx.scale)  # [N, r]
         if ctx.needs_input_grad[2]:
-            grad_b = onednn_gemm.weight_grad(grad_y, xa) * ctx.scale  # [out, r]
+            grad_b = onednn_gemm.weight_grad(grad_y, xa).mul_(ctx.scale)  # [out, r] (a fresh product)
         return grad_y if ctx.needs_input_grad[0] else None, grad_xa, grad_b, None
 
 

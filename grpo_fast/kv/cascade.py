@@ -43,8 +43,8 @@ CPU_MIN_PREFIX_BF16_DOT = 64
 # alternating in one process (DecodeStep.attend, medians of 15): 1.01x at 32 shared keys, 1.02x at
 # 48, 1.12x at 64, 1.23x at 96 (RESULTS.md, "fp32 on AVX-512 and oneDNN", 7 Dec); with the item's
 # queries in the lanes (csrc/cascade_f32_cpu.cpp) 0.99x at 32, 1.04x at 48, 1.13x at 64, 1.31x at
-# 128, and on ymm (GRPO_FAST_NO_AVX512=1) 0.88x at 64, 1.01x at 128 (RESULTS.md, "The fp32
-# cascade's queries in the vector lanes", 7 Dec): 64 and 128 stand.
+# 128, and on ymm (GRPO_FAST_NO_AVX512=1) 0.88x at 64, 1.01x at 128 (RESULTS.md, "Queries in the
+# vector lanes", item 1, 7 Dec): 64 and 128 stand.
 CPU_MIN_PREFIX_AVX512 = 64
 
 

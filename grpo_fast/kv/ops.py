@@ -227,7 +227,8 @@ def prefill_attention(query, key, value, cu_seqlens, scale, cu_seqlens_k=None):
     On the CPU (AVX2, head_dim % 8 == 0) a prompt's tokens go in blocks of 48 / (Hq / Hkv): the
     keys a block's tokens all see are attended by all of them at once (the cascade's prefix item,
     a small GEMM per key chunk), the causal diagonal per token, the two merged exactly; 2.4x the
-    per-token kernel at 4 x 1,024-token prompts (RESULTS.md, "Prefill attention in blocks").
+    per-token kernel at 4 x 1,024-token prompts (RESULTS.md, "Queries in the vector lanes",
+    item 2).
     GRPO_FAST_NO_BLOCKED_PREFILL=1 keeps the per-token kernel.
     """
     dev, dt = query.device, query.dtype

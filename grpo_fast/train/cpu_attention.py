@@ -2,8 +2,8 @@
 
 torch's CPU flash attention ran the training pass's attention at 50-130 GFLOPS on this project's
 machine: in the fp32 GRPO step at 1,024-token prompts its forward and backward were 14.3 s of the
-35 s training pass (torch.profiler; benchmarks/RESULTS.md, "The training attention in the query
-lanes"). csrc/train_attention_item.inc computes the same attention with the cascade's query-lane
+35 s training pass (torch.profiler; benchmarks/RESULTS.md, "Queries in the vector lanes", item
+4). csrc/train_attention_item.inc computes the same attention with the cascade's query-lane
 tiles: a work item is one (batch row, kv head), whose rep query heads x a block of tokens are the
 vector lanes of one small GEMM per chunk of keys; the backward is flash attention's (P recomputed
 from the saved log-sum-exp):
@@ -16,9 +16,9 @@ mask (HF's boolean masks, or additive ones of 0 and a large negative value), or 
 
 `native_cpu_attention()` routes HF's "sdpa" attention through it while a forward runs, where it
 applies (fp32 CPU tensors, at least MIN_KEYS keys, no dropout, D % 8 == 0, the native build,
-GRPO_FAST_NO_CPU_TRAIN_ATTENTION not 1; anything else goes to the attention it wraps). Enter it outside fp32_attention's context:
-that one casts bf16 to fp32 first, then calls this. Not under gradient checkpointing, like the
-other two swaps: the recompute runs outside the context.
+GRPO_FAST_NO_CPU_TRAIN_ATTENTION not 1; anything else goes to the attention it wraps). Enter it
+outside fp32_attention's context: that one casts bf16 to fp32 first, then calls this. Not under
+gradient checkpointing, like the other two swaps: the recompute runs outside the context.
 """
 
 from __future__ import annotations
@@ -47,6 +47,14 @@ def available() -> bool:
             and os.environ.get(SWITCH_OFF) != "1")
 
 
+def _keep_args(keep: torch.Tensor | None) -> tuple[int, int]:
+    """The kernel's (pointer, batch stride) of a [Bm, T, S] keep mask; (0, 0) without one, stride 0
+    where one mask serves every batch row."""
+    if keep is None:
+        return 0, 0
+    return keep.data_ptr(), keep.stride(0) if keep.shape[0] > 1 else 0
+
+
 class TrainAttention(torch.autograd.Function):
     """out [B, Hq, T, D] of q [B, Hq, T, D], k, v [B, Hkv, S, D] (fp32 CPU), keep: a uint8 [Bm, T, S]
     mask (Bm = B or 1) or None; causal (keep None, T == S): token i attends keys j <= i."""
@@ -58,7 +66,7 @@ class TrainAttention(torch.autograd.Function):
         Hkv, S = k.shape[1], k.shape[2]
         out = torch.empty_like(q)  # [B, Hq, T, D]
         lse = torch.empty(B, Hq, T, dtype=torch.float32)
-        keep_ptr, keep_bstride = (0, 0) if keep is None else (keep.data_ptr(), keep.stride(0) if keep.shape[0] > 1 else 0)
+        keep_ptr, keep_bstride = _keep_args(keep)
         _C.cpu_train_attention_forward(out.data_ptr(), lse.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(),
                                        keep_ptr, keep_bstride, causal, B, Hq, Hkv, T, S, D, scale)
         ctx.save_for_backward(q, k, v, out, lse, keep)
@@ -72,7 +80,7 @@ class TrainAttention(torch.autograd.Function):
         B, Hq, T, D = q.shape
         Hkv, S = k.shape[1], k.shape[2]
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        keep_ptr, keep_bstride = (0, 0) if keep is None else (keep.data_ptr(), keep.stride(0) if keep.shape[0] > 1 else 0)
+        keep_ptr, keep_bstride = _keep_args(keep)
         _C.cpu_train_attention_backward(dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), out.data_ptr(), lse.data_ptr(),
                                         dout.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), keep_ptr,
                                         keep_bstride, ctx.causal, B, Hq, Hkv, T, S, D, ctx.scale)
@@ -91,7 +99,7 @@ def keep_mask(mask: torch.Tensor, B: int, T: int, S: int) -> torch.Tensor | None
     if not m.is_floating_point():
         return None
     keep = m == 0
-    if not bool((keep | (m <= torch.finfo(m.dtype).min / 2) | (m == float("-inf"))).all()):
+    if not bool((keep | (m <= torch.finfo(m.dtype).min / 2)).all()):  # -inf included
         return None
     return keep.to(torch.uint8).contiguous()
 

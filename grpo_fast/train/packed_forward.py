@@ -12,6 +12,8 @@ pass is the oracle the tests hold both to.
 
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +26,15 @@ from grpo_fast.train.fp32_attention import fp32_cpu_attention
 from grpo_fast.train.kv_head_attention import kv_head_attention
 from grpo_fast.train.layout_cost import CACHED_OVERHEAD  # noqa: F401 (re-exported: the layouts' threshold)
 from grpo_fast.train.rollout_batch import SequenceBatch
+
+
+@contextlib.contextmanager
+def _cpu_attention(enabled: bool):
+    """HF's sdpa attention in the training forward on the CPU: the native op (cpu_attention.py)
+    inside, the bf16 -> fp32 cast (fp32_attention.py) around it, so half-precision rows reach the
+    op in fp32. Off under gradient checkpointing (the recompute runs outside the context)."""
+    with native_cpu_attention(enabled=enabled), fp32_cpu_attention(enabled=enabled):
+        yield
 
 
 def completion_hidden(decoder, batch: SequenceBatch, *, share_prompts: bool = True, layout: str = "auto",
@@ -60,8 +71,7 @@ def completion_hidden(decoder, batch: SequenceBatch, *, share_prompts: bool = Tr
     the CPU in the native training attention (cpu_attention.py).
     """
     checkpointed = is_checkpointed(decoder)
-    # native attention inside, the bf16 -> fp32 cast around it (cpu_attention.py, fp32_attention.py)
-    with native_cpu_attention(enabled=not checkpointed), fp32_cpu_attention(enabled=not checkpointed):
+    with _cpu_attention(enabled=not checkpointed):
         return _completion_hidden(decoder, batch, share_prompts=share_prompts, layout=layout, prefix=prefix,
                                   checkpointed=checkpointed)
 
@@ -204,8 +214,7 @@ def run_prompts(decoder, batch: SequenceBatch, rows: torch.Tensor) -> PromptPref
     """The prompts of batch rows `rows` [B'] through the decoder once, with a cache: [B'] prefixes."""
     P = batch.prompt_width
     cache = DynamicCache(config=getattr(decoder, "config", None))
-    on = not is_checkpointed(decoder)
-    with native_cpu_attention(enabled=on), fp32_cpu_attention(enabled=on):
+    with _cpu_attention(enabled=not is_checkpointed(decoder)):
         out = decoder(input_ids=batch.input_ids[rows, :P], attention_mask=batch.attention_mask[rows, :P],
                       position_ids=batch.position_ids[rows, :P], past_key_values=cache, use_cache=True)
     return PromptPrefix([layer.keys for layer in cache.layers], [layer.values for layer in cache.layers],
