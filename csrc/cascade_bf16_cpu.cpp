@@ -189,24 +189,7 @@ GF_BF16DP inline void softmax_step(Scratch& sc, int ld, int cn) {
   }
 }
 
-// The cache rows (K, V) of prefix keys [j0, j0 + n), walking the block table without a division
-// per key.
-GF_BF16DP inline void key_rows(const GroupPrefixBf16& p, int h, int64_t j0, int n, const uint16_t** k,
-                               const uint16_t** v) {
-  int64_t block = j0 / p.bs;
-  int in_block = static_cast<int>(j0 % p.bs);
-  for (int t = 0; t < n; ++t) {
-    const int64_t off = kv_offset(static_cast<int64_t>(p.table[block]) * p.bs + in_block, h, p.hkv, p.D);
-    k[t] = p.kc + off;
-    v[t] = p.vc + off;
-    if (++in_block == p.bs) {
-      in_block = 0;
-      ++block;
-    }
-  }
-}
-
-GF_BF16DP void prefix_item(const GroupPrefixBf16& p, int h, int64_t k0, int64_t k1, float* part,
+GF_BF16DP void prefix_item(const GroupPrefix& p, int h, int64_t k0, int64_t k1, float* part,
                            int64_t part_stride) {
   const int D = p.D, D2 = D / 2, rep = p.hq / p.hkv;
   const int64_t nq = p.G * rep;
@@ -215,7 +198,7 @@ GF_BF16DP void prefix_item(const GroupPrefixBf16& p, int h, int64_t k0, int64_t 
   sc.reserve(ld, D);
   uint32_t* qt = sc.qt.data();
   for (int q = 0; q < ld; ++q) {
-    const uint16_t* qr = q < nq ? p.q + (static_cast<int64_t>(p.rows[q / rep]) * p.hq + h * rep + q % rep) * D
+    const uint16_t* qr = q < nq ? static_cast<const uint16_t*>(p.q) + (static_cast<int64_t>(p.rows[q / rep]) * p.hq + h * rep + q % rep) * D
                                 : nullptr;
     for (int dp = 0; dp < D2; ++dp) {
       uint32_t w = 0;
@@ -232,7 +215,9 @@ GF_BF16DP void prefix_item(const GroupPrefixBf16& p, int h, int64_t k0, int64_t 
   // next step's, which start coming from memory while this one computes
   const uint16_t* rows[2][2][kKeys];  // [this / next][K / V][key]
   int cur = 0;
-  key_rows(p, h, k0, static_cast<int>(std::min<int64_t>(kKeys, k1 - k0)), rows[0][0], rows[0][1]);
+  const auto* kc = static_cast<const uint16_t*>(p.kc);
+  const auto* vc = static_cast<const uint16_t*>(p.vc);
+  cache_rows(p, kc, vc, h, k0, static_cast<int>(std::min<int64_t>(kKeys, k1 - k0)), rows[0][0], rows[0][1]);
   for (int64_t j0 = k0; j0 < k1; j0 += kKeys, cur ^= 1) {
     const int cn = static_cast<int>(std::min<int64_t>(kKeys, k1 - j0));
     const int cn8 = (cn + 7) / 8 * 8;
@@ -241,7 +226,7 @@ GF_BF16DP void prefix_item(const GroupPrefixBf16& p, int h, int64_t k0, int64_t 
     for (int t = cn; t < cn8; ++t) krow[t] = krow[cn - 1];
     const int next = static_cast<int>(std::min<int64_t>(kKeys, k1 - j0 - cn));
     if (next > 0) {
-      key_rows(p, h, j0 + cn, next, rows[cur ^ 1][0], rows[cur ^ 1][1]);
+      cache_rows(p, kc, vc, h, j0 + cn, next, rows[cur ^ 1][0], rows[cur ^ 1][1]);
       for (int t = 0; t < next; ++t)
         for (int byte = 0; byte < D * 2; byte += 64) {
           _mm_prefetch(reinterpret_cast<const char*>(rows[cur ^ 1][0][t]) + byte, _MM_HINT_T0);
@@ -277,7 +262,7 @@ GF_BF16DP void prefix_item(const GroupPrefixBf16& p, int h, int64_t k0, int64_t 
 
 }  // namespace
 
-void cascade_prefix_bf16(const GroupPrefixBf16& p, int h, int64_t k0, int64_t k1, float* part,
+void cascade_prefix_bf16(const GroupPrefix& p, int h, int64_t k0, int64_t k1, float* part,
                          int64_t part_stride) {
   if (p.D % 16 != 0) throw std::invalid_argument("cascade_prefix_bf16: head_dim must be a multiple of 16");
   prefix_item(p, h, k0, k1, part, part_stride);
@@ -287,7 +272,7 @@ void cascade_prefix_bf16(const GroupPrefixBf16& p, int h, int64_t k0, int64_t k1
 
 bool use_avx512_bf16() { return false; }
 
-void cascade_prefix_bf16(const GroupPrefixBf16&, int, int64_t, int64_t, float*, int64_t) {
+void cascade_prefix_bf16(const GroupPrefix&, int, int64_t, int64_t, float*, int64_t) {
   throw std::invalid_argument("cascade_prefix_bf16: built without x86 dispatch");
 }
 

@@ -27,24 +27,6 @@ constexpr int kKeys = 64;  // prefix keys per online-softmax step
 GF_INLINE float load_f32(float x) { return x; }
 GF_INLINE float load_f32(uint16_t x) { return bf16_to_f32(x); }
 
-// The cache rows (K, V) of prefix keys [j0, j0 + n) of kv head h, walking the block table
-// without a division per key.
-template <typename T>
-GF_INLINE void cache_rows(const GroupPrefix& p, const T* kc, const T* vc, int h, int64_t j0, int n,
-                          const T** k, const T** v) {
-  int64_t block = j0 / p.bs;
-  int in_block = static_cast<int>(j0 % p.bs);
-  for (int t = 0; t < n; ++t) {
-    const int64_t off = kv_offset(static_cast<int64_t>(p.table[block]) * p.bs + in_block, h, p.hkv, p.D);
-    k[t] = kc + off;
-    v[t] = vc + off;
-    if (++in_block == p.bs) {
-      in_block = 0;
-      ++block;
-    }
-  }
-}
-
 // 8 fp32 lanes. Tiles: scores 4 keys x 3 query vectors (12 accumulators + 3 + 1 of 16 ymm), P.V
 // 3 query rows x 32 dims (12 + 3 + 1).
 struct Ymm {

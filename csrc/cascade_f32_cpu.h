@@ -5,25 +5,14 @@
 
 #include <cstdint>
 
+#include "cascade_prefix.h"
+
 namespace grpo_fast {
 
 // Query tokens per block where the query-lane kernels take a run of tokens at once (the blocked
 // prefill, the training attention): QB tokens x rep heads fill 48 lanes, 3 zmm / 6 ymm registers.
 constexpr int kBlockQueryLanes = 48;
 inline int block_tokens(int rep) { return rep >= kBlockQueryLanes ? 1 : kBlockQueryLanes / rep; }
-
-// One group of a cascade step against its shared prefix, as kv_cpu.cpp hands it over.
-struct GroupPrefix {
-  const void* q;          // query [S, hq, D], fp32 or bf16 (as the cache)
-  const void* kc;         // key cache [blocks, bs, hkv, D]
-  const void* vc;         // value cache, same layout
-  const int32_t* table;   // block table row of the group's first sequence (prefix blocks shared)
-  const int32_t* rows;    // the group's G query rows
-  int64_t G;
-  int hq, hkv, D, bs;     // D % 8 == 0
-  float scale;
-  bool bf16;              // the caches (and q) hold bf16, else fp32
-};
 
 // Keys [k0, k1) of the prefix for kv head h, all nq = G * rep queries of the group at once. For
 // row i < G and query head r < rep of that kv head, writes the unnormalized online-softmax state

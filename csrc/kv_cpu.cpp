@@ -393,21 +393,13 @@ void run_prefix_item(int dtype, bool avx2, uintptr_t q, uintptr_t kc, uintptr_t 
                      const CascadeArgs& c, int64_t g, int h, int64_t k0, int64_t k1, float* part,
                      int64_t part_stride) {
 #ifdef GF_X86_DISPATCH
-  if (avx2 && dtype == kBF16 && c.a.D % 16 == 0 && use_avx512_bf16()) {
-    const int64_t first = c.starts[g];
-    const GroupPrefixBf16 p{reinterpret_cast<const uint16_t*>(q), reinterpret_cast<const uint16_t*>(kc),
-                            reinterpret_cast<const uint16_t*>(vc),
-                            c.a.tables + static_cast<int64_t>(c.rows[first]) * c.a.max_blocks,
-                            c.rows + first, c.starts[g + 1] - first, c.a.hq, c.a.hkv, c.a.D, c.a.bs,
-                            c.a.scale};
-    return cascade_prefix_bf16(p, h, k0, k1, part, part_stride);
-  }
   if (avx2 && c.a.D % 8 == 0) {
     const int64_t first = c.starts[g];
     const GroupPrefix p{reinterpret_cast<const void*>(q), reinterpret_cast<const void*>(kc),
                         reinterpret_cast<const void*>(vc),
                         c.a.tables + static_cast<int64_t>(c.rows[first]) * c.a.max_blocks, c.rows + first,
                         c.starts[g + 1] - first, c.a.hq, c.a.hkv, c.a.D, c.a.bs, c.a.scale, dtype == kBF16};
+    if (p.bf16 && p.D % 16 == 0 && use_avx512_bf16()) return cascade_prefix_bf16(p, h, k0, k1, part, part_stride);
     return cascade_prefix_f32(p, use_avx512(), h, k0, k1, part, part_stride);
   }
 #endif
