@@ -17,9 +17,13 @@
 // blocked GEMM's.
 //
 // LoRA (peft's base(x) + s * B(A(x)), read from the live adapter weights): the packed input
-// gets r more rows per adapter, (s * x A^T)^T, computed right after the packing; then B is one
-// more micro-tile pass over those rows, added to the base tile before the epilogue (bias, SiLU,
-// residual accumulation). So an adapter costs its own FLOPs and no extra pass over the output.
+// gets r more rows per adapter, (s * x A^T)^T, computed right after the packing. B's rows then
+// continue the base weight's k loop in the same micro-tile: the packed input is [x, s x A^T] and
+// the weight [W, B], one sum of K + r steps in the same registers: no extra pass over the output
+// and no extra micro-tile call per tile. B's rows are not prefetched (see micro_tile). Before
+// (a separate r-step B call per tile, its rows prefetched as the base weight's) SmolLM2's LoRA
+// r = 16 layers ran at 0.85-0.87x the plain ones' speed for 4.6% more FLOPs; now 0.91-0.92x
+// (benchmarks/RESULTS.md, "LoRA's B in the base weight's registers").
 #include "linear_cpu.h"
 
 #include <algorithm>
@@ -40,131 +44,182 @@ constexpr int kKBlock = 128;   // k steps summed in registers before joining the
 // or above 9 and 12 (24 accumulators) on every SmolLM2 shape at 32 and 64 rows, alternating in
 // one process (weights from memory, medians of 7: e.g. 240 / 225 / 212 GFLOPS for [1,536, 576]).
 constexpr int kWideRows = 6;
+constexpr int kMaxRuns = 4;  // k runs a micro-tile sums in one go: the base weight and 3 adapters
+
+// A micro-tile's k steps come in runs: run j pairs rows w[r * ldw + i] (r < NR) of one weight
+// with the x^T rows xt[(k0 + i) * kCols], i < len. The base weight is one run over [0, K); each
+// LoRA adapter's B one more, over its rows of the packed input (see Packed).
+struct KRun {
+  const float* w;
+  int64_t ldw, k0, len;
+};
 
 #ifdef GF_X86_DISPATCH
-// tile[r][0:8*MV] (+ if add) = sum_k w_r[k] * xt[k][0:8*MV] for r < NR.
+// One cache line of each row of the *next* block of weight rows (the thread's next tile as a
+// rule: rows are consecutive in memory), issued every 16 k steps. The hardware prefetcher alone
+// kept 3 interleaved row streams fed at ~70% of the FMA rate on this AMD EPYC (a weight read
+// once per call comes from memory); a block ahead it runs at 80-90%. (Address arithmetic in
+// integers: past the last block it points outside the weight, which a prefetch may do but a
+// pointer may not.)
+template <int NR>
+GF_INLINE void prefetch_next_rows(const float* w, int64_t ldw, int64_t i) {
+  for (int r = 0; r < NR; ++r)
+    _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(w) + ((NR + r) * ldw + i) * sizeof(float)),
+                 _MM_HINT_T0);
+}
+
+// The k steps [i0, i1) of a run after `in_block` steps of the current register block: the end
+// of the next group of 16 steps, cut at the run's end and at the block's (kKBlock steps).
+GF_INLINE int64_t group_end(int64_t i0, int64_t len, int64_t in_block) {
+  return std::min({len, i0 + 16, i0 + kKBlock - in_block});
+}
+
+// The micro-tiles' k loop (micro_tile and micro_tile_512 run the same one): the runs in order,
+// 16 steps at a time, the accumulators joining the tile's partial sums after every kKBlock steps
+// counted across runs and after the last step. So the sum over k runs in registers a block at a
+// time, which keeps the rounding error of long K close to a blocked GEMM's, and an adapter's r
+// steps join the base weight's last block. Both builds sum each output in the same order.
+//
+// Only the base weight's rows are prefetched. The adapters' B rows (64 bytes a row at r = 16,
+// read in order) were prefetched the same way at first: perf then put 13% of the micro-tile's
+// samples on the prefetch instructions (3% without LoRA), and dropping them made the LoRA calls
+// 1.08x faster.
+
+// tile[r][0:8*MV] (+ if add) = sum over the runs' k steps of w_r[i] * xt[k0 + i][0:8*MV], r < NR.
 template <int MV, int NR>
-GF_AVX2 GF_INLINE void micro_tile(float* tile, const float* xt, const float* w, int64_t ldw,
-                                  int64_t K, bool add) {
-  for (int64_t k0 = 0; k0 < K; k0 += kKBlock) {
-    const int64_t k1 = std::min<int64_t>(K, k0 + kKBlock);
-    __m256 acc[NR][MV];
-    for (int r = 0; r < NR; ++r)
-      for (int v = 0; v < MV; ++v) acc[r][v] = _mm256_setzero_ps();
-    for (int64_t kk = k0; kk < k1; kk += 16) {
-      // One cache line of each row of the *next* block of weight rows (the thread's next tile
-      // as a rule: rows are consecutive in memory) per 16 k steps. The hardware prefetcher alone
-      // kept 3 interleaved row streams fed at ~70% of the FMA rate on this AMD EPYC (a weight
-      // read once per call comes from memory); a block ahead it runs at 80-90%.
-      // (Address arithmetic in integers: past the last block it points outside the weight, which
-      // a prefetch may do but a pointer may not.)
-      for (int r = 0; r < NR; ++r)
-        _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(w) +
-                                                   ((NR + r) * ldw + kk) * sizeof(float)),
-                     _MM_HINT_T0);
-      const int64_t ke = std::min<int64_t>(k1, kk + 16);
-      for (int64_t k = kk; k < ke; ++k) {
-        const float* xk = xt + k * kCols;
+GF_AVX2 GF_INLINE void micro_tile(float* tile, const float* xt, const KRun* runs, int nruns, bool add) {
+  __m256 acc[NR][MV];
+  for (int r = 0; r < NR; ++r)
+    for (int v = 0; v < MV; ++v) acc[r][v] = _mm256_setzero_ps();
+  bool first = !add;
+  int64_t in_block = 0;
+  for (int j = 0; j < nruns; ++j) {
+    const float* w = runs[j].w;
+    const int64_t ldw = runs[j].ldw, len = runs[j].len;
+    const float* xr = xt + runs[j].k0 * kCols;
+    for (int64_t i0 = 0; i0 < len;) {
+      if (j == 0) prefetch_next_rows<NR>(w, ldw, i0);  // the base weight's rows only (see above)
+      const int64_t i1 = group_end(i0, len, in_block);
+      for (int64_t i = i0; i < i1; ++i) {
+        const float* xk = xr + i * kCols;
         for (int r = 0; r < NR; ++r) {
-          const __m256 b = _mm256_broadcast_ss(w + r * ldw + k);
-          for (int v = 0; v < MV; ++v)
-            acc[r][v] = _mm256_fmadd_ps(b, _mm256_loadu_ps(xk + 8 * v), acc[r][v]);
+          const __m256 b = _mm256_broadcast_ss(w + r * ldw + i);
+          for (int v = 0; v < MV; ++v) acc[r][v] = _mm256_fmadd_ps(b, _mm256_loadu_ps(xk + 8 * v), acc[r][v]);
         }
       }
-    }
-    for (int r = 0; r < NR; ++r)
-      for (int v = 0; v < MV; ++v) {
-        float* t = tile + r * kCols + 8 * v;
-        _mm256_storeu_ps(t, k0 == 0 && !add ? acc[r][v]
-                                            : _mm256_add_ps(_mm256_loadu_ps(t), acc[r][v]));
+      in_block += i1 - i0;
+      i0 = i1;
+      if (in_block == kKBlock || (i0 == len && j == nruns - 1)) {
+        for (int r = 0; r < NR; ++r)
+          for (int v = 0; v < MV; ++v) {
+            float* t = tile + r * kCols + 8 * v;
+            _mm256_storeu_ps(t, first ? acc[r][v] : _mm256_add_ps(_mm256_loadu_ps(t), acc[r][v]));
+            acc[r][v] = _mm256_setzero_ps();
+          }
+        first = false;
+        in_block = 0;
       }
+    }
   }
 }
 
 template <int NR>
-GF_AVX2 void micro_tile_cols(int mv, float* tile, const float* xt, const float* w, int64_t ldw,
-                             int64_t K, bool add) {
+GF_AVX2 void micro_tile_cols(int mv, float* tile, const float* xt, const KRun* runs, int nruns, bool add) {
   switch (mv) {
-    case 4: return micro_tile<4, NR>(tile, xt, w, ldw, K, add);
-    case 3: return micro_tile<3, NR>(tile, xt, w, ldw, K, add);
-    case 2: return micro_tile<2, NR>(tile, xt, w, ldw, K, add);
-    default: return micro_tile<1, NR>(tile, xt, w, ldw, K, add);
+    case 4: return micro_tile<4, NR>(tile, xt, runs, nruns, add);
+    case 3: return micro_tile<3, NR>(tile, xt, runs, nruns, add);
+    case 2: return micro_tile<2, NR>(tile, xt, runs, nruns, add);
+    default: return micro_tile<1, NR>(tile, xt, runs, nruns, add);
   }
 }
 
-// tile [nr][32] (+ if add) for weight rows w[0:nr] against the x^T tile xt [K][32] (mv ymm
-// of it valid).
-GF_AVX2 void weight_tile(int nr, int mv, float* tile, const float* xt, const float* w,
-                         int64_t ldw, int64_t K, bool add) {
-  if (nr == 3) return micro_tile_cols<3>(mv, tile, xt, w, ldw, K, add);
-  if (nr == 2) return micro_tile_cols<2>(mv, tile, xt, w, ldw, K, add);
-  return micro_tile_cols<1>(mv, tile, xt, w, ldw, K, add);
+// tile [nr][32] (+ if add) for the runs' weight rows [0, nr) against the x^T tile xt [k][32]
+// (mv ymm of it valid).
+GF_AVX2 void weight_tile(int nr, int mv, float* tile, const float* xt, const KRun* runs, int nruns, bool add) {
+  if (nr == 3) return micro_tile_cols<3>(mv, tile, xt, runs, nruns, add);
+  if (nr == 2) return micro_tile_cols<2>(mv, tile, xt, runs, nruns, add);
+  return micro_tile_cols<1>(mv, tile, xt, runs, nruns, add);
 }
 
 // micro_tile on zmm: tile[r][0:16*MV] (+ if add) for r < NR, 16 x rows per FMA. Each output's
-// sum runs over k in the same order, kKBlock steps in registers at a time, so the results are
-// micro_tile's bit for bit. NR up to kWideRows (two 3-row blocks): 12 accumulators at MV = 2,
-// where 3 rows would leave the FMA pipes waiting on their latency.
+// sum runs over the same k steps in the same order and blocks, so the results are micro_tile's
+// bit for bit. NR up to kWideRows (two 3-row blocks): 12 accumulators at MV = 2, where 3 rows
+// would leave the FMA pipes waiting on their latency.
 template <int MV, int NR>
-GF_AVX512 GF_INLINE void micro_tile_512(float* tile, const float* xt, const float* w, int64_t ldw,
-                                        int64_t K, bool add) {
-  for (int64_t k0 = 0; k0 < K; k0 += kKBlock) {
-    const int64_t k1 = std::min<int64_t>(K, k0 + kKBlock);
-    __m512 acc[NR][MV];
-    for (int r = 0; r < NR; ++r)
-      for (int v = 0; v < MV; ++v) acc[r][v] = _mm512_setzero_ps();
-    for (int64_t kk = k0; kk < k1; kk += 16) {
-      for (int r = 0; r < NR; ++r)  // the next block's rows, as micro_tile
-        _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(w) +
-                                                   ((NR + r) * ldw + kk) * sizeof(float)),
-                     _MM_HINT_T0);
-      const int64_t ke = std::min<int64_t>(k1, kk + 16);
-      for (int64_t k = kk; k < ke; ++k) {
-        const float* xk = xt + k * kCols;
+GF_AVX512 GF_INLINE void micro_tile_512(float* tile, const float* xt, const KRun* runs, int nruns, bool add) {
+  __m512 acc[NR][MV];
+  for (int r = 0; r < NR; ++r)
+    for (int v = 0; v < MV; ++v) acc[r][v] = _mm512_setzero_ps();
+  bool first = !add;
+  int64_t in_block = 0;
+  for (int j = 0; j < nruns; ++j) {
+    const float* w = runs[j].w;
+    const int64_t ldw = runs[j].ldw, len = runs[j].len;
+    const float* xr = xt + runs[j].k0 * kCols;
+    for (int64_t i0 = 0; i0 < len;) {
+      if (j == 0) prefetch_next_rows<NR>(w, ldw, i0);  // the base weight's rows only (see above)
+      const int64_t i1 = group_end(i0, len, in_block);
+      for (int64_t i = i0; i < i1; ++i) {
+        const float* xk = xr + i * kCols;
         __m512 xv[MV];
         for (int v = 0; v < MV; ++v) xv[v] = _mm512_loadu_ps(xk + 16 * v);
         for (int r = 0; r < NR; ++r) {
-          const __m512 b = _mm512_set1_ps(w[r * ldw + k]);
+          const __m512 b = _mm512_set1_ps(w[r * ldw + i]);
           for (int v = 0; v < MV; ++v) acc[r][v] = _mm512_fmadd_ps(b, xv[v], acc[r][v]);
         }
       }
-    }
-    for (int r = 0; r < NR; ++r)
-      for (int v = 0; v < MV; ++v) {
-        float* t = tile + r * kCols + 16 * v;
-        _mm512_storeu_ps(t, k0 == 0 && !add ? acc[r][v] : _mm512_add_ps(_mm512_loadu_ps(t), acc[r][v]));
+      in_block += i1 - i0;
+      i0 = i1;
+      if (in_block == kKBlock || (i0 == len && j == nruns - 1)) {
+        for (int r = 0; r < NR; ++r)
+          for (int v = 0; v < MV; ++v) {
+            float* t = tile + r * kCols + 16 * v;
+            _mm512_storeu_ps(t, first ? acc[r][v] : _mm512_add_ps(_mm512_loadu_ps(t), acc[r][v]));
+            acc[r][v] = _mm512_setzero_ps();
+          }
+        first = false;
+        in_block = 0;
       }
+    }
   }
 }
 
 template <int NR>
-GF_AVX512 void micro_tile_512_cols(int mv, float* tile, const float* xt, const float* w, int64_t ldw,
-                                   int64_t K, bool add) {
-  if (mv > 1) return micro_tile_512<2, NR>(tile, xt, w, ldw, K, add);
-  micro_tile_512<1, NR>(tile, xt, w, ldw, K, add);
+GF_AVX512 void micro_tile_512_cols(int mv, float* tile, const float* xt, const KRun* runs, int nruns, bool add) {
+  if (mv > 1) return micro_tile_512<2, NR>(tile, xt, runs, nruns, add);
+  micro_tile_512<1, NR>(tile, xt, runs, nruns, add);
 }
 
 // weight_tile for up to 6 weight rows on zmm (mv: valid zmm of the x^T tile, 1 or 2).
-GF_AVX512 void weight_tile_512(int nr, int mv, float* tile, const float* xt, const float* w,
-                               int64_t ldw, int64_t K, bool add) {
+GF_AVX512 void weight_tile_512(int nr, int mv, float* tile, const float* xt, const KRun* runs, int nruns,
+                               bool add) {
   static_assert(kWideRows == 6, "weight_tile_512 has a case for each row count up to kWideRows");
   switch (nr) {
-    case 6: return micro_tile_512_cols<6>(mv, tile, xt, w, ldw, K, add);
-    case 5: return micro_tile_512_cols<5>(mv, tile, xt, w, ldw, K, add);
-    case 4: return micro_tile_512_cols<4>(mv, tile, xt, w, ldw, K, add);
-    case 3: return micro_tile_512_cols<3>(mv, tile, xt, w, ldw, K, add);
-    case 2: return micro_tile_512_cols<2>(mv, tile, xt, w, ldw, K, add);
-    default: return micro_tile_512_cols<1>(mv, tile, xt, w, ldw, K, add);
+    case 6: return micro_tile_512_cols<6>(mv, tile, xt, runs, nruns, add);
+    case 5: return micro_tile_512_cols<5>(mv, tile, xt, runs, nruns, add);
+    case 4: return micro_tile_512_cols<4>(mv, tile, xt, runs, nruns, add);
+    case 3: return micro_tile_512_cols<3>(mv, tile, xt, runs, nruns, add);
+    case 2: return micro_tile_512_cols<2>(mv, tile, xt, runs, nruns, add);
+    default: return micro_tile_512_cols<1>(mv, tile, xt, runs, nruns, add);
   }
 }
 
-// tile [nr][32] (+ if add) for nr <= kWideRows weight rows: on zmm where AVX-512 runs, else as
-// 3-row ymm tiles (mv: valid ymm of the x^T tile).
-GF_AVX2 void wide_tile(int nr, int mv, float* tile, const float* xt, const float* w, int64_t ldw,
-                       int64_t K, bool add) {
-  if (use_avx512()) return weight_tile_512(nr, (mv + 1) / 2, tile, xt, w, ldw, K, add);
-  for (int r0 = 0; r0 < nr; r0 += kRows)
-    weight_tile(std::min(kRows, nr - r0), mv, tile + r0 * kCols, xt, w + r0 * ldw, ldw, K, add);
+// tile [nr][32] (+ if add) for weight rows [0, nr <= kWideRows) of the runs: on zmm where
+// AVX-512 runs, else as 3-row ymm tiles (mv: valid ymm of the x^T tile).
+GF_AVX2 void wide_tile(int nr, int mv, float* tile, const float* xt, const KRun* runs, int nruns, bool add) {
+  if (use_avx512()) return weight_tile_512(nr, (mv + 1) / 2, tile, xt, runs, nruns, add);
+  KRun rows[kMaxRuns];  // the runs from weight row r0 on
+  for (int r0 = 0; r0 < nr; r0 += kRows) {
+    for (int j = 0; j < nruns; ++j) rows[j] = {runs[j].w + r0 * runs[j].ldw, runs[j].ldw, runs[j].k0, runs[j].len};
+    weight_tile(std::min(kRows, nr - r0), mv, tile + r0 * kCols, xt, rows, nruns, add);
+  }
+}
+
+// tile [nr][32] (+ if add) = weight rows w[0:nr] (ldw apart) against x^T rows [0, K) of xt.
+GF_AVX2 void wide_tile(int nr, int mv, float* tile, const float* xt, const float* w, int64_t ldw, int64_t K,
+                       bool add) {
+  const KRun run{w, ldw, 0, K};
+  wide_tile(nr, mv, tile, xt, &run, 1, add);
 }
 
 // silu(g) * u = g * u / (1 + exp(-g)), with exp of a non-positive argument only.
@@ -225,6 +280,25 @@ struct Packed {
   const float* tile(int64_t t) const { return xt + t * kx * kCols; }
 };
 
+#ifdef GF_X86_DISPATCH
+// pack_tile_rows's whole 8 x 8 blocks: columns [k0, k) for the returned k (the rest is left to
+// the element-wise loop). Rows past M are zero vectors.
+GF_AVX2 int64_t pack_blocks_8x8(float* dst, const Problem& p, int64_t t, int64_t k0, int64_t k1) {
+  int64_t k = k0;
+  for (; k + 8 <= k1; k += 8)
+    for (int c0 = 0; c0 < kCols; c0 += 8) {
+      __m256 r[8];
+      for (int i = 0; i < 8; ++i) {
+        const int64_t m = t * kCols + c0 + i;
+        r[i] = m < p.M ? _mm256_loadu_ps(p.x + m * p.ldx + k) : _mm256_setzero_ps();
+      }
+      transpose8x8(r);  // r[j] = x[t * 32 + c0 : +8, k + j]
+      for (int j = 0; j < 8; ++j) _mm256_storeu_ps(dst + (k + j) * kCols + c0, r[j]);
+    }
+  return k;
+}
+#endif
+
 // Thread-local scratch that only grows: a decode step would otherwise allocate (and, past the
 // mmap threshold, page-fault in) a fresh buffer in every call.
 float* scratch(size_t floats) {
@@ -235,19 +309,43 @@ float* scratch(size_t floats) {
 
 #ifdef GF_X86_DISPATCH
 // Everything the blocks of the main pass need from the packed input: rows [0, K) for the base
-// weight, then each adapter's B over its LoRA rows (added into the same tile). nr <= kWideRows.
+// weight, then each adapter's B over its LoRA rows, one sum in the same registers (kMaxRuns - 1
+// adapters a micro-tile; more, rare, add into the tile in further passes). nr <= kWideRows.
 GF_AVX2 void segment_tile(int nr, int mv, float* tile, const Packed& pk, int64_t t,
                           const Segment& sg, size_t si, int64_t n0) {
   const int64_t K = pk.p.K;
-  const float* xt = pk.tile(t);
-  wide_tile(nr, mv, tile, xt, sg.w + n0 * K, K, K, false);
+  KRun runs[kMaxRuns];
+  runs[0] = {sg.w + n0 * K, K, 0, K};
+  int nruns = 1;
+  bool add = false;
   for (size_t l = 0; l < sg.lora.size(); ++l) {
     const LoraTerm& lt = sg.lora[l];
-    wide_tile(nr, mv, tile, xt + (K + pk.offsets[si][l]) * kCols, lt.b + n0 * lt.r, lt.r, lt.r,
-              true);
+    runs[nruns++] = {lt.b + n0 * lt.r, lt.r, K + pk.offsets[si][l], lt.r};
+    if (nruns == kMaxRuns) {
+      wide_tile(nr, mv, tile, pk.tile(t), runs, nruns, add);
+      nruns = 0;
+      add = true;
+    }
   }
+  if (nruns > 0) wide_tile(nr, mv, tile, pk.tile(t), runs, nruns, add);
 }
 #endif
+
+// Rows [k0, k1) of x^T tile t: dst[k][c] = x[t * 32 + c, k], zero past row M. 8 x 8 blocks
+// through registers where they are whole (the element-wise loop took ~10 µs of a 32 x 576
+// pack, 3-10% of a decode step's linear call: benchmarks/RESULTS.md, "LoRA's B in the base
+// weight's registers").
+void pack_tile_rows(float* dst, const Problem& p, int64_t t, int64_t k0, int64_t k1) {
+  int64_t k = k0;
+#ifdef GF_X86_DISPATCH
+  if (use_avx2()) k = pack_blocks_8x8(dst, p, t, k0, k1);
+#endif
+  for (; k < k1; ++k)
+    for (int c = 0; c < kCols; ++c) {
+      const int64_t m = t * kCols + c;
+      dst[k * kCols + c] = m < p.M ? p.x[m * p.ldx + k] : 0.f;
+    }
+}
 
 // Packs x and computes the LoRA rows; returns the packed input (valid until the next call on
 // this thread).
@@ -269,23 +367,21 @@ Packed pack(const Problem& p, const std::vector<Segment*>& segs) {
   Packed pk{p, kx, std::move(offsets), scratch(tiles * kx * kCols)};
   // x^T: chunks of k (each writes its rows of every tile)
   const int threads = parallel_threads();
-  const int64_t kchunks = p.K * tiles * kCols < (1 << 15) ? 1 : chunk_count(p.K, threads, 64);
+  // (chunks of whole 8-column groups, so only the last one has a column tail)
+  const int64_t groups = (p.K + 7) / 8;
+  const int64_t kchunks = p.K * tiles * kCols < (1 << 15) ? 1 : chunk_count(groups, threads, 8);
   parallel_for(kchunks, [&](int64_t c) {
-    const auto [k0, k1] = chunk_range(c, kchunks, p.K);
+    const auto [g0, g1] = chunk_range(c, kchunks, groups);
     for (int64_t t = 0; t < tiles; ++t)
-      for (int64_t k = k0; k < k1; ++k) {
-        float* dst = pk.xt + (t * kx + k) * kCols;
-        for (int c2 = 0; c2 < kCols; ++c2) {
-          const int64_t m = t * kCols + c2;
-          dst[c2] = m < p.M ? p.x[m * p.ldx + k] : 0.f;
-        }
-      }
+      pack_tile_rows(pk.xt + t * kx * kCols, p, t, 8 * g0, std::min(p.K, 8 * g1));
   });
 #ifdef GF_X86_DISPATCH
-  // LoRA rows: tile rows of scale * A x^T, straight into the packed layout
-  // (an adapter's few rows: one thread unless there are many of them)
+  // LoRA rows: tile rows of scale * A x^T, straight into the packed layout. An item (a block of
+  // A's rows against one x tile, ~1 µs at K = 576) is a chunk: on one thread the A rows of q, k
+  // and v took ~10 µs of a ~100 µs call while the other thread waited (over all threads the
+  // LoRA calls ran 1.01-1.03x faster, alternating in one process).
   const int64_t items = static_cast<int64_t>(ablocks.size()) * tiles;
-  const int64_t achunks = items < 16 ? std::min<int64_t>(items, 1) : chunk_count(items, threads, 8);
+  const int64_t achunks = chunk_count(items, threads, 1);
   parallel_for(achunks, [&](int64_t c) {
     const auto [b0, b1] = chunk_range(c, achunks, items);
     for (int64_t it = b0; it < b1; ++it) {

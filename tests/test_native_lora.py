@@ -26,8 +26,10 @@ def lora_ref(x, w, b, terms):
     return out
 
 
-@pytest.mark.parametrize("M,K,N", [(8, 64, 96), (37, 61, 45), (70, 576, 192)])
-@pytest.mark.parametrize("ranks", [(4,), (16, 1), (17,)])
+# K = 120 with rank 17: an adapter's k steps cross a 128-step register block of the base weight's;
+# five adapters: more than one micro-tile sums in one go (the rest add in further passes)
+@pytest.mark.parametrize("M,K,N", [(8, 64, 96), (37, 61, 45), (9, 120, 40), (70, 576, 192)])
+@pytest.mark.parametrize("ranks", [(4,), (16, 1), (17,), (3, 2, 5, 1, 4)])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_linear_kernels_with_lora_terms(M, K, N, ranks, threads):
     """linear_into (written and accumulated, with alpha), linear_many (a LoRA list per weight,
