@@ -247,6 +247,135 @@ GF_AVX2 void up_blocks_avx2(const Problem& p, const float* u, int64_t n_begin, i
 }
 #endif
 
+#ifdef GF_X86_DISPATCH
+// ---- the row-major add on zmm (where use_avx512()) ----
+//
+// The same sums as the AVX2 passes, twice as wide. The up pass keeps every output's sum in the
+// same order (over j, then y + sum * s term after term), so its results are up_blocks_avx2's bit
+// for bit; the down pass sums k in 16 lanes instead of 8, so u can differ from the AVX2 pass's in
+// fp32 rounding (and the result, rarely, by one bf16 step). At 32 rows the AVX2 passes ran at
+// 52-77 GFLOPS on one core of this AMD EPYC, and were 17% of a LoRA bf16 policy's decode
+// (benchmarks/RESULTS.md, "bf16 LoRA's add on zmm").
+
+// 16 bf16 as fp32 lanes.
+GF_AVX512 GF_INLINE __m512 load16_bf16(const uint16_t* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// 16 fp32 lanes rounded to bf16 as to_bf16_bits (ties to even; NaN quieted, sign and top payload
+// kept).
+GF_AVX512 GF_INLINE void store16_bf16(uint16_t* p, __m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i high = _mm512_srli_epi32(bits, 16);
+  const __m512i lsb = _mm512_and_si512(high, _mm512_set1_epi32(1));
+  const __m512i rounded =
+      _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7FFF)), lsb), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  const __m512i out = _mm512_mask_mov_epi32(rounded, nan, _mm512_or_si512(high, _mm512_set1_epi32(0x40)));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(out));
+}
+
+// down_rows_avx2 on zmm: each row's fp32 copy against four of A's rows at a time, 16 k per step
+// in 4 x 4 accumulators, summed across the lanes at the end, then the k % 16 tail.
+GF_AVX512 void down_rows_512(const uint16_t* x, int64_t ldx, int64_t K, const float* const* a_rows, int64_t ranks,
+                             float* u, int64_t su_m, int64_t su_c, int64_t m_begin, int64_t m_end) {
+  constexpr int kRanks = 4;
+  const int64_t K16 = K / 16 * 16;
+  thread_local std::vector<float> rows;
+  rows.assign(kRows * K, 0.f);
+  for (int64_t m = m_begin; m < m_end; m += kRows) {
+    const int64_t n_rows = m_end - m < kRows ? m_end - m : kRows;
+    for (int64_t r = 0; r < n_rows; ++r) {
+      const uint16_t* xm = x + (m + r) * ldx;
+      float* dst = rows.data() + r * K;
+      int64_t k = 0;
+      for (; k < K16; k += 16) _mm512_storeu_ps(dst + k, load16_bf16(xm + k));
+      for (; k < K; ++k) dst[k] = bf16_to_f32(xm[k]);
+    }
+    for (int64_t c = 0; c < ranks; c += kRanks) {
+      const float* a[kRanks];  // ranks past the last: the last one again, computed and not stored
+      for (int i = 0; i < kRanks; ++i) a[i] = a_rows[c + i < ranks ? c + i : ranks - 1];
+      __m512 acc[kRows][kRanks];
+      for (int64_t r = 0; r < kRows; ++r)
+        for (int i = 0; i < kRanks; ++i) acc[r][i] = _mm512_setzero_ps();
+      for (int64_t k = 0; k < K16; k += 16) {
+        __m512 w[kRanks];
+        for (int i = 0; i < kRanks; ++i) w[i] = _mm512_loadu_ps(a[i] + k);
+        for (int64_t r = 0; r < kRows; ++r) {
+          const __m512 xv = _mm512_loadu_ps(rows.data() + r * K + k);
+          for (int i = 0; i < kRanks; ++i) acc[r][i] = _mm512_fmadd_ps(xv, w[i], acc[r][i]);
+        }
+      }
+      for (int64_t r = 0; r < n_rows; ++r) {
+        const float* xr = rows.data() + r * K;
+        for (int i = 0; i < kRanks && c + i < ranks; ++i) {
+          float sum = _mm512_reduce_add_ps(acc[r][i]);
+          for (int64_t k = K16; k < K; ++k) sum += xr[k] * a[i][k];
+          u[(m + r) * su_m + (c + i) * su_c] = sum;
+        }
+      }
+    }
+  }
+}
+
+// up_blocks_avx2 on zmm for whole pairs of 16-output blocks: kRows rows x 32 outputs a tile in
+// 8 zmm; rows past M through a copy. What is left of [n_begin, n_end) (one block, or a ragged
+// one) goes to up_blocks_avx2.
+GF_AVX512 void up_blocks_512(const Problem& p, const float* u, int64_t n_begin, int64_t n_end) {
+  thread_local std::vector<float> bt;
+  bt.resize(2 * p.ranks * kLanes);
+  float* bt0 = bt.data();
+  float* bt1 = bt.data() + p.ranks * kLanes;
+  alignas(64) uint16_t tail[kRows][2 * kLanes] = {};
+  int64_t n0 = n_begin;
+  for (; n0 + 2 * kLanes <= n_end; n0 += 2 * kLanes) {
+    transpose_block_avx2(p, bt0, n0, kLanes);
+    transpose_block_avx2(p, bt1, n0 + kLanes, kLanes);
+    for (int64_t m = 0; m < p.M; m += kRows) {
+      const int64_t n_rows = p.M - m < kRows ? p.M - m : kRows;
+      uint16_t* rows[kRows];
+      for (int64_t r = 0; r < kRows; ++r) {
+        if (n_rows == kRows) {
+          rows[r] = p.out + (m + r) * p.ldo + n0;
+        } else {
+          rows[r] = tail[r];
+          for (int64_t i = 0; i < 2 * kLanes; ++i) tail[r][i] = r < n_rows ? p.out[(m + r) * p.ldo + n0 + i] : 0;
+        }
+      }
+      __m512 y[kRows][2];
+      for (int64_t r = 0; r < kRows; ++r) y[r][0] = load16_bf16(rows[r]), y[r][1] = load16_bf16(rows[r] + kLanes);
+      const float* b0 = bt0;
+      const float* b1 = bt1;
+      const float* um = u + m * p.ranks;
+      for (const LoraTerm& t : *p.terms) {
+        __m512 acc[kRows][2];
+        for (int64_t r = 0; r < kRows; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+        for (int64_t j = 0; j < t.r; ++j, b0 += kLanes, b1 += kLanes) {
+          const __m512 lo = _mm512_loadu_ps(b0), hi = _mm512_loadu_ps(b1);
+          for (int64_t r = 0; r < kRows; ++r) {
+            const __m512 uv = _mm512_set1_ps(um[r * p.ranks + j]);
+            acc[r][0] = _mm512_fmadd_ps(uv, lo, acc[r][0]);
+            acc[r][1] = _mm512_fmadd_ps(uv, hi, acc[r][1]);
+          }
+        }
+        const __m512 scale = _mm512_set1_ps(t.scale);
+        for (int64_t r = 0; r < kRows; ++r) {  // y + (sum * s): peft's two roundings, not one FMA
+          y[r][0] = _mm512_add_ps(y[r][0], _mm512_mul_ps(acc[r][0], scale));
+          y[r][1] = _mm512_add_ps(y[r][1], _mm512_mul_ps(acc[r][1], scale));
+        }
+        um += t.r;
+      }
+      for (int64_t r = 0; r < kRows; ++r) store16_bf16(rows[r], y[r][0]), store16_bf16(rows[r] + kLanes, y[r][1]);
+      if (n_rows < kRows)
+        for (int64_t r = 0; r < n_rows; ++r)
+          for (int64_t i = 0; i < 2 * kLanes; ++i) p.out[(m + r) * p.ldo + n0 + i] = tail[r][i];
+    }
+  }
+  if (n0 < n_end) up_blocks_avx2(p, u, n0, n_end);
+}
+#endif
+
 // ---- the transposed layout: out_t [N, M] (a base product computed as W x^T) ----
 //
 // Both passes with the rows m as the vector lanes: u^T [ranks, Mp] (Mp = M rounded up to 8, the
@@ -430,6 +559,7 @@ void down_rows_all(const uint16_t* x, int64_t ldx, int64_t M, int64_t K, const f
   parallel_for(chunks, [&](int64_t i) {
     const int64_t m0 = row_tiles * i / chunks * kRows, m1 = std::min(M, row_tiles * (i + 1) / chunks * kRows);
 #ifdef GF_X86_DISPATCH
+    if (avx2 && use_avx512()) return down_rows_512(x, ldx, K, a_rows, ranks, u, su_m, su_c, m0, m1);
     if (avx2) return down_rows_avx2(x, ldx, K, a_rows, ranks, u, su_m, su_c, m0, m1);
 #endif
     down_rows_base(x, ldx, K, a_rows, ranks, u, su_m, su_c, m0, m1);
@@ -456,8 +586,12 @@ void cpu_lora_add_bf16(uintptr_t out, uintptr_t x, int64_t M, int64_t N, int64_t
   // sampler's per-module decode: native.openmp_regions), whose worker is awake between torch
   // ops: the down pass by tiles of rows, the up pass by blocks of outputs. On the pool all stays
   // on one thread: the pool's helper then spun against oneDNN's bf16 GEMM that runs next
-  // (measured: the base products 1.35x slower with two threads, for a 15% faster add).
-  const bool split = openmp_regions();
+  // (measured: the base products 1.35x slower with two threads, for a 15% faster add). On zmm a
+  // decode step's add (32 rows) is quick enough that the region costs more than the second thread
+  // saves: the LoRA policy's decode ran 1.02x faster with it on one thread (alternating in one
+  // process), so there both passes split only from kSplitRows rows on (a prefill).
+  constexpr int64_t kSplitRows = 64;
+  const bool split = openmp_regions() && (!use_avx512() || M >= kSplitRows);
   down_rows_all(p.x, ldx, M, K, a_rows.data(), ranks, u.data(), ranks, 1, avx2, split);
   constexpr int64_t kChunk = 8 * kLanes;  // outputs per parallel chunk
   // below 4 chunks the region costs what it saves (192 outputs: 0.95x; 576: 1.02x; 1,536: 1.09x)
@@ -465,6 +599,7 @@ void cpu_lora_add_bf16(uintptr_t out, uintptr_t x, int64_t M, int64_t N, int64_t
   parallel_for(chunks, [&](int64_t i) {
     const int64_t n0 = i * kChunk, n1 = chunks == 1 ? N : std::min<int64_t>(N, n0 + kChunk);
 #ifdef GF_X86_DISPATCH
+    if (avx2 && use_avx512()) return up_blocks_512(p, u.data(), n0, n1);
     if (avx2) return up_blocks_avx2(p, u.data(), n0, n1);
 #endif
     up_blocks_base(p, u.data(), n0, n1);

@@ -41,11 +41,13 @@ def tolerance(y, x, terms):
     return bf16_step(exact(y, x, terms).float()).double() + 1e-5 * magnitude
 
 
-@pytest.mark.parametrize("M,K,N", [(32, 576, 1536), (7, 64, 700), (5, 64, 37), (9, 33, 16), (1, 8, 1)])
+@pytest.mark.parametrize("M,K,N", [(32, 576, 1536), (7, 64, 700), (5, 64, 37), (9, 33, 16), (1, 8, 1),
+                                   (70, 40, 100)])
 @pytest.mark.parametrize("ranks", [(16,), (3, 8)])
 def test_kernel_matches_the_math_within_a_bf16_step(M, K, N, ranks):
-    """Ragged N (a last block under 16 lanes; 700: a last chunk of 60 outputs when split), M not
-    a multiple of the 4-row tile, two terms
+    """Ragged N (a last block under 16 lanes; 700: a last chunk of 60 outputs when split; on zmm
+    an odd 16-output block after the pairs), M not a multiple of the 4-row tile (70: split over
+    the threads on zmm too), K not a multiple of 8 or 16 (the down pass's tail), two terms
     (scaled one after the other), and x and out as column slices of wider matrices."""
     g = torch.Generator().manual_seed(M * K + N)
     x = torch.randn(M, K + 3, generator=g).bfloat16()[:, 2:K + 2]  # rows with a stride
@@ -198,6 +200,29 @@ def test_the_baseline_x86_build_agrees(tmp_path):
         err = (ours.double() - portable.double()).abs()
         assert (err <= tolerance(y, x, terms)).all(), err.max()
         assert (ours != portable).float().mean() < 0.05  # not just within a step: mostly bit-equal
+
+
+def test_the_zmm_passes_agree_with_the_avx2_ones(tmp_path):
+    """GRPO_FAST_NO_AVX512=1 (read once per process, so in a fresh one) keeps the AVX2 passes.
+    The zmm up pass sums each output as they do; the zmm down pass sums k in 16 lanes instead of
+    8, so the two agree within the kernel's tolerance and are mostly bit-equal."""
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(70, 200, generator=g).bfloat16(), torch.randn(70, 1000, generator=g).bfloat16()
+    terms = [(torch.randn(16, 200, generator=g) / 200 ** 0.5, torch.randn(1000, 16, generator=g), 2.0),
+             (torch.randn(3, 200, generator=g) / 200 ** 0.5, torch.randn(1000, 3, generator=g), 0.5)]
+    torch.save((x, y, terms), tmp_path / "inputs.pt")
+    script = f"""
+        import torch
+        from grpo_fast.models import cpu_ops
+        x, y, terms = torch.load({str(tmp_path / "inputs.pt")!r})
+        torch.save([cpu_ops.lora_add_bf16_(y[:m].clone(), x[:m], terms) for m in (1, 32, 70)], {{out!r}})
+        """
+    run_fresh(script.format(out=str(tmp_path / "zmm.pt")))
+    run_fresh(script.format(out=str(tmp_path / "avx2.pt")), env={"GRPO_FAST_NO_AVX512": "1"})
+    for m, zmm, avx2 in zip((1, 32, 70), torch.load(tmp_path / "zmm.pt"), torch.load(tmp_path / "avx2.pt")):
+        err = (zmm.double() - avx2.double()).abs()
+        assert (err <= tolerance(y[:m], x[:m], terms)).all(), (m, err.max())
+        assert (zmm != avx2).float().mean() < 0.02, m
 
 
 def test_arguments_are_checked():
