@@ -16,6 +16,7 @@
 #include "common.h"
 #include "cpu_common.h"
 #include "parallel.h"
+#include "vec_f32.h"
 
 namespace grpo_fast {
 
@@ -27,55 +28,20 @@ constexpr int kKeys = 64;  // prefix keys per online-softmax step
 GF_INLINE float load_f32(float x) { return x; }
 GF_INLINE float load_f32(uint16_t x) { return bf16_to_f32(x); }
 
-// 8 fp32 lanes. Tiles: scores 4 keys x 3 query vectors (12 accumulators + 3 + 1 of 16 ymm), P.V
-// 3 query rows x 32 dims (12 + 3 + 1).
-struct Ymm {
-  using R = __m256;
-  static constexpr int W = 8, kKeyTile = 4, kQueryVecs = 3, kPvRows = 3, kPvVecs = 4;
-  GF_AVX2 static GF_INLINE R zero() { return _mm256_setzero_ps(); }
-  GF_AVX2 static GF_INLINE R set1(float x) { return _mm256_set1_ps(x); }
-  GF_AVX2 static GF_INLINE R load(const float* p) { return _mm256_loadu_ps(p); }
-  GF_AVX2 static GF_INLINE void store(float* p, R x) { _mm256_storeu_ps(p, x); }
-  GF_AVX2 static GF_INLINE R load_part(const float* p, int) { return _mm256_loadu_ps(p); }  // D % 8 == 0
-  GF_AVX2 static GF_INLINE void store_part(float* p, R x, int) { _mm256_storeu_ps(p, x); }
-  GF_AVX2 static GF_INLINE R fmadd(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
-  GF_AVX2 static GF_INLINE R mul(R a, R b) { return _mm256_mul_ps(a, b); }
-  GF_AVX2 static GF_INLINE R add(R a, R b) { return _mm256_add_ps(a, b); }
-  GF_AVX2 static GF_INLINE R sub(R a, R b) { return _mm256_sub_ps(a, b); }
-  GF_AVX2 static GF_INLINE R max(R a, R b) { return _mm256_max_ps(a, b); }
-  GF_AVX2 static GF_INLINE R round(R x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
-  // 2^i for integral i in [-126, 127]
-  GF_AVX2 static GF_INLINE R exp2i(R i) {
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(i), _mm256_set1_epi32(127)), 23));
-  }
+// The cascade's tiles on ymm: scores 4 keys x 3 query vectors (12 accumulators + 3 + 1 of 16
+// ymm), P.V 3 query rows x 32 dims (12 + 3 + 1).
+struct CascadeYmm : Ymm {
+  static constexpr int kKeyTile = 4, kQueryVecs = 3, kPvRows = 3, kPvVecs = 4;
 };
 
-// 16 fp32 lanes (32 zmm registers). Tiles: scores 8 keys x 3 query vectors (24 + 3 + 1), P.V 6
-// query rows x 32 dims (12 + 6 + 1).
-struct Zmm {
-  using R = __m512;
-  static constexpr int W = 16, kKeyTile = 8, kQueryVecs = 3, kPvRows = 6, kPvVecs = 2;
-  GF_AVX512 static GF_INLINE R zero() { return _mm512_setzero_ps(); }
-  GF_AVX512 static GF_INLINE R set1(float x) { return _mm512_set1_ps(x); }
-  GF_AVX512 static GF_INLINE R load(const float* p) { return _mm512_loadu_ps(p); }
-  GF_AVX512 static GF_INLINE void store(float* p, R x) { _mm512_storeu_ps(p, x); }
-  // the first n lanes (n = 8 or 16: D % 16 == 8 leaves a last 8 dims); the rest read as 0
-  GF_AVX512 static GF_INLINE __mmask16 lanes(int n) { return static_cast<__mmask16>((1u << n) - 1); }
-  GF_AVX512 static GF_INLINE R load_part(const float* p, int n) { return _mm512_maskz_loadu_ps(lanes(n), p); }
-  GF_AVX512 static GF_INLINE void store_part(float* p, R x, int n) { _mm512_mask_storeu_ps(p, lanes(n), x); }
-  GF_AVX512 static GF_INLINE R fmadd(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
-  GF_AVX512 static GF_INLINE R mul(R a, R b) { return _mm512_mul_ps(a, b); }
-  GF_AVX512 static GF_INLINE R add(R a, R b) { return _mm512_add_ps(a, b); }
-  GF_AVX512 static GF_INLINE R sub(R a, R b) { return _mm512_sub_ps(a, b); }
-  GF_AVX512 static GF_INLINE R max(R a, R b) { return _mm512_max_ps(a, b); }
-  GF_AVX512 static GF_INLINE R round(R x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
-  GF_AVX512 static GF_INLINE R exp2i(R i) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(i), _mm512_set1_epi32(127)), 23));
-  }
+// On zmm (32 registers): scores 8 keys x 3 query vectors (24 + 3 + 1), P.V 6 query rows x 32
+// dims (12 + 6 + 1).
+struct CascadeZmm : Zmm {
+  static constexpr int kKeyTile = 8, kQueryVecs = 3, kPvRows = 6, kPvVecs = 2;
 };
 
 namespace ymm {
-using V = Ymm;
+using V = CascadeYmm;
 #define GF_VEC GF_AVX2
 #include "cascade_f32_item.inc"
 #include "train_attention_item.inc"
@@ -83,7 +49,7 @@ using V = Ymm;
 }  // namespace ymm
 
 namespace zmm {
-using V = Zmm;
+using V = CascadeZmm;
 #define GF_VEC GF_AVX512
 #include "cascade_f32_item.inc"
 #include "train_attention_item.inc"

@@ -30,6 +30,7 @@
 #include "common.h"
 #include "cpu_common.h"
 #include "parallel.h"
+#include "vec_f32.h"
 
 namespace grpo_fast {
 namespace {
@@ -58,19 +59,20 @@ void down_rows_base(const uint16_t* x, int64_t ldx, int64_t K, const float* cons
     }
 }
 
-// The B rows of one term for outputs n0.. n0 + lanes, transposed: bt[j, i] = B[n0 + i, j], zero
-// for i >= lanes.
-GF_INLINE void transpose_term(const LoraTerm& t, float* bt, int64_t n0, int64_t lanes) {
+// The B rows of one term for outputs n0.. n0 + lanes, transposed: bt[j * ld + i] = B[n0 + i, j],
+// zero for lanes <= i < kLanes.
+GF_INLINE void transpose_term(const LoraTerm& t, float* bt, int64_t n0, int64_t lanes, int64_t ld = kLanes) {
   for (int64_t j = 0; j < t.r; ++j)
-    for (int64_t i = 0; i < kLanes; ++i) bt[j * kLanes + i] = i < lanes ? t.b[(n0 + i) * t.r + j] : 0.f;
+    for (int64_t i = 0; i < kLanes; ++i) bt[j * ld + i] = i < lanes ? t.b[(n0 + i) * t.r + j] : 0.f;
 }
 
-// bt[c, i] = B[n0 + i, j] for the terms' columns c (term t's j-th), zero for i >= lanes: one
-// output block's rows of every B, transposed so a tile reads kLanes outputs' weights at once.
-GF_INLINE void transpose_block(const Problem& p, float* bt, int64_t n0, int64_t lanes) {
+// bt[c * ld + i] = B[n0 + i, j] for the terms' columns c (term t's j-th), i < kLanes, zero for
+// i >= lanes: one output block's rows of every B, transposed so a tile reads kLanes outputs'
+// weights at once (ld >= kLanes: blocks side by side in wider rows).
+GF_INLINE void transpose_block(const Problem& p, float* bt, int64_t n0, int64_t lanes, int64_t ld = kLanes) {
   for (const LoraTerm& t : *p.terms) {
-    transpose_term(t, bt, n0, lanes);
-    bt += t.r * kLanes;
+    transpose_term(t, bt, n0, lanes, ld);
+    bt += t.r * ld;
   }
 }
 
@@ -128,6 +130,18 @@ void up_blocks_base(const Problem& p, const float* u, int64_t n_begin, int64_t n
   up_blocks(p, u, n_begin, n_end);
 }
 #ifdef GF_X86_DISPATCH
+// rows [0, n) of x (ldx apart) as fp32 rows of K, K apart: the down passes' copy of a tile's rows.
+GF_AVX2 void widen_rows(const uint16_t* x, int64_t ldx, int64_t K, int64_t n, float* rows) {
+  const int64_t K8 = K / 8 * 8;
+  for (int64_t r = 0; r < n; ++r) {
+    const uint16_t* xm = x + r * ldx;
+    float* dst = rows + r * K;
+    int64_t k = 0;
+    for (; k < K8; k += 8) _mm256_storeu_ps(dst + k, bf16x8_to_f32(xm + k));
+    for (; k < K; ++k) dst[k] = bf16_to_f32(xm[k]);
+  }
+}
+
 // u[m, c] for rows [m_begin, m_end), as dot products along k with A read in place (no A^T copy,
 // which at one row cost more than the sums): each row's fp32 copy against two of A's rows at a
 // time, 8 k per step in 4 x 2 accumulators, summed across the lanes at the end and then the
@@ -142,13 +156,7 @@ GF_AVX2 void down_rows_avx2(const uint16_t* x, int64_t ldx, int64_t K, const flo
   rows.assign(kRows * K, 0.f);
   for (int64_t m = m_begin; m < m_end; m += kRows) {
     const int64_t n_rows = m_end - m < kRows ? m_end - m : kRows;
-    for (int64_t r = 0; r < n_rows; ++r) {
-      const uint16_t* xm = x + (m + r) * ldx;
-      float* dst = rows.data() + r * K;
-      int64_t k = 0;
-      for (; k < K8; k += 8) _mm256_storeu_ps(dst + k, bf16x8_to_f32(xm + k));
-      for (; k < K; ++k) dst[k] = bf16_to_f32(xm[k]);
-    }
+    widen_rows(x + m * ldx, ldx, K, n_rows, rows.data());
     for (int64_t c = 0; c < ranks; c += 2) {
       const float* a0 = a_rows[c];
       const float* a1 = a_rows[c + 1 < ranks ? c + 1 : c];  // an odd last rank: computed twice, kept once
@@ -176,84 +184,32 @@ GF_AVX2 void down_rows_avx2(const uint16_t* x, int64_t ldx, int64_t K, const flo
 // transpose_block with 8 x 8 register transposes where a term's rank is a multiple of 8 and the
 // block is whole (r x 16 values each moved once by scalar code cost as much as the sums at one
 // row).
-GF_AVX2 void transpose_block_avx2(const Problem& p, float* bt, int64_t n0, int64_t lanes) {
-  if (lanes < kLanes) return transpose_block(p, bt, n0, lanes);
+GF_AVX2 void transpose_block_avx2(const Problem& p, float* bt, int64_t n0, int64_t lanes, int64_t ld = kLanes) {
+  if (lanes < kLanes) return transpose_block(p, bt, n0, lanes, ld);
   for (const LoraTerm& t : *p.terms) {
     if (t.r % 8 != 0) {
-      transpose_term(t, bt, n0, kLanes);
+      transpose_term(t, bt, n0, kLanes, ld);
     } else {
       for (int64_t i0 = 0; i0 < kLanes; i0 += 8)
         for (int64_t j0 = 0; j0 < t.r; j0 += 8) {
           __m256 v[8];
           for (int i = 0; i < 8; ++i) v[i] = _mm256_loadu_ps(t.b + (n0 + i0 + i) * t.r + j0);
           transpose8x8(v);  // v[j] = B[n0 + i0 + 0..7, j0 + j]
-          for (int j = 0; j < 8; ++j) _mm256_storeu_ps(bt + (j0 + j) * kLanes + i0, v[j]);
+          for (int j = 0; j < 8; ++j) _mm256_storeu_ps(bt + (j0 + j) * ld + i0, v[j]);
         }
     }
-    bt += t.r * kLanes;
+    bt += t.r * ld;
   }
 }
 
-// up_blocks with the kRows x kLanes sums of a tile in 8 registers. u has M rounded up to kRows
-// rows (the extra ones zero), so every tile runs kRows rows; the last block of a ragged N, and
-// the rows past M, go through a copy.
-GF_AVX2 void up_blocks_avx2(const Problem& p, const float* u, int64_t n_begin, int64_t n_end) {
-  thread_local std::vector<float> bt;
-  bt.resize(p.ranks * kLanes);
-  alignas(32) uint16_t tail[kRows][kLanes] = {};
-  for (int64_t n0 = n_begin; n0 < n_end; n0 += kLanes) {
-    const int64_t lanes = p.N - n0 < kLanes ? p.N - n0 : kLanes;
-    transpose_block_avx2(p, bt.data(), n0, lanes);
-    for (int64_t m = 0; m < p.M; m += kRows) {
-      const int64_t n_rows = p.M - m < kRows ? p.M - m : kRows;
-      const bool whole = n_rows == kRows && lanes == kLanes;
-      uint16_t* rows[kRows];
-      for (int64_t r = 0; r < kRows; ++r) {
-        if (whole) {
-          rows[r] = p.out + (m + r) * p.ldo + n0;
-        } else {
-          rows[r] = tail[r];
-          for (int64_t i = 0; i < kLanes; ++i) tail[r][i] = r < n_rows && i < lanes ? p.out[(m + r) * p.ldo + n0 + i] : 0;
-        }
-      }
-      __m256 y[kRows][2];
-      for (int64_t r = 0; r < kRows; ++r) y[r][0] = load8(rows[r]), y[r][1] = load8(rows[r] + 8);
-      const float* bj = bt.data();
-      const float* um = u + m * p.ranks;
-      for (const LoraTerm& t : *p.terms) {
-        __m256 acc[kRows][2];
-        for (int64_t r = 0; r < kRows; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-        for (int64_t j = 0; j < t.r; ++j, bj += kLanes) {
-          const __m256 lo = _mm256_loadu_ps(bj), hi = _mm256_loadu_ps(bj + 8);
-          for (int64_t r = 0; r < kRows; ++r) {
-            const __m256 uv = _mm256_broadcast_ss(um + r * p.ranks + j);
-            acc[r][0] = _mm256_fmadd_ps(uv, lo, acc[r][0]);
-            acc[r][1] = _mm256_fmadd_ps(uv, hi, acc[r][1]);
-          }
-        }
-        const __m256 scale = _mm256_set1_ps(t.scale);
-        for (int64_t r = 0; r < kRows; ++r) {  // y + (sum * s): peft's two roundings, not one FMA
-          y[r][0] = _mm256_add_ps(y[r][0], _mm256_mul_ps(acc[r][0], scale));
-          y[r][1] = _mm256_add_ps(y[r][1], _mm256_mul_ps(acc[r][1], scale));
-        }
-        um += t.r;
-      }
-      for (int64_t r = 0; r < kRows; ++r) store8(rows[r], y[r][0]), store8(rows[r] + 8, y[r][1]);
-      if (!whole)
-        for (int64_t r = 0; r < n_rows; ++r)
-          for (int64_t i = 0; i < lanes; ++i) p.out[(m + r) * p.ldo + n0 + i] = tail[r][i];
-    }
-  }
-}
 #endif
 
 #ifdef GF_X86_DISPATCH
 // ---- the row-major add on zmm (where use_avx512()) ----
 //
-// The same sums as the AVX2 passes, twice as wide. The up pass keeps every output's sum in the
-// same order (over j, then y + sum * s term after term), so its results are up_blocks_avx2's bit
-// for bit; the down pass sums k in 16 lanes instead of 8, so u can differ from the AVX2 pass's in
-// fp32 rounding (and the result, rarely, by one bf16 step). At 32 rows the AVX2 passes ran at
+// The same sums as the AVX2 passes, twice as wide. The up pass is one body for both ISAs
+// (lora_up_pass.inc: the same bits); the down pass sums k in 16 lanes instead of 8, so u can
+// differ from the AVX2 pass's in fp32 rounding (and the result, rarely, by one bf16 step). At 32 rows the AVX2 passes ran at
 // 52-77 GFLOPS on one core of this AMD EPYC, and were 17% of a LoRA bf16 policy's decode
 // (benchmarks/RESULTS.md, "bf16 LoRA's add on zmm").
 
@@ -286,13 +242,7 @@ GF_AVX512 void down_rows_512(const uint16_t* x, int64_t ldx, int64_t K, const fl
   rows.assign(kRows * K, 0.f);
   for (int64_t m = m_begin; m < m_end; m += kRows) {
     const int64_t n_rows = m_end - m < kRows ? m_end - m : kRows;
-    for (int64_t r = 0; r < n_rows; ++r) {
-      const uint16_t* xm = x + (m + r) * ldx;
-      float* dst = rows.data() + r * K;
-      int64_t k = 0;
-      for (; k < K16; k += 16) _mm512_storeu_ps(dst + k, load16_bf16(xm + k));
-      for (; k < K; ++k) dst[k] = bf16_to_f32(xm[k]);
-    }
+    widen_rows(x + m * ldx, ldx, K, n_rows, rows.data());
     for (int64_t c = 0; c < ranks; c += kRanks) {
       const float* a[kRanks];  // ranks past the last: the last one again, computed and not stored
       for (int i = 0; i < kRanks; ++i) a[i] = a_rows[c + i < ranks ? c + i : ranks - 1];
@@ -319,61 +269,31 @@ GF_AVX512 void down_rows_512(const uint16_t* x, int64_t ldx, int64_t K, const fl
   }
 }
 
-// up_blocks_avx2 on zmm for whole pairs of 16-output blocks: kRows rows x 32 outputs a tile in
-// 8 zmm; rows past M through a copy. What is left of [n_begin, n_end) (one block, or a ragged
-// one) goes to up_blocks_avx2.
-GF_AVX512 void up_blocks_512(const Problem& p, const float* u, int64_t n_begin, int64_t n_end) {
-  thread_local std::vector<float> bt;
-  bt.resize(2 * p.ranks * kLanes);
-  float* bt0 = bt.data();
-  float* bt1 = bt.data() + p.ranks * kLanes;
-  alignas(64) uint16_t tail[kRows][2 * kLanes] = {};
-  int64_t n0 = n_begin;
-  for (; n0 + 2 * kLanes <= n_end; n0 += 2 * kLanes) {
-    transpose_block_avx2(p, bt0, n0, kLanes);
-    transpose_block_avx2(p, bt1, n0 + kLanes, kLanes);
-    for (int64_t m = 0; m < p.M; m += kRows) {
-      const int64_t n_rows = p.M - m < kRows ? p.M - m : kRows;
-      uint16_t* rows[kRows];
-      for (int64_t r = 0; r < kRows; ++r) {
-        if (n_rows == kRows) {
-          rows[r] = p.out + (m + r) * p.ldo + n0;
-        } else {
-          rows[r] = tail[r];
-          for (int64_t i = 0; i < 2 * kLanes; ++i) tail[r][i] = r < n_rows ? p.out[(m + r) * p.ldo + n0 + i] : 0;
-        }
-      }
-      __m512 y[kRows][2];
-      for (int64_t r = 0; r < kRows; ++r) y[r][0] = load16_bf16(rows[r]), y[r][1] = load16_bf16(rows[r] + kLanes);
-      const float* b0 = bt0;
-      const float* b1 = bt1;
-      const float* um = u + m * p.ranks;
-      for (const LoraTerm& t : *p.terms) {
-        __m512 acc[kRows][2];
-        for (int64_t r = 0; r < kRows; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-        for (int64_t j = 0; j < t.r; ++j, b0 += kLanes, b1 += kLanes) {
-          const __m512 lo = _mm512_loadu_ps(b0), hi = _mm512_loadu_ps(b1);
-          for (int64_t r = 0; r < kRows; ++r) {
-            const __m512 uv = _mm512_set1_ps(um[r * p.ranks + j]);
-            acc[r][0] = _mm512_fmadd_ps(uv, lo, acc[r][0]);
-            acc[r][1] = _mm512_fmadd_ps(uv, hi, acc[r][1]);
-          }
-        }
-        const __m512 scale = _mm512_set1_ps(t.scale);
-        for (int64_t r = 0; r < kRows; ++r) {  // y + (sum * s): peft's two roundings, not one FMA
-          y[r][0] = _mm512_add_ps(y[r][0], _mm512_mul_ps(acc[r][0], scale));
-          y[r][1] = _mm512_add_ps(y[r][1], _mm512_mul_ps(acc[r][1], scale));
-        }
-        um += t.r;
-      }
-      for (int64_t r = 0; r < kRows; ++r) store16_bf16(rows[r], y[r][0]), store16_bf16(rows[r] + kLanes, y[r][1]);
-      if (n_rows < kRows)
-        for (int64_t r = 0; r < n_rows; ++r)
-          for (int64_t i = 0; i < 2 * kLanes; ++i) p.out[(m + r) * p.ldo + n0 + i] = tail[r][i];
-    }
-  }
-  if (n0 < n_end) up_blocks_avx2(p, u, n0, n_end);
-}
+// The up pass, one body for each ISA (lora_up_pass.inc): kRows rows x 2W outputs a tile, two
+// vectors a row (on ymm one 16-output block, on zmm two side by side).
+struct LoraYmm : Ymm {
+  GF_AVX2 static GF_INLINE R load_bf16(const uint16_t* p) { return bf16x8_to_f32(p); }
+  GF_AVX2 static GF_INLINE void store_bf16(uint16_t* p, R v) { store8(p, v); }
+};
+struct LoraZmm : Zmm {
+  GF_AVX512 static GF_INLINE R load_bf16(const uint16_t* p) { return load16_bf16(p); }
+  GF_AVX512 static GF_INLINE void store_bf16(uint16_t* p, R v) { store16_bf16(p, v); }
+};
+
+namespace ymm {
+using V = LoraYmm;
+#define GF_VEC GF_AVX2
+#include "lora_up_pass.inc"
+#undef GF_VEC
+}  // namespace ymm
+
+namespace zmm {
+using V = LoraZmm;
+#define GF_VEC GF_AVX512
+#include "lora_up_pass.inc"
+#undef GF_VEC
+}  // namespace zmm
+
 #endif
 
 // ---- the transposed layout: out_t [N, M] (a base product computed as W x^T) ----
@@ -599,8 +519,8 @@ void cpu_lora_add_bf16(uintptr_t out, uintptr_t x, int64_t M, int64_t N, int64_t
   parallel_for(chunks, [&](int64_t i) {
     const int64_t n0 = i * kChunk, n1 = chunks == 1 ? N : std::min<int64_t>(N, n0 + kChunk);
 #ifdef GF_X86_DISPATCH
-    if (avx2 && use_avx512()) return up_blocks_512(p, u.data(), n0, n1);
-    if (avx2) return up_blocks_avx2(p, u.data(), n0, n1);
+    if (avx2 && use_avx512()) return zmm::up_blocks(p, u.data(), n0, n1);
+    if (avx2) return ymm::up_blocks(p, u.data(), n0, n1);
 #endif
     up_blocks_base(p, u.data(), n0, n1);
   });
