@@ -20,7 +20,7 @@
 // gets r more rows per adapter, (s * x A^T)^T, computed right after the packing. B's rows then
 // continue the base weight's k loop in the same micro-tile: the packed input is [x, s x A^T] and
 // the weight [W, B], one sum of K + r steps in the same registers: no extra pass over the output
-// and no extra micro-tile call per tile. B's rows are not prefetched (see micro_tile). Before
+// and no extra micro-tile call per tile. B's rows are not prefetched (linear_tile.inc). Before
 // (a separate r-step B call per tile, its rows prefetched as the base weight's) SmolLM2's LoRA
 // r = 16 layers ran at 0.85-0.87x the plain ones' speed for 4.6% more FLOPs; now 0.91-0.92x
 // (benchmarks/RESULTS.md, "LoRA's B in the base weight's registers").
