@@ -202,16 +202,14 @@ GF_AVX2 void transpose_block_avx2(const Problem& p, float* bt, int64_t n0, int64
   }
 }
 
-#endif
 
-#ifdef GF_X86_DISPATCH
 // ---- the row-major add on zmm (where use_avx512()) ----
 //
 // The same sums as the AVX2 passes, twice as wide. The up pass is one body for both ISAs
 // (lora_up_pass.inc: the same bits); the down pass sums k in 16 lanes instead of 8, so u can
-// differ from the AVX2 pass's in fp32 rounding (and the result, rarely, by one bf16 step). At 32 rows the AVX2 passes ran at
-// 52-77 GFLOPS on one core of this AMD EPYC, and were 17% of a LoRA bf16 policy's decode
-// (benchmarks/RESULTS.md, "bf16 LoRA's add on zmm").
+// differ from the AVX2 pass's in fp32 rounding (and the result, rarely, by one bf16 step). At 32
+// rows the AVX2 passes ran at 52-77 GFLOPS on one core of this AMD EPYC, and were 17% of a LoRA
+// bf16 policy's decode (benchmarks/RESULTS.md, "bf16 LoRA's add on zmm").
 
 // 16 bf16 as fp32 lanes.
 GF_AVX512 GF_INLINE __m512 load16_bf16(const uint16_t* p) {
