@@ -22,6 +22,7 @@
 #include "common.h"
 #include "cpu_common.h"
 #include "parallel.h"
+#include "vec_f32.h"
 
 
 namespace grpo_fast {
@@ -156,43 +157,28 @@ GF_BF16DP void scores_bf16_dp(float (*s)[kChunk], const uint16_t* q, const uint1
     }
 }
 
-// acc[0:8*NV] = acc * corr + sum_t p[t] * v_t[0:8*NV]
-template <int NV, typename T>
-GF_AVX2 inline void pv_panel(float* acc, float corr, const float* p, const T* vc,
-                             const int64_t* off, int cn, int d0) {
-  __m256 a[NV];
-  const __m256 c = _mm256_set1_ps(corr);
-  for (int i = 0; i < NV; ++i) a[i] = _mm256_mul_ps(_mm256_loadu_ps(acc + 8 * i), c);
-  for (int t = 0; t < cn; ++t) {
-    const __m256 pt = _mm256_set1_ps(p[t]);
-    const T* v = vc + off[t] + d0;
-    for (int i = 0; i < NV; ++i) a[i] = _mm256_fmadd_ps(pt, load8(v + 8 * i), a[i]);
-  }
-  for (int i = 0; i < NV; ++i) _mm256_storeu_ps(acc + 8 * i, a[i]);
-}
+// The P.V panel, one body for each ISA (pv_panel.inc): on ymm 8 dims a register, up to a 64-wide
+// panel in 8; on zmm (where the CPU has AVX-512) 16 dims a register, up to 64 in 4.
+namespace ymm {
+using V = Ymm;
+#define GF_VEC GF_AVX2
+#include "pv_panel.inc"
+#undef GF_VEC
+}  // namespace ymm
 
-// pv_panel on zmm where the CPU has AVX-512: 16 dims a register, up to a 64-wide panel in 4; the
-// same operations per dim in the same order (acc * corr, then one FMA per key), so the same
-// results. Returns the dims it covered (a multiple of 16; the rest go through pv_panel).
-template <int NV>
-GF_AVX512 GF_INLINE void pv_panel_512(float* acc, float corr, const float* p, const float* vc, const int64_t* off,
-                                      int cn, int d0) {
-  __m512 a[NV];
-  const __m512 c = _mm512_set1_ps(corr);
-  for (int i = 0; i < NV; ++i) a[i] = _mm512_mul_ps(_mm512_loadu_ps(acc + 16 * i), c);
-  for (int t = 0; t < cn; ++t) {
-    const __m512 pt = _mm512_set1_ps(p[t]);
-    const float* v = vc + off[t] + d0;
-    for (int i = 0; i < NV; ++i) a[i] = _mm512_fmadd_ps(pt, _mm512_loadu_ps(v + 16 * i), a[i]);
-  }
-  for (int i = 0; i < NV; ++i) _mm512_storeu_ps(acc + 16 * i, a[i]);
-}
+namespace zmm {
+using V = Zmm;
+#define GF_VEC GF_AVX512
+#include "pv_panel.inc"
+#undef GF_VEC
+}  // namespace zmm
 
+// fp32 V's panels on zmm; returns the dims covered (a multiple of 16; the rest go through ymm).
 GF_AVX512 int pv_panels_512(float* a, float corr, const float* p, const float* vc, const int64_t* off, int cn,
                             int D) {
   int d0 = 0;
-  for (; d0 + 64 <= D; d0 += 64) pv_panel_512<4>(a + d0, corr, p, vc, off, cn, d0);
-  for (; d0 + 16 <= D; d0 += 16) pv_panel_512<1>(a + d0, corr, p, vc, off, cn, d0);
+  for (; d0 + 64 <= D; d0 += 64) zmm::pv_panel<4>(a + d0, corr, p, vc, off, cn, d0);
+  for (; d0 + 16 <= D; d0 += 16) zmm::pv_panel<1>(a + d0, corr, p, vc, off, cn, d0);
   return d0;
 }
 
@@ -263,8 +249,8 @@ GF_AVX2 inline void attend_avx2(T* out, const T* q, const T* kc, const T* vc, Ro
       if constexpr (std::is_same_v<T, float>) {
         if (use_avx512()) d0 = pv_panels_512(a, corr[r], s[r], vc, off, cn, D);  // fp32 V on zmm
       }
-      for (; d0 + 64 <= D; d0 += 64) pv_panel<8>(a + d0, corr[r], s[r], vc, off, cn, d0);
-      for (; d0 + 8 <= D; d0 += 8) pv_panel<1>(a + d0, corr[r], s[r], vc, off, cn, d0);
+      for (; d0 + 64 <= D; d0 += 64) ymm::pv_panel<8>(a + d0, corr[r], s[r], vc, off, cn, d0);
+      for (; d0 + 8 <= D; d0 += 8) ymm::pv_panel<1>(a + d0, corr[r], s[r], vc, off, cn, d0);
     }
   }
   finish(out, partial, acc, m, l, rc, D);

@@ -211,25 +211,6 @@ GF_AVX2 void transpose_block_avx2(const Problem& p, float* bt, int64_t n0, int64
 // rows the AVX2 passes ran at 52-77 GFLOPS on one core of this AMD EPYC, and were 17% of a LoRA
 // bf16 policy's decode (benchmarks/RESULTS.md, "bf16 LoRA's add on zmm").
 
-// 16 bf16 as fp32 lanes.
-GF_AVX512 GF_INLINE __m512 load16_bf16(const uint16_t* p) {
-  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
-// 16 fp32 lanes rounded to bf16 as to_bf16_bits (ties to even; NaN quieted, sign and top payload
-// kept).
-GF_AVX512 GF_INLINE void store16_bf16(uint16_t* p, __m512 v) {
-  const __m512i bits = _mm512_castps_si512(v);
-  const __m512i high = _mm512_srli_epi32(bits, 16);
-  const __m512i lsb = _mm512_and_si512(high, _mm512_set1_epi32(1));
-  const __m512i rounded =
-      _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7FFF)), lsb), 16);
-  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-  const __m512i out = _mm512_mask_mov_epi32(rounded, nan, _mm512_or_si512(high, _mm512_set1_epi32(0x40)));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(out));
-}
-
 // down_rows_avx2 on zmm: each row's fp32 copy against four of A's rows at a time, 16 k per step
 // in 4 x 4 accumulators, summed across the lanes at the end, then the k % 16 tail.
 GF_AVX512 void down_rows_512(const uint16_t* x, int64_t ldx, int64_t K, const float* const* a_rows, int64_t ranks,
@@ -269,24 +250,15 @@ GF_AVX512 void down_rows_512(const uint16_t* x, int64_t ldx, int64_t K, const fl
 
 // The up pass, one body for each ISA (lora_up_pass.inc): kRows rows x 2W outputs a tile, two
 // vectors a row (on ymm one 16-output block, on zmm two side by side).
-struct LoraYmm : Ymm {
-  GF_AVX2 static GF_INLINE R load_bf16(const uint16_t* p) { return bf16x8_to_f32(p); }
-  GF_AVX2 static GF_INLINE void store_bf16(uint16_t* p, R v) { store8(p, v); }
-};
-struct LoraZmm : Zmm {
-  GF_AVX512 static GF_INLINE R load_bf16(const uint16_t* p) { return load16_bf16(p); }
-  GF_AVX512 static GF_INLINE void store_bf16(uint16_t* p, R v) { store16_bf16(p, v); }
-};
-
 namespace ymm {
-using V = LoraYmm;
+using V = Ymm;
 #define GF_VEC GF_AVX2
 #include "lora_up_pass.inc"
 #undef GF_VEC
 }  // namespace ymm
 
 namespace zmm {
-using V = LoraZmm;
+using V = Zmm;
 #define GF_VEC GF_AVX512
 #include "lora_up_pass.inc"
 #undef GF_VEC
